@@ -1,0 +1,74 @@
+"""Every refusal as OpenAI-style JSON: `{"error": {"message", "type", "code", "param"}}`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
+
+from shared.errors import InvalidRequest, MlxqError, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+REDIS_RETRY_AFTER_S = 5
+
+
+def error_response(error: MlxqError) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """The first problem pydantic found, named by its field path, e.g. `messages.0.role`."""
+    problems = exc.errors()
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid request"))
+    if param:
+        message = f"{param}: {message}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+    return InvalidRequest(message, param=param)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MlxqError)
+    async def on_mlxq_error(_: Request, exc: MlxqError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        body = {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "code": _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}"),
+                "param": None,
+            }
+        }
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def on_redis_down(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("redis unavailable: %s", exc)
+        return error_response(
+            ServiceUnavailable("The job store (Redis) is unavailable", retry_after_s=REDIS_RETRY_AFTER_S)
+        )
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(MlxqError("Internal error; the gateway logged the details"))

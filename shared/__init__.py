@@ -1,0 +1,1 @@
+"""What the gateway and the worker must agree on: settings, key names, schemas, errors."""

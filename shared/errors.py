@@ -1,0 +1,103 @@
+"""One exception tree for every refusal and failure mlxq reports.
+
+Each leaf carries its HTTP status, OpenAI-style `type` and `code`, and a
+`retry_after_s` where waiting helps. The gateway turns any of them into
+`{"error": {"message", "type", "code", "param"}}`; the worker stores the same
+dict on a failed job so a poll shows the same error a direct call would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class MlxqError(Exception):
+    """Root of every error mlxq reports to a client."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.error_type, "code": self.code, "param": self.param}
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": self.to_dict()}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+class InvalidRequest(MlxqError):
+    """The request is malformed or asks for something outside the limits."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelNotFound(MlxqError):
+    """The model is not named in the models file."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class JobNotFound(MlxqError):
+    """No job with that id exists (or its result has expired)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "job_not_found"
+
+
+class JobAlreadyEnded(MlxqError):
+    """The job has already finished or failed, so there is nothing left to cancel."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "job_already_ended"
+
+
+class ModelUnavailable(MlxqError):
+    """The model is configured but cannot be loaded (missing path, hub unreachable, bad files)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "model_unavailable"
+
+
+class GenerationCanceled(MlxqError):
+    """The job was canceled by a client before it finished."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "canceled"
+
+
+class JobTimedOut(MlxqError):
+    """The generation ran past the job's deadline and was stopped between tokens."""
+
+    status_code = 504
+    error_type = "server_error"
+    code = "job_timeout"
+
+
+class GenerationFailed(MlxqError):
+    """The worker failed while generating; the job is failed, the worker lives on."""
+
+    code = "generation_failed"
+
+
+class ServiceUnavailable(MlxqError):
+    """A dependency (Redis, every worker) is down; retrying later may help."""
+
+    status_code = 503
+    code = "service_unavailable"

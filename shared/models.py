@@ -1,0 +1,116 @@
+"""The models file: which models may be requested, and where each one lives.
+
+```toml
+[models.coder]
+repo = "mlx-community/Qwen2.5-Coder-32B-Instruct-4bit"   # Hugging Face repo id
+notes = "coding"
+
+[models.local-llama]
+path = "~/models/llama-3.1-8b-4bit"                       # a local directory
+```
+
+Exactly one of `path` (local directory, never looked up on a hub) or `repo`
+(hub id) per model. `demo` is built in: a tiny random-weight model built offline.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ModelNotFound
+from shared.settings import Settings
+
+DEMO_MODEL = "demo"
+_ALLOWED_KEYS = {"path", "repo", "notes"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One requestable model."""
+
+    name: str
+    path: Path | None = None
+    repo: str | None = None
+    notes: str = ""
+    builtin: bool = False
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path is not None else str(self.repo)
+
+    def problem(self) -> str | None:
+        """Why this model cannot be loaded from here, or None when nothing is known to be wrong.
+
+        mlx-lm would take a missing local path for a hub id and fail with a
+        confusing download error, so a missing path is caught by name here.
+        """
+        if self.builtin or self.path is None:
+            return None
+        if not self.path.is_dir():
+            return f"local path {self.path} for model '{self.name}' does not exist or is not a directory"
+        if not (self.path / "config.json").is_file():
+            return f"local path {self.path} for model '{self.name}' has no config.json"
+        return None
+
+
+class ModelRegistry:
+    """The models named in the models file, plus `demo`."""
+
+    def __init__(self, specs: dict[str, ModelSpec]) -> None:
+        self._specs = specs
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        specs = {
+            DEMO_MODEL: ModelSpec(
+                DEMO_MODEL,
+                path=settings.demo_model_dir,
+                notes="tiny random-weight model, built offline",
+                builtin=True,
+            )
+        }
+        if settings.models_file is not None:
+            specs.update(load_models_file(settings.models_file.expanduser()))
+        return cls(specs)
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            known = ", ".join(sorted(self._specs))
+            raise ModelNotFound(
+                f"The model '{name}' does not exist or is not configured here (known: {known})", param="model"
+            ) from None
+
+    def all(self) -> list[ModelSpec]:
+        return [self._specs[name] for name in sorted(self._specs)]
+
+
+def load_models_file(path: Path) -> dict[str, ModelSpec]:
+    """Parse a models file; a malformed one stops start-up with the file and entry named."""
+    with path.open("rb") as handle:
+        document = tomllib.load(handle)
+    table = document.get("models", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [models] must be a table")
+    specs: dict[str, ModelSpec] = {}
+    for name, entry in table.items():
+        where = f"{path}: [models.{name}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a table")
+        unknown = set(entry) - _ALLOWED_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_ALLOWED_KEYS)}")
+        if ("path" in entry) == ("repo" in entry):
+            raise ValueError(f"{where}: give exactly one of `path` (local directory) or `repo` (hub id)")
+        if name == DEMO_MODEL:
+            raise ValueError(f"{where}: '{DEMO_MODEL}' is built in and cannot be redefined")
+        local = None
+        if "path" in entry:
+            local = Path(str(entry["path"])).expanduser()
+            if not local.is_absolute():
+                local = (path.parent / local).resolve()
+        specs[name] = ModelSpec(name, path=local, repo=entry.get("repo"), notes=str(entry.get("notes", "")))
+    return specs

@@ -1,0 +1,102 @@
+"""Request and result shapes shared by the gateway (validation) and worker (execution)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JobStatus = Literal["queued", "started", "finished", "failed", "canceled"]
+FinishReason = Literal["stop", "length", "canceled", "timeout"]
+
+
+class TextPart(BaseModel):
+    """One text part of a multi-part message, as OpenAI's API allows."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class GenerateRequest(BaseModel):
+    """A generation: chat `messages` or a raw `prompt`, and sampling options."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    seed: int | None = None
+    ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("`prompt` must not be empty")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def prompt_chars(self) -> int:
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.text()) for m in self.messages or [])
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(BaseModel):
+    queued_s: float
+    load_s: float
+    generate_s: float
+
+
+class GenerationResult(BaseModel):
+    """What a finished generation job returns (stored by RQ as JSON)."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    model: str
+
+
+class JobView(BaseModel):
+    """A job as `GET /v1/jobs/{id}` shows it."""
+
+    id: str
+    status: JobStatus
+    model: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    position: int | None = Field(default=None, description="0-based place in the queue while queued")
+    result: GenerationResult | None = None
+    error: dict[str, Any] | None = None

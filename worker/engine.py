@@ -1,0 +1,159 @@
+"""The engine: the one thread that runs MLX in a worker process.
+
+RQ's main thread hands it submissions and waits on their handles. Keeping every
+MLX call on one thread matters twice: mlx-lm's generation stream is thread-local,
+and a later batching loop (mlx-lm's BatchGenerator) needs one owner of the model.
+Nothing in the interface assumes one generation at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from shared.errors import GenerationCanceled, GenerationFailed, MlxqError
+from shared.models import ModelSpec
+from shared.schemas import GenerateRequest
+from worker import generation
+from worker.generation import Outcome, TextSink
+from worker.model_cache import ModelCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Submission:
+    """One generation asked of the engine."""
+
+    job_id: str
+    request: GenerateRequest
+    spec: ModelSpec
+    max_tokens: int
+    deadline: float = field(default=float("inf"))
+    """time.monotonic() after which the generation is stopped between tokens."""
+    on_text: TextSink | None = None
+
+
+class Generation:
+    """Handle on a submitted generation: wait for it, or cancel it from any thread."""
+
+    def __init__(self, submission: Submission) -> None:
+        self.submission = submission
+        self.load_s = 0.0
+        self._canceled = threading.Event()
+        self._done = threading.Event()
+        self._outcome: Outcome | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.submission.job_id
+
+    def cancel(self) -> None:
+        self._canceled.set()
+
+    def stop_reason(self) -> str | None:
+        if self._canceled.is_set():
+            return "canceled"
+        if time.monotonic() > self.submission.deadline:
+            return "timeout"
+        return None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the generation ends or `timeout` passes; True when it has ended."""
+        return self._done.wait(timeout)
+
+    def result(self) -> Outcome:
+        """The outcome of an ended generation; raises what the generation raised."""
+        if not self._done.is_set():
+            raise RuntimeError(f"generation {self.job_id} has not ended")
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
+    def _finish(self, outcome: Outcome | None, error: BaseException | None) -> None:
+        self._outcome, self._error = outcome, error
+        self._done.set()
+
+
+class Engine:
+    """Owns the model cache and runs submissions on its own thread."""
+
+    def __init__(self, cache: ModelCache) -> None:
+        self.cache = cache
+        self._inbox: queue.Queue[Generation | None] = queue.Queue()
+        self._active: dict[str, Generation] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel whatever runs, finish the loop, and wait for the thread."""
+        with self._lock:
+            for handle in self._active.values():
+                handle.cancel()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, submission: Submission) -> Generation:
+        handle = Generation(submission)
+        with self._lock:
+            self._active[submission.job_id] = handle
+        self._inbox.put(handle)
+        return handle
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a submitted generation to stop; False when the engine does not hold it."""
+        with self._lock:
+            handle = self._active.get(job_id)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    def active_job_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    def _run(self) -> None:
+        while True:
+            handle = self._inbox.get()
+            if handle is None:
+                return
+            outcome: Outcome | None = None
+            error: BaseException | None = None
+            try:
+                outcome = self._execute(handle)
+            except MlxqError as exc:
+                error = exc
+            except Exception as exc:
+                logger.exception("generation failed", extra={"job_id": handle.job_id})
+                error = GenerationFailed(f"Generation failed: {type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self._active.pop(handle.job_id, None)
+            handle._finish(outcome, error)
+
+    def _execute(self, handle: Generation) -> Outcome:
+        sub = handle.submission
+        if handle.stop_reason() == "canceled":
+            raise GenerationCanceled("The job was canceled before it started")
+        loaded, handle.load_s = self.cache.get(sub.spec)
+        return generation.generate(
+            loaded.model,
+            loaded.tokenizer,
+            sub.request,
+            max_tokens=sub.max_tokens,
+            should_stop=handle.stop_reason,
+            on_text=sub.on_text,
+        )

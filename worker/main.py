@@ -1,0 +1,47 @@
+"""Entry point of one worker process: `python -m worker`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from shared.logs import configure_logging
+from shared.models import ModelRegistry
+from shared.settings import Settings
+from worker import tasks
+from worker.engine import Engine
+from worker.model_cache import ModelCache
+from worker.rq_worker import MlxqWorker
+
+logger = logging.getLogger(__name__)
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings)
+    connection = Redis.from_url(settings.redis_url)
+    models = ModelRegistry.from_settings(settings)
+    for spec in models.all():
+        problem = spec.problem()
+        if problem:
+            logger.warning("model will fail to load: %s", problem)
+
+    engine = Engine(ModelCache())
+    engine.start()
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
+    worker = MlxqWorker([queue], settings=settings, engine=engine, connection=connection, name=name)
+    tasks.bind(tasks.Runtime(engine=engine, models=models, settings=settings, keep_alive=worker.keep_alive))
+    try:
+        worker.work(logging_level=settings.log_level, with_scheduler=False)
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""mlxq's RQ worker: jobs run in this process, next to the loaded model.
+
+A `SimpleWorker` (no fork per job) because a forked work-horse would lose the
+loaded model and Metal is unsafe after fork. What SimpleWorker lacks is added
+here: a heartbeat key of our own refreshed by a thread, cancel flags honoured
+between tokens, and RQ's stop-job command routed to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from shared import keys, memory
+from shared.settings import Settings
+from worker.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+class MlxqWorker(SimpleWorker):
+    """An RQ worker whose jobs are generations on this process's engine."""
+
+    def __init__(self, queues: list[Queue], *, settings: Settings, engine: Engine, **kwargs: Any) -> None:
+        super().__init__(queues, serializer=JSONSerializer, **kwargs)
+        self.settings = settings
+        self.engine = engine
+        self._monitor_stop = threading.Event()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="mlxq-monitor", daemon=True)
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        self._beat()
+        self._monitor.start()
+
+    def teardown(self) -> None:
+        self._monitor_stop.set()
+        super().teardown()  # type: ignore[no-untyped-call]
+        self.connection.delete(keys.worker_heartbeat(self.name))
+
+    def kill_horse(self, sig: Any = None) -> None:
+        """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
+        if self._stopped_job_id:
+            self.engine.cancel(self._stopped_job_id)
+
+    def keep_alive(self, job: Job) -> None:
+        """Refresh RQ's own heartbeats for a running job (SimpleWorker writes them once per job)."""
+        execution = self.execution
+        if execution is not None:
+            self.maintain_heartbeats(job, execution)
+
+    def _monitor_loop(self) -> None:
+        next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+        while not self._monitor_stop.wait(self.settings.cancel_poll_interval_s):
+            try:
+                self._honour_cancel_flags()
+                if time.monotonic() >= next_beat:
+                    self._beat()
+                    next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+            except Exception:
+                # Redis may be briefly away; the next tick tries again.
+                logger.exception("worker monitor tick failed")
+
+    def _honour_cancel_flags(self) -> None:
+        job_ids = self.engine.active_job_ids()
+        if not job_ids:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(keys.job_cancel(job_id))
+            flags = pipe.execute()
+        for job_id, flagged in zip(job_ids, flags, strict=True):
+            if flagged and self.engine.cancel(job_id):
+                # Tells RQ the failure that follows was asked for: the job ends "stopped", not "failed".
+                self._stopped_job_id = job_id
+                logger.info("canceling running job", extra={"job_id": job_id})
+
+    def _beat(self) -> None:
+        record = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "state": "busy" if self.engine.active_job_ids() else "idle",
+            "jobs": self.engine.active_job_ids(),
+            "engine_alive": self.engine.alive,
+            "models": self.engine.cache.loaded_names(),
+            "memory": memory.snapshot(self.settings),
+            "at": time.time(),
+        }
+        self.connection.set(
+            keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s
+        )

@@ -1,0 +1,124 @@
+"""The functions RQ runs, by import path (`worker.tasks.generate`).
+
+RQ calls a task with only the job's arguments, so the engine that owns this
+process's MLX device is bound here once at start-up by `worker.main`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from rq import get_current_job
+from rq.job import Job
+
+from shared.errors import GenerationFailed, InvalidRequest, MlxqError
+from shared.models import ModelRegistry
+from shared.schemas import GenerateRequest, GenerationResult, Timings, Usage
+from shared.settings import Settings
+from worker.engine import Engine, Generation, Submission
+from worker.generation import Outcome
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What tasks in this process run with."""
+
+    engine: Engine
+    models: ModelRegistry
+    settings: Settings
+    keep_alive: Callable[[Job], None]
+    """Refreshes RQ's heartbeats for a job while RQ's main thread waits on the engine."""
+
+
+_runtime: Runtime | None = None
+
+DEADLINE_MARGIN_S = 2.0
+"""Our own deadline fires this long before RQ's SIGALRM, so the loop stops cleanly first."""
+
+
+def bind(runtime: Runtime) -> None:
+    """Give tasks in this process the engine to run on."""
+    global _runtime
+    _runtime = runtime
+
+
+def generate(request: dict[str, Any]) -> dict[str, Any]:
+    """Run one generation and return a `GenerationResult` as a dict."""
+    job = get_current_job()
+    if job is None or _runtime is None:
+        raise RuntimeError("worker.tasks.generate runs only inside an mlxq worker")
+    runtime = _runtime
+    try:
+        req = GenerateRequest.model_validate(request)
+        spec = runtime.models.get(req.model)
+        timeout_s = float(job.timeout) if job.timeout and job.timeout > 0 else float("inf")
+        submission = Submission(
+            job_id=job.id,
+            request=req,
+            spec=spec,
+            max_tokens=req.max_tokens or runtime.settings.default_max_tokens,
+            deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
+        )
+        handle = runtime.engine.submit(submission)
+        try:
+            outcome = _wait(handle, job, runtime)
+        finally:
+            # Whatever interrupted the wait (RQ's timeout, shutdown), the engine must let go too.
+            handle.cancel()
+    except MlxqError as exc:
+        _record_error(job, exc)
+        raise
+    except ValueError as exc:  # pydantic's ValidationError is one
+        invalid = InvalidRequest(f"Invalid job arguments: {exc}")
+        _record_error(job, invalid)
+        raise invalid from exc
+    except Exception as exc:
+        _record_error(job, GenerationFailed(f"{type(exc).__name__}: {exc}"))
+        raise
+
+    queued_s = 0.0
+    if job.enqueued_at and job.started_at:
+        queued_s = max(0.0, (_aware(job.started_at) - _aware(job.enqueued_at)).total_seconds())
+    result = GenerationResult(
+        text=outcome.text,
+        finish_reason=outcome.finish_reason,
+        usage=Usage(
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+        ),
+        timings=Timings(queued_s=queued_s, load_s=handle.load_s, generate_s=outcome.generate_s),
+        model=req.model,
+    )
+    logger.info(
+        "job finished: %d tokens in %.2f s (queued %.2f s, load %.2f s)",
+        outcome.completion_tokens,
+        outcome.generate_s,
+        queued_s,
+        handle.load_s,
+        extra={"job_id": job.id, "model": req.model},
+    )
+    return result.model_dump()
+
+
+def _wait(handle: Generation, job: Job, runtime: Runtime) -> Outcome:
+    while not handle.wait(runtime.settings.heartbeat_interval_s):
+        runtime.keep_alive(job)
+    return handle.result()
+
+
+def _record_error(job: Any, error: MlxqError) -> None:
+    """Keep the error's OpenAI-style dict on the job so a poll can show it as is."""
+    job.meta["error"] = error.to_dict()
+    job.save_meta()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
