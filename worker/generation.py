@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,28 +80,31 @@ def generate(
     steps = generate_step(
         mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors
     )
-    for token, _ in steps:
-        token_id = int(token)
-        if token_id in eos and not request.ignore_eos:
-            finish = "stop"
-            break
-        completion_tokens += 1
-        detokenizer.add_token(token_id)
-        before = len(text)
-        text += detokenizer.last_segment
-        cut = matcher.find(text, before)
-        if cut is not None:
-            break
-        reason = should_stop()
-        if reason == "canceled":
-            raise GenerationCanceled("The job was canceled while it was running")
-        if reason == "timeout":
-            raise JobTimedOut(f"The generation passed its deadline after {completion_tokens} tokens")
-        if on_text is not None:
-            safe = matcher.safe_length(text)
-            if safe > emitted:
-                on_text(text[emitted:safe])
-                emitted = safe
+    # Closed here, on the engine thread: generate_step holds an MLX stream context that
+    # must not be torn down by the garbage collector on some other thread.
+    with closing(steps):
+        for token, _ in steps:
+            token_id = int(token)
+            if token_id in eos and not request.ignore_eos:
+                finish = "stop"
+                break
+            completion_tokens += 1
+            detokenizer.add_token(token_id)
+            before = len(text)
+            text += detokenizer.last_segment
+            cut = matcher.find(text, before)
+            if cut is not None:
+                break
+            reason = should_stop()
+            if reason == "canceled":
+                raise GenerationCanceled("The job was canceled while it was running")
+            if reason == "timeout":
+                raise JobTimedOut(f"The generation passed its deadline after {completion_tokens} tokens")
+            if on_text is not None:
+                safe = matcher.safe_length(text)
+                if safe > emitted:
+                    on_text(text[emitted:safe])
+                    emitted = safe
     if cut is None:
         # Bytes of a multi-byte character may still sit in the detokenizer.
         before = len(text)

@@ -47,6 +47,11 @@ class MlxqWorker(SimpleWorker):
         super().teardown()  # type: ignore[no-untyped-call]
         self.connection.delete(keys.worker_heartbeat(self.name))
 
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        # A job may have loaded a model: say so now, not a heartbeat interval later.
+        self._beat()
+
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
         if self._stopped_job_id:

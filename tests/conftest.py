@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from tests.support import RedisServer, Service
+
+MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by every process in the session, so the demo model is built once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "models.toml"
+    path.write_text(
+        f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def service(
+    redis_server: RedisServer, data_dir: Path, models_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """One gateway and one worker for the tests that only need a running service."""
+    svc = Service(
+        redis_server.url,
+        data_dir,
+        tmp_path_factory.mktemp("logs"),
+        models_file=models_file,
+        max_tokens_cap=100_000,
+        heartbeat_interval_s=0.5,
+    )
+    yield svc
+    svc.stop()

@@ -1,0 +1,182 @@
+"""Real processes for tests: a redis-server on a free port, the gateway, a worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from redis import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_server_binary() -> str:
+    found = os.environ.get("MLXQ_TEST_REDIS_SERVER") or shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: run the tests through scripts/test, which installs one")
+    return found
+
+
+class RedisServer:
+    """A throw-away redis-server on a free port with its own directory; never 6379."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                str(directory / "redis.log"),
+            ],
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        client = Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Process:
+    """A `python -m <module>` child with its output in a log file."""
+
+    def __init__(self, module: str, env: dict[str, str], log: Path) -> None:
+        self.module = module
+        self.log = log
+        self._log_handle = log.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log_handle.close()
+        return self.popen.returncode
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def service_env(redis_url: str, data_dir: Path, **overrides: Any) -> dict[str, str]:
+    """The environment of a gateway or worker under test: nothing inherited from MLXQ_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
+    env.update(
+        MLXQ_REDIS_URL=redis_url,
+        MLXQ_DATA_DIR=str(data_dir),
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({f"MLXQ_{k.upper()}": str(v) for k, v in overrides.items()})
+    return env
+
+
+class Service:
+    """A gateway and a worker against one Redis, and an HTTP client for the gateway."""
+
+    def __init__(self, redis_url: str, data_dir: Path, logs: Path, **overrides: Any) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = service_env(redis_url, data_dir, port=self.port, **overrides)
+        self.worker = Process("worker", env, logs / "worker.log")
+        self.gateway = Process("gateway", env, logs / "gateway.log")
+        self.http = httpx.Client(base_url=self.base_url, timeout=10)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for process in (self.worker, self.gateway):
+                if not process.alive():
+                    raise RuntimeError(f"{process.module} exited:\n{process.tail()}")
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"service not healthy in {timeout_s} s:\n{self.worker.tail()}\n{self.gateway.tail()}"
+        )
+
+    def submit(self, **body: Any) -> dict[str, Any]:
+        response = self.http.post("/v1/jobs", json=body)
+        assert response.status_code == 202, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    def wait_for(self, job_id: str, statuses: Iterable[str], timeout_s: float = 60) -> dict[str, Any]:
+        wanted = set(statuses)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if job["status"] in wanted:
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} is {job['status']}, not {wanted}, after {timeout_s} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.gateway.stop()
+        self.worker.stop()

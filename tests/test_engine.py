@@ -1,0 +1,73 @@
+"""The engine thread with the real demo model, in-process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.errors import GenerationCanceled, JobTimedOut, ModelUnavailable
+from shared.models import ModelSpec
+from shared.schemas import GenerateRequest
+from worker.engine import Engine, Submission
+from worker.model_cache import ModelCache
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    running = Engine(ModelCache())
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> ModelSpec:
+    return ModelSpec("demo", path=tmp_path / "demo", builtin=True)
+
+
+def submit(engine: Engine, spec: ModelSpec, job_id: str, **request: object) -> Submission:
+    req = GenerateRequest.model_validate({"model": spec.name, "prompt": "Hello", **request})
+    return Submission(job_id=job_id, request=req, spec=spec, max_tokens=req.max_tokens or 16)
+
+
+def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpec) -> None:
+    pieces: list[str] = []
+    sub = submit(engine, demo, "a", max_tokens=30, ignore_eos=True)
+    sub.on_text = pieces.append
+    handle = engine.submit(sub)
+    assert handle.wait(30)
+    outcome = handle.result()
+    assert outcome.completion_tokens == 30
+    assert "".join(pieces) == outcome.text
+    assert engine.active_job_ids() == []
+
+
+def test_cancel_stops_between_tokens(engine: Engine, demo: ModelSpec) -> None:
+    handle = engine.submit(submit(engine, demo, "long", max_tokens=100_000, ignore_eos=True))
+    time.sleep(0.5)
+    assert engine.cancel("long")
+    assert handle.wait(2)
+    with pytest.raises(GenerationCanceled):
+        handle.result()
+
+
+def test_a_deadline_stops_the_generation(engine: Engine, demo: ModelSpec) -> None:
+    sub = submit(engine, demo, "slow", max_tokens=100_000, ignore_eos=True)
+    sub.deadline = time.monotonic() + 0.5
+    handle = engine.submit(sub)
+    assert handle.wait(5)
+    with pytest.raises(JobTimedOut):
+        handle.result()
+
+
+def test_a_failing_load_fails_that_generation_only(engine: Engine, demo: ModelSpec, tmp_path: Path) -> None:
+    broken = ModelSpec("broken", path=tmp_path / "nothing")
+    bad = engine.submit(submit(engine, broken, "bad"))
+    good = engine.submit(submit(engine, demo, "good", max_tokens=3))
+    assert bad.wait(30) and good.wait(30)
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        bad.result()
+    assert good.result().completion_tokens <= 3
