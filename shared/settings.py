@@ -46,7 +46,6 @@ class Settings(BaseSettings):
     memory_critical_percent: float = 95.0
 
     log_level: str = "INFO"
-    log_prompts: bool = Field(default=False, description="debug only: allow prompt text in logs")
 
     @property
     def demo_model_dir(self) -> Path:
