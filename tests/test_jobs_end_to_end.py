@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import zlib
@@ -53,6 +54,10 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(
     call = json.loads(zlib.decompress(raw))
     assert call[0] == "worker.tasks.generate"
     assert call[2][0]["model"] == "demo"
+    # So is the result RQ keeps (base64 of the serializer's bytes, in a stream per job).
+    entries = redis.xrevrange(f"rq:results:{job_id}", count=1)
+    stored = json.loads(base64.b64decode(entries[0][1][b"return_value"]))
+    assert stored["usage"]["completion_tokens"] == 24
     # And the prompt is not in the description rq-dashboard and RQ's logs show.
     assert b"Hello there" not in (redis.hget(f"rq:job:{job_id}", "description") or b"")
 
@@ -165,3 +170,17 @@ def test_health_keeps_the_shape_operators_script_against(service: Service) -> No
     assert body["memory"]["warning_threshold"] == 85.0
     assert body["memory"]["critical_threshold"] == 95.0
     assert len(body["workers"]) == 1
+
+
+def test_a_job_enqueued_around_the_gateway_with_bad_arguments_fails_cleanly(
+    service: Service, redis: Redis
+) -> None:
+    queue = Queue("mlxq-jobs", connection=redis, serializer=JSONSerializer)
+    job = queue.enqueue("worker.tasks.generate", {"model": "demo", "messages": [], "secret": "do-not-log-me"})
+    failed = service.wait_for(job.id, {"failed", "finished"})
+    assert failed["error"]["code"] == "invalid_request"
+    assert "messages" in failed["error"]["message"]
+    assert "do-not-log-me" not in failed["error"]["message"]
+    assert "do-not-log-me" not in service.worker.log.read_text()
+    # The worker lives on.
+    assert service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})

@@ -31,7 +31,9 @@ class MlxqWorker(SimpleWorker):
     """An RQ worker whose jobs are generations on this process's engine."""
 
     def __init__(self, queues: list[Queue], *, settings: Settings, engine: Engine, **kwargs: Any) -> None:
-        super().__init__(queues, serializer=JSONSerializer, **kwargs)
+        # A job enqueued around the gateway gets RQ's default description, which quotes
+        # its arguments (the prompt); RQ must not log it.
+        super().__init__(queues, serializer=JSONSerializer, log_job_description=False, **kwargs)
         self.settings = settings
         self.engine = engine
         self._monitor_stop = threading.Event()

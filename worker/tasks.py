@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
 
@@ -75,10 +76,12 @@ def generate(request: dict[str, Any]) -> dict[str, Any]:
     except MlxqError as exc:
         _record_error(job, exc)
         raise
-    except ValueError as exc:  # pydantic's ValidationError is one
-        invalid = InvalidRequest(f"Invalid job arguments: {exc}")
+    except ValidationError as exc:
+        # Field paths and reasons only: pydantic's own message would quote the prompt into logs.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        invalid = InvalidRequest(f"Invalid job arguments: {problems}")
         _record_error(job, invalid)
-        raise invalid from exc
+        raise invalid from None
     except Exception as exc:
         _record_error(job, GenerationFailed(f"{type(exc).__name__}: {exc}"))
         raise
