@@ -5,25 +5,37 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
+from rq.serializers import JSONSerializer
 
-from gateway.errors import install_error_handlers
-from gateway.routes import jobs, system
+from gateway.admission import Admission
+from gateway.body_limit import BodySizeLimit
+from gateway.clients import ClientResolver
+from gateway.deps import get_client
+from gateway.errors import count_refusal, install_error_handlers
+from gateway.prompt_limits import PromptLimits
+from gateway.routes import jobs, models, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """A gateway for `settings`; the Redis connection opens with the app and closes with it."""
+    """A gateway for `settings`; its Redis connections open with the app and close with it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = Redis.from_url(settings.redis_url)
+        app.state.aredis = AsyncRedis.from_url(settings.redis_url)
+        app.state.queue = Queue(settings.queue_name, connection=app.state.redis, serializer=JSONSerializer)
+        app.state.admission = Admission(app.state.aredis, settings, [app.state.queue])
         try:
             yield
         finally:
             app.state.redis.close()
+            await app.state.aredis.aclose()
 
     app = FastAPI(
         title="mlxq",
@@ -33,7 +45,16 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.models = ModelRegistry.from_settings(settings)
+    app.state.clients = ClientResolver(settings)
+    app.state.limits = PromptLimits(app.state.models, settings)
     install_error_handlers(app)
-    app.include_router(jobs.router)
+    authenticated = [Depends(get_client)]
+    app.include_router(jobs.router, dependencies=authenticated)
+    app.include_router(models.router, dependencies=authenticated)
     app.include_router(system.router)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        on_refusal=lambda: count_refusal(app, "request_too_large"),
+    )
     return app

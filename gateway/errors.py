@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from shared import keys
 from shared.errors import InvalidRequest, MlxqError, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -20,6 +22,18 @@ REDIS_RETRY_AFTER_S = 5
 
 def error_response(error: MlxqError) -> JSONResponse:
     return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+
+
+async def count_refusal(app: FastAPI, reason: str) -> None:
+    """Count a refusal made before the admission script (which counts its own)."""
+    try:
+        await app.state.aredis.hincrby(keys.REFUSALS, reason, 1)
+    except Exception:
+        logger.warning("could not count a %s refusal", reason)
+
+
+def _is_submission(request: Request) -> bool:
+    return request.method == "POST" and request.url.path.startswith("/v1/")
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
@@ -41,12 +55,17 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MlxqError)
-    async def on_mlxq_error(_: Request, exc: MlxqError) -> JSONResponse:
+    async def on_mlxq_error(request: Request, exc: MlxqError) -> JSONResponse:
+        if not exc.counted and exc.status_code < 500 and _is_submission(request):
+            await count_refusal(app, exc.code)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = _validation_error(exc)
+        if _is_submission(request):
+            await count_refusal(app, error.code)
+        return error_response(error)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -70,5 +89,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
+        if not isinstance(exc, ClientDisconnect):  # includes bodies cut off by BodySizeLimit
+            logger.exception("unhandled error")
         return error_response(MlxqError("Internal error; the gateway logged the details"))

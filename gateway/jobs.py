@@ -15,8 +15,7 @@ from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 
 from shared import keys
-from shared.errors import InvalidRequest, JobAlreadyEnded, JobNotFound
-from shared.models import ModelRegistry
+from shared.errors import JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
 
@@ -38,28 +37,16 @@ _STATUS: dict[str, JobStatus] = {
 }
 
 
-def check_limits(request: GenerateRequest, models: ModelRegistry, settings: Settings) -> None:
-    """Refuse what the worker would refuse anyway, before it costs a queue slot."""
-    models.get(request.model)
-    if request.max_tokens is not None and request.max_tokens > settings.max_tokens_cap:
-        raise InvalidRequest(
-            f"max_tokens is {request.max_tokens}; the limit here is {settings.max_tokens_cap}",
-            param="max_tokens",
-        )
-    if request.prompt_chars() > settings.max_prompt_chars:
-        param = "prompt" if request.prompt is not None else "messages"
-        raise InvalidRequest(
-            f"The prompt has {request.prompt_chars()} characters; the limit is {settings.max_prompt_chars}",
-            param=param,
-        )
+def build(request: GenerateRequest, queue: Queue, settings: Settings) -> Job:
+    """An RQ job for the request, not yet saved: admission writes and enqueues it atomically.
 
-
-def submit(request: GenerateRequest, queue: Queue, settings: Settings) -> Job:
-    """Enqueue a generation; the job stores the request as JSON, never the prompt in its description."""
-    return queue.enqueue(
+    The request is stored as JSON; the description (shown by RQ and rq-dashboard) names
+    only the model, never the prompt.
+    """
+    return queue.create_job(
         TASK,
-        request.model_dump(exclude_none=True),
-        job_timeout=settings.job_timeout_s,
+        args=[request.model_dump(exclude_none=True)],
+        timeout=settings.job_timeout_s,
         result_ttl=settings.result_ttl_s,
         failure_ttl=settings.failure_ttl_s,
         description=f"generate model={request.model}",

@@ -12,8 +12,14 @@ from shared.settings import Settings
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 and
+    # rewrite the peer address; MLXQ_TRUSTED_PROXIES is the only authority on that.
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        proxy_headers=False,
     )
 
 

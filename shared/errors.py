@@ -23,6 +23,9 @@ class MlxqError(Exception):
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        self.extra_headers: dict[str, str] = {}
+        self.counted = False
+        """True once this refusal is in the refusal counters (the admission script counts its own)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.error_type, "code": self.code, "param": self.param}
@@ -31,7 +34,8 @@ class MlxqError(Exception):
         return {"error": self.to_dict()}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        retry = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        return {**self.extra_headers, **retry}
 
 
 class InvalidRequest(MlxqError):
@@ -64,6 +68,62 @@ class JobAlreadyEnded(MlxqError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "job_already_ended"
+
+
+class Unauthorized(MlxqError):
+    """No valid API key was given where one is required."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
+
+
+class RequestTooLarge(MlxqError):
+    """The request body is larger than the gateway accepts."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class CircuitOpen(MlxqError):
+    """Workers keep failing to start; nothing is admitted until the next trial start."""
+
+    status_code = 503
+    code = "circuit_open"
+
+
+class InsufficientMemory(MlxqError):
+    """Memory is too low to take more work (or to load the model asked for)."""
+
+    status_code = 503
+    code = "insufficient_memory"
+
+
+class RateLimited(MlxqError):
+    """This client sent more submissions than its rate allows in the window."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class TooManyInflight(MlxqError):
+    """This client already has as many jobs queued or running as it may."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_inflight"
+
+
+class QueueFull(MlxqError):
+    """The queues hold as many jobs as the service takes; come back when they have drained."""
+
+    status_code = 503
+    code = "queue_full"
 
 
 class ModelUnavailable(MlxqError):

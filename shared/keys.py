@@ -23,3 +23,29 @@ def worker_heartbeat_pattern() -> str:
 def job_cancel(job_id: str) -> str:
     """Set by the gateway to stop a running job; polled by the worker between tokens."""
     return f"{PREFIX}:job:{job_id}:cancel"
+
+
+CIRCUIT = f"{PREFIX}:circuit"
+"""Hash: the circuit-breaker record the watchdog writes and the gateway reads (shared/circuit.py)."""
+
+WORKER_MEMORY = f"{PREFIX}:workers:memory"
+"""Hash: worker name -> "used_percent at_ms" (Redis time), refreshed with each heartbeat."""
+
+JOB_ENDS = f"{PREFIX}:jobs:ended"
+"""Sorted set: job id -> when it ended (ms, Redis time); the drain rate behind Retry-After."""
+
+REFUSALS = f"{PREFIX}:admission:refused"
+"""Hash: refusal reason -> count since the counters were created."""
+
+ADMITTED = f"{PREFIX}:admission:admitted"
+"""Counter: jobs admitted."""
+
+
+def client_rate(client_id: str) -> str:
+    """Sorted set: request id -> admitted at (ms); a client's sliding rate window. TTL = the window."""
+    return f"{PREFIX}:client:{client_id}:rate"
+
+
+def client_inflight(client_id: str) -> str:
+    """Sorted set: job id -> admitted at (ms); a client's queued or running jobs. TTL = result TTL."""
+    return f"{PREFIX}:client:{client_id}:inflight"

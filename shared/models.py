@@ -10,7 +10,9 @@ path = "~/models/llama-3.1-8b-4bit"                       # a local directory
 ```
 
 Exactly one of `path` (local directory, never looked up on a hub) or `repo`
-(hub id) per model. `demo` is built in: a tiny random-weight model built offline.
+(hub id) per model, and optionally `context_tokens` and `max_prompt_chars` to
+override the model's context length and the service's prompt limit. `demo` is
+built in: a tiny random-weight model built offline.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from shared.errors import ModelNotFound
 from shared.settings import Settings
 
 DEMO_MODEL = "demo"
-_ALLOWED_KEYS = {"path", "repo", "notes"}
+_ALLOWED_KEYS = {"path", "repo", "notes", "context_tokens", "max_prompt_chars"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class ModelSpec:
     repo: str | None = None
     notes: str = ""
     builtin: bool = False
+    context_tokens: int | None = None
+    """Overrides the context length read from the model's config.json."""
+    max_prompt_chars: int | None = None
+    """Overrides the service-wide prompt length limit for this model."""
 
     @property
     def source(self) -> str:
@@ -112,5 +118,15 @@ def load_models_file(path: Path) -> dict[str, ModelSpec]:
             local = Path(str(entry["path"])).expanduser()
             if not local.is_absolute():
                 local = (path.parent / local).resolve()
-        specs[name] = ModelSpec(name, path=local, repo=entry.get("repo"), notes=str(entry.get("notes", "")))
+        for limit in ("context_tokens", "max_prompt_chars"):
+            if limit in entry and (not isinstance(entry[limit], int) or entry[limit] < 1):
+                raise ValueError(f"{where}: `{limit}` must be a positive integer")
+        specs[name] = ModelSpec(
+            name,
+            path=local,
+            repo=entry.get("repo"),
+            notes=str(entry.get("notes", "")),
+            context_tokens=entry.get("context_tokens"),
+            max_prompt_chars=entry.get("max_prompt_chars"),
+        )
     return specs

@@ -7,9 +7,13 @@ environment behind its back, so tests build their own.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+"""A list given in the environment as `a,b,c`."""
 
 
 class Settings(BaseSettings):
@@ -24,11 +28,23 @@ class Settings(BaseSettings):
     models_file: Path | None = Field(
         default=None, description="TOML file naming the models that may be requested; `demo` is always there"
     )
-    data_dir: Path = Field(
-        default=Path("~/.cache/mlxq").expanduser(), description="where the demo model is built"
-    )
+    data_dir: Path = Field(default=Path("~/.cache/mlxq").expanduser(), description="where the demo model is built")
 
     queue_name: str = "mlxq-jobs"
+
+    api_keys: CommaList = Field(default=[], description="when set, every /v1 request needs one as a Bearer token")
+    trusted_proxies: CommaList = Field(
+        default=[], description="addresses or networks whose X-Forwarded-For is believed"
+    )
+    max_body_bytes: int = 4 * 1024 * 1024
+    rate_limit_requests: int = Field(default=30, description="submissions per client per window")
+    rate_limit_window_s: int = 60
+    max_inflight_per_client: int = Field(default=20, description="jobs one client may have queued or running")
+    max_queued: int = Field(default=100, description="queued jobs, all queues together, before 503 queue_full")
+    drain_window_s: int = Field(default=300, description="how far back job ends count for the drain rate")
+    queue_full_fallback_retry_after_s: int = Field(
+        default=30, description="Retry-After for queue_full while no job has ended in the drain window"
+    )
 
     default_max_tokens: int = 256
     max_tokens_cap: int = Field(default=8192, description="largest `max_tokens` a request may ask for")
@@ -44,8 +60,17 @@ class Settings(BaseSettings):
 
     memory_warning_percent: float = 85.0
     memory_critical_percent: float = 95.0
+    memory_emergency_percent: float = 98.0
+    memory_retry_after_s: int = Field(default=15, description="Retry-After while memory is in emergency")
 
     log_level: str = "INFO"
+
+    @field_validator("api_keys", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def demo_model_dir(self) -> Path:

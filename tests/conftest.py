@@ -25,6 +25,17 @@ def redis(redis_server: RedisServer) -> Iterator[Redis]:
     client.close()
 
 
+@pytest.fixture
+def scratch_redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A database of the session's server that no long-lived process uses, emptied for each test."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    client = Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shared by every process in the session, so the demo model is built once."""
@@ -34,9 +45,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "models.toml"
-    path.write_text(
-        f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
-    )
+    path.write_text(f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n')
     return path
 
 
@@ -52,6 +61,10 @@ def service(
         models_file=models_file,
         max_tokens_cap=100_000,
         heartbeat_interval_s=0.5,
+        # Admission has tests of its own; here it must not get in the way.
+        rate_limit_requests=100_000,
+        max_inflight_per_client=10_000,
+        max_queued=10_000,
     )
     yield svc
     svc.stop()

@@ -125,6 +125,29 @@ def service_env(redis_url: str, data_dir: Path, **overrides: Any) -> dict[str, s
     return env
 
 
+class Gateway:
+    """A gateway process on a free port (no worker), ready when it answers."""
+
+    def __init__(self, redis_url: str, data_dir: Path, log: Path, **overrides: Any) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.process = Process("gateway", service_env(redis_url, data_dir, port=self.port, **overrides), log)
+        deadline = time.monotonic() + 30
+        while True:
+            if not self.process.alive():
+                raise RuntimeError(f"gateway exited:\n{self.process.tail()}")
+            try:
+                httpx.get(self.base_url + "/health", timeout=1)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
 class Service:
     """A gateway and a worker against one Redis, and an HTTP client for the gateway."""
 
@@ -149,9 +172,7 @@ class Service:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(
-            f"service not healthy in {timeout_s} s:\n{self.worker.tail()}\n{self.gateway.tail()}"
-        )
+        raise RuntimeError(f"service not healthy in {timeout_s} s:\n{self.worker.tail()}\n{self.gateway.tail()}")
 
     def submit(self, **body: Any) -> dict[str, Any]:
         response = self.http.post("/v1/jobs", json=body)

@@ -22,9 +22,7 @@ pytestmark = pytest.mark.slow
 HELLO = [{"role": "user", "content": "Hello there"}]
 
 
-def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(
-    service: Service, redis: Redis
-) -> None:
+def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service: Service, redis: Redis) -> None:
     submitted = service.http.post(
         "/v1/jobs", json={"model": "demo", "messages": HELLO, "max_tokens": 24, "ignore_eos": True}
     )
@@ -64,18 +62,16 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(
 
 def test_a_stop_string_ends_generation_with_stop(service: Service) -> None:
     first = service.wait_for(
-        service.submit(model="demo", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True)[
-            "id"
-        ],
+        service.submit(model="demo", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True)["id"],
         {"finished"},
     )
     text = first["result"]["text"]
     stop = text[len(text) // 2 :][:2]
     assert stop.strip(), "the greedy sample must give some text to stop on"
     again = service.wait_for(
-        service.submit(
-            model="demo", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]
-        )["id"],
+        service.submit(model="demo", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop])[
+            "id"
+        ],
         {"finished"},
     )
     assert again["result"]["finish_reason"] == "stop"
@@ -172,9 +168,7 @@ def test_health_keeps_the_shape_operators_script_against(service: Service) -> No
     assert len(body["workers"]) == 1
 
 
-def test_a_job_enqueued_around_the_gateway_with_bad_arguments_fails_cleanly(
-    service: Service, redis: Redis
-) -> None:
+def test_a_job_enqueued_around_the_gateway_with_bad_arguments_fails_cleanly(service: Service, redis: Redis) -> None:
     queue = Queue("mlxq-jobs", connection=redis, serializer=JSONSerializer)
     job = queue.enqueue("worker.tasks.generate", {"model": "demo", "messages": [], "secret": "do-not-log-me"})
     failed = service.wait_for(job.id, {"failed", "finished"})

@@ -52,8 +52,6 @@ def test_relative_paths_are_relative_to_the_models_file(tmp_path: Path) -> None:
         ('[models.demo]\nrepo = "b"\n', "built in"),
     ],
 )
-def test_a_malformed_models_file_is_refused_naming_the_entry(
-    tmp_path: Path, text: str, complaint: str
-) -> None:
+def test_a_malformed_models_file_is_refused_naming_the_entry(tmp_path: Path, text: str, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
         registry(tmp_path, text)

@@ -48,9 +48,7 @@ def test_unknown_model_is_404_model_not_found(service: Service) -> None:
         ({"model": "demo", "messages": HELLO, "bogus": 1}, "bogus"),
     ],
 )
-def test_malformed_fields_are_422_naming_the_field(
-    service: Service, body: dict[str, Any], param: str
-) -> None:
+def test_malformed_fields_are_422_naming_the_field(service: Service, body: dict[str, Any], param: str) -> None:
     response = service.http.post("/v1/jobs", json=body)
     assert_openai_error(response, 422, "invalid_request", param)
 
@@ -68,9 +66,7 @@ def test_max_tokens_above_the_cap_is_422_naming_the_limit(service: Service) -> N
 
 
 def test_a_body_that_is_not_json_is_422(service: Service) -> None:
-    response = service.http.post(
-        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
-    )
+    response = service.http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert_openai_error(response, 422, "invalid_request")
 
 

@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 from shared import keys, memory
 from shared.settings import Settings
 from worker.engine import Engine
+from worker.reports import Reports
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class MlxqWorker(SimpleWorker):
         super().__init__(queues, serializer=JSONSerializer, log_job_description=False, **kwargs)
         self.settings = settings
         self.engine = engine
+        self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._monitor_stop = threading.Event()
         self._monitor = threading.Thread(target=self._monitor_loop, name="mlxq-monitor", daemon=True)
 
@@ -48,9 +50,11 @@ class MlxqWorker(SimpleWorker):
         self._monitor_stop.set()
         super().teardown()  # type: ignore[no-untyped-call]
         self.connection.delete(keys.worker_heartbeat(self.name))
+        self.reports.withdraw()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         super().execute_job(job, queue)
+        self.reports.job_ended(job.id)
         # A job may have loaded a model: say so now, not a heartbeat interval later.
         self._beat()
 
@@ -92,6 +96,7 @@ class MlxqWorker(SimpleWorker):
                 logger.info("canceling running job", extra={"job_id": job_id})
 
     def _beat(self) -> None:
+        snapshot = memory.snapshot(self.settings)
         record = {
             "name": self.name,
             "pid": os.getpid(),
@@ -100,9 +105,7 @@ class MlxqWorker(SimpleWorker):
             "jobs": self.engine.active_job_ids(),
             "engine_alive": self.engine.alive,
             "models": self.engine.cache.loaded_names(),
-            "memory": memory.snapshot(self.settings),
+            "memory": snapshot,
             "at": time.time(),
         }
-        self.connection.set(
-            keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s
-        )
+        self.connection.set(keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s)

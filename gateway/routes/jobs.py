@@ -5,21 +5,29 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from gateway import jobs
-from gateway.deps import ModelsDep, QueueDep, RedisDep, SettingsDep
+from gateway.deps import AdmissionDep, ClientDep, LimitsDep, QueueDep, RedisDep, SettingsDep
 from shared.schemas import GenerateRequest, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
-def submit_job(
-    request: GenerateRequest, response: Response, queue: QueueDep, models: ModelsDep, settings: SettingsDep
+async def submit_job(
+    request: GenerateRequest,
+    response: Response,
+    client: ClientDep,
+    limits: LimitsDep,
+    admission: AdmissionDep,
+    queue: QueueDep,
+    settings: SettingsDep,
 ) -> JobView:
-    """Queue a generation; poll the `Location` it returns for the result."""
-    jobs.check_limits(request, models, settings)
-    job = jobs.submit(request, queue, settings)
+    """Queue a generation, or refuse it now with the reason and when to retry; poll `Location` for the result."""
+    limits.check(request)
+    job = jobs.build(request, queue, settings)
+    rate = await admission.admit(client, [job])
+    response.headers.update(rate.headers())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return jobs.view(job, queue)
+    return JobView(id=job.id, status="queued", model=request.model, created_at=job.created_at)
 
 
 @router.get("/{job_id}", response_model=JobView)

@@ -1,0 +1,154 @@
+"""Admission: the shared-state checks and the enqueue, as one atomic Redis script.
+
+Circuit state, memory emergency, per-client rate, per-client in-flight cap and
+queue depth are decided and the jobs written in the same script (admission.lua),
+so several gateways can never together admit past a limit, and a refusal costs
+one round trip. A rate-limit library (such as `limits`) would need a second,
+separate round trip and could not be atomic with the enqueue, hence the script.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
+from rq.job import Job
+from rq.utils import now
+
+from gateway.clients import Client
+from shared import keys
+from shared.errors import CircuitOpen, InsufficientMemory, MlxqError, QueueFull, RateLimited, TooManyInflight
+from shared.settings import Settings
+
+SCRIPT = resources.files("gateway").joinpath("admission.lua").read_text()
+
+
+@dataclass(frozen=True)
+class RateState:
+    """A client's rate window after this request, for the `x-ratelimit-*` headers."""
+
+    limit: int
+    remaining: int
+    reset_s: float
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(max(0, self.remaining)),
+            "x-ratelimit-reset-requests": _duration(self.reset_s),
+        }
+
+
+class Admission:
+    """Decides and enqueues atomically; every refusal raises a typed error with Retry-After."""
+
+    def __init__(self, redis: AsyncRedis, settings: Settings, counted_queues: list[Queue]) -> None:
+        self._settings = settings
+        self._script = redis.register_script(SCRIPT)
+        self._queue_keys = [queue.key for queue in counted_queues]
+        self._queues_set = counted_queues[0].redis_queues_keys
+
+    async def admit(self, client: Client, jobs: list[Job]) -> RateState:
+        """Enqueue every job, or none of them and raise why."""
+        s = self._settings
+        argv: list[Any] = [
+            s.rate_limit_requests,
+            s.rate_limit_window_s * 1000,
+            s.max_inflight_per_client,
+            s.max_queued,
+            s.memory_emergency_percent,
+            int(s.heartbeat_ttl_s * 1000),
+            s.drain_window_s * 1000,
+            s.queue_full_fallback_retry_after_s,
+            s.memory_retry_after_s,
+            Job.redis_job_namespace_prefix,
+            s.result_ttl_s * 1000,
+            len(jobs),
+        ]
+        for job in jobs:
+            job.enqueued_at = now()
+            fields = _hash_fields(job)
+            argv += [job.id, Queue.redis_queue_namespace_prefix + job.origin, len(fields) // 2, *fields]
+        reply = await self._script(
+            keys=[
+                keys.CIRCUIT,
+                keys.WORKER_MEMORY,
+                keys.client_rate(client.id),
+                keys.client_inflight(client.id),
+                keys.JOB_ENDS,
+                keys.REFUSALS,
+                keys.ADMITTED,
+                self._queues_set,
+                *self._queue_keys,
+            ],
+            args=argv,
+        )
+        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if outcome == "ok":
+            return RateState(limit=int(reply[1]), remaining=int(reply[2]), reset_s=int(reply[3]) / 1000)
+        raise _refusal(outcome, int(reply[1]), _text(reply[2]), _text(reply[3]), s)
+
+
+def _refusal(reason: str, retry_after_s: int, first: str, second: str, s: Settings) -> MlxqError:
+    error: MlxqError
+    if reason == "circuit_open":
+        error = CircuitOpen(
+            f"Workers are failing to start; the next trial start is in {retry_after_s} s",
+            retry_after_s=retry_after_s,
+        )
+    elif reason == "insufficient_memory":
+        error = InsufficientMemory(
+            f"Every worker reports memory use at or above {second} % (worst {first} %); no new work is taken",
+            retry_after_s=retry_after_s,
+        )
+    elif reason == "rate_limited":
+        error = RateLimited(
+            f"Rate limit of {s.rate_limit_requests} submissions per {s.rate_limit_window_s} s reached",
+            retry_after_s=retry_after_s,
+        )
+        error.extra_headers = RateState(s.rate_limit_requests, int(first), int(second) / 1000).headers()
+    elif reason == "too_many_inflight":
+        error = TooManyInflight(
+            f"You have {first} jobs queued or running; the limit is {second} at a time",
+            retry_after_s=retry_after_s,
+        )
+    elif reason == "queue_full":
+        error = QueueFull(
+            f"The queues hold {first} jobs, the limit is {second}; at the current drain rate there is room "
+            f"in about {retry_after_s} s",
+            retry_after_s=retry_after_s,
+        )
+    else:
+        raise RuntimeError(f"admission script answered {reason!r}")
+    error.counted = True
+    return error
+
+
+def _hash_fields(job: Job) -> list[Any]:
+    """The job hash exactly as RQ writes it: `to_dict()`, None left out, bytes as they are."""
+    fields: list[Any] = []
+    for name, value in job.to_dict().items():
+        if value is None:
+            continue
+        fields += [name, value if isinstance(value, bytes | str) else str(value)]
+    return fields
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `1h2m3s`."""
+    whole = max(0, math.ceil(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

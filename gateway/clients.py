@@ -1,0 +1,74 @@
+"""Who is asking: API-key authentication and the client identity limits are counted by."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from functools import cached_property
+
+from fastapi import Request
+
+from shared.errors import Unauthorized
+from shared.settings import Settings
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Client:
+    """A caller, named by its API key (hashed, never stored) or else its address."""
+
+    id: str
+
+
+class ClientResolver:
+    """Authenticates requests and names their client, by the settings' keys and proxies."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._keys = [key.encode() for key in settings.api_keys]
+        self._proxy_specs = settings.trusted_proxies
+
+    @cached_property
+    def _proxies(self) -> list[Network]:
+        return [ipaddress.ip_network(spec, strict=False) for spec in self._proxy_specs]
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self._keys)
+
+    def resolve(self, request: Request) -> Client:
+        if self._keys:
+            key = self._bearer(request)
+            # Compare against every key in constant time, so timing says nothing about near misses.
+            if key is None or not any([hmac.compare_digest(key, known) for known in self._keys]):
+                raise Unauthorized("A valid API key is required: send `Authorization: Bearer <key>`")
+            return Client(id="key:" + hashlib.sha256(key).hexdigest()[:16])
+        return Client(id="ip:" + self.address(request))
+
+    def address(self, request: Request) -> str:
+        """The caller's address; X-Forwarded-For counts only when it comes from a trusted proxy."""
+        peer = request.client.host if request.client else "unknown"
+        if not self._trusted(peer):
+            return peer
+        forwarded = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+        # Walk back from the nearest hop: the first address we do not trust is the client.
+        for hop in reversed(forwarded):
+            if not self._trusted(hop):
+                return hop
+        return forwarded[0] if forwarded else peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._proxies)
+
+    @staticmethod
+    def _bearer(request: Request) -> bytes | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip().encode()

@@ -1,0 +1,65 @@
+"""The circuit-breaker record: written by the watchdog, read by the gateway.
+
+CLOSED: workers start normally. OPEN: starts keep failing; the gateway refuses
+new work until `next_trial_at_ms`. HALF_OPEN: one trial start is under way.
+Times are milliseconds since the epoch, by Redis's clock (`TIME`), so every
+gateway and watchdog agrees on them whatever their own clocks say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+
+from shared import keys
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class CircuitRecord:
+    state: CircuitState = CircuitState.CLOSED
+    failures: int = 0
+    opened_at_ms: int = 0
+    next_trial_at_ms: int = 0
+
+    def to_mapping(self) -> dict[str, str]:
+        return {
+            "state": self.state.value,
+            "failures": str(self.failures),
+            "opened_at_ms": str(self.opened_at_ms),
+            "next_trial_at_ms": str(self.next_trial_at_ms),
+        }
+
+
+def read(redis: Redis) -> CircuitRecord:
+    raw = {_text(k): _text(v) for k, v in redis.hgetall(keys.CIRCUIT).items()}
+    if not raw:
+        return CircuitRecord()
+    return CircuitRecord(
+        state=CircuitState(raw.get("state", "closed")),
+        failures=int(raw.get("failures", 0)),
+        opened_at_ms=int(raw.get("opened_at_ms", 0)),
+        next_trial_at_ms=int(raw.get("next_trial_at_ms", 0)),
+    )
+
+
+def write(redis: Redis, record: CircuitRecord) -> None:
+    mapping: dict[Any, Any] = record.to_mapping()
+    redis.hset(keys.CIRCUIT, mapping=mapping)
+
+
+def redis_now_ms(redis: Redis) -> int:
+    seconds, micros = redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,163 @@
+"""Each admission check, run by the real Lua script in a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from gateway.admission import Admission, RateState
+from gateway.clients import Client
+from shared import circuit, keys
+from shared.circuit import CircuitRecord, CircuitState
+from shared.errors import CircuitOpen, InsufficientMemory, MlxqError, QueueFull, RateLimited, TooManyInflight
+from shared.settings import Settings
+
+ALICE = Client("ip:10.0.0.1")
+BOB = Client("ip:10.0.0.2")
+
+
+class Harness:
+    def __init__(self, url: str, **limits: Any) -> None:
+        self.settings = Settings(redis_url=url, **limits)
+        self.redis = Redis.from_url(url)
+        self.queue = Queue(self.settings.queue_name, connection=self.redis, serializer=JSONSerializer)
+
+    def job(self) -> Job:
+        return self.queue.create_job("worker.tasks.generate", args=[{"model": "demo", "prompt": "hi"}])
+
+    def admit(self, client: Client, count: int = 1) -> RateState:
+        async def run() -> RateState:
+            aredis = AsyncRedis.from_url(self.settings.redis_url)
+            try:
+                return await Admission(aredis, self.settings, [self.queue]).admit(
+                    client, [self.job() for _ in range(count)]
+                )
+            finally:
+                await aredis.aclose()
+
+        return asyncio.run(run())
+
+    def refusal(self, client: Client, count: int = 1) -> MlxqError:
+        with pytest.raises(MlxqError) as caught:
+            self.admit(client, count)
+        return caught.value
+
+    def refusals(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(keys.REFUSALS).items()}
+
+
+@pytest.fixture
+def harness(scratch_redis_url: str) -> Iterator[Harness]:
+    h = Harness(scratch_redis_url, rate_limit_requests=3, max_inflight_per_client=100, max_queued=100)
+    yield h
+    h.redis.close()
+
+
+def test_an_admitted_job_is_a_real_queued_rq_job(harness: Harness) -> None:
+    state = harness.admit(ALICE)
+    assert (state.limit, state.remaining) == (3, 2)
+    [job_id] = harness.queue.job_ids
+    job = Job.fetch(job_id, connection=harness.redis, serializer=JSONSerializer)
+    assert job.get_status() == "queued"
+    assert job.args == [{"model": "demo", "prompt": "hi"}]
+    assert job.enqueued_at is not None
+    assert harness.queue.key.encode() in harness.redis.smembers("rq:queues")
+    assert int(harness.redis.get(keys.ADMITTED) or 0) == 1
+
+
+def test_rate_limit_refuses_with_retry_after_and_headers(harness: Harness) -> None:
+    for _ in range(3):
+        harness.admit(ALICE)
+    refusal = harness.refusal(ALICE)
+    assert isinstance(refusal, RateLimited)
+    assert refusal.status_code == 429
+    assert refusal.retry_after_s is not None and 55 <= refusal.retry_after_s <= 60
+    headers = refusal.headers()
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["Retry-After"] == str(refusal.retry_after_s)
+    # Another client has its own window; the refused request took no slot.
+    harness.admit(BOB)
+    assert len(harness.queue.job_ids) == 4
+    assert harness.refusals() == {"rate_limited": 1}
+
+
+def test_a_batch_counts_every_job_and_is_all_or_nothing(harness: Harness) -> None:
+    assert isinstance(harness.refusal(ALICE, count=4), RateLimited)
+    assert harness.queue.count == 0
+    harness.admit(ALICE, count=3)
+    assert harness.queue.count == 3
+
+
+def test_in_flight_cap_counts_queued_jobs_and_forgets_ended_ones(scratch_redis_url: str) -> None:
+    h = Harness(scratch_redis_url, rate_limit_requests=100, max_inflight_per_client=2, max_queued=100)
+    h.admit(ALICE)
+    h.admit(ALICE)
+    refusal = h.refusal(ALICE)
+    assert isinstance(refusal, TooManyInflight)
+    assert refusal.status_code == 429
+    assert "2 jobs" in refusal.message
+    # One of Alice's jobs ends: she may submit again.
+    Job.fetch(h.queue.job_ids[0], connection=h.redis, serializer=JSONSerializer).set_status("finished")
+    h.admit(ALICE)
+
+
+def test_queue_full_retry_after_follows_the_measured_drain_rate(scratch_redis_url: str) -> None:
+    h = Harness(scratch_redis_url, rate_limit_requests=100, max_queued=2, queue_full_fallback_retry_after_s=42)
+    h.admit(ALICE)
+    h.admit(BOB)
+    # Nothing has drained yet: the fallback.
+    refusal = h.refusal(ALICE)
+    assert isinstance(refusal, QueueFull)
+    assert refusal.retry_after_s == 42
+    # Twenty jobs ended over the last 10 s: 2 per second, so one slot frees in about half a second.
+    now_ms = circuit.redis_now_ms(h.redis)
+    h.redis.zadd(keys.JOB_ENDS, {f"done-{i}": now_ms - 10_000 + i * 500 for i in range(20)})
+    refusal = h.refusal(ALICE, count=3)  # three over the limit
+    assert isinstance(refusal, QueueFull)
+    assert refusal.retry_after_s == 2  # ceil(3 / 2 per s)
+    assert "2 jobs" in refusal.message
+    assert h.refusals()["queue_full"] == 2
+
+
+def test_an_open_circuit_refuses_until_the_trial(harness: Harness) -> None:
+    now_ms = circuit.redis_now_ms(harness.redis)
+    circuit.write(harness.redis, CircuitRecord(CircuitState.OPEN, 5, now_ms, now_ms + 37_000))
+    refusal = harness.refusal(ALICE)
+    assert isinstance(refusal, CircuitOpen)
+    assert refusal.status_code == 503
+    assert refusal.retry_after_s in (36, 37)
+    circuit.write(harness.redis, CircuitRecord(CircuitState.HALF_OPEN, 5, now_ms, now_ms))
+    harness.admit(ALICE)
+
+
+def test_memory_emergency_refuses_only_when_every_fresh_worker_is_in_it(harness: Harness) -> None:
+    now_ms = circuit.redis_now_ms(harness.redis)
+    harness.redis.hset(keys.WORKER_MEMORY, "w1", f"99.1 {now_ms}")
+    refusal = harness.refusal(ALICE)
+    assert isinstance(refusal, InsufficientMemory)
+    assert refusal.status_code == 503
+    assert "99.1" in refusal.message
+    assert refusal.retry_after_s == harness.settings.memory_retry_after_s
+    # A second, healthy worker can still take work.
+    harness.redis.hset(keys.WORKER_MEMORY, "w2", f"40.0 {now_ms}")
+    harness.admit(ALICE)
+    # A report older than the heartbeat TTL is from a dead worker and does not count.
+    harness.redis.hset(keys.WORKER_MEMORY, "w2", f"40.0 {now_ms - 60_000}")
+    assert isinstance(harness.refusal(ALICE), InsufficientMemory)
+
+
+def test_checks_run_in_order_circuit_before_rate(harness: Harness) -> None:
+    for _ in range(3):
+        harness.admit(ALICE)
+    now_ms = circuit.redis_now_ms(harness.redis)
+    circuit.write(harness.redis, CircuitRecord(CircuitState.OPEN, 5, now_ms, now_ms + 10_000))
+    assert isinstance(harness.refusal(ALICE), CircuitOpen)

@@ -1,0 +1,83 @@
+"""Size and shape limits, with the demo model's real tokenizer.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.prompt_limits import PromptLimits
+from shared.errors import InvalidRequest, ModelNotFound
+from shared.models import ModelRegistry
+from shared.schemas import GenerateRequest
+from shared.settings import Settings
+from worker.demo_model import build_demo_model
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("data")
+    build_demo_model(Settings(data_dir=data).demo_model_dir)
+    return data
+
+
+def limits(data_dir: Path, tmp_path: Path, models: str = "", **settings: object) -> PromptLimits:
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(models)
+    config = Settings(data_dir=data_dir, models_file=models_file, **settings)
+    return PromptLimits(ModelRegistry.from_settings(config), config)
+
+
+def ask(**body: object) -> GenerateRequest:
+    return GenerateRequest.model_validate({"model": "demo", "prompt": "hello", **body})
+
+
+def test_an_unknown_model_is_refused_first(demo_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound):
+        limits(demo_dir, tmp_path).check(ask(model="nope", max_tokens=10**9))
+
+
+def test_max_tokens_over_the_cap_names_the_field_and_limit(demo_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="limit here is 8192") as caught:
+        limits(demo_dir, tmp_path).check(ask(max_tokens=8193))
+    assert caught.value.param == "max_tokens"
+
+
+def test_a_prompt_over_the_character_limit_is_refused(demo_dir: Path, tmp_path: Path) -> None:
+    checker = limits(demo_dir, tmp_path, max_prompt_chars=100)
+    with pytest.raises(InvalidRequest, match="101 characters; the limit is 100") as caught:
+        checker.check(ask(prompt="x" * 101))
+    assert caught.value.param == "prompt"
+    messages = [{"role": "user", "content": "y" * 60}, {"role": "user", "content": "z" * 60}]
+    with pytest.raises(InvalidRequest) as caught:
+        checker.check(GenerateRequest.model_validate({"model": "demo", "messages": messages}))
+    assert caught.value.param == "messages"
+
+
+def test_a_per_model_character_limit_overrides_the_service_one(demo_dir: Path, tmp_path: Path) -> None:
+    local = tmp_path / "m"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    checker = limits(demo_dir, tmp_path, f'[models.small]\npath = "{local}"\nmax_prompt_chars = 10\n')
+    checker.check(ask(prompt="x" * 50))
+    with pytest.raises(InvalidRequest, match="limit is 10"):
+        checker.check(ask(model="small", prompt="x" * 11))
+
+
+def test_tokens_are_counted_with_the_models_tokenizer_against_its_context(demo_dir: Path, tmp_path: Path) -> None:
+    local = tmp_path / "ctx"
+    local.mkdir()
+    demo = Settings(data_dir=demo_dir).demo_model_dir
+    (local / "config.json").write_text('{"max_position_embeddings": 64}')
+    (local / "tokenizer.json").write_bytes((demo / "tokenizer.json").read_bytes())
+    checker = limits(demo_dir, tmp_path, f'[models.tiny]\npath = "{local}"\n', max_prompt_chars=10_000)
+    checker.check(ask(model="tiny", prompt="hi", max_tokens=32))
+    words = "the quick brown fox " * 40  # a few hundred characters, well over 64 tokens
+    with pytest.raises(InvalidRequest, match="takes 64 in all") as caught:
+        checker.check(ask(model="tiny", prompt=words, max_tokens=1))
+    assert caught.value.param == "prompt"
+    # A prompt that fits, with max_tokens that does not: the message says how many would.
+    medium = "the quick brown fox " * 5
+    with pytest.raises(InvalidRequest, match="max_tokens can be at most") as caught:
+        checker.check(ask(model="tiny", prompt=medium, max_tokens=60))
+    assert caught.value.param == "max_tokens"

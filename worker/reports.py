@@ -1,0 +1,44 @@
+"""What a worker tells the gateways through Redis, stamped with Redis's clock.
+
+The gateway's admission script compares these stamps with Redis `TIME`, so they
+must come from the same clock, not from this machine's.
+"""
+
+from __future__ import annotations
+
+from redis import Redis
+
+from shared import keys
+
+_MEMORY = """
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call("HSET", KEYS[1], ARGV[1], ARGV[2] .. " " .. now)
+"""
+
+_JOB_END = """
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call("ZADD", KEYS[1], now, ARGV[1])
+redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now - tonumber(ARGV[2]))
+"""
+
+
+class Reports:
+    def __init__(self, redis: Redis, worker_name: str, drain_window_s: int) -> None:
+        self._redis = redis
+        self._name = worker_name
+        self._drain_window_ms = drain_window_s * 1000
+        self._memory = redis.register_script(_MEMORY)
+        self._job_end = redis.register_script(_JOB_END)
+
+    def memory(self, used_percent: float) -> None:
+        """This worker's memory use, read by admission's emergency check."""
+        self._memory(keys=[keys.WORKER_MEMORY], args=[self._name, f"{used_percent:.1f}"])
+
+    def job_ended(self, job_id: str) -> None:
+        """A job left this worker (any outcome): the drain rate behind queue_full's Retry-After."""
+        self._job_end(keys=[keys.JOB_ENDS], args=[job_id, self._drain_window_ms])
+
+    def withdraw(self) -> None:
+        self._redis.hdel(keys.WORKER_MEMORY, self._name)
