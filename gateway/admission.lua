@@ -11,13 +11,12 @@
 -- KEYS[8]  RQ's set of queue keys
 -- KEYS[9..] every queue whose depth counts towards the limit
 --
--- ARGV[1]  rate limit (requests per window)      ARGV[2]  rate window, ms
--- ARGV[3]  in-flight cap per client              ARGV[4]  queue depth limit
--- ARGV[5]  memory emergency, percent             ARGV[6]  memory report freshness, ms
--- ARGV[7]  drain-rate window, ms                 ARGV[8]  Retry-After when no drain was measured, s
--- ARGV[9]  memory Retry-After, s                 ARGV[10] RQ job key prefix ("rq:job:")
--- ARGV[11] in-flight record expiry, ms
--- ARGV[12] number of jobs n; then for each job: id, queue key, field count f, f field/value pairs
+-- Limits are not arguments: Admission writes them into the script as constants
+-- (`{{name}}` below), one fewer thing to pack and send per request.
+--
+-- ARGV[1] number of jobs n; then one argument per job, netstrings ("len:bytes,") of its id,
+--          queue key and hash field/value pairs (one argument, not dozens: redis-py packs
+--          commands in time quadratic in their argument count)
 --
 -- Returns {"ok", limit, remaining, reset_ms} or {reason, retry_after_s, detail1, detail2};
 -- details are strings, since Redis would truncate a Lua number to an integer.
@@ -26,18 +25,29 @@
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local rate_limit = tonumber(ARGV[1])
-local rate_window = tonumber(ARGV[2])
-local max_inflight = tonumber(ARGV[3])
-local max_queued = tonumber(ARGV[4])
-local emergency = tonumber(ARGV[5])
-local fresh_ms = tonumber(ARGV[6])
-local drain_window = tonumber(ARGV[7])
-local fallback_retry = tonumber(ARGV[8])
-local memory_retry = tonumber(ARGV[9])
-local job_prefix = ARGV[10]
-local inflight_ttl = tonumber(ARGV[11])
-local n = tonumber(ARGV[12])
+local rate_limit = {{rate_limit}}            -- requests per window
+local rate_window = {{rate_window_ms}}
+local max_inflight = {{max_inflight}}        -- jobs per client, queued or running
+local max_queued = {{max_queued}}            -- jobs in all counted queues
+local emergency = {{emergency_percent}}      -- memory used, percent
+local fresh_ms = {{fresh_ms}}                -- a memory report older than this is from a dead worker
+local drain_window = {{drain_window_ms}}
+local fallback_retry = {{fallback_retry_s}}  -- Retry-After when nothing drained in the window
+local memory_retry = {{memory_retry_s}}
+local job_prefix = "{{job_prefix}}"
+local inflight_ttl = {{inflight_ttl_ms}}
+local n = tonumber(ARGV[1])
+
+local function netstrings(packed)
+  local out, i = {}, 1
+  while i <= #packed do
+    local colon = string.find(packed, ":", i, true)
+    local size = tonumber(string.sub(packed, i, colon - 1))
+    out[#out + 1] = string.sub(packed, colon + 1, colon + size)
+    i = colon + size + 2
+  end
+  return out
+end
 
 local function refuse(reason, retry_after, a, b)
   redis.call("HINCRBY", KEYS[6], reason, 1)
@@ -96,16 +106,25 @@ if used + n > rate_limit then
   return refuse("rate_limited", (free_at - now) / 1000, math.max(0, rate_limit - used), reset)
 end
 
--- 6. per-client in-flight cap; forget jobs that ended (or expired) since they were admitted
-local inflight_ids = redis.call("ZRANGE", KEYS[4], 0, -1)
-for _, id in ipairs(inflight_ids) do
+-- 6. per-client in-flight cap. Members of jobs that have ended (or expired) are dropped
+-- lazily: the two oldest on every call, all of them only when the cap would refuse, so
+-- the work per call stays bounded by the cap, not by how much the client ever sent.
+local function ended(id)
   local status = redis.call("HGET", job_prefix .. id, "status")
-  if status ~= "queued" and status ~= "started" and status ~= "deferred"
-     and status ~= "scheduled" and status ~= "created" then
-    redis.call("ZREM", KEYS[4], id)
+  return status ~= "queued" and status ~= "started" and status ~= "deferred"
+     and status ~= "scheduled" and status ~= "created"
+end
+local function prune(ids)
+  for _, id in ipairs(ids) do
+    if ended(id) then redis.call("ZREM", KEYS[4], id) end
   end
 end
+prune(redis.call("ZRANGE", KEYS[4], 0, 1))
 local inflight = redis.call("ZCARD", KEYS[4])
+if inflight + n > max_inflight then
+  prune(redis.call("ZRANGE", KEYS[4], 0, -1))
+  inflight = redis.call("ZCARD", KEYS[4])
+end
 if inflight + n > max_inflight then
   return refuse("too_many_inflight", drain_eta(inflight + n - max_inflight), inflight, max_inflight)
 end
@@ -120,16 +139,14 @@ if depth + n > max_queued then
 end
 
 -- admitted: write every job as RQ would and push it
-local a = 13
-for _ = 1, n do
-  local id, queue_key, fields = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local job_key = job_prefix .. id
-  redis.call("HSET", job_key, unpack(ARGV, a + 3, a + 2 + 2 * fields))
+for a = 2, 1 + n do
+  local job = netstrings(ARGV[a])
+  local id, queue_key = job[1], job[2]
+  redis.call("HSET", job_prefix .. id, unpack(job, 3))
   redis.call("RPUSH", queue_key, id)
   redis.call("SADD", KEYS[8], queue_key)
   redis.call("ZADD", KEYS[3], now, id)
   redis.call("ZADD", KEYS[4], now, id)
-  a = a + 3 + 2 * fields
 end
 redis.call("PEXPIRE", KEYS[3], rate_window)
 redis.call("PEXPIRE", KEYS[4], inflight_ttl)

@@ -17,12 +17,13 @@ from typing import Any
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.job import Job
-from rq.utils import now
 
 from gateway.clients import Client
+from gateway.jobs import PreparedJob
 from shared import keys
 from shared.errors import CircuitOpen, InsufficientMemory, MlxqError, QueueFull, RateLimited, TooManyInflight
 from shared.settings import Settings
+from shared.text import text
 
 SCRIPT = resources.files("gateway").joinpath("admission.lua").read_text()
 
@@ -48,31 +49,16 @@ class Admission:
 
     def __init__(self, redis: AsyncRedis, settings: Settings, counted_queues: list[Queue]) -> None:
         self._settings = settings
-        self._script = redis.register_script(SCRIPT)
+        self._script = redis.register_script(script_for(settings))
         self._queue_keys = [queue.key for queue in counted_queues]
         self._queues_set = counted_queues[0].redis_queues_keys
 
-    async def admit(self, client: Client, jobs: list[Job]) -> RateState:
+    async def admit(self, client: Client, jobs: list[PreparedJob]) -> RateState:
         """Enqueue every job, or none of them and raise why."""
         s = self._settings
-        argv: list[Any] = [
-            s.rate_limit_requests,
-            s.rate_limit_window_s * 1000,
-            s.max_inflight_per_client,
-            s.max_queued,
-            s.memory_emergency_percent,
-            int(s.heartbeat_ttl_s * 1000),
-            s.drain_window_s * 1000,
-            s.queue_full_fallback_retry_after_s,
-            s.memory_retry_after_s,
-            Job.redis_job_namespace_prefix,
-            s.result_ttl_s * 1000,
-            len(jobs),
-        ]
+        argv: list[Any] = [len(jobs)]
         for job in jobs:
-            job.enqueued_at = now()
-            fields = _hash_fields(job)
-            argv += [job.id, Queue.redis_queue_namespace_prefix + job.origin, len(fields) // 2, *fields]
+            argv.append(_netstrings([job.id.encode(), job.queue_key.encode(), *job.fields]))
         reply = await self._script(
             keys=[
                 keys.CIRCUIT,
@@ -90,7 +76,28 @@ class Admission:
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if outcome == "ok":
             return RateState(limit=int(reply[1]), remaining=int(reply[2]), reset_s=int(reply[3]) / 1000)
-        raise _refusal(outcome, int(reply[1]), _text(reply[2]), _text(reply[3]), s)
+        raise _refusal(outcome, int(reply[1]), text(reply[2]), text(reply[3]), s)
+
+
+def script_for(settings: Settings) -> str:
+    """admission.lua with this gateway's limits written in."""
+    constants = {
+        "rate_limit": settings.rate_limit_requests,
+        "rate_window_ms": settings.rate_limit_window_s * 1000,
+        "max_inflight": settings.max_inflight_per_client,
+        "max_queued": settings.max_queued,
+        "emergency_percent": settings.memory_emergency_percent,
+        "fresh_ms": settings.heartbeat_ttl_s * 1000,
+        "drain_window_ms": settings.drain_window_s * 1000,
+        "fallback_retry_s": settings.queue_full_fallback_retry_after_s,
+        "memory_retry_s": settings.memory_retry_after_s,
+        "job_prefix": Job.redis_job_namespace_prefix,
+        "inflight_ttl_ms": settings.result_ttl_s * 1000,
+    }
+    script = SCRIPT
+    for name, value in constants.items():
+        script = script.replace("{{" + name + "}}", str(value))
+    return script
 
 
 def _refusal(reason: str, retry_after_s: int, first: str, second: str, s: Settings) -> MlxqError:
@@ -128,14 +135,9 @@ def _refusal(reason: str, retry_after_s: int, first: str, second: str, s: Settin
     return error
 
 
-def _hash_fields(job: Job) -> list[Any]:
-    """The job hash exactly as RQ writes it: `to_dict()`, None left out, bytes as they are."""
-    fields: list[Any] = []
-    for name, value in job.to_dict().items():
-        if value is None:
-            continue
-        fields += [name, value if isinstance(value, bytes | str) else str(value)]
-    return fields
+def _netstrings(parts: list[bytes]) -> bytes:
+    """`len:bytes,` for each part, which the script splits back apart."""
+    return b"".join(b"%d:%s," % (len(part), part) for part in parts)
 
 
 def _duration(seconds: float) -> str:
@@ -148,7 +150,3 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,9 +15,11 @@ from rq.serializers import JSONSerializer
 from gateway.admission import Admission
 from gateway.body_limit import BodySizeLimit
 from gateway.clients import ClientResolver
-from gateway.deps import get_client
+from gateway.deps import Gateway, get_client
 from gateway.errors import count_refusal, install_error_handlers
+from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
+from gateway.refusal_cache import RefusalCache
 from gateway.routes import jobs, models, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
@@ -31,9 +34,15 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.aredis = AsyncRedis.from_url(settings.redis_url)
         app.state.queue = Queue(settings.queue_name, connection=app.state.redis, serializer=JSONSerializer)
         app.state.admission = Admission(app.state.aredis, settings, [app.state.queue])
+        refusals = RefusalCache(settings.refusal_hold_s)
+        factory = JobFactory(app.state.queue, settings)
+        app.state.gateway = Gateway(settings, app.state.limits, app.state.admission, app.state.queue, refusals, factory)
+        flusher = asyncio.create_task(_flush_every_second(refusals, app.state.aredis))
         try:
             yield
         finally:
+            flusher.cancel()
+            await refusals.flush(app.state.aredis)
             app.state.redis.close()
             await app.state.aredis.aclose()
 
@@ -58,3 +67,9 @@ def create_app(settings: Settings) -> FastAPI:
         on_refusal=lambda: count_refusal(app, "request_too_large"),
     )
     return app
+
+
+async def _flush_every_second(refusals: RefusalCache, redis: AsyncRedis) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        await refusals.flush(redis)

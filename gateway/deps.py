@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,50 +12,60 @@ from rq import Queue
 
 from gateway.admission import Admission
 from gateway.clients import Client, ClientResolver
+from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
+from gateway.refusal_cache import RefusalCache
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+@dataclass(frozen=True)
+class Gateway:
+    """What the submitting routes share, built once when the app starts."""
+
+    settings: Settings
+    limits: PromptLimits
+    admission: Admission
+    queue: Queue
+    refusals: RefusalCache
+    jobs: JobFactory
+
+
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     redis: Redis = request.app.state.redis
     return redis
 
 
-def get_async_redis(request: Request) -> AsyncRedis:
+async def get_async_redis(request: Request) -> AsyncRedis:
     redis: AsyncRedis = request.app.state.aredis
     return redis
 
 
-def get_models(request: Request) -> ModelRegistry:
+async def get_models(request: Request) -> ModelRegistry:
     models: ModelRegistry = request.app.state.models
     return models
 
 
-def get_queue(request: Request) -> Queue:
+async def get_queue(request: Request) -> Queue:
     queue: Queue = request.app.state.queue
     return queue
 
 
-def get_admission(request: Request) -> Admission:
-    admission: Admission = request.app.state.admission
-    return admission
-
-
-def get_limits(request: Request) -> PromptLimits:
-    limits: PromptLimits = request.app.state.limits
-    return limits
-
-
-def get_client(request: Request) -> Client:
+async def get_client(request: Request) -> Client:
     """Authenticates the request (when API keys are configured) and names its client."""
     resolver: ClientResolver = request.app.state.clients
     return resolver.resolve(request)
+
+
+async def get_gateway(request: Request) -> Gateway:
+    """Everything the submitting routes use, as one dependency: each one costs FastAPI time per request."""
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -62,6 +73,5 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
-AdmissionDep = Annotated[Admission, Depends(get_admission)]
-LimitsDep = Annotated[PromptLimits, Depends(get_limits)]
 ClientDep = Annotated[Client, Depends(get_client)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]

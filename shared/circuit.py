@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis
 
 from shared import keys
+from shared.text import text
 
 
 class CircuitState(StrEnum):
@@ -40,7 +41,7 @@ class CircuitRecord:
 
 
 def read(redis: Redis) -> CircuitRecord:
-    raw = {_text(k): _text(v) for k, v in redis.hgetall(keys.CIRCUIT).items()}
+    raw = {text(k): text(v) for k, v in redis.hgetall(keys.CIRCUIT).items()}
     if not raw:
         return CircuitRecord()
     return CircuitRecord(
@@ -59,7 +60,3 @@ def write(redis: Redis, record: CircuitRecord) -> None:
 def redis_now_ms(redis: Redis) -> int:
     seconds, micros = redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

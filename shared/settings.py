@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_inflight_per_client: int = Field(default=20, description="jobs one client may have queued or running")
     max_queued: int = Field(default=100, description="queued jobs, all queues together, before 503 queue_full")
     drain_window_s: int = Field(default=300, description="how far back job ends count for the drain rate")
+    refusal_hold_s: float = Field(
+        default=0.5, description="a gateway repeats a refusal from memory this long (0: always ask Redis)"
+    )
     queue_full_fallback_retry_after_s: int = Field(
         default=30, description="Retry-After for queue_full while no job has ended in the drain window"
     )

@@ -15,9 +15,11 @@ from rq.serializers import JSONSerializer
 
 from gateway.admission import Admission, RateState
 from gateway.clients import Client
+from gateway.jobs import JobFactory, PreparedJob
 from shared import circuit, keys
 from shared.circuit import CircuitRecord, CircuitState
 from shared.errors import CircuitOpen, InsufficientMemory, MlxqError, QueueFull, RateLimited, TooManyInflight
+from shared.schemas import GenerateRequest
 from shared.settings import Settings
 
 ALICE = Client("ip:10.0.0.1")
@@ -30,8 +32,8 @@ class Harness:
         self.redis = Redis.from_url(url)
         self.queue = Queue(self.settings.queue_name, connection=self.redis, serializer=JSONSerializer)
 
-    def job(self) -> Job:
-        return self.queue.create_job("worker.tasks.generate", args=[{"model": "demo", "prompt": "hi"}])
+    def job(self) -> PreparedJob:
+        return JobFactory(self.queue, self.settings).build(GenerateRequest(model="demo", prompt="hi"))
 
     def admit(self, client: Client, count: int = 1) -> RateState:
         async def run() -> RateState:
@@ -67,7 +69,7 @@ def test_an_admitted_job_is_a_real_queued_rq_job(harness: Harness) -> None:
     [job_id] = harness.queue.job_ids
     job = Job.fetch(job_id, connection=harness.redis, serializer=JSONSerializer)
     assert job.get_status() == "queued"
-    assert job.args == [{"model": "demo", "prompt": "hi"}]
+    assert job.args[0]["prompt"] == "hi"
     assert job.enqueued_at is not None
     assert harness.queue.key.encode() in harness.redis.smembers("rq:queues")
     assert int(harness.redis.get(keys.ADMITTED) or 0) == 1

@@ -5,29 +5,34 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from gateway import jobs
-from gateway.deps import AdmissionDep, ClientDep, LimitsDep, QueueDep, RedisDep, SettingsDep
+from gateway.deps import ClientDep, GatewayDep, QueueDep, RedisDep
+from shared.errors import MlxqError
 from shared.schemas import GenerateRequest, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView)
-async def submit_job(
-    request: GenerateRequest,
-    response: Response,
-    client: ClientDep,
-    limits: LimitsDep,
-    admission: AdmissionDep,
-    queue: QueueDep,
-    settings: SettingsDep,
-) -> JobView:
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses={202: {"model": JobView}})
+async def submit_job(request: GenerateRequest, client: ClientDep, gw: GatewayDep) -> Response:
     """Queue a generation, or refuse it now with the reason and when to retry; poll `Location` for the result."""
-    limits.check(request)
-    job = jobs.build(request, queue, settings)
-    rate = await admission.admit(client, [job])
-    response.headers.update(rate.headers())
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobView(id=job.id, status="queued", model=request.model, created_at=job.created_at)
+    gw.limits.check(request)
+    held = gw.refusals.check(client.id)
+    if held is not None:
+        raise held
+    job = gw.jobs.build(request)
+    try:
+        rate = await gw.admission.admit(client, [job])
+    except MlxqError as refusal:
+        gw.refusals.remember(client.id, refusal)
+        raise
+    view = JobView(id=job.id, status="queued", model=request.model, created_at=job.created_at)
+    # A response of our own: FastAPI would otherwise validate the model it was just handed again.
+    return Response(
+        view.model_dump_json(),
+        status_code=status.HTTP_202_ACCEPTED,
+        media_type="application/json",
+        headers={**rate.headers(), "Location": f"/v1/jobs/{job.id}"},
+    )
 
 
 @router.get("/{job_id}", response_model=JobView)

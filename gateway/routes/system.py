@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from gateway.deps import QueueDep, RedisDep, SettingsDep
 from gateway.workers import live_workers
 from shared import circuit, keys, memory
+from shared.text import text
 
 router = APIRouter(tags=["system"])
 
@@ -26,7 +27,7 @@ def health(redis: RedisDep, queue: QueueDep, settings: SettingsDep) -> JSONRespo
     mem = max(reported, key=lambda m: float(m["used_percent"])) if reported else memory.snapshot(settings)
     status = memory.status_for(float(mem["used_percent"]), settings) if workers else "degraded"
     breaker = circuit.read(redis)
-    refused = {_text(k): int(v) for k, v in redis.hgetall(keys.REFUSALS).items()}
+    refused = {text(k): int(v) for k, v in redis.hgetall(keys.REFUSALS).items()}
     body: dict[str, Any] = {
         "status": status,
         "memory": mem,
@@ -38,7 +39,3 @@ def health(redis: RedisDep, queue: QueueDep, settings: SettingsDep) -> JSONRespo
         "admission": {"admitted": int(redis.get(keys.ADMITTED) or 0), "refused": refused},
     }
     return JSONResponse(body, status_code=200 if workers else 503)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,61 @@
+"""Refusals repeated from a gateway's memory: brief, counted down, counted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from gateway.refusal_cache import RefusalCache
+from shared import keys
+from shared.errors import CircuitOpen, QueueFull, RateLimited
+
+
+def test_a_global_refusal_is_repeated_to_every_client_until_the_hold_ends() -> None:
+    cache = RefusalCache(hold_s=0.2)
+    cache.remember("alice", QueueFull("full", retry_after_s=7))
+    repeated = cache.check("bob")
+    assert isinstance(repeated, QueueFull)
+    assert repeated.retry_after_s == 7
+    assert repeated.counted
+    time.sleep(0.25)
+    assert cache.check("bob") is None
+
+
+def test_a_per_client_refusal_is_repeated_only_to_that_client() -> None:
+    cache = RefusalCache(hold_s=5)
+    refusal = RateLimited("slow down", retry_after_s=2)
+    refusal.extra_headers = {"x-ratelimit-remaining-requests": "0"}
+    cache.remember("alice", refusal)
+    assert cache.check("bob") is None
+    repeated = cache.check("alice")
+    assert isinstance(repeated, RateLimited)
+    assert repeated.headers()["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_the_hold_never_outlasts_retry_after_and_zero_turns_it_off() -> None:
+    cache = RefusalCache(hold_s=60)
+    cache.remember("alice", CircuitOpen("open", retry_after_s=1))
+    time.sleep(1.05)
+    assert cache.check("alice") is None
+    off = RefusalCache(hold_s=0)
+    off.remember("alice", CircuitOpen("open", retry_after_s=30))
+    assert off.check("alice") is None
+
+
+def test_repeated_refusals_reach_the_shared_counters_on_flush(scratch_redis_url: str) -> None:
+    cache = RefusalCache(hold_s=5)
+    cache.remember("alice", QueueFull("full", retry_after_s=3))
+    for _ in range(4):
+        assert cache.check("alice") is not None
+
+    async def flush() -> None:
+        redis = AsyncRedis.from_url(scratch_redis_url)
+        await cache.flush(redis)
+        await cache.flush(redis)  # nothing new: nothing added twice
+        await redis.aclose()
+
+    asyncio.run(flush())
+    assert Redis.from_url(scratch_redis_url).hget(keys.REFUSALS, "queue_full") == b"4"
