@@ -73,7 +73,7 @@ class PromptLimits:
         cached = self._tokenizers.get(spec.name)
         if cached is not None and (cached[0] is not None or time.monotonic() - cached[2] < RETRY_MISSING_S):
             return cached[0], cached[1]
-        directory = _local_files(spec)
+        directory = spec.local_files()
         tokenizer = None
         context = spec.context_tokens
         if directory is not None:
@@ -88,21 +88,6 @@ class PromptLimits:
                     logger.warning("cannot read tokenizer of %s: %s", spec.name, exc)
         self._tokenizers[spec.name] = (tokenizer, context, time.monotonic())
         return tokenizer, context
-
-
-def _local_files(spec: ModelSpec) -> Path | None:
-    """The directory holding the model's config and tokenizer on this machine, if any."""
-    if spec.path is not None:
-        return spec.path if spec.path.is_dir() else None
-    if spec.repo is None:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(spec.repo, "config.json")
-    except Exception:
-        return None
-    return Path(found).parent if isinstance(found, str) else None
 
 
 def _context_length(config_file: Path) -> int | None:

@@ -20,6 +20,15 @@ def worker_heartbeat_pattern() -> str:
     return f"{PREFIX}:worker:*:heartbeat"
 
 
+def worker_commands(worker_name: str) -> str:
+    """List of JSON commands for one worker (e.g. unload a model), drained by its monitor thread."""
+    return f"{PREFIX}:worker:{worker_name}:commands"
+
+
+WORKER_COMMANDS_TTL_S = 3600
+"""Commands for a worker that never reads them (it died) do not pile up."""
+
+
 def job_cancel(job_id: str) -> str:
     """Set by the gateway to stop a running job; polled by the worker between tokens."""
     return f"{PREFIX}:job:{job_id}:cancel"

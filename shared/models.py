@@ -10,8 +10,9 @@ path = "~/models/llama-3.1-8b-4bit"                       # a local directory
 ```
 
 Exactly one of `path` (local directory, never looked up on a hub) or `repo`
-(hub id) per model, and optionally `context_tokens` and `max_prompt_chars` to
-override the model's context length and the service's prompt limit. `demo` is
+(hub id) per model, and optionally `context_tokens`, `max_prompt_chars` and
+`keep_alive_s` to override the model's context length, the service's prompt
+limit and how long the model may sit idle before it is unloaded. `demo` is
 built in: a tiny random-weight model built offline.
 """
 
@@ -25,7 +26,7 @@ from shared.errors import ModelNotFound
 from shared.settings import Settings
 
 DEMO_MODEL = "demo"
-_ALLOWED_KEYS = {"path", "repo", "notes", "context_tokens", "max_prompt_chars"}
+_ALLOWED_KEYS = {"path", "repo", "notes", "context_tokens", "max_prompt_chars", "keep_alive_s"}
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,24 @@ class ModelSpec:
     """Overrides the context length read from the model's config.json."""
     max_prompt_chars: int | None = None
     """Overrides the service-wide prompt length limit for this model."""
+    keep_alive_s: int | None = None
+    """Overrides how long this model may sit idle before it is unloaded."""
 
     @property
     def source(self) -> str:
         return str(self.path) if self.path is not None else str(self.repo)
+
+    def local_files(self) -> Path | None:
+        """The directory holding this model's files on this machine, if they are here (never downloads)."""
+        if self.path is not None:
+            return self.path if self.path.is_dir() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(self.repo), "config.json")
+        except Exception:
+            return None
+        return Path(found).parent if isinstance(found, str) else None
 
     def problem(self) -> str | None:
         """Why this model cannot be loaded from here, or None when nothing is known to be wrong.
@@ -118,7 +133,7 @@ def load_models_file(path: Path) -> dict[str, ModelSpec]:
             local = Path(str(entry["path"])).expanduser()
             if not local.is_absolute():
                 local = (path.parent / local).resolve()
-        for limit in ("context_tokens", "max_prompt_chars"):
+        for limit in ("context_tokens", "max_prompt_chars", "keep_alive_s"):
             if limit in entry and (not isinstance(entry[limit], int) or entry[limit] < 1):
                 raise ValueError(f"{where}: `{limit}` must be a positive integer")
         specs[name] = ModelSpec(
@@ -128,5 +143,6 @@ def load_models_file(path: Path) -> dict[str, ModelSpec]:
             notes=str(entry.get("notes", "")),
             context_tokens=entry.get("context_tokens"),
             max_prompt_chars=entry.get("max_prompt_chars"),
+            keep_alive_s=entry.get("keep_alive_s"),
         )
     return specs

@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: int = Field(default=10, description="a worker silent this long is presumed hung")
     cancel_poll_interval_s: float = Field(default=0.2, description="how often a worker checks cancel flags")
 
+    model_budget_bytes: int | None = Field(
+        default=None, description="bytes a worker may hold in models; default a fraction of device memory"
+    )
+    model_budget_fraction: float = Field(default=0.75, gt=0, le=1)
+    keep_alive_s: int = Field(default=300, description="an idle model is unloaded after this long")
+    maintenance_interval_s: float = Field(default=1.0, description="how often an idle engine checks memory")
+
     memory_warning_percent: float = 85.0
     memory_critical_percent: float = 95.0
     memory_emergency_percent: float = 98.0

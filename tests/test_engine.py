@@ -11,13 +11,14 @@ import pytest
 from shared.errors import GenerationCanceled, JobTimedOut, ModelUnavailable
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
+from shared.settings import Settings
 from worker.engine import Engine, Submission
 from worker.model_cache import ModelCache
 
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    running = Engine(ModelCache())
+    running = Engine(ModelCache(Settings(), budget_bytes=10**10))
     running.start()
     yield running
     running.stop()

@@ -84,7 +84,7 @@ def test_worker_keeps_its_model_loaded_between_jobs(service: Service) -> None:
     assert first["result"]["usage"]["completion_tokens"] >= 0
     assert second["result"]["timings"]["load_s"] == 0.0
     health = service.http.get("/health").json()
-    assert any("demo" in w["models"] for w in health["workers"])
+    assert any(m["name"] == "demo" for w in health["workers"] for m in w["models"])
 
 
 def test_delete_stops_a_long_generation_within_a_second(service: Service) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -92,29 +93,34 @@ def _write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
-def _write_weights(directory: Path) -> None:
+def _write_weights(directory: Path, config: dict[str, Any]) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen2
 
     mx.random.seed(SEED)
-    args = qwen2.ModelArgs.from_dict(CONFIG)  # type: ignore[no-untyped-call]
+    args = qwen2.ModelArgs.from_dict(config)  # type: ignore[no-untyped-call]
     model = qwen2.Model(args)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
-def build_demo_model(directory: Path) -> Path:
-    """Build the demo model into `directory` unless it is already there; return it."""
+def build_demo_model(directory: Path, **config_overrides: Any) -> Path:
+    """Build the demo model into `directory` unless it is already there; return it.
+
+    `config_overrides` (e.g. `hidden_size=256`) make other tiny models of known,
+    different sizes with the same tokenizer; the built-in demo uses none.
+    """
     if (directory / "model.safetensors").exists():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
+    config = {**CONFIG, **config_overrides}
     # Build beside the target and rename, so a crash never leaves half a model.
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=directory.parent))
     try:
-        (staging / "config.json").write_text(json.dumps(CONFIG, indent=2))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
         _write_tokenizer(staging)
-        _write_weights(staging)
+        _write_weights(staging, config)
         try:
             os.rename(staging, directory)
         except OSError:

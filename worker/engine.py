@@ -9,17 +9,18 @@ Nothing in the interface assumes one generation at a time.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.errors import GenerationCanceled, GenerationFailed, MlxqError
+from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, MlxqError
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from worker import generation
 from worker.generation import Outcome, TextSink
-from worker.model_cache import ModelCache
+from worker.model_cache import ModelCache, is_allocation_failure
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,20 @@ class Generation:
         self._done.set()
 
 
+@dataclass(frozen=True)
+class Unload:
+    """Asks the engine thread to unload a model (the admin endpoint's request)."""
+
+    model: str
+
+
 class Engine:
     """Owns the model cache and runs submissions on its own thread."""
 
-    def __init__(self, cache: ModelCache) -> None:
+    def __init__(self, cache: ModelCache, maintenance_interval_s: float = 1.0) -> None:
         self.cache = cache
-        self._inbox: queue.Queue[Generation | None] = queue.Queue()
+        self.maintenance_interval_s = maintenance_interval_s
+        self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self._active: dict[str, Generation] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
@@ -112,6 +121,10 @@ class Engine:
         self._inbox.put(handle)
         return handle
 
+    def request_unload(self, model: str) -> None:
+        """Unload `model` once it is idle; MLX memory is only ever touched on the engine thread."""
+        self._inbox.put(Unload(model))
+
     def cancel(self, job_id: str) -> bool:
         """Ask a submitted generation to stop; False when the engine does not hold it."""
         with self._lock:
@@ -127,33 +140,61 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            handle = self._inbox.get()
-            if handle is None:
-                return
-            outcome: Outcome | None = None
-            error: BaseException | None = None
             try:
-                outcome = self._execute(handle)
-            except MlxqError as exc:
-                error = exc
-            except Exception as exc:
+                item = self._inbox.get(timeout=self.maintenance_interval_s)
+            except queue.Empty:
+                self._maintain()
+                continue
+            if item is None:
+                return
+            if isinstance(item, Unload):
+                if not self.cache.unload(item.model, "asked to by an operator"):
+                    logger.info("not unloading %s: it is not loaded or is serving", item.model)
+                continue
+            self._maintain()
+            self._serve(item)
+
+    def _maintain(self) -> None:
+        try:
+            self.cache.maintain()
+        except Exception:
+            logger.exception("model cache maintenance failed")
+
+    def _serve(self, handle: Generation) -> None:
+        outcome: Outcome | None = None
+        error: BaseException | None = None
+        try:
+            outcome = self._execute(handle)
+        except MlxqError as exc:
+            error = exc
+        except Exception as exc:
+            if is_allocation_failure(exc):
+                # The job fails, the process lives: free what can be freed and take the next job.
+                self.cache.emergency_cleanup(f"allocation failed during job {handle.job_id}")
+                error = InsufficientMemory(f"Memory ran out while generating: {exc}")
+            else:
                 logger.exception("generation failed", extra={"job_id": handle.job_id})
                 error = GenerationFailed(f"Generation failed: {type(exc).__name__}: {exc}")
-            finally:
-                with self._lock:
-                    self._active.pop(handle.job_id, None)
-            handle._finish(outcome, error)
+        finally:
+            with self._lock:
+                self._active.pop(handle.job_id, None)
+        handle._finish(outcome, error)
 
     def _execute(self, handle: Generation) -> Outcome:
         sub = handle.submission
         if handle.stop_reason() == "canceled":
             raise GenerationCanceled("The job was canceled before it started")
-        loaded, handle.load_s = self.cache.get(sub.spec)
-        return generation.generate(
-            loaded.model,
-            loaded.tokenizer,
-            sub.request,
-            max_tokens=sub.max_tokens,
-            should_stop=handle.stop_reason,
-            on_text=sub.on_text,
-        )
+        # KV headroom for the load decision; a token is rarely shorter than 3 characters.
+        context = sub.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
+        loaded, handle.load_s = self.cache.acquire(sub.spec, context)
+        try:
+            return generation.generate(
+                loaded.model,
+                loaded.tokenizer,
+                sub.request,
+                max_tokens=sub.max_tokens,
+                should_stop=handle.stop_reason,
+                on_text=sub.on_text,
+            )
+        finally:
+            self.cache.release(sub.spec.name)

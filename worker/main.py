@@ -13,9 +13,10 @@ from rq.serializers import JSONSerializer
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.settings import Settings
+from shared.sizing import format_bytes
 from worker import tasks
 from worker.engine import Engine
-from worker.model_cache import ModelCache
+from worker.model_cache import ModelCache, device_memory_bytes
 from worker.rq_worker import MlxqWorker
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,9 @@ def main() -> None:
         if problem:
             logger.warning("model will fail to load: %s", problem)
 
-    engine = Engine(ModelCache())
+    budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
+    logger.info("model budget: %s", format_bytes(budget))
+    engine = Engine(ModelCache(settings, budget), settings.maintenance_interval_s)
     engine.start()
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"

@@ -1,22 +1,53 @@
-"""Models loaded in this worker, kept between jobs.
+"""Models loaded in this worker, kept under a byte budget.
 
-Only the engine thread touches it: MLX arrays belong to the thread that runs them.
+Before a load the model's size is estimated from its files (shared/sizing.py);
+least recently used idle models are evicted until it fits, and what cannot fit is
+refused with the sizes in the error. A model serving a request or being loaded
+is never evicted. System-memory thresholds (psutil) evict on their own: at the
+warning level down to the most recently used model, at the critical level every
+idle model, and no load starts while memory stays critical.
+
+Only the engine thread loads and unloads (MLX arrays belong to the thread that
+runs them); the heartbeat thread reads `snapshot()` under the lock.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import psutil
 from mlx_lm import load
 
-from shared.errors import ModelUnavailable
+from shared import sizing
+from shared.errors import InsufficientMemory, ModelUnavailable
 from shared.models import ModelSpec
+from shared.settings import Settings
+from shared.sizing import format_bytes
 from worker.demo_model import build_demo_model
 
 logger = logging.getLogger(__name__)
+
+MemoryProbe = Callable[[], float]
+"""Returns system memory in use, percent."""
+
+
+def system_memory_percent() -> float:
+    return float(psutil.virtual_memory().percent)
+
+
+def device_memory_bytes() -> int:
+    """Memory the models compete for: the GPU's on CUDA, unified memory on Apple silicon, RAM on CPU."""
+    info = mx.device_info()
+    size = info.get("memory_size") or info.get("total_memory")
+    return int(size) if size else int(psutil.virtual_memory().total)
 
 
 @dataclass
@@ -24,46 +55,242 @@ class LoadedModel:
     spec: ModelSpec
     model: Any
     tokenizer: Any
-    load_s: float
+    size_bytes: int
+    """Estimated from the files before loading."""
+    measured_bytes: int
+    """MLX active memory that the load added."""
+    loaded_at: float
     last_used: float
+    active: int = 0
 
 
 class ModelCache:
-    """Loads a model on first use and keeps it for the next job."""
+    """LRU cache of loaded models under `budget_bytes`."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, budget_bytes: int, probe: MemoryProbe = system_memory_percent) -> None:
+        self.settings = settings
+        self.budget_bytes = budget_bytes
+        self.probe = probe
         self._loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def get(self, spec: ModelSpec) -> tuple[LoadedModel, float]:
-        """The loaded model and the seconds this call spent loading it (0 when already loaded)."""
+    # -- what the engine calls -------------------------------------------------
+
+    def acquire(self, spec: ModelSpec, context_tokens: int) -> tuple[LoadedModel, float]:
+        """The model, loaded if need be, marked as serving; and the seconds spent loading it."""
         entry = self._loaded.get(spec.name)
+        spent = 0.0
         if entry is None:
-            entry = self._load(spec)
-            self._loaded[spec.name] = entry
-            spent = entry.load_s
-        else:
-            spent = 0.0
-        entry.last_used = time.time()
+            started = time.perf_counter()
+            entry = self._load(spec, context_tokens)
+            spent = time.perf_counter() - started
+        with self._lock:
+            entry.active += 1
+            entry.last_used = time.time()
         return entry, spent
 
-    def loaded_names(self) -> list[str]:
-        return sorted(self._loaded)
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._loaded.get(name)
+            if entry is not None:
+                entry.active = max(0, entry.active - 1)
+                entry.last_used = time.time()
 
-    def _load(self, spec: ModelSpec) -> LoadedModel:
+    def maintain(self) -> None:
+        """Unload idle models past their keep-alive, and evict by the memory thresholds."""
+        now = time.time()
+        for entry in list(self._loaded.values()):
+            keep_alive = entry.spec.keep_alive_s or self.settings.keep_alive_s
+            if entry.active == 0 and now - entry.last_used > keep_alive:
+                self.unload(entry.spec.name, f"idle for {now - entry.last_used:.0f} s (keep_alive {keep_alive} s)")
+        used = self.probe()
+        if used >= self.settings.memory_critical_percent:
+            self.unload_idle(keep=0, reason=f"system memory at {used:.1f} % (critical)")
+        elif used >= self.settings.memory_warning_percent:
+            self.unload_idle(keep=1, reason=f"system memory at {used:.1f} % (warning)")
+
+    def unload(self, name: str, reason: str) -> bool:
+        """Unload an idle model now; False when it is not loaded or is serving."""
+        with self._lock:
+            entry = self._loaded.get(name)
+            if entry is None or entry.active > 0:
+                return False
+            del self._loaded[name]
+        before = mx.get_active_memory()
+        del entry
+        self._free()
+        logger.info(
+            "unloaded model %s: %s; MLX active memory %s -> %s",
+            name,
+            reason,
+            format_bytes(before),
+            format_bytes(mx.get_active_memory()),
+        )
+        return True
+
+    def unload_idle(self, keep: int, reason: str) -> list[str]:
+        """Unload idle models, least recently used first, keeping the `keep` most recently used."""
+        idle = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
+        survivors = (
+            {e.spec.name for e in sorted(self._loaded.values(), key=lambda e: e.last_used)[-keep:]} if keep else set()
+        )
+        return [e.spec.name for e in idle if e.spec.name not in survivors and self.unload(e.spec.name, reason)]
+
+    def emergency_cleanup(self, reason: str) -> None:
+        """After an allocation failure: every idle model out, and MLX's buffer cache emptied."""
+        self.unload_idle(keep=0, reason=reason)
+        self._free()
+
+    # -- what the heartbeat reads ------------------------------------------------
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(e.size_bytes for e in self._loaded.values()) + sum(self._loading.values())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            loaded = [
+                {
+                    "name": e.spec.name,
+                    "size_bytes": e.size_bytes,
+                    "measured_bytes": e.measured_bytes,
+                    "loaded_at": e.loaded_at,
+                    "last_used": e.last_used,
+                    "active_requests": e.active,
+                    "state": "loaded",
+                }
+                for e in self._loaded.values()
+            ]
+            loading = [
+                {"name": name, "size_bytes": size, "active_requests": 0, "state": "loading"}
+                for name, size in self._loading.items()
+            ]
+        return loaded + loading
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded)
+
+    # -- loading -------------------------------------------------------------------
+
+    def _load(self, spec: ModelSpec, context_tokens: int) -> LoadedModel:
+        started = time.perf_counter()
+        directory = self._files(spec)
+        estimate = sizing.estimate(directory)
+        need = estimate.total(context_tokens)
+        what = (
+            f"model '{spec.name}' needs about {format_bytes(need)} (weights {format_bytes(estimate.weights_bytes)}"
+            f" + KV cache {format_bytes(estimate.kv_bytes_per_token * context_tokens)} for {context_tokens} tokens)"
+        )
+        if need > self.budget_bytes:
+            raise InsufficientMemory(
+                f"The {what}, more than this worker's whole budget of {format_bytes(self.budget_bytes)}"
+            )
+        used = self.probe()
+        if used >= self.settings.memory_critical_percent:
+            self.unload_idle(keep=0, reason=f"system memory at {used:.1f} % before loading {spec.name}")
+            used = self.probe()
+            if used >= self.settings.memory_critical_percent:
+                raise InsufficientMemory(
+                    f"System memory is at {used:.1f} % (critical: {self.settings.memory_critical_percent} %); "
+                    f"no model loads until it drops. The {what}.",
+                    retry_after_s=self.settings.memory_retry_after_s,
+                )
+        while self.held_bytes + need > self.budget_bytes:
+            victims = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
+            if not victims:
+                raise InsufficientMemory(
+                    f"The {what}; the budget is {format_bytes(self.budget_bytes)} and "
+                    f"{self._held_description()} cannot be unloaded now",
+                    retry_after_s=self.settings.memory_retry_after_s,
+                )
+            self.unload(victims[0].spec.name, f"least recently used; making room for {spec.name}")
+
+        with self._lock:
+            self._loading[spec.name] = estimate.weights_bytes
+        before = mx.get_active_memory()
+        try:
+            model, tokenizer = load(str(directory))[:2]
+        except (MemoryError, RuntimeError) as exc:
+            if not is_allocation_failure(exc):
+                raise _unavailable(spec, exc) from exc
+            self.emergency_cleanup(f"allocation failed while loading {spec.name}")
+            raise InsufficientMemory(f"Memory ran out while loading the {what}: {exc}") from exc
+        except Exception as exc:  # mlx-lm raises bare ValueError/OSError/hub errors: translate here
+            raise _unavailable(spec, exc) from exc
+        finally:
+            with self._lock:
+                self._loading.pop(spec.name, None)
+        now = time.time()
+        entry = LoadedModel(
+            spec=spec,
+            model=model,
+            tokenizer=tokenizer,
+            size_bytes=estimate.weights_bytes,
+            measured_bytes=max(0, mx.get_active_memory() - before),
+            loaded_at=now,
+            last_used=now,
+        )
+        with self._lock:
+            self._loaded[spec.name] = entry
+        logger.info(
+            "loaded model %s from %s in %.2f s: estimated %s, measured %s; holding %s of %s",
+            spec.name,
+            spec.source,
+            time.perf_counter() - started,
+            format_bytes(entry.size_bytes),
+            format_bytes(entry.measured_bytes),
+            format_bytes(self.held_bytes),
+            format_bytes(self.budget_bytes),
+        )
+        return entry
+
+    def _files(self, spec: ModelSpec) -> Path:
+        """The local directory of the model's files, built or downloaded if need be."""
         problem = spec.problem()
         if problem is not None:
             raise ModelUnavailable(problem, param="model")
-        started = time.perf_counter()
-        if spec.builtin:
-            assert spec.path is not None
-            build_demo_model(spec.path)
+        if spec.path is not None:
+            if spec.builtin:
+                build_demo_model(spec.path)
+            return spec.path
         try:
-            model, tokenizer = load(spec.source)[:2]
-        except Exception as exc:  # mlx-lm raises bare ValueError/OSError/hub errors: translate here
-            raise ModelUnavailable(
-                f"Model '{spec.name}' could not be loaded from {spec.source}: {type(exc).__name__}: {exc}",
-                param="model",
-            ) from exc
-        load_s = time.perf_counter() - started
-        logger.info("loaded model %s from %s in %.2f s", spec.name, spec.source, load_s)
-        return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, load_s=load_s, last_used=time.time())
+            from huggingface_hub import snapshot_download
+
+            return Path(
+                snapshot_download(
+                    str(spec.repo), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                )
+            )
+        except Exception as exc:
+            raise _unavailable(spec, exc) from exc
+
+    def _held_description(self) -> str:
+        held = [
+            f"{e.spec.name} ({format_bytes(e.size_bytes)}, {e.active} active request{'s' if e.active != 1 else ''})"
+            for e in self._loaded.values()
+        ]
+        return "what is held: " + (", ".join(held) if held else "nothing")
+
+    @staticmethod
+    def _free() -> None:
+        gc.collect()
+        mx.clear_cache()
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """MemoryError, or one of MLX's allocator errors (Metal, CUDA, CPU word them differently)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("malloc", "allocat", "out of memory", "outofmemory")
+    )
+
+
+def _unavailable(spec: ModelSpec, exc: BaseException) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"Model '{spec.name}' could not be loaded from {spec.source}: {type(exc).__name__}: {exc}", param="model"
+    )

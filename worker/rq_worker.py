@@ -74,6 +74,7 @@ class MlxqWorker(SimpleWorker):
         while not self._monitor_stop.wait(self.settings.cancel_poll_interval_s):
             try:
                 self._honour_cancel_flags()
+                self._take_commands()
                 if time.monotonic() >= next_beat:
                     self._beat()
                     next_beat = time.monotonic() + self.settings.heartbeat_interval_s
@@ -95,6 +96,16 @@ class MlxqWorker(SimpleWorker):
                 self._stopped_job_id = job_id
                 logger.info("canceling running job", extra={"job_id": job_id})
 
+    def _take_commands(self) -> None:
+        raw = self.connection.lpop(keys.worker_commands(self.name), 16)
+        for item in raw if isinstance(raw, list) else []:
+            command = json.loads(item)
+            if command.get("command") == "unload" and isinstance(command.get("model"), str):
+                logger.info("asked to unload model %s", command["model"])
+                self.engine.request_unload(command["model"])
+            else:
+                logger.warning("ignoring unknown worker command %r", command)
+
     def _beat(self) -> None:
         snapshot = memory.snapshot(self.settings)
         record = {
@@ -104,7 +115,9 @@ class MlxqWorker(SimpleWorker):
             "state": "busy" if self.engine.active_job_ids() else "idle",
             "jobs": self.engine.active_job_ids(),
             "engine_alive": self.engine.alive,
-            "models": self.engine.cache.loaded_names(),
+            "models": self.engine.cache.snapshot(),
+            "model_budget_bytes": self.engine.cache.budget_bytes,
+            "model_held_bytes": self.engine.cache.held_bytes,
             "memory": snapshot,
             "at": time.time(),
         }

@@ -1,24 +1,32 @@
-"""`/v1/models`: what may be requested here."""
+"""`/v1/models`: what may be requested here, and what the workers hold."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, status
 
 from gateway.deps import ModelsDep, RedisDep
 from gateway.workers import live_workers
+from shared import keys, sizing
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models")
 def list_models(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
-    """The configured models in OpenAI's list format, with where each comes from and whether it is loaded."""
-    loaded = {name for w in live_workers(redis) for name in w.get("models", [])}
-    return {
-        "object": "list",
-        "data": [
+    """The configured models in OpenAI's list format, with their size and whether and where they are loaded."""
+    held: dict[str, list[dict[str, Any]]] = {}
+    for worker in live_workers(redis):
+        for model in worker.get("models", []):
+            held.setdefault(model["name"], []).append({**model, "worker": worker["name"]})
+    data = []
+    for spec in models.all():
+        copies = [m for m in held.get(spec.name, []) if m.get("state") == "loaded"]
+        directory = spec.local_files()
+        size = copies[0]["size_bytes"] if copies else (sizing.estimate(directory).weights_bytes if directory else None)
+        data.append(
             {
                 "id": spec.name,
                 "object": "model",
@@ -26,9 +34,26 @@ def list_models(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
                 "owned_by": "mlxq",
                 "source": spec.source,
                 "notes": spec.notes,
-                "loaded": spec.name in loaded,
+                "size_bytes": size,
+                "loaded": bool(copies),
+                "last_used": max((m["last_used"] for m in copies), default=None),
+                "active_requests": sum(m["active_requests"] for m in copies),
+                "workers": [m["worker"] for m in copies],
                 "problem": spec.problem(),
             }
-            for spec in models.all()
-        ],
-    }
+        )
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/admin/models/{name}/unload", status_code=status.HTTP_202_ACCEPTED)
+def unload_model(name: str, models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
+    """Ask every worker holding the model to unload it as soon as it is idle."""
+    models.get(name)
+    asked = [w["name"] for w in live_workers(redis) if any(m["name"] == name for m in w.get("models", []))]
+    command = json.dumps({"command": "unload", "model": name})
+    with redis.pipeline(transaction=False) as pipe:
+        for worker in asked:
+            pipe.rpush(keys.worker_commands(worker), command)
+            pipe.expire(keys.worker_commands(worker), keys.WORKER_COMMANDS_TTL_S)
+        pipe.execute()
+    return {"model": name, "workers": asked}

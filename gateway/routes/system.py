@@ -32,7 +32,22 @@ def health(redis: RedisDep, queue: QueueDep, settings: SettingsDep) -> JSONRespo
         "status": status,
         "memory": mem,
         "workers": [
-            {k: w.get(k) for k in ("name", "host", "pid", "state", "jobs", "models", "last_seen_s")} for w in workers
+            {
+                k: w.get(k)
+                for k in (
+                    "name",
+                    "host",
+                    "pid",
+                    "state",
+                    "jobs",
+                    "models",
+                    "model_budget_bytes",
+                    "model_held_bytes",
+                    "memory",
+                    "last_seen_s",
+                )
+            }
+            for w in workers
         ],
         "queues": {queue.name: queue.count},
         "circuit": {"state": breaker.state.value, "failures": breaker.failures},

@@ -1,0 +1,59 @@
+"""How much memory a model needs, estimated from its files before loading it.
+
+Weights: the safetensors files' sizes (the header is a few kilobytes of a file of
+gigabytes). KV cache: keys and values for every layer at the context asked for,
+from config.json. Refusing a load that cannot fit beats the OOM killer half-way.
+No MLX here: the gateway uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DEFAULT_DTYPE_BYTES = 2
+"""MLX keeps the KV cache in the model's activation dtype; half precision unless told otherwise."""
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    weights_bytes: int
+    kv_bytes_per_token: int
+
+    def total(self, context_tokens: int) -> int:
+        return self.weights_bytes + self.kv_bytes_per_token * context_tokens
+
+
+def estimate(directory: Path) -> SizeEstimate:
+    """Estimate for a model directory holding config.json and *.safetensors."""
+    weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    try:
+        config: dict[str, Any] = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    return SizeEstimate(weights_bytes=weights, kv_bytes_per_token=kv_bytes_per_token(config))
+
+
+def kv_bytes_per_token(config: dict[str, Any]) -> int:
+    """Bytes of KV cache one token of context takes: 2 (K and V) x layers x kv heads x head dim x dtype."""
+    text = config.get("text_config", config)
+    layers = int(text.get("num_hidden_layers", 0))
+    heads = int(text.get("num_attention_heads", 0) or 0)
+    kv_heads = int(text.get("num_key_value_heads", heads) or heads)
+    hidden = int(text.get("hidden_size", 0))
+    head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
+    dtype = DTYPE_BYTES.get(str(text.get("torch_dtype", "")), DEFAULT_DTYPE_BYTES)
+    return 2 * layers * kv_heads * head_dim * dtype
+
+
+def format_bytes(count: int) -> str:
+    """Bytes for people: 1.5 GB, 340.2 MB, 12.0 kB."""
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(size) < 1000:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:.1f} TB"
