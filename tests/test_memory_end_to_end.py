@@ -76,7 +76,7 @@ def test_the_admin_endpoint_unloads_a_model_now(small_service: Service) -> None:
         time.sleep(0.1)
     again = small_service.wait_for(small_service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
     assert again["result"]["timings"]["load_s"] > 0
-    assert "unloaded model demo: asked to by an operator" in small_service.worker.log.read_text()
+    assert "asked to by an operator" in small_service.worker.log.read_text()
 
 
 def test_unloading_an_unknown_model_is_404(small_service: Service) -> None:

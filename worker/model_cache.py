@@ -118,14 +118,18 @@ class ModelCache:
                 return False
             del self._loaded[name]
         before = mx.get_active_memory()
+        size = entry.size_bytes
         del entry
         self._free()
         logger.info(
-            "unloaded model %s: %s; MLX active memory %s -> %s",
+            "unloaded model %s (%s): %s; MLX active memory %s -> %s; holding %s of %s",
             name,
+            format_bytes(size),
             reason,
             format_bytes(before),
             format_bytes(mx.get_active_memory()),
+            format_bytes(self.held_bytes),
+            format_bytes(self.budget_bytes),
         )
         return True
 
