@@ -20,7 +20,7 @@ from gateway.errors import count_refusal, install_error_handlers
 from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
-from gateway.routes import jobs, models, system
+from gateway.routes import events, jobs, models, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     authenticated = [Depends(get_client)]
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(models.router, dependencies=authenticated)
+    app.include_router(events.router, dependencies=authenticated)
     app.include_router(system.router)
     app.add_middleware(
         BodySizeLimit,

@@ -134,6 +134,7 @@ def view(job: Job, queue: Queue) -> JobView:
         started_at=_aware(job.started_at),
         ended_at=_aware(job.ended_at),
         position=queue.get_job_position(job.id) if status == "queued" else None,
+        attempts=int(job.meta.get("crash_attempts", 0)),
         result=result,
         error=error if status == "failed" else None,
     )

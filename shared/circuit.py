@@ -8,7 +8,7 @@ gateway and watchdog agrees on them whatever their own clocks say.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -30,6 +30,20 @@ class CircuitRecord:
     failures: int = 0
     opened_at_ms: int = 0
     next_trial_at_ms: int = 0
+
+    def after_failed_start(self, now_ms: int, threshold: int, open_ms: int) -> CircuitRecord:
+        """A worker died before it was ready: count it; open at `threshold`, or at once after a trial."""
+        failures = self.failures + 1
+        if self.state == CircuitState.HALF_OPEN or failures >= threshold:
+            return CircuitRecord(CircuitState.OPEN, failures, now_ms, now_ms + open_ms)
+        return replace(self, failures=failures)
+
+    def after_ready(self) -> CircuitRecord:
+        """A worker became ready: the breaker closes and the count starts over."""
+        return CircuitRecord()
+
+    def trial_due(self, now_ms: int) -> bool:
+        return self.state == CircuitState.OPEN and now_ms >= self.next_trial_at_ms
 
     def to_mapping(self) -> dict[str, str]:
         return {

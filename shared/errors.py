@@ -156,6 +156,12 @@ class GenerationFailed(MlxqError):
     code = "generation_failed"
 
 
+class WorkerCrashed(MlxqError):
+    """The job was running each time its worker died, as often as allowed; it is not tried again."""
+
+    code = "worker_crashed"
+
+
 class ServiceUnavailable(MlxqError):
     """A dependency (Redis, every worker) is down; retrying later may help."""
 

@@ -58,3 +58,10 @@ def client_rate(client_id: str) -> str:
 def client_inflight(client_id: str) -> str:
     """Sorted set: job id -> admitted at (ms); a client's queued or running jobs. TTL = result TTL."""
     return f"{PREFIX}:client:{client_id}:inflight"
+
+
+EVENTS = f"{PREFIX}:events"
+"""Stream of supervision events (shared/events.py)."""
+
+EVENTS_MAXLEN = 10_000
+"""Events kept, roughly (XADD MAXLEN ~)."""

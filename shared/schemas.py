@@ -98,5 +98,6 @@ class JobView(BaseModel):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     position: int | None = Field(default=None, description="0-based place in the queue while queued")
+    attempts: int = Field(default=0, description="times this job was running when its worker died")
     result: GenerationResult | None = None
     error: dict[str, Any] | None = None

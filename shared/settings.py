@@ -68,6 +68,23 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(default=300, description="an idle model is unloaded after this long")
     maintenance_interval_s: float = Field(default=1.0, description="how often an idle engine checks memory")
 
+    workers: int = Field(default=1, ge=1, description="worker processes the watchdog keeps running")
+    watchdog_tick_s: float = 0.2
+    watchdog_probe_interval_s: float = Field(default=10.0, description="how often the watchdog probes a worker")
+    watchdog_probe_failures: int = Field(default=3, description="failed probes in a row before a worker is hung")
+    watchdog_start_timeout_s: float = Field(default=120.0, description="a worker not ready by then failed to start")
+    watchdog_load_timeout_s: float = Field(default=900.0, description="longest a model load may stall the engine")
+    restart_backoff_base_s: float = Field(default=2.0, description="restart delay = min(base * 2^n, max)")
+    restart_backoff_max_s: float = 60.0
+    restart_limit: int = Field(default=5, description="restarts allowed per restart window")
+    restart_window_s: float = 300.0
+    healthy_reset_s: float = Field(default=60.0, description="healthy this long, a worker's failure count resets")
+    circuit_failure_threshold: int = Field(default=5, description="failed starts in a row that open the circuit")
+    circuit_open_s: float = Field(default=60.0, description="how long the circuit stays open before a trial")
+    stop_grace_s: float = Field(default=10.0, description="SIGTERM, then SIGKILL after this long")
+    max_crash_attempts: int = Field(default=3, description="worker deaths a running job may witness")
+    watchdog_pid: int | None = Field(default=None, description="set by the watchdog for the workers it starts")
+
     memory_warning_percent: float = 85.0
     memory_critical_percent: float = 95.0
     memory_emergency_percent: float = 98.0

@@ -132,12 +132,17 @@ class Gateway:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process = Process("gateway", service_env(redis_url, data_dir, port=self.port, **overrides), log)
+        self.wait_answering(self.base_url, self.process)
+
+    @staticmethod
+    def wait_answering(base_url: str, process: Process) -> None:
+        """Until the gateway answers HTTP at all (healthy or not)."""
         deadline = time.monotonic() + 30
         while True:
-            if not self.process.alive():
-                raise RuntimeError(f"gateway exited:\n{self.process.tail()}")
+            if not process.alive():
+                raise RuntimeError(f"gateway exited:\n{process.tail()}")
             try:
-                httpx.get(self.base_url + "/health", timeout=1)
+                httpx.get(base_url + "/health", timeout=1)
                 return
             except httpx.TransportError:
                 if time.monotonic() > deadline:
@@ -149,16 +154,30 @@ class Gateway:
 
 
 class Service:
-    """A gateway and a worker against one Redis, and an HTTP client for the gateway."""
+    """A gateway and a worker (or the watchdog and its workers) against one Redis, and an HTTP client."""
 
-    def __init__(self, redis_url: str, data_dir: Path, logs: Path, **overrides: Any) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        data_dir: Path,
+        logs: Path,
+        *,
+        supervised: bool = False,
+        wait: bool = True,
+        worker_only: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        env = service_env(redis_url, data_dir, port=self.port, **overrides)
-        self.worker = Process("worker", env, logs / "worker.log")
-        self.gateway = Process("gateway", env, logs / "gateway.log")
+        self.env = service_env(redis_url, data_dir, port=self.port, **overrides)
+        worker_env = {**self.env, **{f"MLXQ_{k.upper()}": str(v) for k, v in (worker_only or {}).items()}}
+        self.worker = Process("worker.watchdog" if supervised else "worker", worker_env, logs / "worker.log")
+        self.gateway = Process("gateway", self.env, logs / "gateway.log")
         self.http = httpx.Client(base_url=self.base_url, timeout=10)
-        self.wait_healthy()
+        if wait:
+            self.wait_healthy()
+        else:
+            Gateway.wait_answering(self.base_url, self.gateway)
 
     def wait_healthy(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -196,6 +215,31 @@ class Service:
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} is {job['status']}, not {wanted}, after {timeout_s} s")
             time.sleep(0.05)
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.http.get("/v1/events", params={"limit": 1000}).json()["data"]
+        return [e for e in found if kind is None or e["kind"] == kind]
+
+    def wait_event(self, kind: str, count: int = 1, timeout_s: float = 60) -> list[dict[str, Any]]:
+        """Wait until at least `count` events of `kind` exist; return them."""
+        deadline = time.monotonic() + timeout_s
+        while len(found := self.events(kind)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} {kind} events after {timeout_s} s, wanted {count}: {self.events()}")
+            time.sleep(0.1)
+        return found
+
+    def worker_pid(self, timeout_s: float = 60) -> int:
+        """The pid of the (single) live worker, once it is healthy."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.http.get("/health").json()["workers"]
+            if workers:
+                pid: int = workers[0]["pid"]
+                return pid
+            if time.monotonic() > deadline:
+                raise AssertionError("no live worker")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.http.close()

@@ -47,7 +47,7 @@ def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpe
 
 
 def test_cancel_stops_between_tokens(engine: Engine, demo: ModelSpec) -> None:
-    handle = engine.submit(submit(engine, demo, "long", max_tokens=100_000, ignore_eos=True))
+    handle = engine.submit(submit(engine, demo, "long", max_tokens=30_000, ignore_eos=True))
     time.sleep(0.5)
     assert engine.cancel("long")
     assert handle.wait(2)
@@ -56,7 +56,7 @@ def test_cancel_stops_between_tokens(engine: Engine, demo: ModelSpec) -> None:
 
 
 def test_a_deadline_stops_the_generation(engine: Engine, demo: ModelSpec) -> None:
-    sub = submit(engine, demo, "slow", max_tokens=100_000, ignore_eos=True)
+    sub = submit(engine, demo, "slow", max_tokens=30_000, ignore_eos=True)
     sub.deadline = time.monotonic() + 0.5
     handle = engine.submit(sub)
     assert handle.wait(5)

@@ -88,7 +88,7 @@ def test_worker_keeps_its_model_loaded_between_jobs(service: Service) -> None:
 
 
 def test_delete_stops_a_long_generation_within_a_second(service: Service) -> None:
-    job = service.submit(model="demo", prompt="Tell me everything", max_tokens=100_000, ignore_eos=True)
+    job = service.submit(model="demo", prompt="Tell me everything", max_tokens=30_000, ignore_eos=True)
     service.wait_for(job["id"], {"started"})
     time.sleep(0.5)  # well into the token loop
 
@@ -108,7 +108,7 @@ def test_delete_stops_a_long_generation_within_a_second(service: Service) -> Non
 
 
 def test_a_queued_job_can_be_canceled_and_never_runs(service: Service) -> None:
-    blocker = service.submit(model="demo", prompt="Keep going", max_tokens=100_000, ignore_eos=True)
+    blocker = service.submit(model="demo", prompt="Keep going", max_tokens=30_000, ignore_eos=True)
     service.wait_for(blocker["id"], {"started"})
     waiting = service.submit(model="demo", messages=HELLO, max_tokens=4)
     assert service.job(waiting["id"])["position"] == 0

@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
 from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, MlxqError
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
@@ -95,6 +97,10 @@ class Engine:
         self.cache = cache
         self.maintenance_interval_s = maintenance_interval_s
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
+        self.state = "idle"
+        """idle, loading or generating: what the watchdog's probe tolerates differs."""
+        self.progress_at = time.monotonic()
+        """Last sign of life of the engine thread: a loop turn, a prefill chunk, a token."""
         self._active: dict[str, Generation] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
@@ -139,7 +145,18 @@ class Engine:
             return list(self._active)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # MLX's thread-local streams must be destroyed by the thread that made them, before
+            # it ends; left to thread teardown they can abort the process ("terminate called
+            # without an active exception"; ml-explore/mlx#4327).
+            self.cache.unload_idle(keep=0, reason="engine stopping")
+            mx.clear_streams()
+
+    def _loop(self) -> None:
         while True:
+            self.progress_at = time.monotonic()
             try:
                 item = self._inbox.get(timeout=self.maintenance_interval_s)
             except queue.Empty:
@@ -186,15 +203,30 @@ class Engine:
             raise GenerationCanceled("The job was canceled before it started")
         # KV headroom for the load decision; a token is rarely shorter than 3 characters.
         context = sub.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
-        loaded, handle.load_s = self.cache.acquire(sub.spec, context)
+        self.state = "loading"
+        try:
+            loaded, handle.load_s = self.cache.acquire(sub.spec, context)
+        finally:
+            self.state = "idle"
+        self.state = "generating"
+
+        def between_tokens() -> str | None:
+            self.progress_at = time.monotonic()
+            return handle.stop_reason()
+
         try:
             return generation.generate(
                 loaded.model,
                 loaded.tokenizer,
                 sub.request,
                 max_tokens=sub.max_tokens,
-                should_stop=handle.stop_reason,
+                should_stop=between_tokens,
                 on_text=sub.on_text,
+                on_progress=self._touch,
             )
         finally:
+            self.state = "idle"
             self.cache.release(sub.spec.name)
+
+    def _touch(self, *_: object) -> None:
+        self.progress_at = time.monotonic()

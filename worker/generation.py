@@ -59,6 +59,7 @@ def generate(
     max_tokens: int,
     should_stop: StopCheck,
     on_text: TextSink | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Outcome:
     """Run one generation to its end, a stop string, `max_tokens`, or a stop check."""
     started = time.perf_counter()
@@ -78,7 +79,12 @@ def generate(
     finish: FinishReason = "length"
     cut: int | None = None
     steps = generate_step(
-        mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors
+        mx.array(prompt_ids),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_progress_callback=on_progress,
     )
     # Closed here, on the engine thread: generate_step holds an MLX stream context that
     # must not be torn down by the garbage collector on some other thread.

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 
+import mlx.core as mx
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -44,6 +45,7 @@ def main() -> None:
         worker.work(logging_level=settings.log_level, with_scheduler=False)
     finally:
         engine.stop()
+        mx.clear_streams()  # before interpreter teardown; see Engine._run
 
 
 if __name__ == "__main__":

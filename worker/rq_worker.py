@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import keys, memory
+from shared import events, keys, memory
 from shared.settings import Settings
 from worker.engine import Engine
 from worker.reports import Reports
@@ -38,6 +39,8 @@ class MlxqWorker(SimpleWorker):
         self.settings = settings
         self.engine = engine
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
+        self._handed_back: set[str] = set()
+        self._orphaned = False
         self._monitor_stop = threading.Event()
         self._monitor = threading.Thread(target=self._monitor_loop, name="mlxq-monitor", daemon=True)
 
@@ -58,6 +61,37 @@ class MlxqWorker(SimpleWorker):
         # A job may have loaded a model: say so now, not a heartbeat interval later.
         self._beat()
 
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """SIGTERM/SIGINT: stop taking jobs, and hand back what runs instead of finishing it.
+
+        A long generation would outlast the watchdog's grace period; stopping it between
+        tokens and putting the job back at the front of its queue loses nothing.
+        """
+        for job_id in self.engine.active_job_ids():
+            self._handed_back.add(job_id)
+            self.engine.cancel(job_id)
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Any = None,
+    ) -> None:
+        if job.id not in self._handed_back:
+            super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+            return
+        self._handed_back.discard(job.id)
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
+        job.meta.pop("error", None)  # the task recorded the interruption as a cancel
+        queue.enqueue_job(job, at_front=True)
+        events.emit(self.connection, "job_handed_back", job_id=job.id, worker=self.name)
+        logger.info("handed the running job back to the front of its queue", extra={"job_id": job.id})
+
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
         if self._stopped_job_id:
@@ -73,6 +107,7 @@ class MlxqWorker(SimpleWorker):
         next_beat = time.monotonic() + self.settings.heartbeat_interval_s
         while not self._monitor_stop.wait(self.settings.cancel_poll_interval_s):
             try:
+                self._watch_parent()
                 self._honour_cancel_flags()
                 self._take_commands()
                 if time.monotonic() >= next_beat:
@@ -96,6 +131,14 @@ class MlxqWorker(SimpleWorker):
                 self._stopped_job_id = job_id
                 logger.info("canceling running job", extra={"job_id": job_id})
 
+    def _watch_parent(self) -> None:
+        """A worker whose watchdog is gone shuts down (handing back its job) rather than run unsupervised."""
+        expected = self.settings.watchdog_pid
+        if expected is not None and os.getppid() != expected and not self._orphaned:
+            self._orphaned = True
+            logger.warning("watchdog %d is gone; shutting down", expected)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def _take_commands(self) -> None:
         raw = self.connection.lpop(keys.worker_commands(self.name), 16)
         for item in raw if isinstance(raw, list) else []:
@@ -115,6 +158,8 @@ class MlxqWorker(SimpleWorker):
             "state": "busy" if self.engine.active_job_ids() else "idle",
             "jobs": self.engine.active_job_ids(),
             "engine_alive": self.engine.alive,
+            "engine_state": self.engine.state,
+            "progress_age_s": round(time.monotonic() - self.engine.progress_at, 2),
             "models": self.engine.cache.snapshot(),
             "model_budget_bytes": self.engine.cache.budget_bytes,
             "model_held_bytes": self.engine.cache.held_bytes,

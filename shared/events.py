@@ -1,0 +1,53 @@
+"""Supervision events: a capped Redis Stream the watchdog writes and `GET /v1/events` reads."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, cast
+
+from redis import Redis
+
+from shared import keys
+from shared.text import text
+
+KINDS = frozenset(
+    {
+        "worker_started",
+        "worker_ready",
+        "worker_died",
+        "worker_hung",
+        "worker_restarted",
+        "circuit_opened",
+        "circuit_half_open",
+        "circuit_closed",
+        "job_requeued",
+        "job_quarantined",
+        "job_handed_back",
+    }
+)
+
+
+def emit(redis: Redis, kind: str, **data: Any) -> str:
+    """Append an event; the stream keeps roughly the newest `keys.EVENTS_MAXLEN`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown event kind {kind!r}")
+    fields = {"kind": kind, "at": f"{time.time():.3f}", "data": json.dumps(data)}
+    event_id = redis.xadd(keys.EVENTS, fields, maxlen=keys.EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+    return text(event_id)
+
+
+def read(redis: Redis, after: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Events after the cursor `after`, oldest first; without one, the latest `limit`, oldest first."""
+    entries: list[tuple[bytes, dict[bytes, bytes]]]
+    if after:
+        entries = cast(Any, redis.xrange(keys.EVENTS, min=f"({after}", count=limit))
+    else:
+        entries = list(reversed(cast(Any, redis.xrevrange(keys.EVENTS, count=limit))))
+    events = []
+    for event_id, fields in entries:
+        decoded = {text(k): text(v) for k, v in fields.items()}
+        events.append(
+            {"id": text(event_id), "kind": decoded["kind"], "at": float(decoded["at"]), **json.loads(decoded["data"])}
+        )
+    return events

@@ -1,0 +1,221 @@
+"""The watchdog with real processes: it restarts dead and hung workers, opens and closes the
+circuit, and no job held by a dead worker is lost or run twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from tests.support import RedisServer, Service
+
+pytestmark = pytest.mark.slow
+
+FAST: dict[str, Any] = {
+    "heartbeat_interval_s": 0.3,
+    "heartbeat_ttl_s": 2,
+    "cancel_poll_interval_s": 0.1,
+    "watchdog_tick_s": 0.1,
+    "watchdog_probe_interval_s": 1,
+    "restart_backoff_base_s": 0.2,
+    "restart_backoff_max_s": 0.8,
+    "restart_limit": 100,
+    "circuit_open_s": 3,
+    "stop_grace_s": 3,
+    "healthy_reset_s": 60,
+    "max_tokens_cap": 100_000,
+    "rate_limit_requests": 100_000,
+    "max_queued": 10_000,
+    "max_inflight_per_client": 10_000,
+}
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def supervised(redis: RedisServer, data_dir: Path, tmp_path: Path, **overrides: Any) -> Service:
+    return Service(redis.url, data_dir, tmp_path, supervised=True, **{**FAST, **overrides})
+
+
+def results_of(redis: Redis, job_id: str) -> list[Result]:
+    return Result.all(Job.fetch(job_id, connection=redis, serializer=JSONSerializer), serializer=JSONSerializer)
+
+
+def started_registry_is_empty(redis: Redis) -> bool:
+    return Queue("mlxq-jobs", connection=redis).started_job_registry.count == 0
+
+
+def test_a_worker_sigkilled_mid_generation_is_replaced_and_its_job_finishes_once(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path, record_property: Any
+) -> None:
+    svc = supervised(own_redis, data_dir, tmp_path)
+    try:
+        job = svc.submit(model="demo", prompt="Go on", max_tokens=3000, ignore_eos=True)
+        first = svc.wait_for(job["id"], {"started"})
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        os.kill(svc.worker_pid(), signal.SIGKILL)
+        # Running again: started by a new worker.
+        deadline = time.monotonic() + 30
+        while True:
+            view = svc.job(job["id"])
+            if view["status"] == "started" and view["started_at"] != first["started_at"]:
+                break
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)
+        back_in = time.monotonic() - killed_at
+        record_property("kill_to_running_again_s", round(back_in, 2))
+        print(f"\nkill -> job running again: {back_in:.2f} s")
+
+        done = svc.wait_for(job["id"], {"finished", "failed"}, timeout_s=60)
+        assert done["status"] == "finished", done
+        assert done["attempts"] == 1
+        assert done["result"]["usage"]["completion_tokens"] == 3000
+        redis = Redis.from_url(own_redis.url)
+        assert [r.type for r in results_of(redis, job["id"])] == [Result.Type.SUCCESSFUL]
+        assert len(svc.events("job_requeued")) == 1
+        died = svc.events("worker_died")[0]
+        assert died["signal"] == "SIGKILL" and died["requeued"] == [job["id"]]
+        assert started_registry_is_empty(redis)
+    finally:
+        svc.stop()
+
+
+def test_twenty_jobs_survive_two_sigkills_none_lost_none_twice(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    svc = supervised(own_redis, data_dir, tmp_path)
+    try:
+        ids = [svc.submit(model="demo", prompt=f"job {i}", max_tokens=400, ignore_eos=True)["id"] for i in range(20)]
+        for kill in range(2):
+            svc.wait_event("worker_ready", count=kill + 1)
+            time.sleep(1.5)
+            os.kill(svc.worker_pid(), signal.SIGKILL)
+            svc.wait_event("worker_died", count=kill + 1)
+        finished = [svc.wait_for(i, {"finished", "failed"}, timeout_s=120) for i in ids]
+        assert [f["status"] for f in finished] == ["finished"] * 20
+        redis = Redis.from_url(own_redis.url)
+        for job_id in ids:
+            assert [r.type for r in results_of(redis, job_id)] == [Result.Type.SUCCESSFUL], job_id
+        assert sum(f["attempts"] for f in finished) == len(svc.events("job_requeued")) <= 2
+        assert started_registry_is_empty(redis)
+    finally:
+        svc.stop()
+
+
+def test_a_worker_that_stops_heartbeating_is_killed_and_replaced(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    svc = supervised(own_redis, data_dir, tmp_path)
+    try:
+        frozen = svc.worker_pid()
+        os.kill(frozen, signal.SIGSTOP)  # alive, but silent: the way a wedged process looks
+        hung = svc.wait_event("worker_hung", timeout_s=20)[0]
+        assert "heartbeat" in hung["reason"]
+        died = svc.wait_event("worker_died", timeout_s=20)[0]
+        assert died["signal"] == "SIGKILL"
+        svc.wait_event("worker_ready", count=2, timeout_s=30)
+        assert svc.worker_pid() != frozen
+        done = svc.wait_for(svc.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"}, timeout_s=30)
+        assert done["status"] == "finished"
+    finally:
+        svc.stop()
+
+
+def test_a_worker_crashing_at_start_up_backs_off_opens_the_circuit_and_a_trial_closes_it(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    models_file = tmp_path / "models.toml"
+    models_file.write_text("[models.broken]\ncolour = 'red'\n")  # the worker refuses to start with it
+    svc = supervised(
+        own_redis, data_dir, tmp_path, wait=False, worker_only={"models_file": models_file}, circuit_open_s=4
+    )
+    try:
+        opened = svc.wait_event("circuit_opened", timeout_s=90)[0]
+        assert opened["failures"] == 5
+        died = svc.events("worker_died")
+        assert [d["before_ready"] for d in died[:5]] == [True] * 5
+        assert [d["restart_in_s"] for d in died[:5]] == [0.2, 0.4, 0.8, 0.8, 0.8]
+        started = [e["at"] for e in svc.events("worker_started")]
+        gaps = [b - a for a, b in zip(started, started[1:], strict=False)]
+        assert gaps == sorted(gaps[:3]) + gaps[3:]  # the first restarts wait longer each time
+
+        refused = svc.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "circuit_open"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 4
+
+        models_file.write_text("")  # the fix
+        svc.wait_event("circuit_half_open", timeout_s=30)
+        svc.wait_event("circuit_closed", timeout_s=60)
+        assert svc.http.get("/health").json()["circuit"]["state"] == "closed"
+        time.sleep(1)  # past the gateway's brief memory of the refusal
+        ok = svc.submit(model="demo", messages=HELLO, max_tokens=2)
+        assert svc.wait_for(ok["id"], {"finished"}, timeout_s=30)["status"] == "finished"
+    finally:
+        svc.stop()
+
+
+def test_a_job_that_kills_its_worker_every_time_is_quarantined_and_the_rest_still_run(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    svc = supervised(own_redis, data_dir, tmp_path)
+    try:
+        redis = Redis.from_url(own_redis.url)
+        queue = Queue("mlxq-jobs", connection=redis, serializer=JSONSerializer)
+        poison = queue.enqueue("tests.crashers.kill_worker", description="poison")
+        behind = [svc.submit(model="demo", messages=HELLO, max_tokens=4)["id"] for _ in range(3)]
+        failed = svc.wait_for(poison.id, {"failed", "finished"}, timeout_s=90)
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "worker_crashed"
+        assert "died 3 times" in failed["error"]["message"]
+        assert failed["attempts"] == 3
+        assert len(svc.events("job_quarantined")) == 1
+        assert len(svc.events("job_requeued")) == 2
+        for job_id in behind:
+            assert svc.wait_for(job_id, {"finished"}, timeout_s=60)["status"] == "finished"
+    finally:
+        svc.stop()
+
+
+def test_sigterm_to_the_watchdog_stops_everything_in_grace_and_hands_the_job_back(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    svc = supervised(own_redis, data_dir, tmp_path)
+    redis = Redis.from_url(own_redis.url)
+    worker_pid = svc.worker_pid()
+    job = svc.submit(model="demo", prompt="Long", max_tokens=30_000, ignore_eos=True)
+    svc.wait_for(job["id"], {"started"})
+    time.sleep(0.3)
+    asked = time.monotonic()
+    svc.worker.popen.send_signal(signal.SIGTERM)
+    svc.worker.popen.wait(timeout=FAST["stop_grace_s"] + 5)
+    took = time.monotonic() - asked
+    try:
+        assert took < FAST["stop_grace_s"] + 1, took
+        assert svc.worker.popen.returncode == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker_pid, 0)
+        view = svc.job(job["id"])
+        assert view["status"] == "queued" and view["position"] == 0
+        assert view["attempts"] == 0  # handed back, not crashed
+        assert len(svc.events("job_handed_back")) == 1
+        assert started_registry_is_empty(redis)
+        assert [e for e in svc.events("worker_died") if not e.get("stopping")] == []
+    finally:
+        svc.stop()

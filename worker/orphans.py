@@ -1,0 +1,88 @@
+"""Jobs held by a dead worker: back to the front of their queue at once, or quarantined.
+
+RQ on its own would notice only when the job's started-registry entry expires
+(its timeout + 60 s) and the next cleanup runs, and would then fail the job.
+Here each one goes back to the front of its queue as soon as the worker is
+known dead, with `crash_attempts` counted in its meta; a job that was running
+each of `max_crash_attempts` times a worker died is failed with
+`worker_crashed` instead, so one poisonous prompt cannot keep the service down.
+Removing the started-registry entry is the claim: whoever removes it requeues
+the job, so it goes back exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from redis import Redis
+from rq import Queue, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.job_lifecycle import record_job_failure
+from rq.serializers import JSONSerializer
+
+from shared import events, keys
+from shared.errors import WorkerCrashed
+from shared.text import text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    job_id: str
+    attempts: int
+    quarantined: bool
+
+
+def reclaim_jobs(redis: Redis, worker_name: str, queues: list[Queue], max_attempts: int) -> list[Reclaimed]:
+    """Requeue (or quarantine) every job the dead worker `worker_name` was running."""
+    reclaimed = []
+    for queue in queues:
+        registry = queue.started_job_registry
+        for member in [text(m) for m in redis.zrange(registry.key, 0, -1)]:
+            job_id = member.split(":", 1)[0]
+            try:
+                job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+            except NoSuchJobError:
+                redis.zrem(registry.key, member)
+                continue
+            if job.worker_name != worker_name:
+                continue
+            if redis.zrem(registry.key, member) != 1:
+                continue  # someone else claimed it
+            reclaimed.append(_reclaim(redis, job, queue, worker_name, max_attempts))
+    return reclaimed
+
+
+def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempts: int) -> Reclaimed:
+    attempts = int(job.meta.get("crash_attempts", 0)) + 1
+    job.meta["crash_attempts"] = attempts
+    if attempts >= max_attempts:
+        error = WorkerCrashed(f"this job was running when the worker died {attempts} times; it is not tried again")
+        job.meta["error"] = error.to_dict()
+        job.save_meta()
+        with redis.pipeline() as pipe:
+            record_job_failure(job, f"WorkerCrashed: {error.message}", pipe)
+            pipe.execute()
+        queue.enqueue_dependents(job)
+        events.emit(redis, "job_quarantined", job_id=job.id, attempts=attempts, worker=worker_name)
+        logger.warning("job quarantined after %d worker deaths", attempts, extra={"job_id": job.id})
+        return Reclaimed(job.id, attempts, quarantined=True)
+    queue.enqueue_job(job, at_front=True)
+    events.emit(redis, "job_requeued", job_id=job.id, attempts=attempts, worker=worker_name)
+    logger.info("job requeued at the front after its worker died (attempt %d)", attempts, extra={"job_id": job.id})
+    return Reclaimed(job.id, attempts, quarantined=False)
+
+
+def forget_worker(redis: Redis, worker_name: str) -> None:
+    """Clean a dead worker's records (RQ's and ours) so its successor starts clean."""
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + worker_name, connection=redis)
+    if worker is not None:
+        worker.register_death()
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.worker_heartbeat(worker_name))
+        pipe.delete(keys.worker_commands(worker_name))
+        pipe.hdel(keys.WORKER_MEMORY, worker_name)
+        pipe.execute()
