@@ -205,3 +205,28 @@ def test_an_unload_request_runs_on_the_engine_thread(engine: Engine, models: dic
     while engine.cache.loaded_names() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.cache.loaded_names() == []
+
+
+def test_a_failed_generation_does_not_pin_its_model_in_memory(models: dict[str, ModelSpec]) -> None:
+    engine = Engine(ModelCache(Settings(), 10**9, Probe()), maintenance_interval_s=0.1)
+    engine.start()
+    try:
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        big = models["big"]
+        handle = engine.submit(
+            Submission(job_id="stopped", request=request(model="big", max_tokens=30_000, ignore_eos=True), spec=big,
+                       max_tokens=30_000)
+        )  # fmt: skip
+        time.sleep(0.3)
+        engine.cancel("stopped")
+        assert handle.wait(5)
+        engine.request_unload("big")
+        deadline = time.monotonic() + 5
+        while engine.cache.loaded_names() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The handle and its error are still alive, as they are in the worker while RQ records the failure.
+        assert handle._error is not None
+        assert mx.get_active_memory() - before < 0.05 * need(big)
+    finally:
+        engine.stop()

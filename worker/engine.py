@@ -195,6 +195,10 @@ class Engine:
         finally:
             with self._lock:
                 self._active.pop(handle.job_id, None)
+        if error is not None:
+            # The error crosses to another thread and may live on with the job; its traceback's
+            # frames would keep the model (and its MLX memory) alive past any unload.
+            error.__traceback__ = error.__context__ = error.__cause__ = None
         handle._finish(outcome, error)
 
     def _execute(self, handle: Generation) -> Outcome:
