@@ -9,16 +9,21 @@
 -- KEYS[6]  refusal counters (hash: reason -> count)
 -- KEYS[7]  admission counter
 -- KEYS[8]  RQ's set of queue keys
--- KEYS[9..] every queue whose depth counts towards the limit
+-- KEYS[9]  this request's Idempotency-Key record ("hash id"), or a key never written when there is none
+-- KEYS[10..] every queue whose depth counts towards the limit
 --
 -- Limits are not arguments: Admission writes them into the script as constants
 -- (`{{name}}` below), one fewer thing to pack and send per request.
 --
--- ARGV[1] number of jobs n; then one argument per job, netstrings ("len:bytes,") of its id,
+-- ARGV[1] number of jobs n
+-- ARGV[2] the request's hash for its Idempotency-Key ("" when there is none); ARGV[3] the id to
+--         remember for it (a job's or a batch's); ARGV[4] how long to remember it, ms
+-- ARGV[5..] one argument per job, netstrings ("len:bytes,") of its id,
 --          queue key and hash field/value pairs (one argument, not dozens: redis-py packs
 --          commands in time quadratic in their argument count)
 --
--- Returns {"ok", limit, remaining, reset_ms} or {reason, retry_after_s, detail1, detail2};
+-- Returns {"ok", limit, remaining, reset_ms}, {"duplicate", 0, id, ""} for a repeated
+-- Idempotency-Key with the same request, or {reason, retry_after_s, detail1, detail2};
 -- details are strings, since Redis would truncate a Lua number to an integer.
 -- RQ's job hash and queue push are written exactly as rq's own unique-enqueue script does.
 
@@ -64,6 +69,21 @@ local function drain_eta(excess)
   local oldest = tonumber(redis.call("ZRANGE", KEYS[5], 0, 0, "WITHSCORES")[2])
   local span_s = math.max(1, (now - oldest) / 1000)
   return math.min(3600, excess / (ended / span_s))
+end
+
+-- 0. a repeated Idempotency-Key: the same request gets what it got the first time, before any
+-- limit is looked at; a different request under the same key is refused
+local idem_hash = ARGV[2]
+if idem_hash ~= "" then
+  local seen = redis.call("GET", KEYS[9])
+  if seen then
+    local hash, id = string.match(seen, "^(%S+) (%S+)$")
+    if hash == idem_hash then
+      return {"duplicate", 0, id, ""}
+    end
+    redis.call("HINCRBY", KEYS[6], "idempotency_conflict", 1)
+    return {"idempotency_conflict", 0, id, ""}
+  end
 end
 
 -- 3. circuit breaker
@@ -131,7 +151,7 @@ end
 
 -- 7. total queue depth
 local depth = 0
-for i = 9, #KEYS do
+for i = 10, #KEYS do
   depth = depth + redis.call("LLEN", KEYS[i])
 end
 if depth + n > max_queued then
@@ -139,7 +159,7 @@ if depth + n > max_queued then
 end
 
 -- admitted: write every job as RQ would and push it
-for a = 2, 1 + n do
+for a = 5, 4 + n do
   local job = netstrings(ARGV[a])
   local id, queue_key = job[1], job[2]
   redis.call("HSET", job_prefix .. id, unpack(job, 3))
@@ -151,4 +171,7 @@ end
 redis.call("PEXPIRE", KEYS[3], rate_window)
 redis.call("PEXPIRE", KEYS[4], inflight_ttl)
 redis.call("INCRBY", KEYS[7], n)
+if idem_hash ~= "" then
+  redis.call("SET", KEYS[9], idem_hash .. " " .. ARGV[3], "PX", ARGV[4])
+end
 return {"ok", rate_limit, rate_limit - used - n, rate_window}

@@ -21,11 +21,36 @@ from rq.job import Job
 from gateway.clients import Client
 from gateway.jobs import PreparedJob
 from shared import keys
-from shared.errors import CircuitOpen, InsufficientMemory, MlxqError, QueueFull, RateLimited, TooManyInflight
+from shared.errors import (
+    CircuitOpen,
+    IdempotencyConflict,
+    InsufficientMemory,
+    MlxqError,
+    QueueFull,
+    RateLimited,
+    TooManyInflight,
+)
 from shared.settings import Settings
 from shared.text import text
 
 SCRIPT = resources.files("gateway").joinpath("admission.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """An Idempotency-Key, the hash of the request it came with, and the id to remember for it."""
+
+    key: str
+    request_hash: str
+    remember_id: str
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What admission decided: either the jobs are in (`rate` set), or this repeats `duplicate_of`."""
+
+    rate: RateState | None = None
+    duplicate_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,10 +78,15 @@ class Admission:
         self._queue_keys = [queue.key for queue in counted_queues]
         self._queues_set = counted_queues[0].redis_queues_keys
 
-    async def admit(self, client: Client, jobs: list[PreparedJob]) -> RateState:
-        """Enqueue every job, or none of them and raise why."""
+    async def admit(self, client: Client, jobs: list[PreparedJob], idempotency: Idempotency | None = None) -> Admitted:
+        """Enqueue every job, or none of them and raise why; a repeated Idempotency-Key enqueues nothing."""
         s = self._settings
-        argv: list[Any] = [len(jobs)]
+        argv: list[Any] = [
+            len(jobs),
+            idempotency.request_hash if idempotency else "",
+            idempotency.remember_id if idempotency else "",
+            s.idempotency_ttl_s * 1000,
+        ]
         for job in jobs:
             argv.append(_netstrings([job.id.encode(), job.queue_key.encode(), *job.fields]))
         reply = await self._script(
@@ -69,13 +99,16 @@ class Admission:
                 keys.REFUSALS,
                 keys.ADMITTED,
                 self._queues_set,
+                keys.idempotency(client.id, idempotency.key) if idempotency else keys.idempotency(client.id, ""),
                 *self._queue_keys,
             ],
             args=argv,
         )
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if outcome == "ok":
-            return RateState(limit=int(reply[1]), remaining=int(reply[2]), reset_s=int(reply[3]) / 1000)
+            return Admitted(rate=RateState(limit=int(reply[1]), remaining=int(reply[2]), reset_s=int(reply[3]) / 1000))
+        if outcome == "duplicate":
+            return Admitted(duplicate_of=text(reply[2]))
         raise _refusal(outcome, int(reply[1]), text(reply[2]), text(reply[3]), s)
 
 
@@ -102,7 +135,13 @@ def script_for(settings: Settings) -> str:
 
 def _refusal(reason: str, retry_after_s: int, first: str, second: str, s: Settings) -> MlxqError:
     error: MlxqError
-    if reason == "circuit_open":
+    if reason == "idempotency_conflict":
+        error = IdempotencyConflict(
+            f"This Idempotency-Key was already used for a different request (which created {first}); "
+            "use a new key for a new request",
+            param="Idempotency-Key",
+        )
+    elif reason == "circuit_open":
         error = CircuitOpen(
             f"Workers are failing to start; the next trial start is in {retry_after_s} s",
             retry_after_s=retry_after_s,

@@ -20,7 +20,7 @@ from gateway.errors import count_refusal, install_error_handlers
 from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
-from gateway.routes import events, jobs, models, system
+from gateway.routes import batches, events, jobs, models, openai, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -32,11 +32,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = Redis.from_url(settings.redis_url)
         app.state.aredis = AsyncRedis.from_url(settings.redis_url)
-        app.state.queue = Queue(settings.queue_name, connection=app.state.redis, serializer=JSONSerializer)
-        app.state.admission = Admission(app.state.aredis, settings, [app.state.queue])
+        names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}
+        queues = {p: Queue(name, connection=app.state.redis, serializer=JSONSerializer) for p, name in names.items()}
+        app.state.queue = queues["normal"]
+        app.state.admission = Admission(app.state.aredis, settings, list(queues.values()))
         refusals = RefusalCache(settings.refusal_hold_s)
-        factory = JobFactory(app.state.queue, settings)
-        app.state.gateway = Gateway(settings, app.state.limits, app.state.admission, app.state.queue, refusals, factory)
+        factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}
+        app.state.gateway = Gateway(settings, app.state.limits, app.state.admission, queues, refusals, factories)
         flusher = asyncio.create_task(_flush_every_second(refusals, app.state.aredis))
         try:
             yield
@@ -59,6 +61,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     authenticated = [Depends(get_client)]
     app.include_router(jobs.router, dependencies=authenticated)
+    app.include_router(openai.router, dependencies=authenticated)
+    app.include_router(batches.router, dependencies=authenticated)
     app.include_router(models.router, dependencies=authenticated)
     app.include_router(events.router, dependencies=authenticated)
     app.include_router(system.router)

@@ -26,9 +26,11 @@ class Gateway:
     settings: Settings
     limits: PromptLimits
     admission: Admission
-    queue: Queue
+    queues: dict[str, Queue]
+    """By priority: interactive, normal, low."""
     refusals: RefusalCache
-    jobs: JobFactory
+    jobs: dict[str, JobFactory]
+    """A job template per priority (each queue's jobs differ in their origin)."""
 
 
 async def get_settings(request: Request) -> Settings:

@@ -19,7 +19,7 @@ from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
-from shared import keys
+from shared import job_stream, keys
 from shared.errors import JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
@@ -83,7 +83,9 @@ class JobFactory:
         ]
         self._queue_key = queue.key
 
-    def build(self, request: GenerateRequest, job_id: str | None = None) -> PreparedJob:
+    def build(
+        self, request: GenerateRequest, job_id: str | None = None, meta: dict[str, Any] | None = None
+    ) -> PreparedJob:
         """The hash for one generation; its description names the model, never the prompt."""
         job_id = job_id or str(uuid4())
         moment = now()
@@ -94,7 +96,7 @@ class JobFactory:
             b"enqueued_at", stamp,
             b"data", zlib.compress(json.dumps(call).encode()),
             b"description", f"generate model={request.model}".encode(),
-            b"meta", json.dumps({"model": request.model}).encode(),
+            b"meta", json.dumps({"model": request.model, **(meta or {})}).encode(),
         ]  # fmt: skip
         return PreparedJob(job_id, self._queue_key, varying + self._static, moment)
 
@@ -113,7 +115,7 @@ def fetch(job_id: str, redis: Redis) -> Job:
         raise JobNotFound(f"No job with id '{job_id}' (it may have expired)", param="id") from None
 
 
-def view(job: Job, queue: Queue) -> JobView:
+def view(job: Job, redis: Redis) -> JobView:
     rq_status = job.get_status(refresh=False)
     error = job.meta.get("error")
     status = _STATUS.get(rq_status, "queued")
@@ -133,14 +135,20 @@ def view(job: Job, queue: Queue) -> JobView:
         created_at=_aware(job.created_at),
         started_at=_aware(job.started_at),
         ended_at=_aware(job.ended_at),
-        position=queue.get_job_position(job.id) if status == "queued" else None,
+        position=_position(job, redis) if status == "queued" else None,
         attempts=int(job.meta.get("crash_attempts", 0)),
         result=result,
         error=error if status == "failed" else None,
     )
 
 
-def cancel(job: Job, redis: Redis) -> None:
+def _position(job: Job, redis: Redis) -> int | None:
+    if not job.origin:
+        return None
+    return Queue(job.origin, connection=redis, serializer=JSONSerializer).get_job_position(job.id)
+
+
+def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
     """Cancel a queued job, or ask the worker running it to stop between tokens."""
     status = _STATUS.get(job.get_status(refresh=True), "queued")
     if status == "canceled":
@@ -154,6 +162,10 @@ def cancel(job: Job, redis: Redis) -> None:
             job.cancel()
         except InvalidJobOperation:
             pass  # canceled by someone else in the meantime
+        else:
+            error = {"message": "The job was canceled before it started", "type": "invalid_request_error",
+                     "code": "canceled", "param": None}  # fmt: skip
+            job_stream.end(redis, job.id, "canceled", stream_ttl_s, error=error)
         return
     try:
         send_stop_job_command(redis, job.id, serializer=JSONSerializer)

@@ -126,6 +126,22 @@ class QueueFull(MlxqError):
     code = "queue_full"
 
 
+class IdempotencyConflict(MlxqError):
+    """The Idempotency-Key was already used with a different request."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "idempotency_conflict"
+
+
+class JobWaitTimeout(MlxqError):
+    """The call waited as long as it may; the job goes on and can be polled by its id."""
+
+    status_code = 504
+    error_type = "server_error"
+    code = "timeout"
+
+
 class ModelUnavailable(MlxqError):
     """The model is configured but cannot be loaded (missing path, hub unreachable, bad files)."""
 
@@ -160,6 +176,35 @@ class WorkerCrashed(MlxqError):
     """The job was running each time its worker died, as often as allowed; it is not tried again."""
 
     code = "worker_crashed"
+
+
+class JobFailed(MlxqError):
+    """A job a call was waiting for ended without a result; carries the error the job recorded."""
+
+    code = "job_failed"
+    _STATUS_BY_CODE: ClassVar[dict[str, int]] = {
+        "insufficient_memory": 503,
+        "model_unavailable": 503,
+        "worker_crashed": 500,
+        "canceled": 409,
+        "job_timeout": 504,
+        "invalid_request": 422,
+    }
+
+    def __init__(self, recorded: dict[str, Any]) -> None:
+        super().__init__(str(recorded.get("message") or "the job failed"), param=recorded.get("param"))
+        self.recorded = recorded
+
+    @property
+    def status_code(self) -> int:  # type: ignore[override]
+        return self._STATUS_BY_CODE.get(str(self.recorded.get("code")), 500)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "type": self.recorded.get("type") or self.error_type,
+            "code": self.recorded.get("code") or self.code,
+        }
 
 
 class ServiceUnavailable(MlxqError):

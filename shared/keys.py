@@ -65,3 +65,18 @@ EVENTS = f"{PREFIX}:events"
 
 EVENTS_MAXLEN = 10_000
 """Events kept, roughly (XADD MAXLEN ~)."""
+
+
+def job_stream(job_id: str) -> str:
+    """Stream of a job's life: status changes, text as it is generated, and how it ended."""
+    return f"{PREFIX}:job:{job_id}:stream"
+
+
+def batch(batch_id: str) -> str:
+    """JSON record of a batch: its children (job ids, custom ids) and its synthesis job. TTL = result TTL."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def idempotency(client_id: str, key: str) -> str:
+    """`sha256-of-request id`: what an Idempotency-Key was first used for. TTL = idempotency TTL."""
+    return f"{PREFIX}:client:{client_id}:idem:{key}"

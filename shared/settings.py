@@ -30,7 +30,13 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path("~/.cache/mlxq").expanduser(), description="where the demo model is built")
 
-    queue_name: str = "mlxq-jobs"
+    queue_interactive: str = Field(default="mlxq-interactive", description="OpenAI-compatible calls")
+    queue_name: str = Field(default="mlxq-jobs", description="submit-and-poll jobs, and batch syntheses")
+    queue_batch: str = Field(default="mlxq-batch", description="batch children, and jobs asking for low priority")
+    openai_wait_s: float = Field(default=600.0, description="a non-streaming call waits this long, then 504 + job id")
+    stream_ttl_s: int = Field(default=3600, description="a job's token stream is kept this long after it ends")
+    idempotency_ttl_s: int = Field(default=24 * 3600, description="how long an Idempotency-Key is remembered")
+    max_batch_requests: int = Field(default=256, description="children one batch may have")
 
     api_keys: CommaList = Field(default=[], description="when set, every /v1 request needs one as a Bearer token")
     trusted_proxies: CommaList = Field(
@@ -98,6 +104,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def queue_names(self) -> list[str]:
+        """Every queue, highest priority first: the order a worker listens in."""
+        return [self.queue_interactive, self.queue_name, self.queue_batch]
 
     @property
     def demo_model_dir(self) -> Path:

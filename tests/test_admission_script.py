@@ -13,12 +13,20 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.admission import Admission, RateState
+from gateway.admission import Admission, Admitted, Idempotency, RateState
 from gateway.clients import Client
 from gateway.jobs import JobFactory, PreparedJob
 from shared import circuit, keys
 from shared.circuit import CircuitRecord, CircuitState
-from shared.errors import CircuitOpen, InsufficientMemory, MlxqError, QueueFull, RateLimited, TooManyInflight
+from shared.errors import (
+    CircuitOpen,
+    IdempotencyConflict,
+    InsufficientMemory,
+    MlxqError,
+    QueueFull,
+    RateLimited,
+    TooManyInflight,
+)
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 
@@ -35,12 +43,17 @@ class Harness:
     def job(self) -> PreparedJob:
         return JobFactory(self.queue, self.settings).build(GenerateRequest(model="demo", prompt="hi"))
 
-    def admit(self, client: Client, count: int = 1) -> RateState:
-        async def run() -> RateState:
+    def admit(self, client: Client, count: int = 1, idem: Idempotency | None = None) -> RateState:
+        decided = self.decide(client, count, idem)
+        assert decided.rate is not None
+        return decided.rate
+
+    def decide(self, client: Client, count: int = 1, idem: Idempotency | None = None) -> Admitted:
+        async def run() -> Admitted:
             aredis = AsyncRedis.from_url(self.settings.redis_url)
             try:
                 return await Admission(aredis, self.settings, [self.queue]).admit(
-                    client, [self.job() for _ in range(count)]
+                    client, [self.job() for _ in range(count)], idem
                 )
             finally:
                 await aredis.aclose()
@@ -163,3 +176,25 @@ def test_checks_run_in_order_circuit_before_rate(harness: Harness) -> None:
     now_ms = circuit.redis_now_ms(harness.redis)
     circuit.write(harness.redis, CircuitRecord(CircuitState.OPEN, 5, now_ms, now_ms + 10_000))
     assert isinstance(harness.refusal(ALICE), CircuitOpen)
+
+
+def test_a_repeated_idempotency_key_returns_the_first_id_before_any_limit(harness: Harness) -> None:
+    first = Idempotency("k-1", "hash-a", "job-first")
+    harness.admit(ALICE, idem=first)
+    for _ in range(2):
+        harness.admit(ALICE)  # Alice is now at her rate limit
+    repeat = harness.decide(ALICE, idem=Idempotency("k-1", "hash-a", "job-second"))
+    assert repeat.duplicate_of == "job-first" and repeat.rate is None
+    assert harness.queue.count == 3
+    with pytest.raises(IdempotencyConflict):
+        harness.decide(ALICE, idem=Idempotency("k-1", "hash-b", "job-third"))
+    # Keys are per client: Bob's k-1 is his own.
+    assert harness.decide(BOB, idem=Idempotency("k-1", "hash-b", "job-bob")).rate is not None
+
+
+def test_a_refused_request_does_not_use_up_its_idempotency_key(harness: Harness) -> None:
+    for _ in range(3):
+        harness.admit(ALICE)
+    with pytest.raises(RateLimited):
+        harness.decide(ALICE, idem=Idempotency("k-2", "hash-a", "job-x"))
+    assert not harness.redis.exists(keys.idempotency(ALICE.id, "k-2"))

@@ -19,6 +19,7 @@ from worker import tasks
 from worker.engine import Engine
 from worker.model_cache import ModelCache, device_memory_bytes
 from worker.rq_worker import MlxqWorker
+from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,16 @@ def main() -> None:
     logger.info("model budget: %s", format_bytes(budget))
     engine = Engine(ModelCache(settings, budget), settings.maintenance_interval_s)
     engine.start()
-    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    # Highest priority first: RQ takes from the first non-empty queue in this order.
+    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names]
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
-    worker = MlxqWorker([queue], settings=settings, engine=engine, connection=connection, name=name)
-    tasks.bind(tasks.Runtime(engine=engine, models=models, settings=settings, keep_alive=worker.keep_alive))
+    publisher = StreamPublisher(connection, settings.stream_ttl_s)
+    worker = MlxqWorker(queues, settings=settings, engine=engine, publisher=publisher, connection=connection, name=name)
+    tasks.bind(
+        tasks.Runtime(
+            engine=engine, models=models, settings=settings, keep_alive=worker.keep_alive, publisher=publisher
+        )
+    )
     try:
         worker.work(logging_level=settings.log_level, with_scheduler=False)
     finally:

@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 
-from shared import events, keys
+from shared import events, job_stream, keys
 from shared.errors import WorkerCrashed
 from shared.text import text
 
@@ -36,7 +36,9 @@ class Reclaimed:
     quarantined: bool
 
 
-def reclaim_jobs(redis: Redis, worker_name: str, queues: list[Queue], max_attempts: int) -> list[Reclaimed]:
+def reclaim_jobs(
+    redis: Redis, worker_name: str, queues: list[Queue], max_attempts: int, stream_ttl_s: int
+) -> list[Reclaimed]:
     """Requeue (or quarantine) every job the dead worker `worker_name` was running."""
     reclaimed = []
     for queue in queues:
@@ -52,11 +54,11 @@ def reclaim_jobs(redis: Redis, worker_name: str, queues: list[Queue], max_attemp
                 continue
             if redis.zrem(registry.key, member) != 1:
                 continue  # someone else claimed it
-            reclaimed.append(_reclaim(redis, job, queue, worker_name, max_attempts))
+            reclaimed.append(_reclaim(redis, job, queue, worker_name, max_attempts, stream_ttl_s))
     return reclaimed
 
 
-def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempts: int) -> Reclaimed:
+def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempts: int, stream_ttl_s: int) -> Reclaimed:
     attempts = int(job.meta.get("crash_attempts", 0)) + 1
     job.meta["crash_attempts"] = attempts
     if attempts >= max_attempts:
@@ -67,10 +69,12 @@ def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempt
             record_job_failure(job, f"WorkerCrashed: {error.message}", pipe)
             pipe.execute()
         queue.enqueue_dependents(job)
+        job_stream.end(redis, job.id, "failed", stream_ttl_s, error=error.to_dict())
         events.emit(redis, "job_quarantined", job_id=job.id, attempts=attempts, worker=worker_name)
         logger.warning("job quarantined after %d worker deaths", attempts, extra={"job_id": job.id})
         return Reclaimed(job.id, attempts, quarantined=True)
     queue.enqueue_job(job, at_front=True)
+    job_stream.append(redis, job.id, "status", stream_ttl_s, status="queued", attempts=attempts)
     events.emit(redis, "job_requeued", job_id=job.id, attempts=attempts, worker=worker_name)
     logger.info("job requeued at the front after its worker died (attempt %d)", attempts, extra={"job_id": job.id})
     return Reclaimed(job.id, attempts, quarantined=False)

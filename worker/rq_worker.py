@@ -21,10 +21,11 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import events, keys, memory
+from shared import events, job_stream, keys, memory
 from shared.settings import Settings
 from worker.engine import Engine
 from worker.reports import Reports
+from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,15 @@ logger = logging.getLogger(__name__)
 class MlxqWorker(SimpleWorker):
     """An RQ worker whose jobs are generations on this process's engine."""
 
-    def __init__(self, queues: list[Queue], *, settings: Settings, engine: Engine, **kwargs: Any) -> None:
+    def __init__(
+        self, queues: list[Queue], *, settings: Settings, engine: Engine, publisher: StreamPublisher, **kwargs: Any
+    ) -> None:
         # A job enqueued around the gateway gets RQ's default description, which quotes
         # its arguments (the prompt); RQ must not log it.
         super().__init__(queues, serializer=JSONSerializer, log_job_description=False, **kwargs)
         self.settings = settings
         self.engine = engine
+        self.publisher = publisher
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
         self._orphaned = False
@@ -82,6 +86,10 @@ class MlxqWorker(SimpleWorker):
     ) -> None:
         if job.id not in self._handed_back:
             super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+            error = job.meta.get("error") or {"message": exc_string.strip().splitlines()[-1] if exc_string else ""}
+            status = "canceled" if job.get_status(refresh=False) == "stopped" else "failed"
+            self.publisher.flush()
+            job_stream.end(self.connection, job.id, status, self.settings.stream_ttl_s, error=error)
             return
         self._handed_back.discard(job.id)
         with self.connection.pipeline() as pipe:
@@ -89,8 +97,15 @@ class MlxqWorker(SimpleWorker):
             pipe.execute()
         job.meta.pop("error", None)  # the task recorded the interruption as a cancel
         queue.enqueue_job(job, at_front=True)
+        self.publisher.flush()
+        job_stream.append(self.connection, job.id, "status", self.settings.stream_ttl_s, status="queued")
         events.emit(self.connection, "job_handed_back", job_id=job.id, worker=self.name)
         logger.info("handed the running job back to the front of its queue", extra={"job_id": job.id})
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        super().handle_job_success(job, queue, started_job_registry, execution)
+        self.publisher.flush()
+        job_stream.end(self.connection, job.id, "finished", self.settings.stream_ttl_s, result=job._result)
 
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""

@@ -17,12 +17,15 @@ from pydantic import ValidationError
 from rq import get_current_job
 from rq.job import Job
 
+from shared import job_stream
 from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest, GenerationResult, Timings, Usage
 from shared.settings import Settings
+from worker import synthesis
 from worker.engine import Engine, Generation, Submission
 from worker.generation import Outcome
+from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Runtime:
     settings: Settings
     keep_alive: Callable[[Job], None]
     """Refreshes RQ's heartbeats for a job while RQ's main thread waits on the engine."""
+    publisher: StreamPublisher
 
 
 _runtime: Runtime | None = None
@@ -52,12 +56,34 @@ def bind(runtime: Runtime) -> None:
 
 def generate(request: dict[str, Any]) -> dict[str, Any]:
     """Run one generation and return a `GenerationResult` as a dict."""
+    job, runtime = _context()
+    return _run(job, runtime, lambda: GenerateRequest.model_validate(request))
+
+
+def synthesize(batch_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """A batch's synthesis: fill the placeholders with its children's texts, then generate."""
+    job, runtime = _context()
+
+    def prepare() -> GenerateRequest:
+        filled = synthesis.fill(job.connection, batch_id, request)
+        job.meta["synthesis_input"] = filled["messages"]
+        job.save_meta()
+        return GenerateRequest.model_validate(filled)
+
+    return _run(job, runtime, prepare)
+
+
+def _context() -> tuple[Job, Runtime]:
     job = get_current_job()
     if job is None or _runtime is None:
-        raise RuntimeError("worker.tasks.generate runs only inside an mlxq worker")
-    runtime = _runtime
+        raise RuntimeError("mlxq tasks run only inside an mlxq worker")
+    return job, _runtime
+
+
+def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> dict[str, Any]:
+    job_stream.append(job.connection, job.id, "status", runtime.settings.stream_ttl_s, status="started")
     try:
-        req = GenerateRequest.model_validate(request)
+        req = prepare()
         spec = runtime.models.get(req.model)
         timeout_s = float(job.timeout) if job.timeout and job.timeout > 0 else float("inf")
         submission = Submission(
@@ -66,6 +92,7 @@ def generate(request: dict[str, Any]) -> dict[str, Any]:
             spec=spec,
             max_tokens=req.max_tokens or runtime.settings.default_max_tokens,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
+            on_text=lambda piece: runtime.publisher.text(job.id, piece),
         )
         handle = runtime.engine.submit(submission)
         try:

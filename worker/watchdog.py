@@ -64,7 +64,7 @@ class Watchdog:
         self.redis = redis
         self.command = command or [sys.executable, "-m", "worker"]
         self.policy = RestartPolicy(settings)
-        self.queues = [Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)]
+        self.queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in settings.queue_names]
         self.slots = [Slot(i) for i in range(settings.workers)]
         self.stopping = False
         self.host = socket.gethostname()
@@ -271,7 +271,9 @@ class Watchdog:
 
     def forget(self, worker_name: str) -> list[Any]:
         """Requeue a dead worker's jobs and clean its records."""
-        reclaimed = reclaim_jobs(self.redis, worker_name, self.queues, self.settings.max_crash_attempts)
+        reclaimed = reclaim_jobs(
+            self.redis, worker_name, self.queues, self.settings.max_crash_attempts, self.settings.stream_ttl_s
+        )
         forget_worker(self.redis, worker_name)
         return reclaimed
 

@@ -1,52 +1,82 @@
-"""Submit-and-poll: `/v1/jobs`."""
+"""Submit-and-poll: `/v1/jobs`, and a job's live events."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
-from gateway import jobs
-from gateway.deps import ClientDep, GatewayDep, QueueDep, RedisDep
-from shared.errors import MlxqError
+from fastapi import APIRouter, Header, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from gateway import jobs, submission
+from gateway.deps import AsyncRedisDep, ClientDep, GatewayDep, RedisDep, SettingsDep
+from gateway.following import follow
 from shared.schemas import GenerateRequest, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
+class JobRequest(GenerateRequest):
+    """A generation to queue; `priority` may lower it below the route's default (`normal`)."""
+
+    priority: Literal["normal", "low"] | None = None
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobView, responses={202: {"model": JobView}})
-async def submit_job(request: GenerateRequest, client: ClientDep, gw: GatewayDep) -> Response:
-    """Queue a generation, or refuse it now with the reason and when to retry; poll `Location` for the result."""
-    gw.limits.check(request)
-    held = gw.refusals.check(client.id)
-    if held is not None:
-        raise held
-    job = gw.jobs.build(request)
-    try:
-        rate = await gw.admission.admit(client, [job])
-    except MlxqError as refusal:
-        gw.refusals.remember(client.id, refusal)
-        raise
-    view = JobView(id=job.id, status="queued", model=request.model, created_at=job.created_at)
+async def submit_job(body: JobRequest, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
+    """Queue a generation, or refuse it now with the reason and when to retry; poll `Location` for the result.
+
+    An `Idempotency-Key` header makes a retry of the same request return the same job."""
+    priority = submission.allowed_priority(body.priority, "normal")
+    generate = GenerateRequest.model_validate(body.model_dump(exclude={"priority"}))
+    idem = submission.idempotency(request, body.model_dump_json(), "")
+    done = await submission.admit(gw, client, [generate], priority, idem)
+    job_id = done.ids[0]
+    view = JobView(id=job_id, status="queued", model=generate.model, created_at=done.created_at)
+    if done.duplicate:
+        view = jobs.view(jobs.fetch(job_id, request.app.state.redis), request.app.state.redis)
     # A response of our own: FastAPI would otherwise validate the model it was just handed again.
     return Response(
         view.model_dump_json(),
         status_code=status.HTTP_202_ACCEPTED,
         media_type="application/json",
-        headers={**rate.headers(), "Location": f"/v1/jobs/{job.id}"},
+        headers={**done.headers(), "Location": f"/v1/jobs/{job_id}"},
     )
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, redis: RedisDep, queue: QueueDep) -> JobView:
+def get_job(job_id: str, redis: RedisDep) -> JobView:
     """A job's status, its place in the queue while queued, and its result or error once ended."""
-    return jobs.view(jobs.fetch(job_id, redis), queue)
+    return jobs.view(jobs.fetch(job_id, redis), redis)
 
 
 @router.delete("/{job_id}", response_model=JobView)
-def cancel_job(job_id: str, response: Response, redis: RedisDep, queue: QueueDep) -> JobView:
+def cancel_job(job_id: str, response: Response, redis: RedisDep, settings: SettingsDep) -> JobView:
     """Cancel a queued job, or stop a running one between tokens (202 until it has stopped)."""
-    job = jobs.fetch(job_id, redis)
-    jobs.cancel(job, redis)
-    current = jobs.view(jobs.fetch(job_id, redis), queue)
+    jobs.cancel(jobs.fetch(job_id, redis), redis, settings.stream_ttl_s)
+    current = jobs.view(jobs.fetch(job_id, redis), redis)
     if current.status != "canceled":
         response.status_code = status.HTTP_202_ACCEPTED
     return current
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse)
+async def job_events(
+    job_id: str,
+    redis: RedisDep,
+    aredis: AsyncRedisDep,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+) -> StreamingResponse:
+    """Server-sent events: the job's status changes and its text as it is generated, then how it ended.
+
+    Send `Last-Event-ID` to resume after the last event received."""
+    snapshot = jobs.view(jobs.fetch(job_id, redis), redis)
+
+    async def events() -> AsyncIterator[str]:
+        if last_event_id is None:
+            yield f"event: snapshot\ndata: {snapshot.model_dump_json()}\n\n"
+        async for entry in follow(aredis, job_id, after=last_event_id or "0-0"):
+            yield f"id: {entry.id}\nevent: {entry.kind}\ndata: {json.dumps(entry.data)}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

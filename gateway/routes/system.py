@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from gateway.deps import QueueDep, RedisDep, SettingsDep
+from gateway.deps import GatewayDep, RedisDep, SettingsDep
 from gateway.workers import live_workers
 from shared import circuit, keys, memory
 from shared.text import text
@@ -16,7 +16,7 @@ router = APIRouter(tags=["system"])
 
 
 @router.get("/health")
-def health(redis: RedisDep, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
+def health(redis: RedisDep, gw: GatewayDep, settings: SettingsDep) -> JSONResponse:
     """Memory status by the 85/95 % thresholds, live workers, queue depth, circuit and admission counts.
 
     503 when no worker is alive.
@@ -49,7 +49,7 @@ def health(redis: RedisDep, queue: QueueDep, settings: SettingsDep) -> JSONRespo
             }
             for w in workers
         ],
-        "queues": {queue.name: queue.count},
+        "queues": {queue.name: queue.count for queue in gw.queues.values()},
         "circuit": {"state": breaker.state.value, "failures": breaker.failures},
         "admission": {"admitted": int(redis.get(keys.ADMITTED) or 0), "refused": refused},
     }

@@ -1,0 +1,69 @@
+"""Following a job's stream (shared/job_stream.py) from the gateway, without holding a thread."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis as AsyncRedis
+
+from shared import job_stream, keys
+from shared.text import text
+
+BLOCK_MS = 1000
+"""How long one XREAD waits before the job's own status is looked at again."""
+
+_ENDED = {"finished": "finished", "failed": "failed", "stopped": "canceled", "canceled": "canceled"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    kind: str
+    data: dict[str, Any]
+
+
+class WaitedTooLong(Exception):
+    """The deadline given to `follow` passed before the job ended."""
+
+
+async def follow(
+    redis: AsyncRedis, job_id: str, after: str = "0-0", deadline: float | None = None
+) -> AsyncIterator[Entry]:
+    """Entries after `after`, as they come, up to and including the job's end.
+
+    If the stream has expired (or a crash cut it short) while the job has ended, an end is
+    made up from the job's RQ status, so a follower never waits forever. Past `deadline`
+    (time.monotonic()) it raises WaitedTooLong; each read blocks no longer than what is
+    left, so no read has to be cancelled half-way.
+    """
+    stream = keys.job_stream(job_id)
+    last = after
+    while True:
+        block_ms = BLOCK_MS
+        if deadline is not None:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise WaitedTooLong(job_id)
+            block_ms = min(block_ms, left_ms)
+        reply = await redis.xread({stream: last}, count=200, block=block_ms)
+        if not reply:
+            status = await redis.hget(f"rq:job:{job_id}", "status")
+            ended = _ENDED.get(text(status)) if status is not None else "failed"
+            if ended is not None:
+                # One more look: the end may have been written just now.
+                if await redis.xread({stream: last}, count=1):
+                    continue
+                yield Entry(last, "end", {"status": ended, "error": {"message": f"the job ended as {ended}"}})
+                return
+            continue
+        # RESP2 shape: [[stream, [(id, fields), ...]]] (we never ask for RESP3).
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = cast(Any, reply)[0][1]
+        for raw_id, fields in entries:
+            last = text(raw_id)
+            kind, data = job_stream.decode(fields)
+            yield Entry(last, kind, data)
+            if kind == "end":
+                return

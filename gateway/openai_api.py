@@ -1,0 +1,129 @@
+"""OpenAI's request and response shapes, translated to and from mlxq's own.
+
+Unknown OpenAI parameters are accepted and ignored, as OpenAI-compatible servers
+do, so SDKs and frameworks that send extras keep working; `n` other than 1 is refused.
+`priority` (lower only) and `ignore_eos` are mlxq's own additions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.schemas import ChatMessage, GenerateRequest
+
+Positive = Annotated[int, Field(ge=1)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Positive | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    priority: Literal["interactive", "normal", "low"] | None = None
+    ignore_eos: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    def _generate(self, **prompt: Any) -> GenerateRequest:
+        return GenerateRequest(
+            model=self.model,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            **prompt,
+        )
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Positive | None = None
+
+    def to_generate(self) -> GenerateRequest:
+        request = self._generate(messages=self.messages)
+        if self.max_completion_tokens is not None:
+            request.max_tokens = self.max_completion_tokens
+        return request
+
+
+class CompletionRequest(_Common):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    def to_generate(self) -> GenerateRequest:
+        return self._generate(prompt=self.prompt if isinstance(self.prompt, str) else self.prompt[0])
+
+
+def usage(result: dict[str, Any]) -> dict[str, int]:
+    u = result["usage"]
+    return {
+        "prompt_tokens": u["prompt_tokens"],
+        "completion_tokens": u["completion_tokens"],
+        "total_tokens": u["total_tokens"],
+    }
+
+
+class Shapes:
+    """Builds the response objects for one call (chat or text completion) of one job."""
+
+    def __init__(self, chat: bool, job_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
+        self.model = model
+        self.created = int(time.time())
+
+    def complete(self, result: dict[str, Any]) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": result["text"]}
+        else:
+            choice["text"] = result["text"]
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(result),
+        }
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice["delta"] = delta
+        else:
+            choice["text"] = text or ""
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def usage_chunk(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {**self.chunk(), "choices": [], "usage": usage(result)}

@@ -1,0 +1,95 @@
+"""The one way work gets in: shape limits, a refusal repeated from memory, or admission.
+
+Every submitting route (jobs, OpenAI calls, batches) goes through `admit`, so
+the same checks, counters and Idempotency-Key rules apply to all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import Request
+
+from gateway.admission import Idempotency, RateState
+from gateway.clients import Client
+from gateway.deps import Gateway
+from gateway.jobs import PreparedJob
+from shared.errors import InvalidRequest, MlxqError
+from shared.schemas import GenerateRequest
+
+Priority = Literal["interactive", "normal", "low"]
+RANK: dict[str, int] = {"interactive": 0, "normal": 1, "low": 2}
+
+_KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    ids: list[str]
+    """The new jobs' ids, or the one id remembered for a repeated Idempotency-Key."""
+    created_at: datetime | None
+    rate: RateState | None
+    duplicate: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return self.rate.headers() if self.rate else {}
+
+
+def allowed_priority(asked: str | None, route_default: Priority) -> Priority:
+    """The priority asked for, if it is not above what the route allows."""
+    if asked is None:
+        return route_default
+    if asked not in RANK:
+        raise InvalidRequest(f"priority must be one of {sorted(RANK, key=RANK.__getitem__)}", param="priority")
+    if RANK[asked] < RANK[route_default]:
+        raise InvalidRequest(
+            f"priority '{asked}' is higher than this route allows ('{route_default}' at most)", param="priority"
+        )
+    return asked  # type: ignore[return-value]
+
+
+def idempotency(request: Request, body: str, remember_id: str) -> Idempotency | None:
+    """The request's Idempotency-Key, if it sent one, bound to the route and the exact request."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not _KEY.match(key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 letters, digits or _.:-", param="Idempotency-Key")
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n{body}".encode()).hexdigest()
+    return Idempotency(key=key, request_hash=digest, remember_id=remember_id)
+
+
+async def admit(
+    gw: Gateway,
+    client: Client,
+    requests: list[GenerateRequest],
+    priority: Priority,
+    idem: Idempotency | None = None,
+    metas: list[dict[str, Any]] | None = None,
+    job_ids: list[str] | None = None,
+) -> Submitted:
+    """Check, then enqueue every request as a job in the priority's queue, or none of them."""
+    for request in requests:
+        gw.limits.check(request)
+    held = gw.refusals.check(client.id)
+    if held is not None:
+        raise held
+    factory = gw.jobs[priority]
+    jobs: list[PreparedJob] = [
+        factory.build(request, job_id=(job_ids[i] if job_ids else None), meta=(metas[i] if metas else None))
+        for i, request in enumerate(requests)
+    ]
+    if idem is not None and len(jobs) == 1 and not idem.remember_id:
+        idem = Idempotency(idem.key, idem.request_hash, jobs[0].id)
+    try:
+        decided = await gw.admission.admit(client, jobs, idem)
+    except MlxqError as refusal:
+        gw.refusals.remember(client.id, refusal)
+        raise
+    if decided.duplicate_of is not None:
+        return Submitted(ids=[decided.duplicate_of], created_at=None, rate=None, duplicate=True)
+    return Submitted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate)

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible API through the official `openai` package, a real gateway and worker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.support import RedisServer, Service
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+def client(service: Service) -> openai.OpenAI:
+    return openai.OpenAI(base_url=service.base_url + "/v1", api_key="not-needed", max_retries=0)
+
+
+def job_id_of(completion_id: str) -> str:
+    return completion_id.split("-", 1)[1]
+
+
+def test_a_chat_completion(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=8)  # type: ignore[arg-type]
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert isinstance(reply.choices[0].message.content, str)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and 0 < reply.usage.prompt_tokens and reply.usage.completion_tokens <= 8
+
+
+def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="demo",
+        messages=HELLO,
+        max_completion_tokens=5,
+        extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_a_text_completion(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, seed=7)
+    assert reply.object == "text_completion"
+    assert isinstance(reply.choices[0].text, str)
+    assert reply.usage is not None and reply.usage.completion_tokens <= 6
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    assert "demo" in [model.id for model in client.models.list()]
+
+
+def test_a_streamed_chat_reaches_the_client_before_generation_ends(client: openai.OpenAI, service: Service) -> None:
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=2000,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    first_text_at: datetime | None = None
+    pieces: list[str] = []
+    finish = usage = None
+    completion_id = ""
+    for chunk in stream:
+        completion_id = chunk.id
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first_text_at = first_text_at or datetime.now(UTC)
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    job = service.job(job_id_of(completion_id))
+    assert first_text_at is not None
+    assert first_text_at < datetime.fromisoformat(job["ended_at"]), "first chunk only after the generation ended"
+    assert "".join(pieces) == job["result"]["text"]
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 2000
+
+
+def test_a_streaming_client_that_hangs_up_cancels_its_job(service: Service) -> None:
+    body = {"model": "demo", "messages": HELLO, "max_tokens": 30_000, "stream": True, "ignore_eos": True}
+    with service.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        job_id = response.headers["x-mlxq-job-id"]
+        lines = response.iter_lines()
+        seen = 0
+        while seen < 5:
+            if next(lines).startswith("data: "):
+                seen += 1
+    canceled = service.wait_for(job_id, {"canceled", "finished", "failed"}, timeout_s=10)
+    assert canceled["status"] == "canceled"
+    after = service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=3)["id"], {"finished"})
+    assert after["status"] == "finished"
+
+
+def test_n_other_than_one_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        client.chat.completions.create(model="demo", messages=HELLO, n=2)  # type: ignore[arg-type]
+    assert caught.value.body["code"] == "invalid_request"  # type: ignore[index]
+    assert caught.value.body["param"] == "n"  # type: ignore[index]
+
+
+def test_an_unknown_model_is_openais_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-17", messages=HELLO)  # type: ignore[arg-type]
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, data_dir: Path) -> Iterator[Service]:
+    svc = Service(
+        redis_server.url.rsplit("/", 1)[0] + "/4", data_dir, tmp_path_factory.mktemp("impatient"), openai_wait_s=1
+    )
+    yield svc
+    svc.stop()
+
+
+def test_a_call_past_its_wait_limit_is_504_with_a_job_id_that_later_finishes(impatient: Service) -> None:
+    body = {"model": "demo", "messages": HELLO, "max_tokens": 5000, "ignore_eos": True}
+    response = impatient.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 504
+    error = response.json()["error"]
+    job_id = response.headers["x-mlxq-job-id"]
+    assert error["code"] == "timeout" and job_id in error["message"]
+    done = impatient.wait_for(job_id, {"finished", "failed"}, timeout_s=60)
+    assert done["status"] == "finished"
+    assert done["result"]["usage"]["completion_tokens"] == 5000
+
+
+def test_job_events_stream_status_and_text_and_resume_after_last_event_id(service: Service) -> None:
+    job = service.submit(model="demo", prompt="Count", max_tokens=30, ignore_eos=True)
+    events = read_sse(service, f"/v1/jobs/{job['id']}/events")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "snapshot" and kinds[-1] == "end"
+    assert "started" in [e["data"].get("status") for e in events if e["event"] == "status"]
+    text = "".join(e["data"]["text"] for e in events if e["event"] == "text")
+    assert text == events[-1]["data"]["result"]["text"]
+    middle = [e for e in events if e["event"] == "text"][2]
+    resumed = read_sse(service, f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": middle["id"]})
+    assert resumed[0]["id"] > middle["id"]
+    assert [e["id"] for e in resumed] == [e["id"] for e in events if e.get("id", "") > middle["id"]]
+
+
+def read_sse(service: Service, path: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    with service.http.stream("GET", path, headers=headers or {}, timeout=30) as response:
+        for line in response.iter_lines():
+            if not line:
+                if current:
+                    events.append(current)
+                current = {}
+                continue
+            name, _, value = line.partition(": ")
+            current[name] = json.loads(value) if name == "data" else value
+    return events
+
+
+def test_the_same_idempotency_key_and_body_give_the_same_job_and_another_body_409(service: Service) -> None:
+    body = {"model": "demo", "messages": HELLO, "max_tokens": 2}
+    key = {"Idempotency-Key": f"test-{time.time_ns()}"}
+    first = service.http.post("/v1/jobs", json=body, headers=key)
+    again = service.http.post("/v1/jobs", json=body, headers=key)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = service.http.post("/v1/jobs", json={**body, "max_tokens": 3}, headers=key)
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_conflict"
+
+
+def test_a_job_cannot_ask_for_a_higher_priority_than_its_route(service: Service) -> None:
+    response = service.http.post("/v1/jobs", json={"model": "demo", "prompt": "x", "priority": "interactive"})
+    assert response.status_code == 422
+
+
+def test_an_interactive_call_queued_after_ten_batch_children_runs_before_them(service: Service) -> None:
+    blocker = service.submit(model="demo", prompt="Busy", max_tokens=30_000, ignore_eos=True)
+    service.wait_for(blocker["id"], {"started"})
+    batch = service.http.post(
+        "/v1/batches", json={"model": "demo", "requests": [{"messages": HELLO, "max_tokens": 2} for _ in range(10)]}
+    ).json()
+    answer: dict[str, Any] = {}
+
+    def call() -> None:
+        body = {"model": "demo", "messages": HELLO, "max_tokens": 2}
+        answer["response"] = httpx.post(service.base_url + "/v1/chat/completions", json=body, timeout=60)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while service.http.get("/health").json()["queues"].get("mlxq-interactive", 0) < 1:
+        assert time.monotonic() < deadline, "the interactive call never reached its queue"
+        time.sleep(0.05)
+    service.http.delete(f"/v1/jobs/{blocker['id']}")
+    caller.join(60)
+    interactive = service.job(answer["response"].headers["x-mlxq-job-id"])
+    children = service.http.get(f"/v1/batches/{batch['id']}").json()["requests"]
+    deadline = time.monotonic() + 30
+    while any(c["status"] != "finished" for c in children):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        children = service.http.get(f"/v1/batches/{batch['id']}").json()["requests"]
+    assert all(interactive["started_at"] < c["started_at"] for c in children)
+
+
+def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service: Service) -> None:
+    requests: list[dict[str, Any]] = [
+        {
+            "custom_id": f"r{i}",
+            "messages": [{"role": "user", "content": f"Part {i}"}],
+            "max_tokens": 6,
+            "ignore_eos": True,
+        }
+        for i in range(4)
+    ]
+    requests.append({"custom_id": "broken", "model": "missing", "messages": HELLO})
+    synthesis = {
+        "messages": [{"role": "user", "content": "Combine these:\n{{results}}\nFirst alone: {{result:r0}}"}],
+        "max_tokens": 4,
+    }
+    created = service.http.post("/v1/batches", json={"model": "demo", "requests": requests, "synthesis": synthesis})
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+    deadline = time.monotonic() + 60
+    view = created.json()
+    while view["synthesis"]["status"] not in ("finished", "failed"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+        view = service.http.get(f"/v1/batches/{batch_id}").json()
+    assert view["synthesis"]["status"] == "finished"
+    assert view["counts"] == {"total": 5, "finished": 4, "failed": 1}
+    by_id = {r["custom_id"]: r for r in view["requests"]}
+    assert by_id["broken"]["error"]["code"] == "model_unavailable"
+    prompt = view["synthesis"]["input_messages"][0]["content"]
+    for i in range(4):
+        assert f"### Result r{i}\n{by_id[f'r{i}']['result']['text']}" in prompt
+    assert "### Result broken\n[FAILED: " in prompt
+    assert prompt.endswith(f"First alone: {by_id['r0']['result']['text']}")
+    assert view["status"] == "completed"

@@ -1,0 +1,65 @@
+"""Publishes generated text to job streams from a thread of its own.
+
+The engine thread hands text over and carries on generating; this thread writes
+it to Redis, batching what piled up into one pipeline, so a slow round trip never
+slows the token loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from redis import Redis
+
+from shared import job_stream
+
+logger = logging.getLogger(__name__)
+
+
+class StreamPublisher:
+    def __init__(self, redis: Redis, ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._pending: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._thread = threading.Thread(target=self._run, name="mlxq-stream-publisher", daemon=True)
+        self._thread.start()
+
+    def text(self, job_id: str, piece: str) -> None:
+        """Queue a piece of text for the job's stream (any thread; never blocks)."""
+        with self._idle:
+            self._in_flight += 1
+        self._pending.put((job_id, piece))
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait until every queued piece is in Redis, so that what follows comes after it."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            first = self._pending.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    break
+                batch.append(item)
+            try:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    for job_id, piece in batch:
+                        job_stream.append(pipe, job_id, "text", self._ttl_s, text=piece)
+                    pipe.execute()
+            except Exception:
+                logger.exception("could not publish %d text pieces", len(batch))
+            with self._idle:
+                self._in_flight -= len(batch)
+                self._idle.notify_all()
