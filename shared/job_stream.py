@@ -26,11 +26,15 @@ def entry(kind: str, **data: Any) -> dict[str, str]:
     return {"type": kind, "data": json.dumps(data)}
 
 
-def append(target: Redis | Pipeline, job_id: str, kind: str, ttl_s: int, **data: Any) -> None:
-    """Add one entry and keep the stream for `ttl_s` from now."""
+def append(target: Redis | Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) -> None:
+    """Add one entry and, given `ttl_s`, keep the stream that long from now.
+
+    Text entries pass None: the TTL set when the job started covers them, and one
+    command per token less matters on a fast model."""
     stream = keys.job_stream(job_id)
     target.xadd(stream, entry(kind, **data))  # type: ignore[arg-type]
-    target.expire(stream, ttl_s)
+    if ttl_s is not None:
+        target.expire(stream, ttl_s)
 
 
 def end(redis: Redis, job_id: str, status: str, ttl_s: int, **data: Any) -> None:

@@ -41,7 +41,7 @@ def main() -> None:
     # Highest priority first: RQ takes from the first non-empty queue in this order.
     queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names]
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
-    publisher = StreamPublisher(connection, settings.stream_ttl_s)
+    publisher = StreamPublisher(connection)
     worker = MlxqWorker(queues, settings=settings, engine=engine, publisher=publisher, connection=connection, name=name)
     tasks.bind(
         tasks.Runtime(

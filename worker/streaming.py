@@ -19,9 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 class StreamPublisher:
-    def __init__(self, redis: Redis, ttl_s: int) -> None:
+    def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._ttl_s = ttl_s
         self._pending: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._in_flight = 0
@@ -56,7 +55,7 @@ class StreamPublisher:
             try:
                 with self._redis.pipeline(transaction=False) as pipe:
                     for job_id, piece in batch:
-                        job_stream.append(pipe, job_id, "text", self._ttl_s, text=piece)
+                        job_stream.append(pipe, job_id, "text", None, text=piece)
                     pipe.execute()
             except Exception:
                 logger.exception("could not publish %d text pieces", len(batch))

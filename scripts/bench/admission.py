@@ -107,7 +107,7 @@ def main() -> None:
             "refused_by_script": (gateway, {"MLXQ_MAX_QUEUED": "0", "MLXQ_REFUSAL_HOLD_S": "0"}, "/v1/jobs", "503"),
         }
         servers = {}
-        for name, (command, extra, path, _) in targets.items():
+        for name, (command, extra, _path, _) in targets.items():
             port = free_port()
             servers[name] = (
                 port,
