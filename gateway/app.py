@@ -18,6 +18,7 @@ from gateway.clients import ClientResolver
 from gateway.deps import Gateway, get_client
 from gateway.errors import count_refusal, install_error_handlers
 from gateway.jobs import JobFactory
+from gateway.metrics import registry_for
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
 from gateway.routes import batches, events, jobs, models, openai, system
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         refusals = RefusalCache(settings.refusal_hold_s)
         factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}
         app.state.gateway = Gateway(settings, app.state.limits, app.state.admission, queues, refusals, factories)
+        app.state.metrics = registry_for(app.state.redis, list(queues.values()))
         flusher = asyncio.create_task(_flush_every_second(refusals, app.state.aredis))
         try:
             yield

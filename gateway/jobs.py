@@ -82,6 +82,10 @@ class JobFactory:
             for part in (name.encode(), _encoded(value))
         ]
         self._queue_key = queue.key
+        self._priority = {settings.queue_interactive: "interactive", settings.queue_batch: "low"}.get(
+            queue.name, "normal"
+        )
+        self._describe_prompts = settings.describe_prompts
 
     def build(
         self, request: GenerateRequest, job_id: str | None = None, meta: dict[str, Any] | None = None
@@ -95,10 +99,20 @@ class JobFactory:
             b"created_at", stamp,
             b"enqueued_at", stamp,
             b"data", zlib.compress(json.dumps(call).encode()),
-            b"description", f"generate model={request.model}".encode(),
+            b"description", self.describe(request).encode(),
             b"meta", json.dumps({"model": request.model, **(meta or {})}).encode(),
         ]  # fmt: skip
         return PreparedJob(job_id, self._queue_key, varying + self._static, moment)
+
+    def describe(self, request: GenerateRequest) -> str:
+        """What RQ and rq-dashboard show for the job: model and priority; the prompt's first words only
+        when `MLXQ_DESCRIBE_PROMPTS` allows."""
+        description = f"generate model={request.model} priority={self._priority}"
+        if self._describe_prompts:
+            text = request.prompt if request.prompt is not None else (request.messages or [])[-1].text()
+            words = text.split()
+            description += f' prompt="{" ".join(words[:8])}{" …" if len(words) > 8 else ""}"'
+        return description
 
 
 def _encoded(value: object) -> bytes:

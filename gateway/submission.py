@@ -7,6 +7,7 @@ the same checks, counters and Idempotency-Key rules apply to all of them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,8 @@ from gateway.deps import Gateway
 from gateway.jobs import PreparedJob
 from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import GenerateRequest
+
+logger = logging.getLogger(__name__)
 
 Priority = Literal["interactive", "normal", "low"]
 RANK: dict[str, int] = {"interactive": 0, "normal": 1, "low": 2}
@@ -92,4 +95,6 @@ async def admit(
         raise
     if decided.duplicate_of is not None:
         return Submitted(ids=[decided.duplicate_of], created_at=None, rate=None, duplicate=True)
+    for job, request in zip(jobs, requests, strict=True):
+        logger.info("job admitted", extra={"job_id": job.id, "model": request.model, "priority": priority})
     return Submitted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate)

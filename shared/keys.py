@@ -80,3 +80,15 @@ def batch(batch_id: str) -> str:
 def idempotency(client_id: str, key: str) -> str:
     """`sha256-of-request id`: what an Idempotency-Key was first used for. TTL = idempotency TTL."""
     return f"{PREFIX}:client:{client_id}:idem:{key}"
+
+
+STATS_JOBS = f"{PREFIX}:stats:jobs"
+"""Hash: final job status (finished, failed, canceled) -> jobs that ended so."""
+
+STATS_COUNTERS = f"{PREFIX}:stats:counters"
+"""Hash: tokens_generated, worker_restarts -> running totals."""
+
+
+def stats_histogram(name: str) -> str:
+    """Hash: one histogram (shared/stats.py): bucket bound -> count, plus sum and count."""
+    return f"{PREFIX}:stats:histogram:{name}"

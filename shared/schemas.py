@@ -76,6 +76,9 @@ class Timings(BaseModel):
     queued_s: float
     load_s: float
     generate_s: float
+    first_token_s: float | None = Field(
+        default=None, description="from the job's start on the worker (model load included) to its first token"
+    )
 
 
 class GenerationResult(BaseModel):

@@ -7,7 +7,7 @@ environment behind its back, so tests build their own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -96,7 +96,16 @@ class Settings(BaseSettings):
     memory_emergency_percent: float = 98.0
     memory_retry_after_s: int = Field(default=15, description="Retry-After while memory is in emergency")
 
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 9181
+    dashboard_username: str = "mlxq"
+    dashboard_password: str | None = Field(default=None, description="when set, the dashboard asks for basic auth")
+    describe_prompts: bool = Field(
+        default=False, description="put a job's first words in its description (shown by rq-dashboard and RQ logs)"
+    )
+
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("api_keys", "trusted_proxies", mode="before")
     @classmethod

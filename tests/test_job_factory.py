@@ -27,7 +27,7 @@ def test_a_prepared_job_hash_equals_rqs_own_to_dict(scratch_redis_url: str) -> N
         timeout=settings.job_timeout_s,
         result_ttl=settings.result_ttl_s,
         failure_ttl=settings.failure_ttl_s,
-        description=f"generate model={request.model}",
+        description=f"generate model={request.model} priority=normal",
         meta={"model": request.model},
         job_id=prepared.id,
     )

@@ -35,6 +35,8 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     generate_s: float
+    first_token_s: float | None = None
+    """From the start of this call (prompt encoding and prefill included) to the first token."""
 
 
 def encode_prompt(tokenizer: Any, request: GenerateRequest) -> list[int]:
@@ -78,6 +80,7 @@ def generate(
     completion_tokens = 0
     finish: FinishReason = "length"
     cut: int | None = None
+    first_token_at: float | None = None
     steps = generate_step(
         mx.array(prompt_ids),
         model,
@@ -91,6 +94,8 @@ def generate(
     with closing(steps):
         for token, _ in steps:
             token_id = int(token)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
             if token_id in eos and not request.ignore_eos:
                 finish = "stop"
                 break
@@ -127,6 +132,7 @@ def generate(
         prompt_tokens=len(prompt_ids),
         completion_tokens=completion_tokens,
         generate_s=time.perf_counter() - started,
+        first_token_s=None if first_token_at is None else first_token_at - started,
     )
 
 

@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 
-from shared import events, job_stream, keys
+from shared import events, job_stream, keys, stats
 from shared.errors import WorkerCrashed
 from shared.text import text
 
@@ -70,13 +70,16 @@ def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempt
             pipe.execute()
         queue.enqueue_dependents(job)
         job_stream.end(redis, job.id, "failed", stream_ttl_s, error=error.to_dict())
+        stats.count(redis, keys.STATS_JOBS, "failed")
         events.emit(redis, "job_quarantined", job_id=job.id, attempts=attempts, worker=worker_name)
-        logger.warning("job quarantined after %d worker deaths", attempts, extra={"job_id": job.id})
+        logger.warning(
+            "job quarantined", extra={"job_id": job.id, "model": job.meta.get("model"), "attempts": attempts}
+        )
         return Reclaimed(job.id, attempts, quarantined=True)
     queue.enqueue_job(job, at_front=True)
     job_stream.append(redis, job.id, "status", stream_ttl_s, status="queued", attempts=attempts)
     events.emit(redis, "job_requeued", job_id=job.id, attempts=attempts, worker=worker_name)
-    logger.info("job requeued at the front after its worker died (attempt %d)", attempts, extra={"job_id": job.id})
+    logger.info("job requeued", extra={"job_id": job.id, "model": job.meta.get("model"), "attempts": attempts})
     return Reclaimed(job.id, attempts, quarantined=False)
 
 

@@ -21,7 +21,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import events, job_stream, keys, memory
+from shared import events, job_stream, keys, memory, stats
 from shared.settings import Settings
 from worker.engine import Engine
 from worker.reports import Reports
@@ -90,6 +90,8 @@ class MlxqWorker(SimpleWorker):
             status = "canceled" if job.get_status(refresh=False) == "stopped" else "failed"
             self.publisher.flush()
             job_stream.end(self.connection, job.id, status, self.settings.stream_ttl_s, error=error)
+            stats.count(self.connection, keys.STATS_JOBS, status)
+            logger.info("job %s: %s", status, error.get("code", ""), extra=_job_fields(job))
             return
         self._handed_back.discard(job.id)
         with self.connection.pipeline() as pipe:
@@ -105,7 +107,13 @@ class MlxqWorker(SimpleWorker):
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         super().handle_job_success(job, queue, started_job_registry, execution)
         self.publisher.flush()
-        job_stream.end(self.connection, job.id, "finished", self.settings.stream_ttl_s, result=job._result)
+        result = job._result
+        job_stream.end(self.connection, job.id, "finished", self.settings.stream_ttl_s, result=result)
+        with self.connection.pipeline(transaction=False) as pipe:
+            stats.count(pipe, keys.STATS_JOBS, "finished")
+            if isinstance(result, dict) and "timings" in result:
+                stats.record_generation(pipe, result, result["timings"].get("first_token_s"))
+            pipe.execute()
 
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
@@ -182,3 +190,8 @@ class MlxqWorker(SimpleWorker):
             "at": time.time(),
         }
         self.connection.set(keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s)
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    """The fields every job lifecycle log line carries (never the prompt)."""
+    return {"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin}

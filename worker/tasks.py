@@ -82,6 +82,7 @@ def _context() -> tuple[Job, Runtime]:
 
 def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> dict[str, Any]:
     job_stream.append(job.connection, job.id, "status", runtime.settings.stream_ttl_s, status="started")
+    logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
     try:
         req = prepare()
         spec = runtime.models.get(req.model)
@@ -124,16 +125,25 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             completion_tokens=outcome.completion_tokens,
             total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
         ),
-        timings=Timings(queued_s=queued_s, load_s=handle.load_s, generate_s=outcome.generate_s),
+        timings=Timings(
+            queued_s=queued_s,
+            load_s=handle.load_s,
+            generate_s=outcome.generate_s,
+            first_token_s=None if outcome.first_token_s is None else handle.load_s + outcome.first_token_s,
+        ),
         model=req.model,
     )
     logger.info(
-        "job finished: %d tokens in %.2f s (queued %.2f s, load %.2f s)",
-        outcome.completion_tokens,
-        outcome.generate_s,
-        queued_s,
-        handle.load_s,
-        extra={"job_id": job.id, "model": req.model},
+        "job finished",
+        extra={
+            "job_id": job.id,
+            "model": req.model,
+            "queue_s": round(queued_s, 3),
+            "load_s": round(handle.load_s, 3),
+            "generate_s": round(outcome.generate_s, 3),
+            "tokens": outcome.completion_tokens,
+            "finish_reason": outcome.finish_reason,
+        },
     )
     return result.model_dump()
 

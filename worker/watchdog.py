@@ -28,7 +28,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from shared import circuit, events, keys
+from shared import circuit, events, keys, stats
 from shared.circuit import CircuitRecord, CircuitState
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -133,6 +133,7 @@ class Watchdog:
         events.emit(self.redis, "worker_started", worker=slot.name, pid=slot.process.pid, slot=slot.index)
         if restart:
             events.emit(self.redis, "worker_restarted", worker=slot.name, slot=slot.index, failures=slot.failures)
+            stats.count(self.redis, keys.STATS_COUNTERS, "worker_restarts")
         logger.info("started worker %s (pid %d)", slot.name, slot.process.pid)
 
     # -- watching --------------------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from gateway.deps import GatewayDep, RedisDep, SettingsDep
 from gateway.workers import live_workers
@@ -54,3 +56,10 @@ def health(redis: RedisDep, gw: GatewayDep, settings: SettingsDep) -> JSONRespon
         "admission": {"admitted": int(redis.get(keys.ADMITTED) or 0), "refused": refused},
     }
     return JSONResponse(body, status_code=200 if workers else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of the service's figures (open, like /health)."""
+    body = await run_in_threadpool(generate_latest, request.app.state.metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
