@@ -2,8 +2,8 @@
 
 It runs rq-dashboard against the configured Redis with RQ's JSON serializer,
 bound to 127.0.0.1 unless told otherwise, behind basic auth when a password is
-set. One gap in rq-dashboard 0.9 is closed here: its requeue buttons call RQ's
-`requeue_job` without the serializer, which unpickles our JSON jobs and fails.
+set. rq-dashboard 0.9 imports `six` without declaring it; mlxq's `dashboard`
+extra installs it.
 """
 
 from __future__ import annotations
@@ -11,15 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from redis import Redis
-from rq.job import Job, requeue_job
-from rq.serializers import JSONSerializer
-
 from shared.settings import Settings
-
-
-def _requeue_json_job(job_id: str, connection: Redis) -> Job:
-    return requeue_job(job_id, connection=connection, serializer=JSONSerializer)
 
 
 def arguments(settings: Settings) -> list[str]:
@@ -40,10 +32,9 @@ def arguments(settings: Settings) -> list[str]:
 def main() -> None:
     settings = Settings()
     try:
-        from rq_dashboard import cli, web
+        from rq_dashboard import cli
     except ImportError as exc:
         sys.exit(f"rq-dashboard is not installed ({exc}); install mlxq with the `dashboard` extra")
-    web.requeue_job = _requeue_json_job
     command: Any = cli.run
     command.main(args=arguments(settings), prog_name="mlxq-dashboard", auto_envvar_prefix="RQ_DASHBOARD")
 

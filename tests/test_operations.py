@@ -1,0 +1,163 @@
+"""Operations: Prometheus metrics, rq-dashboard against our jobs, log formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.logs import JsonFormatter, TextFormatter
+from tests.support import Process, RedisServer, Service, free_port, service_env
+from worker.demo_model import build_demo_model
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def scrape(service: Service) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = service.http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, data_dir: Path) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("ops")
+    models_file = root / "models.toml"
+    models_file.write_text(f'[models.later]\npath = "{root / "later"}"\n')
+    svc = Service(
+        redis_server.url.rsplit("/", 1)[0] + "/5",
+        data_dir,
+        root,
+        models_file=models_file,
+        rate_limit_requests=5,
+        rate_limit_window_s=5,
+        heartbeat_interval_s=0.3,
+    )
+    svc.root = root  # type: ignore[attr-defined]
+    yield svc
+    svc.stop()
+
+
+def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
+    before = scrape(ops)
+    finished = [ops.submit(model="demo", messages=HELLO, max_tokens=5, ignore_eos=True)["id"] for _ in range(3)]
+    for job_id in finished:
+        ops.wait_for(job_id, {"finished"})
+    failed = ops.submit(model="later", messages=HELLO)["id"]  # its directory does not exist yet
+    ops.wait_for(failed, {"failed"})
+    refused = [ops.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO}) for _ in range(3)]
+    assert [r.status_code for r in refused] == [202, 429, 429]  # 5 per window: 4 used, one more, then refusals
+    unknown = ops.http.post("/v1/jobs", json={"model": "nope", "messages": HELLO})
+    assert unknown.status_code == 404
+    time.sleep(1.2)  # refusals repeated from memory reach Redis within a second
+    after = scrape(ops)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("mlxq_jobs_total", status="finished") >= 3  # the one admitted among `refused` may finish too
+    assert moved("mlxq_jobs_total", status="failed") == 1
+    assert moved("mlxq_admissions_total") == 4 + [r.status_code for r in refused].count(202)
+    assert moved("mlxq_refusals_total", reason="rate_limited") == [r.status_code for r in refused].count(429)
+    assert moved("mlxq_refusals_total", reason="model_not_found") == 1
+    assert moved("mlxq_tokens_generated_total") >= 15
+    assert moved("mlxq_generation_seconds_count") >= 3
+    assert moved("mlxq_time_to_first_token_seconds_count") >= 3
+    assert moved("mlxq_queue_wait_seconds_count") >= 3
+    assert value(after, "mlxq_tokens_per_second_bucket", le="+Inf") >= 3
+    assert value(after, "mlxq_queue_depth", queue="mlxq-interactive") == 0
+    assert value(after, "mlxq_workers") == 1
+    worker = ops.http.get("/health").json()["workers"][0]["name"]
+    assert value(after, "mlxq_model_loaded", worker=worker, model="demo") == 1
+    assert value(after, "mlxq_model_bytes", worker=worker, model="demo") > 100_000
+    assert 0 < value(after, "mlxq_memory_used_percent", worker=worker) < 100
+    assert value(after, "mlxq_circuit_state", state="closed") == 1
+    assert ("mlxq_worker_restarts_total", ()) in after
+
+
+def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_one(
+    ops: Service, data_dir: Path, tmp_path: Path
+) -> None:
+    time.sleep(5.5)  # a fresh rate window for this module's client
+    done = ops.wait_for(ops.submit(model="demo", messages=HELLO, max_tokens=3)["id"], {"finished"})
+    failed = ops.wait_for(ops.submit(model="later", messages=HELLO)["id"], {"failed"})
+
+    port = free_port()
+    env = {**service_env(ops.env["MLXQ_REDIS_URL"], data_dir), "MLXQ_DASHBOARD_PORT": str(port)}
+    env["MLXQ_DASHBOARD_PASSWORD"] = "s3cret"
+    dashboard = Process("gateway.dashboard", env, tmp_path / "dashboard.log")
+    base = f"http://127.0.0.1:{port}"
+    auth = ("mlxq", "s3cret")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/0/data/queues.json", auth=auth, timeout=2)
+                break
+            except httpx.TransportError:
+                assert dashboard.alive() and time.monotonic() < deadline, dashboard.tail()
+                time.sleep(0.2)
+        assert httpx.get(base + "/0/data/queues.json").status_code == 401  # basic auth when a password is set
+
+        queues = {q["name"] for q in httpx.get(base + "/0/data/queues.json", auth=auth).json()["queues"]}
+        assert {"mlxq-interactive", "mlxq-jobs", "mlxq-batch"} <= queues
+        workers = httpx.get(base + "/0/data/workers.json", auth=auth).json()["workers"]
+        assert [w["name"] for w in workers] == [ops.http.get("/health").json()["workers"][0]["name"]]
+
+        def listed(registry: str) -> dict[str, Any]:
+            url = f"{base}/0/data/jobs/mlxq-jobs/{registry}/100/asc/1.json"
+            return {j["id"]: j for j in httpx.get(url, auth=auth).json()["jobs"]}
+
+        finished_jobs = listed("finished")
+        assert done["id"] in finished_jobs
+        assert finished_jobs[done["id"]]["description"] == "generate model=demo priority=normal"
+        assert failed["id"] in listed("failed")
+
+        build_demo_model(ops.root / "later")  # type: ignore[attr-defined]  # the fix: now the model exists
+        requeued = httpx.post(f"{base}/job/{failed['id']}/requeue", auth=auth)
+        assert requeued.status_code == 200 and requeued.json()["status"] == "OK"
+        again = ops.wait_for(failed["id"], {"finished", "failed"}, timeout_s=30)
+        while again["status"] == "failed" and again["ended_at"] == failed["ended_at"]:
+            time.sleep(0.1)
+            again = ops.job(failed["id"])
+        again = ops.wait_for(failed["id"], {"finished"}, timeout_s=30)
+        assert again["result"]["model"] == "later"
+    finally:
+        dashboard.stop()
+
+
+def record(name: str, **extra: Any) -> logging.LogRecord:
+    item = logging.makeLogRecord({"name": name, "msg": "job finished", "levelname": "INFO", "levelno": 20})
+    item.__dict__.update(extra)
+    return item
+
+
+def test_log_lines_carry_job_fields_in_text_and_json_but_never_job_arguments() -> None:
+    ours = record("worker.tasks", job_id="j1", model="demo", tokens=5, generate_s=0.1, args=["secret prompt"])
+    text = TextFormatter().format(ours)
+    assert "job finished" in text and "job_id=j1 model=demo tokens=5 generate_s=0.1" in text
+    assert "secret" not in text
+    document = json.loads(JsonFormatter().format(ours))
+    assert document["job_id"] == "j1" and document["tokens"] == 5 and document["level"] == "info"
+    assert "args" not in document
+    theirs = record("rq.worker", job_id="j1", args=["secret prompt"], kwargs={})
+    assert "secret" not in TextFormatter().format(theirs)
+    assert "secret" not in JsonFormatter().format(theirs)
