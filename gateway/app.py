@@ -35,13 +35,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.aredis = AsyncRedis.from_url(settings.redis_url)
         names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}
         queues = {p: Queue(name, connection=app.state.redis, serializer=JSONSerializer) for p, name in names.items()}
-        app.state.queue = queues["normal"]
         # Registered up front, so rq-dashboard lists every queue before its first job.
-        app.state.redis.sadd(app.state.queue.redis_queues_keys, *[q.key for q in queues.values()])
-        app.state.admission = Admission(app.state.aredis, settings, list(queues.values()))
+        app.state.redis.sadd(queues["normal"].redis_queues_keys, *[q.key for q in queues.values()])
+        admission = Admission(app.state.aredis, settings, list(queues.values()))
         refusals = RefusalCache(settings.refusal_hold_s)
         factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}
-        app.state.gateway = Gateway(settings, app.state.limits, app.state.admission, queues, refusals, factories)
+        app.state.gateway = Gateway(settings, app.state.limits, admission, queues, refusals, factories)
         app.state.metrics = registry_for(app.state.redis, list(queues.values()))
         flusher = asyncio.create_task(_flush_every_second(refusals, app.state.aredis))
         try:

@@ -53,11 +53,6 @@ async def get_models(request: Request) -> ModelRegistry:
     return models
 
 
-async def get_queue(request: Request) -> Queue:
-    queue: Queue = request.app.state.queue
-    return queue
-
-
 async def get_client(request: Request) -> Client:
     """Authenticates the request (when API keys are configured) and names its client."""
     resolver: ClientResolver = request.app.state.clients
@@ -74,6 +69,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
-QueueDep = Annotated[Queue, Depends(get_queue)]
 ClientDep = Annotated[Client, Depends(get_client)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]

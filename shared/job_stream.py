@@ -19,8 +19,6 @@ from redis.client import Pipeline
 
 from shared import keys
 
-END_STATUSES = frozenset({"finished", "failed", "canceled"})
-
 
 def entry(kind: str, **data: Any) -> dict[str, str]:
     return {"type": kind, "data": json.dumps(data)}
