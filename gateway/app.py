@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -25,6 +27,8 @@ from gateway.routes import batches, events, jobs, models, openai, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings) -> FastAPI:
     """A gateway for `settings`; its Redis connections open with the app and close with it."""
@@ -35,8 +39,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.aredis = AsyncRedis.from_url(settings.redis_url)
         names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}
         queues = {p: Queue(name, connection=app.state.redis, serializer=JSONSerializer) for p, name in names.items()}
-        # Registered up front, so rq-dashboard lists every queue before its first job.
-        app.state.redis.sadd(queues["normal"].redis_queues_keys, *[q.key for q in queues.values()])
+        try:
+            # Registered up front, so rq-dashboard lists every queue before its first job.
+            app.state.redis.sadd(queues["normal"].redis_queues_keys, *[q.key for q in queues.values()])
+        except RedisError as exc:
+            # Start anyway: until Redis is back, every request is refused with 503 and Retry-After.
+            logger.warning("Redis unreachable at start-up: %s", exc)
         admission = Admission(app.state.aredis, settings, list(queues.values()))
         refusals = RefusalCache(settings.refusal_hold_s)
         factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}

@@ -96,3 +96,19 @@ def test_health_is_503_degraded_when_no_worker_is_alive(redis_server: RedisServe
         assert set(body["memory"]) >= {"used_percent", "available_gb", "total_gb"}
     finally:
         gateway.stop()
+
+
+def test_without_redis_the_gateway_starts_and_refuses_with_503_and_retry_after(tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    gateway = Gateway(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "data", tmp_path / "gateway.log")
+    try:
+        refused = httpx.post(gateway.base_url + "/v1/jobs", json={"model": "demo", "prompt": "hi"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "service_unavailable"
+        assert int(refused.headers["Retry-After"]) > 0
+        health = httpx.get(gateway.base_url + "/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "degraded" and "used_percent" in health.json()["memory"]
+    finally:
+        gateway.stop()

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from gateway.deps import GatewayDep, RedisDep, SettingsDep
@@ -23,7 +24,12 @@ def health(redis: RedisDep, gw: GatewayDep, settings: SettingsDep) -> JSONRespon
 
     503 when no worker is alive.
     """
-    workers = live_workers(redis)
+    try:
+        workers = live_workers(redis)
+    except RedisError as exc:
+        # The shape operators script against, even now: degraded, with this machine's memory.
+        down = {"status": "degraded", "memory": memory.snapshot(settings), "workers": [], "error": f"Redis: {exc}"}
+        return JSONResponse(down, status_code=503, headers={"Retry-After": "5"})
     reported = [w["memory"] for w in workers if isinstance(w.get("memory"), dict)]
     # The worst machine speaks for the service; with no worker, this machine's own reading.
     mem = max(reported, key=lambda m: float(m["used_percent"])) if reported else memory.snapshot(settings)
