@@ -99,12 +99,13 @@ class Admission:
                 keys.REFUSALS,
                 keys.ADMITTED,
                 self._queues_set,
-                keys.idempotency(client.id, idempotency.key) if idempotency else keys.idempotency(client.id, ""),
+                # Without a key, a name the script never writes (it only reads it when ARGV[2] is set).
+                keys.idempotency(client.id, idempotency.key if idempotency else ""),
                 *self._queue_keys,
             ],
             args=argv,
         )
-        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        outcome = text(reply[0])
         if outcome == "ok":
             return Admitted(rate=RateState(limit=int(reply[1]), remaining=int(reply[2]), reset_s=int(reply[3]) / 1000))
         if outcome == "duplicate":

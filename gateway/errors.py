@@ -56,7 +56,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MlxqError)
     async def on_mlxq_error(request: Request, exc: MlxqError) -> JSONResponse:
-        if not exc.counted and exc.status_code < 500 and _is_submission(request):
+        if exc.refusal and not exc.counted and _is_submission(request):
             await count_refusal(app, exc.code)
         return error_response(exc)
 

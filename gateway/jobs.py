@@ -6,7 +6,7 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import uuid4
 
@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from shared import job_stream, keys
-from shared.errors import JobAlreadyEnded, JobNotFound
+from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
 
@@ -146,9 +146,9 @@ def view(job: Job, redis: Redis) -> JobView:
         id=job.id,
         status=status,
         model=job.meta.get("model"),
-        created_at=_aware(job.created_at),
-        started_at=_aware(job.started_at),
-        ended_at=_aware(job.ended_at),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
         position=_position(job, redis) if status == "queued" else None,
         attempts=int(job.meta.get("crash_attempts", 0)),
         result=result,
@@ -177,8 +177,7 @@ def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
         except InvalidJobOperation:
             pass  # canceled by someone else in the meantime
         else:
-            error = {"message": "The job was canceled before it started", "type": "invalid_request_error",
-                     "code": "canceled", "param": None}  # fmt: skip
+            error = GenerationCanceled("The job was canceled before it started").to_dict()
             job_stream.end(redis, job.id, "canceled", stream_ttl_s, error=error)
         return
     try:
@@ -193,9 +192,3 @@ def _error_from_traceback(job: Job) -> dict[str, Any]:
     text = (result.exc_string or "") if result else ""
     last = text.strip().splitlines()[-1] if text.strip() else "the job failed without an error message"
     return {"message": last, "type": "server_error", "code": "job_failed", "param": None}
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

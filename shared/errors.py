@@ -17,6 +17,8 @@ class MlxqError(Exception):
     status_code: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
+    refusal: ClassVar[bool] = False
+    """True for errors that turn work away before it is taken: these are counted by reason."""
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -44,6 +46,7 @@ class InvalidRequest(MlxqError):
     status_code = 422
     error_type = "invalid_request_error"
     code = "invalid_request"
+    refusal = True
 
 
 class ModelNotFound(MlxqError):
@@ -52,6 +55,7 @@ class ModelNotFound(MlxqError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+    refusal = True
 
 
 class JobNotFound(MlxqError):
@@ -76,6 +80,7 @@ class Unauthorized(MlxqError):
     status_code = 401
     error_type = "invalid_request_error"
     code = "invalid_api_key"
+    refusal = True
 
     def headers(self) -> dict[str, str]:
         return {**super().headers(), "WWW-Authenticate": "Bearer"}
@@ -87,6 +92,7 @@ class RequestTooLarge(MlxqError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+    refusal = True
 
 
 class CircuitOpen(MlxqError):
@@ -94,6 +100,7 @@ class CircuitOpen(MlxqError):
 
     status_code = 503
     code = "circuit_open"
+    refusal = True
 
 
 class InsufficientMemory(MlxqError):
@@ -101,6 +108,7 @@ class InsufficientMemory(MlxqError):
 
     status_code = 503
     code = "insufficient_memory"
+    refusal = True
 
 
 class RateLimited(MlxqError):
@@ -109,6 +117,7 @@ class RateLimited(MlxqError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limited"
+    refusal = True
 
 
 class TooManyInflight(MlxqError):
@@ -117,6 +126,7 @@ class TooManyInflight(MlxqError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "too_many_inflight"
+    refusal = True
 
 
 class QueueFull(MlxqError):
@@ -124,6 +134,7 @@ class QueueFull(MlxqError):
 
     status_code = 503
     code = "queue_full"
+    refusal = True
 
 
 class IdempotencyConflict(MlxqError):
@@ -132,6 +143,7 @@ class IdempotencyConflict(MlxqError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "idempotency_conflict"
+    refusal = True
 
 
 class JobWaitTimeout(MlxqError):

@@ -16,10 +16,6 @@ def worker_heartbeat(worker_name: str) -> str:
     return f"{PREFIX}:worker:{worker_name}:heartbeat"
 
 
-def worker_heartbeat_pattern() -> str:
-    return f"{PREFIX}:worker:*:heartbeat"
-
-
 def worker_commands(worker_name: str) -> str:
     """List of JSON commands for one worker (e.g. unload a model), drained by its monitor thread."""
     return f"{PREFIX}:worker:{worker_name}:commands"

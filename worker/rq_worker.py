@@ -174,12 +174,13 @@ class MlxqWorker(SimpleWorker):
 
     def _beat(self) -> None:
         snapshot = memory.snapshot(self.settings)
+        active = self.engine.active_job_ids()
         record = {
             "name": self.name,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "state": "busy" if self.engine.active_job_ids() else "idle",
-            "jobs": self.engine.active_job_ids(),
+            "state": "busy" if active else "idle",
+            "jobs": active,
             "engine_alive": self.engine.alive,
             "engine_state": self.engine.state,
             "progress_age_s": round(time.monotonic() - self.engine.progress_at, 2),

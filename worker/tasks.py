@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -116,7 +115,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
 
     queued_s = 0.0
     if job.enqueued_at and job.started_at:
-        queued_s = max(0.0, (_aware(job.started_at) - _aware(job.enqueued_at)).total_seconds())
+        queued_s = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
     result = GenerationResult(
         text=outcome.text,
         finish_reason=outcome.finish_reason,
@@ -158,7 +157,3 @@ def _record_error(job: Any, error: MlxqError) -> None:
     """Keep the error's OpenAI-style dict on the job so a poll can show it as is."""
     job.meta["error"] = error.to_dict()
     job.save_meta()
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

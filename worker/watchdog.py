@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -55,7 +55,7 @@ class Slot:
     kill_at: float | None = None
     """While stopping a worker: when SIGTERM's grace runs out and SIGKILL follows."""
     hung: str | None = None
-    history: list[float] = field(default_factory=list)
+    starts: int = 0
 
 
 class Watchdog:
@@ -112,7 +112,7 @@ class Watchdog:
             return
         if record.state == CircuitState.HALF_OPEN and any(s.process and s.ready_at is None for s in self.slots):
             return  # one trial at a time
-        restart = bool(slot.history)
+        restart = slot.starts > 0
         if restart:
             allowed = self.policy.earliest(now)
             if allowed > now:
@@ -129,7 +129,7 @@ class Watchdog:
         slot.probe_failures = 0
         slot.kill_at = None
         slot.hung = None
-        slot.history.append(now)
+        slot.starts += 1
         events.emit(self.redis, "worker_started", worker=slot.name, pid=slot.process.pid, slot=slot.index)
         if restart:
             events.emit(self.redis, "worker_restarted", worker=slot.name, slot=slot.index, failures=slot.failures)
