@@ -35,13 +35,22 @@ mlx_extra() {
 }
 
 # ensure_venv EXTRA...: create the venv and install mlxq with those extras, unless
-# the same pyproject.toml and extras were installed before.
+# the same pyproject.toml was installed before with at least those extras (so that
+# scripts/run after scripts/test, or the other way round, installs nothing).
 ensure_venv() {
-  local extras python stamp want
-  extras="$(IFS=,; echo "$*" | sed 's/^,*//; s/,*$//; s/,,*/,/g')"
-  want="$( (cat "$MLXQ_ROOT/pyproject.toml"; echo "extras=$extras") | cksum)"
+  local python stamp project have want extra missing=""
   stamp="$VENV/.mlxq-installed"
-  if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  project="$(cksum < "$MLXQ_ROOT/pyproject.toml")"
+  have=""
+  if [ -x "$VENV/bin/python" ] && [ "$(head -n 1 "$stamp" 2>/dev/null)" = "$project" ]; then
+    have="$(sed -n 2p "$stamp")"
+  fi
+  want="$have"
+  for extra in "$@"; do
+    [ -n "$extra" ] || continue
+    case ",$have," in *",$extra,"*) ;; *) missing="$missing $extra"; want="${want:+$want,}$extra" ;; esac
+  done
+  if [ -x "$VENV/bin/python" ] && [ "$(head -n 1 "$stamp" 2>/dev/null)" = "$project" ] && [ -z "$missing" ]; then
     return 0
   fi
   if [ ! -x "$VENV/bin/python" ]; then
@@ -49,10 +58,10 @@ ensure_venv() {
     say "creating $VENV with $python"
     "$python" -m venv "$VENV"
   fi
-  say "installing mlxq${extras:+[$extras]} into $VENV"
+  say "installing mlxq${want:+[$want]} into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$MLXQ_ROOT${extras:+[$extras]}"
-  echo "$want" > "$stamp"
+  "$VENV/bin/python" -m pip install --quiet -e "$MLXQ_ROOT${want:+[$want]}"
+  printf '%s\n%s\n' "$project" "$want" > "$stamp"
 }
 
 # Prints a redis-server to use: one on PATH, else one installed into the venv

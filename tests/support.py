@@ -75,14 +75,14 @@ class RedisServer:
 
 
 class Process:
-    """A `python -m <module>` child with its output in a log file."""
+    """A `python -m <module>` child (or, given `command`, that command) with its output in a log file."""
 
-    def __init__(self, module: str, env: dict[str, str], log: Path) -> None:
+    def __init__(self, module: str, env: dict[str, str], log: Path, command: list[str] | None = None) -> None:
         self.module = module
         self.log = log
         self._log_handle = log.open("ab")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", module],
+            command or [sys.executable, "-m", module],
             cwd=ROOT,
             env=env,
             stdout=self._log_handle,

@@ -103,7 +103,8 @@ def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_on
     port = free_port()
     env = {**service_env(ops.env["MLXQ_REDIS_URL"], data_dir), "MLXQ_DASHBOARD_PORT": str(port)}
     env["MLXQ_DASHBOARD_PASSWORD"] = "s3cret"
-    dashboard = Process("gateway.dashboard", env, tmp_path / "dashboard.log")
+    # The way a person starts it: scripts/dashboard (which finds the venv scripts/test set up).
+    dashboard = Process("scripts/dashboard", env, tmp_path / "dashboard.log", ["bash", "scripts/dashboard"])
     base = f"http://127.0.0.1:{port}"
     auth = ("mlxq", "s3cret")
     try:
