@@ -4,13 +4,19 @@
 -- KEYS[1]  circuit record (hash: state, next_trial_at_ms)
 -- KEYS[2]  worker memory reports (hash: worker -> "used_percent at_ms")
 -- KEYS[3]  this client's rate window (zset: request id -> admitted at, ms)
--- KEYS[4]  this client's in-flight jobs (zset: job id -> admitted at, ms)
+-- KEYS[4]  this client's in-flight jobs of this request's tier (zset: job id -> admitted at, ms)
 -- KEYS[5]  recent job ends (zset: job id -> ended at, ms), written by workers
 -- KEYS[6]  refusal counters (hash: reason -> count)
 -- KEYS[7]  admission counter
 -- KEYS[8]  RQ's set of queue keys
 -- KEYS[9]  this request's Idempotency-Key record ("hash id"), or a key never written when there is none
--- KEYS[10..] every queue whose depth counts towards the limit
+-- KEYS[10] the batch record to write, or a key never written when this is not a batch
+-- KEYS[11] batch-tier owners (hash: job id -> client tag)
+-- KEYS[12] batch-tier ring (list of client tags with waiting jobs, in serving order)
+-- KEYS[13] this client's batch-tier turns (list of its waiting job ids)
+-- KEYS[14] batch-tier wake list (a worker blocks on it)
+-- KEYS[15] open batches (set of batch ids)
+-- KEYS[16..] every queue whose depth counts towards the limit
 --
 -- Limits are not arguments: Admission writes them into the script as constants
 -- (`{{name}}` below), one fewer thing to pack and send per request.
@@ -18,7 +24,13 @@
 -- ARGV[1] number of jobs n
 -- ARGV[2] the request's hash for its Idempotency-Key ("" when there is none); ARGV[3] the id to
 --         remember for it (a job's or a batch's); ARGV[4] how long to remember it, ms
--- ARGV[5..] one argument per job, netstrings ("len:bytes,") of its id,
+-- ARGV[5] the tier: "single" (interactive and normal jobs) or "batch" (served in turns by client)
+-- ARGV[6] the client's tag in the batch-tier ring
+-- ARGV[7] the request's id in the rate window: a request counts once, however many jobs it has
+-- ARGV[8] the batch id ("" when this is not a batch); ARGV[9] its record (JSON)
+-- ARGV[10] a deferred job (the batch's synthesis) as netstrings: id, deferred registry key,
+--          hash field/value pairs; "" when there is none
+-- ARGV[11..] one argument per job, netstrings ("len:bytes,") of its id,
 --          queue key and hash field/value pairs (one argument, not dozens: redis-py packs
 --          commands in time quadratic in their argument count)
 --
@@ -32,7 +44,6 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local rate_limit = {{rate_limit}}            -- requests per window
 local rate_window = {{rate_window_ms}}
-local max_inflight = {{max_inflight}}        -- jobs per client, queued or running
 local max_queued = {{max_queued}}            -- jobs in all counted queues
 local emergency = {{emergency_percent}}      -- memory used, percent
 local fresh_ms = {{fresh_ms}}                -- a memory report older than this is from a dead worker
@@ -41,7 +52,13 @@ local fallback_retry = {{fallback_retry_s}}  -- Retry-After when nothing drained
 local memory_retry = {{memory_retry_s}}
 local job_prefix = "{{job_prefix}}"
 local inflight_ttl = {{inflight_ttl_ms}}
+local wake_max = {{wake_max}}
 local n = tonumber(ARGV[1])
+local tier = ARGV[5]
+local max_inflight = {{max_inflight}}        -- single-tier jobs per client, queued or running
+if tier == "batch" then
+  max_inflight = {{max_batch_inflight}}      -- batch-tier jobs per client, queued or running
+end
 
 local function netstrings(packed)
   local out, i = {}, 1
@@ -109,25 +126,29 @@ if fresh > 0 and critical == fresh then
   return refuse("insufficient_memory", memory_retry, worst, emergency)
 end
 
--- 5. per-client rate, a sliding window of admitted requests
-redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", now - rate_window)
-local used = redis.call("ZCARD", KEYS[3])
-if used + n > rate_limit then
-  local free_at
-  if n > rate_limit then
-    free_at = now + rate_window
-  else
-    -- the (used + n - limit)-th oldest admission must leave the window
-    local entry = redis.call("ZRANGE", KEYS[3], used + n - rate_limit - 1, used + n - rate_limit - 1, "WITHSCORES")
-    free_at = tonumber(entry[2]) + rate_window
+-- 5-7 are all looked at, and a refusal names the one that frees last: its Retry-After is
+-- then the earliest moment at which every limit lets this request through.
+local worst_refusal = nil
+local function consider(reason, retry_after, a, b)
+  if worst_refusal == nil or retry_after > worst_refusal[2] then
+    worst_refusal = {reason, retry_after, a, b}
   end
-  local newest = redis.call("ZRANGE", KEYS[3], -1, -1, "WITHSCORES")
-  local reset = newest[2] and (tonumber(newest[2]) + rate_window - now) or 0
-  return refuse("rate_limited", (free_at - now) / 1000, math.max(0, rate_limit - used), reset)
 end
 
--- 6. per-client in-flight cap. Members of jobs that have ended (or expired) are dropped
--- lazily: the two oldest on every call, all of them only when the cap would refuse, so
+-- 5. per-client rate, a sliding window of admitted requests (a batch is one request)
+redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", now - rate_window)
+local used = redis.call("ZCARD", KEYS[3])
+if used + 1 > rate_limit then
+  -- the (used + 1 - limit)-th oldest admission must leave the window
+  local entry = redis.call("ZRANGE", KEYS[3], used - rate_limit, used - rate_limit, "WITHSCORES")
+  local free_at = tonumber(entry[2]) + rate_window
+  local newest = redis.call("ZRANGE", KEYS[3], -1, -1, "WITHSCORES")
+  local reset = newest[2] and (tonumber(newest[2]) + rate_window - now) or 0
+  consider("rate_limited", (free_at - now) / 1000, math.max(0, rate_limit - used), reset)
+end
+
+-- 6. per-client in-flight cap of this tier. Members of jobs that have ended (or expired) are
+-- dropped lazily: the two oldest on every call, all of them only when the cap would refuse, so
 -- the work per call stays bounded by the cap, not by how much the client ever sent.
 local function ended(id)
   local status = redis.call("HGET", job_prefix .. id, "status")
@@ -146,32 +167,56 @@ if inflight + n > max_inflight then
   inflight = redis.call("ZCARD", KEYS[4])
 end
 if inflight + n > max_inflight then
-  return refuse("too_many_inflight", drain_eta(inflight + n - max_inflight), inflight, max_inflight)
+  consider("too_many_inflight", drain_eta(inflight + n - max_inflight), inflight, max_inflight)
 end
 
 -- 7. total queue depth
 local depth = 0
-for i = 10, #KEYS do
+for i = 16, #KEYS do
   depth = depth + redis.call("LLEN", KEYS[i])
 end
 if depth + n > max_queued then
-  return refuse("queue_full", drain_eta(depth + n - max_queued), depth, max_queued)
+  consider("queue_full", drain_eta(depth + n - max_queued), depth, max_queued)
 end
 
--- admitted: write every job as RQ would and push it
-for a = 5, 4 + n do
+if worst_refusal ~= nil then
+  return refuse(worst_refusal[1], worst_refusal[2], worst_refusal[3], worst_refusal[4])
+end
+
+-- admitted: write every job as RQ would and push it; batch-tier jobs also join their
+-- client's turns, and the client joins the ring if it was not waiting already
+for a = 11, 10 + n do
   local job = netstrings(ARGV[a])
   local id, queue_key = job[1], job[2]
   redis.call("HSET", job_prefix .. id, unpack(job, 3))
   redis.call("RPUSH", queue_key, id)
   redis.call("SADD", KEYS[8], queue_key)
-  redis.call("ZADD", KEYS[3], now, id)
   redis.call("ZADD", KEYS[4], now, id)
+  if tier == "batch" then
+    redis.call("HSET", KEYS[11], id, ARGV[6])
+    if redis.call("RPUSH", KEYS[13], id) == 1 then
+      redis.call("RPUSH", KEYS[12], ARGV[6])
+    end
+  end
 end
+if tier == "batch" then
+  redis.call("RPUSH", KEYS[14], 1)
+  redis.call("LTRIM", KEYS[14], -wake_max, -1)
+end
+if ARGV[8] ~= "" then
+  redis.call("SET", KEYS[10], ARGV[9], "PX", inflight_ttl)
+  redis.call("SADD", KEYS[15], ARGV[8])
+end
+if ARGV[10] ~= "" then
+  local job = netstrings(ARGV[10])
+  redis.call("HSET", job_prefix .. job[1], unpack(job, 3))
+  redis.call("ZADD", job[2], now / 1000, job[1])
+end
+redis.call("ZADD", KEYS[3], now, ARGV[7])
 redis.call("PEXPIRE", KEYS[3], rate_window)
 redis.call("PEXPIRE", KEYS[4], inflight_ttl)
 redis.call("INCRBY", KEYS[7], n)
 if idem_hash ~= "" then
   redis.call("SET", KEYS[9], idem_hash .. " " .. ARGV[3], "PX", ARGV[4])
 end
-return {"ok", rate_limit, rate_limit - used - n, rate_window}
+return {"ok", rate_limit, rate_limit - used - 1, rate_window}

@@ -22,6 +22,11 @@ class Client:
 
     id: str
 
+    @cached_property
+    def tag(self) -> str:
+        """A short name for the client in batch-tier keys (never the address or key itself)."""
+        return hashlib.sha256(self.id.encode()).hexdigest()[:12]
+
 
 class ClientResolver:
     """Authenticates requests and names their client, by the settings' keys and proxies."""

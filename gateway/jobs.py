@@ -52,6 +52,15 @@ class PreparedJob:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class DeferredJob:
+    """A job written with the request but queued later by someone else (a batch's synthesis)."""
+
+    id: str
+    registry_key: str
+    fields: list[bytes]
+
+
 class JobFactory:
     """Builds RQ job hashes for generation requests, one template per queue.
 
@@ -113,6 +122,35 @@ class JobFactory:
             words = text.split()
             description += f' prompt="{" ".join(words[:8])}{" …" if len(words) > 8 else ""}"'
         return description
+
+
+def deferred_job(
+    queue: Queue,
+    func: str,
+    args: list[Any],
+    *,
+    job_id: str,
+    settings: Settings,
+    description: str,
+    meta: dict[str, Any],
+) -> DeferredJob:
+    """An RQ job hash in the deferred state, for the admission script to write; queued later by
+    whoever records the last of what it waits for."""
+    job = queue.create_job(
+        func,
+        args=args,
+        job_id=job_id,
+        timeout=settings.job_timeout_s,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.failure_ttl_s,
+        description=description,
+        meta=meta,
+        status=RQStatus.DEFERRED,
+    )
+    fields = [
+        part for name, value in job.to_dict().items() if value is not None for part in (name.encode(), _encoded(value))
+    ]
+    return DeferredJob(job.id, queue.deferred_job_registry.key, fields)
 
 
 def _encoded(value: object) -> bytes:

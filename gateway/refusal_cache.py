@@ -6,7 +6,10 @@ says so once, this gateway repeats it for up to `hold_s` (never past the
 refusal's own Retry-After) without building the job or calling Redis, and
 counts those refusals locally, flushing the counts to Redis every second.
 Authentication and the request's own shape are still checked first, in order.
-Admission itself stays exact: only refusals are cached, and only briefly.
+Admission itself stays exact: only refusals are cached, and only briefly, and a
+held refusal answers only a request it certainly applies to: a capacity refusal
+(queue depth, in-flight cap) only one of the same tier with no fewer jobs, since
+a smaller request may well fit where a wide batch did not.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ logger = logging.getLogger(__name__)
 PER_CLIENT = frozenset({"rate_limited", "too_many_inflight"})
 """Refusals about one client; the others (queue, circuit, memory) apply to everyone."""
 
+BY_SIZE = frozenset({"too_many_inflight", "queue_full"})
+"""Refusals that depend on how many jobs the request has (and, for the in-flight cap, its tier)."""
+
 MAX_CLIENTS = 10_000
 """Remembered per-client refusals, at most; beyond it the oldest are forgotten."""
 
@@ -36,6 +42,13 @@ class _Held:
     error: MlxqError
     until: float
     retry_at: float
+    tier: str
+    count: int
+
+    def applies_to(self, tier: str, count: int) -> bool:
+        if self.error.code not in BY_SIZE:
+            return True
+        return count >= self.count and (tier == self.tier or self.error.code == "queue_full")
 
 
 class RefusalCache:
@@ -45,12 +58,12 @@ class RefusalCache:
         self._clients: dict[str, _Held] = {}
         self._uncounted: Counter[str] = Counter()
 
-    def remember(self, client_id: str, error: MlxqError) -> None:
-        """Keep a refusal the admission script just made."""
+    def remember(self, client_id: str, error: MlxqError, tier: str, count: int) -> None:
+        """Keep a refusal the admission script just made for a request of `count` jobs of `tier`."""
         if self.hold_s <= 0 or error.retry_after_s is None:
             return
         now = time.monotonic()
-        held = _Held(error, now + min(self.hold_s, error.retry_after_s), now + error.retry_after_s)
+        held = _Held(error, now + min(self.hold_s, error.retry_after_s), now + error.retry_after_s, tier, count)
         if error.code in PER_CLIENT:
             if len(self._clients) >= MAX_CLIENTS:
                 self._clients.pop(next(iter(self._clients)))
@@ -58,13 +71,14 @@ class RefusalCache:
         else:
             self._global = held
 
-    def check(self, client_id: str) -> MlxqError | None:
-        """A refusal to repeat for this client now, with its Retry-After counted down, or None."""
+    def check(self, client_id: str, tier: str, count: int) -> MlxqError | None:
+        """A refusal to repeat for this client's request of `count` jobs of `tier` now, with its
+        Retry-After counted down, or None."""
         now = time.monotonic()
-        held = self._global if self._global is not None and self._global.until > now else None
-        if held is None:
+        held = self._global
+        if held is None or held.until <= now or not held.applies_to(tier, count):
             held = self._clients.get(client_id)
-            if held is None or held.until <= now:
+            if held is None or held.until <= now or not held.applies_to(tier, count):
                 return None
         original = held.error
         error = type(original)(original.message, param=original.param, retry_after_s=math.ceil(held.retry_at - now))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fastapi import Request
 
-from gateway.admission import Idempotency, RateState
+from gateway.admission import BatchWrite, Idempotency, RateState, Tier
 from gateway.clients import Client
 from gateway.deps import Gateway
 from gateway.jobs import PreparedJob
@@ -74,11 +74,17 @@ async def admit(
     idem: Idempotency | None = None,
     metas: list[dict[str, Any]] | None = None,
     job_ids: list[str] | None = None,
+    batch: BatchWrite | None = None,
 ) -> Submitted:
-    """Check, then enqueue every request as a job in the priority's queue, or none of them."""
+    """Check, then enqueue every request as a job in the priority's queue, or none of them.
+
+    Low-priority work (batch children included) is the batch tier: its own per-client cap,
+    and served in turns by client rather than first come first served."""
     for request in requests:
         gw.limits.check(request)
-    held = gw.refusals.check(client.id)
+    tier: Tier = "batch" if priority == "low" else "single"
+    gw.admission.check_size(len(requests), tier)
+    held = gw.refusals.check(client.id, tier, len(requests))
     if held is not None:
         raise held
     factory = gw.jobs[priority]
@@ -88,10 +94,11 @@ async def admit(
     ]
     if idem is not None and len(jobs) == 1 and not idem.remember_id:
         idem = Idempotency(idem.key, idem.request_hash, jobs[0].id)
+    request_id = batch.batch_id if batch else jobs[0].id
     try:
-        decided = await gw.admission.admit(client, jobs, idem)
+        decided = await gw.admission.admit(client, jobs, tier, request_id, idem, batch)
     except MlxqError as refusal:
-        gw.refusals.remember(client.id, refusal)
+        gw.refusals.remember(client.id, refusal, tier, len(jobs))
         raise
     if decided.duplicate_of is not None:
         return Submitted(ids=[decided.duplicate_of], created_at=None, rate=None, duplicate=True)

@@ -95,6 +95,23 @@ class RequestTooLarge(MlxqError):
     refusal = True
 
 
+class BatchTooLarge(MlxqError):
+    """The request has more generations than a configured limit allows at once; waiting never helps."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "batch_too_large"
+    refusal = True
+
+
+class ContextLengthExceeded(MlxqError):
+    """A prompt (a batch's filled synthesis prompt) cannot fit the model's context."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+
 class CircuitOpen(MlxqError):
     """Workers keep failing to start; nothing is admitted until the next trial start."""
 
@@ -201,6 +218,7 @@ class JobFailed(MlxqError):
         "canceled": 409,
         "job_timeout": 504,
         "invalid_request": 422,
+        "context_length_exceeded": 422,
     }
 
     def __init__(self, recorded: dict[str, Any]) -> None:

@@ -51,9 +51,29 @@ def client_rate(client_id: str) -> str:
     return f"{PREFIX}:client:{client_id}:rate"
 
 
-def client_inflight(client_id: str) -> str:
-    """Sorted set: job id -> admitted at (ms); a client's queued or running jobs. TTL = result TTL."""
-    return f"{PREFIX}:client:{client_id}:inflight"
+def client_inflight(client_id: str, tier: str) -> str:
+    """Sorted set: job id -> admitted at (ms); a client's queued or running jobs of one tier (`single`
+    or `batch`, each with its own cap). TTL = result TTL."""
+    return f"{PREFIX}:client:{client_id}:inflight:{tier}"
+
+
+BATCH_OWNERS = f"{PREFIX}:batch-tier:owners"
+"""Hash: job id -> client tag, for jobs in the batch queue that wait their client's turn."""
+
+BATCH_RING = f"{PREFIX}:batch-tier:ring"
+"""List of client tags with jobs waiting in the batch queue, in serving order (round robin)."""
+
+
+def batch_turns(client_tag: str) -> str:
+    """List of one client's job ids in the batch queue, oldest first."""
+    return f"{PREFIX}:batch-tier:turns:{client_tag}"
+
+
+BATCH_WAKE = f"{PREFIX}:batch-tier:wake"
+"""List a worker blocks on (with the other queues) to hear that batch work arrived."""
+
+BATCH_WAKE_MAX = 16
+"""Wake tokens kept; an idle worker needs one, a busy one looks anyway."""
 
 
 EVENTS = f"{PREFIX}:events"
@@ -71,6 +91,20 @@ def job_stream(job_id: str) -> str:
 def batch(batch_id: str) -> str:
     """JSON record of a batch: its children (job ids, custom ids) and its synthesis job. TTL = result TTL."""
     return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_ended(batch_id: str) -> str:
+    """Hash: custom id -> 1 for each child whose end is recorded (field "" once all have ended)."""
+    return f"{PREFIX}:batch:{batch_id}:ended"
+
+
+def batch_stream(batch_id: str) -> str:
+    """Stream of a batch's progress: one `child` entry as each child ends, then `children_done` or `end`."""
+    return f"{PREFIX}:batch:{batch_id}:stream"
+
+
+OPEN_BATCHES = f"{PREFIX}:batches:open"
+"""Set of batch ids whose children have not all ended; swept by the watchdog for ends nobody recorded."""
 
 
 def idempotency(client_id: str, key: str) -> str:

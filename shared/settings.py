@@ -36,17 +36,27 @@ class Settings(BaseSettings):
     openai_wait_s: float = Field(default=600.0, description="a non-streaming call waits this long, then 504 + job id")
     stream_ttl_s: int = Field(default=3600, description="a job's token stream is kept this long after it ends")
     idempotency_ttl_s: int = Field(default=24 * 3600, description="how long an Idempotency-Key is remembered")
-    max_batch_requests: int = Field(default=256, description="children one batch may have")
+    max_batch_requests: int = Field(default=256, ge=1, description="children one batch may have")
+    batch_sweep_interval_s: float = Field(
+        default=5.0, description="how often the watchdog looks for batches whose children ended unrecorded"
+    )
 
     api_keys: CommaList = Field(default=[], description="when set, every /v1 request needs one as a Bearer token")
     trusted_proxies: CommaList = Field(
         default=[], description="addresses or networks whose X-Forwarded-For is believed"
     )
     max_body_bytes: int = 4 * 1024 * 1024
-    rate_limit_requests: int = Field(default=30, description="submissions per client per window")
+    rate_limit_requests: int = Field(default=30, ge=1, description="submissions per client per window")
     rate_limit_window_s: int = 60
-    max_inflight_per_client: int = Field(default=20, description="jobs one client may have queued or running")
-    max_queued: int = Field(default=100, description="queued jobs, all queues together, before 503 queue_full")
+    max_inflight_per_client: int = Field(
+        default=20, ge=1, description="interactive and normal jobs one client may have queued or running"
+    )
+    max_batch_inflight_per_client: int = Field(
+        default=512, ge=1, description="batch children (and low-priority jobs) one client may have queued or running"
+    )
+    max_queued: int = Field(
+        default=1024, ge=1, description="generations waiting in all queues together before 503 queue_full"
+    )
     drain_window_s: int = Field(default=300, description="how far back job ends count for the drain rate")
     refusal_hold_s: float = Field(
         default=0.5, description="a gateway repeats a refusal from memory this long (0: always ask Redis)"

@@ -13,7 +13,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.admission import Admission, Admitted, Idempotency, RateState
+from gateway.admission import Admission, Admitted, Idempotency, RateState, Tier
 from gateway.clients import Client
 from gateway.jobs import JobFactory, PreparedJob
 from shared import circuit, keys
@@ -43,26 +43,29 @@ class Harness:
     def job(self) -> PreparedJob:
         return JobFactory(self.queue, self.settings).build(GenerateRequest(model="demo", prompt="hi"))
 
-    def admit(self, client: Client, count: int = 1, idem: Idempotency | None = None) -> RateState:
-        decided = self.decide(client, count, idem)
+    def admit(
+        self, client: Client, count: int = 1, idem: Idempotency | None = None, tier: Tier = "single"
+    ) -> RateState:
+        decided = self.decide(client, count, idem, tier)
         assert decided.rate is not None
         return decided.rate
 
-    def decide(self, client: Client, count: int = 1, idem: Idempotency | None = None) -> Admitted:
+    def decide(
+        self, client: Client, count: int = 1, idem: Idempotency | None = None, tier: Tier = "single"
+    ) -> Admitted:
         async def run() -> Admitted:
             aredis = AsyncRedis.from_url(self.settings.redis_url)
+            jobs = [self.job() for _ in range(count)]
             try:
-                return await Admission(aredis, self.settings, [self.queue]).admit(
-                    client, [self.job() for _ in range(count)], idem
-                )
+                return await Admission(aredis, self.settings, [self.queue]).admit(client, jobs, tier, jobs[0].id, idem)
             finally:
                 await aredis.aclose()
 
         return asyncio.run(run())
 
-    def refusal(self, client: Client, count: int = 1) -> MlxqError:
+    def refusal(self, client: Client, count: int = 1, tier: Tier = "single") -> MlxqError:
         with pytest.raises(MlxqError) as caught:
-            self.admit(client, count)
+            self.admit(client, count, tier=tier)
         return caught.value
 
     def refusals(self) -> dict[str, int]:
@@ -105,11 +108,41 @@ def test_rate_limit_refuses_with_retry_after_and_headers(harness: Harness) -> No
     assert harness.refusals() == {"rate_limited": 1}
 
 
-def test_a_batch_counts_every_job_and_is_all_or_nothing(harness: Harness) -> None:
-    assert isinstance(harness.refusal(ALICE, count=4), RateLimited)
-    assert harness.queue.count == 0
-    harness.admit(ALICE, count=3)
-    assert harness.queue.count == 3
+def test_a_batch_is_one_request_for_the_rate_window_and_every_job_for_capacity(scratch_redis_url: str) -> None:
+    h = Harness(scratch_redis_url, rate_limit_requests=3, max_batch_inflight_per_client=100, max_queued=10)
+    state = h.admit(ALICE, count=4, tier="batch")
+    assert (state.limit, state.remaining) == (3, 2)
+    assert h.queue.count == 4
+    h.admit(ALICE, count=5, tier="batch")
+    # 9 queued: a 2-wide batch would pass the rate window but not the queue depth, and is refused whole.
+    refusal = h.refusal(ALICE, count=2, tier="batch")
+    assert isinstance(refusal, QueueFull)
+    assert "adds 2" in refusal.message
+    assert h.queue.count == 9
+    h.admit(ALICE, count=1, tier="batch")
+    assert isinstance(h.refusal(ALICE, tier="batch"), RateLimited)
+
+
+def test_each_tier_has_its_own_in_flight_cap(scratch_redis_url: str) -> None:
+    h = Harness(
+        scratch_redis_url, rate_limit_requests=100, max_inflight_per_client=2, max_batch_inflight_per_client=5
+    )
+    h.admit(ALICE, count=5, tier="batch")
+    h.admit(ALICE)
+    h.admit(ALICE)
+    assert isinstance(h.refusal(ALICE), TooManyInflight)
+    refusal = h.refusal(ALICE, tier="batch")
+    assert isinstance(refusal, TooManyInflight)
+    assert "5 batch jobs" in refusal.message and "limit is 5" in refusal.message
+
+
+def test_a_refusal_names_the_limit_that_frees_last(scratch_redis_url: str) -> None:
+    h = Harness(scratch_redis_url, rate_limit_requests=1, max_queued=1, queue_full_fallback_retry_after_s=5)
+    h.admit(ALICE)
+    # Over the rate (free in ~60 s) and over the queue depth (fallback 5 s): the later one answers.
+    refusal = h.refusal(ALICE)
+    assert isinstance(refusal, RateLimited)
+    assert refusal.retry_after_s is not None and refusal.retry_after_s > 5
 
 
 def test_in_flight_cap_counts_queued_jobs_and_forgets_ended_ones(scratch_redis_url: str) -> None:
@@ -139,7 +172,7 @@ def test_queue_full_retry_after_follows_the_measured_drain_rate(scratch_redis_ur
     refusal = h.refusal(ALICE, count=3)  # three over the limit
     assert isinstance(refusal, QueueFull)
     assert refusal.retry_after_s == 2  # ceil(3 / 2 per s)
-    assert "2 jobs" in refusal.message
+    assert "2 generations" in refusal.message
     assert h.refusals()["queue_full"] == 2
 
 

@@ -10,46 +10,46 @@ from redis.asyncio import Redis as AsyncRedis
 
 from gateway.refusal_cache import RefusalCache
 from shared import keys
-from shared.errors import CircuitOpen, QueueFull, RateLimited
+from shared.errors import CircuitOpen, QueueFull, RateLimited, TooManyInflight
 
 
 def test_a_global_refusal_is_repeated_to_every_client_until_the_hold_ends() -> None:
     cache = RefusalCache(hold_s=0.2)
-    cache.remember("alice", QueueFull("full", retry_after_s=7))
-    repeated = cache.check("bob")
+    cache.remember("alice", QueueFull("full", retry_after_s=7), "single", 1)
+    repeated = cache.check("bob", "single", 1)
     assert isinstance(repeated, QueueFull)
     assert repeated.retry_after_s == 7
     assert repeated.counted
     time.sleep(0.25)
-    assert cache.check("bob") is None
+    assert cache.check("bob", "single", 1) is None
 
 
 def test_a_per_client_refusal_is_repeated_only_to_that_client() -> None:
     cache = RefusalCache(hold_s=5)
     refusal = RateLimited("slow down", retry_after_s=2)
     refusal.extra_headers = {"x-ratelimit-remaining-requests": "0"}
-    cache.remember("alice", refusal)
-    assert cache.check("bob") is None
-    repeated = cache.check("alice")
+    cache.remember("alice", refusal, "single", 1)
+    assert cache.check("bob", "single", 1) is None
+    repeated = cache.check("alice", "single", 1)
     assert isinstance(repeated, RateLimited)
     assert repeated.headers()["x-ratelimit-remaining-requests"] == "0"
 
 
 def test_the_hold_never_outlasts_retry_after_and_zero_turns_it_off() -> None:
     cache = RefusalCache(hold_s=60)
-    cache.remember("alice", CircuitOpen("open", retry_after_s=1))
+    cache.remember("alice", CircuitOpen("open", retry_after_s=1), "single", 1)
     time.sleep(1.05)
-    assert cache.check("alice") is None
+    assert cache.check("alice", "single", 1) is None
     off = RefusalCache(hold_s=0)
-    off.remember("alice", CircuitOpen("open", retry_after_s=30))
-    assert off.check("alice") is None
+    off.remember("alice", CircuitOpen("open", retry_after_s=30), "single", 1)
+    assert off.check("alice", "single", 1) is None
 
 
 def test_repeated_refusals_reach_the_shared_counters_on_flush(scratch_redis_url: str) -> None:
     cache = RefusalCache(hold_s=5)
-    cache.remember("alice", QueueFull("full", retry_after_s=3))
+    cache.remember("alice", QueueFull("full", retry_after_s=3), "single", 1)
     for _ in range(4):
-        assert cache.check("alice") is not None
+        assert cache.check("alice", "single", 1) is not None
 
     async def flush() -> None:
         redis = AsyncRedis.from_url(scratch_redis_url)
@@ -59,3 +59,19 @@ def test_repeated_refusals_reach_the_shared_counters_on_flush(scratch_redis_url:
 
     asyncio.run(flush())
     assert Redis.from_url(scratch_redis_url).hget(keys.REFUSALS, "queue_full") == b"4"
+
+
+def test_a_held_capacity_refusal_answers_only_requests_it_certainly_applies_to() -> None:
+    cache = RefusalCache(hold_s=5)
+    cache.remember("alice", TooManyInflight("25 more than fit", retry_after_s=30), "batch", 25)
+    # A smaller batch, a single job, or a job of the other tier may well fit: they go to Redis.
+    assert cache.check("alice", "batch", 5) is None
+    assert cache.check("alice", "single", 25) is None
+    assert isinstance(cache.check("alice", "batch", 25), TooManyInflight)
+    assert isinstance(cache.check("alice", "batch", 40), TooManyInflight)
+    cache.remember("bob", QueueFull("full", retry_after_s=30), "batch", 200)
+    assert cache.check("carol", "single", 1) is None
+    assert isinstance(cache.check("carol", "single", 200), QueueFull)
+    # The rate window counts requests, whatever their size.
+    cache.remember("dave", RateLimited("slow down", retry_after_s=30), "batch", 50)
+    assert isinstance(cache.check("dave", "single", 1), RateLimited)

@@ -8,7 +8,6 @@ import socket
 
 import mlx.core as mx
 from redis import Redis
-from rq import Queue
 from rq.serializers import JSONSerializer
 
 from shared.logs import configure_logging
@@ -16,6 +15,7 @@ from shared.models import ModelRegistry
 from shared.settings import Settings
 from shared.sizing import format_bytes
 from worker import tasks
+from worker.claiming import TurnTakingQueue
 from worker.engine import Engine
 from worker.model_cache import ModelCache, device_memory_bytes
 from worker.rq_worker import MlxqWorker
@@ -38,8 +38,11 @@ def main() -> None:
     logger.info("model budget: %s", format_bytes(budget))
     engine = Engine(ModelCache(settings, budget), settings.maintenance_interval_s)
     engine.start()
-    # Highest priority first: RQ takes from the first non-empty queue in this order.
-    queues = [Queue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names]
+    # Highest priority first: the first non-empty queue in this order gives the next job (the last one,
+    # the batch tier, in turns by client).
+    queues = [
+        TurnTakingQueue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names
+    ]
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
     publisher = StreamPublisher(connection)
     worker = MlxqWorker(queues, settings=settings, engine=engine, publisher=publisher, connection=connection, name=name)

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rq import Queue, SimpleWorker
@@ -23,6 +24,7 @@ from rq.serializers import JSONSerializer
 
 from shared import events, job_stream, keys, memory, stats
 from shared.settings import Settings
+from worker.claiming import TurnTakingQueue
 from worker.engine import Engine
 from worker.reports import Reports
 from worker.streaming import StreamPublisher
@@ -34,11 +36,13 @@ class MlxqWorker(SimpleWorker):
     """An RQ worker whose jobs are generations on this process's engine."""
 
     def __init__(
-        self, queues: list[Queue], *, settings: Settings, engine: Engine, publisher: StreamPublisher, **kwargs: Any
+        self, queues: Sequence[Queue], *, settings: Settings, engine: Engine, publisher: StreamPublisher, **kwargs: Any
     ) -> None:
         # A job enqueued around the gateway gets RQ's default description, which quotes
         # its arguments (the prompt); RQ must not log it.
-        super().__init__(queues, serializer=JSONSerializer, log_job_description=False, **kwargs)
+        super().__init__(
+            queues, serializer=JSONSerializer, log_job_description=False, queue_class=TurnTakingQueue, **kwargs
+        )
         self.settings = settings
         self.engine = engine
         self.publisher = publisher
