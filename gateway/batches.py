@@ -1,10 +1,14 @@
 """Fan-out batches with an optional synthesis step (Victoria's pattern).
 
-The children are admitted together, one decision counting every child, into the
-`low` queue. The synthesis job waits on all of them through RQ's own
-dependencies (failures allowed), runs in the `normal` queue and sees every
-child's text, or a marker for a child that failed. The batch record names the
-jobs; everything else is read from RQ when the batch is looked at.
+The children are admitted together, one decision counting every child as a
+generation and the batch as one request, into the batch tier (the `low` queue,
+served in turns by client). The batch record and the synthesis job (deferred)
+are written in the same atomic step. The synthesis does not use RQ's
+dependencies, which never release a job whose dependency was canceled: each
+child's end is recorded (shared/batch_progress.py), and the last one queues the
+synthesis in the `normal` queue, where it sees every child's text, or a marker
+for a child that failed or was canceled. The batch record names the jobs;
+everything else is read from RQ when the batch is looked at.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from typing import Annotated, Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
-from rq.job import Dependency
+from rq.utils import now as rq_now
+from starlette.concurrency import run_in_threadpool
 
 from gateway import jobs, submission
+from gateway.admission import BatchWrite
 from gateway.clients import Client
 from gateway.deps import Gateway
 from gateway.openai_api import ChatCompletionRequest
 from shared import keys
-from shared.errors import InvalidRequest, JobAlreadyEnded, JobNotFound
+from shared.errors import BatchTooLarge, InvalidRequest, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest
 
 
@@ -49,10 +55,13 @@ class BatchRequest(BaseModel):
 
 
 async def create(body: BatchRequest, request: Request, client: Client, gw: Gateway) -> dict[str, Any]:
+    """Admit the children, the batch record and the deferred synthesis in one step, or none of them."""
     settings = gw.settings
     if len(body.requests) > settings.max_batch_requests:
-        raise InvalidRequest(
-            f"A batch has at most {settings.max_batch_requests} requests, not {len(body.requests)}", param="requests"
+        raise BatchTooLarge(
+            f"This batch has {len(body.requests)} requests; MLXQ_MAX_BATCH_REQUESTS allows "
+            f"{settings.max_batch_requests} per batch: split it into smaller batches",
+            param="requests",
         )
     custom_ids = [item.custom_id or str(i) for i, item in enumerate(body.requests)]
     if len(set(custom_ids)) != len(custom_ids):
@@ -65,37 +74,46 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
     batch_id = "batch_" + uuid.uuid4().hex
     job_ids = [str(uuid.uuid4()) for _ in children]
     metas = [{"batch_id": batch_id, "custom_id": custom_id} for custom_id in custom_ids]
-    idem = submission.idempotency(request, body.model_dump_json(), batch_id)
-    done = await submission.admit(gw, client, children, "low", idem, metas, job_ids)
-    redis: Redis = request.app.state.redis
-    if done.duplicate:
-        return view(redis, done.ids[0])
-
     record: dict[str, Any] = {
         "id": batch_id,
         "model": body.model,
-        "created_at": done.created_at.isoformat() if done.created_at else None,
+        "created_at": rq_now().isoformat(),
         "children": [{"job_id": j, "custom_id": c} for j, c in zip(job_ids, custom_ids, strict=True)],
         "synthesis_job_id": str(uuid.uuid4()) if synthesis else None,
+        "synthesis_queue_key": gw.queues["normal"].key,
+        "synthesis_registry_key": gw.queues["normal"].deferred_job_registry.key,
     }
-    redis.set(keys.batch(batch_id), json.dumps(record), ex=settings.result_ttl_s)
+    deferred = None
     if synthesis is not None:
-        gw.queues["normal"].enqueue(
+        deferred = jobs.deferred_job(
+            gw.queues["normal"],
             "worker.tasks.synthesize",
-            batch_id,
-            synthesis.model_dump(exclude_none=True),
+            [batch_id, synthesis.model_dump(exclude_none=True)],
             job_id=record["synthesis_job_id"],
-            depends_on=Dependency(jobs=job_ids, allow_failure=True),
-            job_timeout=settings.job_timeout_s,
-            result_ttl=settings.result_ttl_s,
-            failure_ttl=settings.failure_ttl_s,
+            settings=settings,
             description=f"synthesize batch={batch_id} model={synthesis.model}",
             meta={"model": synthesis.model, "batch_id": batch_id, "role": "synthesis"},
         )
-    return view(redis, batch_id, headers=done.headers())
+    write = BatchWrite(batch_id, json.dumps(record), deferred)
+    idem = submission.idempotency(request, body.model_dump_json(), batch_id)
+    done = await submission.admit(gw, client, children, "low", idem, metas, job_ids, batch=write)
+    if done.duplicate:
+        redis: Redis = request.app.state.redis
+        return await run_in_threadpool(view, redis, done.ids[0])
+    return {
+        "id": batch_id,
+        "object": "batch",
+        "model": body.model,
+        "created_at": record["created_at"],
+        "status": "in_progress",
+        "counts": {"total": len(children), "queued": len(children)},
+        "requests": [{"custom_id": c, "id": j, "status": "queued"} for j, c in zip(job_ids, custom_ids, strict=True)],
+        "synthesis": {"id": record["synthesis_job_id"], "status": "queued"} if synthesis else None,
+        "_headers": done.headers(),
+    }
 
 
-def _record(redis: Redis, batch_id: str) -> dict[str, Any]:
+def load_record(redis: Redis, batch_id: str) -> dict[str, Any]:
     raw = redis.get(keys.batch(batch_id))
     if raw is None:
         raise JobNotFound(f"No batch with id '{batch_id}' (it may have expired)", param="id")
@@ -105,7 +123,7 @@ def _record(redis: Redis, batch_id: str) -> dict[str, Any]:
 
 def view(redis: Redis, batch_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Counts by status, each child's status and result, and the synthesis."""
-    record = _record(redis, batch_id)
+    record = load_record(redis, batch_id)
     children = []
     for child in record["children"]:
         try:
@@ -118,6 +136,7 @@ def view(redis: Redis, batch_id: str, headers: dict[str, str] | None = None) -> 
         job = jobs.fetch(record["synthesis_job_id"], redis)
         synthesis = jobs.view(job, redis).model_dump(mode="json")
         synthesis["input_messages"] = job.meta.get("synthesis_input")
+        synthesis["truncation"] = job.meta.get("synthesis_truncation")
     counts = Counter(child["status"] for child in children)
     return {
         "id": batch_id,
@@ -145,10 +164,11 @@ def _overall(counts: Counter[str], synthesis: dict[str, Any] | None) -> str:
 
 def cancel(redis: Redis, batch_id: str, stream_ttl_s: int) -> dict[str, Any]:
     """Cancel every child and the synthesis that have not ended."""
-    record = _record(redis, batch_id)
+    record = load_record(redis, batch_id)
     ids = [child["job_id"] for child in record["children"]]
     if record.get("synthesis_job_id"):
-        ids.append(record["synthesis_job_id"])
+        # First, so that the children's ends below do not queue it.
+        ids.insert(0, record["synthesis_job_id"])
     for job_id in ids:
         try:
             jobs.cancel(jobs.fetch(job_id, redis), redis, stream_ttl_s)

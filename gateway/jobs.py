@@ -19,7 +19,7 @@ from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
-from shared import job_stream, keys
+from shared import batch_progress, keys
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
@@ -216,7 +216,7 @@ def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
             pass  # canceled by someone else in the meantime
         else:
             error = GenerationCanceled("The job was canceled before it started").to_dict()
-            job_stream.end(redis, job.id, "canceled", stream_ttl_s, error=error)
+            batch_progress.job_ended(redis, job, "canceled", stream_ttl_s, error=error)
         return
     try:
         send_stop_job_command(redis, job.id, serializer=JSONSerializer)

@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.job_lifecycle import record_job_failure
 from rq.serializers import JSONSerializer
 
-from shared import events, job_stream, keys, stats
+from shared import batch_progress, events, job_stream, keys, stats
 from shared.errors import WorkerCrashed
 from shared.text import text
 
@@ -69,7 +69,7 @@ def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempt
             record_job_failure(job, f"WorkerCrashed: {error.message}", pipe)
             pipe.execute()
         queue.enqueue_dependents(job)
-        job_stream.end(redis, job.id, "failed", stream_ttl_s, error=error.to_dict())
+        batch_progress.job_ended(redis, job, "failed", stream_ttl_s, error=error.to_dict())
         stats.count(redis, keys.STATS_JOBS, "failed")
         events.emit(redis, "job_quarantined", job_id=job.id, attempts=attempts, worker=worker_name)
         logger.warning(

@@ -22,7 +22,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import events, job_stream, keys, memory, stats
+from shared import batch_progress, events, job_stream, keys, memory, stats
 from shared.settings import Settings
 from worker.claiming import TurnTakingQueue
 from worker.engine import Engine
@@ -93,7 +93,7 @@ class MlxqWorker(SimpleWorker):
             error = job.meta.get("error") or {"message": exc_string.strip().splitlines()[-1] if exc_string else ""}
             status = "canceled" if job.get_status(refresh=False) == "stopped" else "failed"
             self.publisher.flush()
-            job_stream.end(self.connection, job.id, status, self.settings.stream_ttl_s, error=error)
+            batch_progress.job_ended(self.connection, job, status, self.settings.stream_ttl_s, error=error)
             stats.count(self.connection, keys.STATS_JOBS, status)
             logger.info("job %s: %s", status, error.get("code", ""), extra=_job_fields(job))
             return
@@ -112,7 +112,7 @@ class MlxqWorker(SimpleWorker):
         super().handle_job_success(job, queue, started_job_registry, execution)
         self.publisher.flush()
         result = job._result
-        job_stream.end(self.connection, job.id, "finished", self.settings.stream_ttl_s, result=result)
+        batch_progress.job_ended(self.connection, job, "finished", self.settings.stream_ttl_s, result=result)
         with self.connection.pipeline(transaction=False) as pipe:
             stats.count(pipe, keys.STATS_JOBS, "finished")
             if isinstance(result, dict) and "timings" in result:

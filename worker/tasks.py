@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest, GenerationResult, Timings, Usage
 from shared.settings import Settings
+from shared.tokenizing import ModelTexts
 from worker import synthesis
 from worker.engine import Engine, Generation, Submission
 from worker.generation import Outcome
@@ -39,6 +40,8 @@ class Runtime:
     keep_alive: Callable[[Job], None]
     """Refreshes RQ's heartbeats for a job while RQ's main thread waits on the engine."""
     publisher: StreamPublisher
+    texts: ModelTexts = field(default_factory=ModelTexts)
+    """Tokenizers and context lengths, for sizing a batch's synthesis prompt."""
 
 
 _runtime: Runtime | None = None
@@ -64,10 +67,13 @@ def synthesize(batch_id: str, request: dict[str, Any]) -> dict[str, Any]:
     job, runtime = _context()
 
     def prepare() -> GenerateRequest:
-        filled = synthesis.fill(job.connection, batch_id, request)
-        job.meta["synthesis_input"] = filled["messages"]
+        spec = runtime.models.get(str(request.get("model")))
+        max_tokens = request.get("max_tokens") or runtime.settings.default_max_tokens
+        filled = synthesis.fill(job.connection, batch_id, request, runtime.texts.get(spec), max_tokens)
+        job.meta["synthesis_input"] = filled.request["messages"]
+        job.meta["synthesis_truncation"] = filled.truncation
         job.save_meta()
-        return GenerateRequest.model_validate(filled)
+        return GenerateRequest.model_validate(filled.request)
 
     return _run(job, runtime, prepare)
 

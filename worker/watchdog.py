@@ -28,7 +28,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from shared import circuit, events, keys, stats
+from shared import batch_progress, circuit, events, keys, stats
 from shared.circuit import CircuitRecord, CircuitState
 from shared.logs import configure_logging
 from shared.settings import Settings
@@ -68,6 +68,7 @@ class Watchdog:
         self.slots = [Slot(i) for i in range(settings.workers)]
         self.stopping = False
         self.host = socket.gethostname()
+        self.next_sweep_at = 0.0
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -88,6 +89,11 @@ class Watchdog:
                 self._maybe_start(slot, record)
             else:
                 self._check(slot)
+        if time.monotonic() >= self.next_sweep_at:
+            self.next_sweep_at = time.monotonic() + self.settings.batch_sweep_interval_s
+            # Ends nobody recorded (an expired child, a process killed between two writes) would
+            # otherwise hold a batch's synthesis forever.
+            batch_progress.sweep_open(self.redis, self.settings.stream_ttl_s)
 
     def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
         logger.info("watchdog got %s: stopping workers", signal.Signals(signum).name)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, status
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Request, status
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway import batches
-from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep
+from gateway.batch_following import follow_batch
+from gateway.deps import AsyncRedisDep, ClientDep, GatewayDep, RedisDep, SettingsDep
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -38,3 +39,23 @@ async def cancel_batch(batch_id: str, redis: RedisDep, settings: SettingsDep) ->
     found = await run_in_threadpool(batches.cancel, redis, batch_id, settings.stream_ttl_s)
     found.pop("_headers")
     return found
+
+
+@router.get("/{batch_id}/events", response_class=StreamingResponse)
+async def batch_events(
+    batch_id: str,
+    redis: RedisDep,
+    aredis: AsyncRedisDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(pattern=r"^(synthesis:)?\d+-\d+$")] = None,
+) -> StreamingResponse:
+    """Server-sent events: `child` as each request ends (custom_id, status, usage), `children_done`, the
+    synthesis's `synthesis_text` as it is generated and `synthesis_end`, then `end`.
+
+    Send `Last-Event-ID` to resume after the last event received."""
+    record = await run_in_threadpool(batches.load_record, redis, batch_id)
+    return StreamingResponse(
+        follow_batch(redis, aredis, record, last_event_id, settings.stream_ttl_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
