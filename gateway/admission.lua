@@ -14,7 +14,7 @@
 -- KEYS[11] batch-tier owners (hash: job id -> client tag)
 -- KEYS[12] batch-tier ring (list of client tags with waiting jobs, in serving order)
 -- KEYS[13] this client's batch-tier turns (list of its waiting job ids)
--- KEYS[14] batch-tier wake list (a worker blocks on it)
+-- KEYS[14] the wake list (an idle worker blocks on it)
 -- KEYS[15] open batches (set of batch ids)
 -- KEYS[16..] every queue whose depth counts towards the limit
 --
@@ -147,6 +147,14 @@ if used + 1 > rate_limit then
   consider("rate_limited", (free_at - now) / 1000, math.max(0, rate_limit - used), reset)
 end
 
+-- Jobs waiting in each queue: the batch tier's queue is the last counted one.
+local depth, ahead = 0, 0
+for i = 16, #KEYS do
+  local waiting = redis.call("LLEN", KEYS[i])
+  depth = depth + waiting
+  if i < #KEYS then ahead = ahead + waiting end
+end
+
 -- 6. per-client in-flight cap of this tier. Members of jobs that have ended (or expired) are
 -- dropped lazily: the two oldest on every call, all of them only when the cap would refuse, so
 -- the work per call stays bounded by the cap, not by how much the client ever sent.
@@ -167,14 +175,18 @@ if inflight + n > max_inflight then
   inflight = redis.call("ZCARD", KEYS[4])
 end
 if inflight + n > max_inflight then
-  consider("too_many_inflight", drain_eta(inflight + n - max_inflight), inflight, max_inflight)
+  -- An upper bound, so that waiting it is enough: the client's excess jobs may be behind every
+  -- interactive and normal job waiting now, and batch-tier jobs are served one turn in every
+  -- `clients waiting` turns.
+  local excess = inflight + n - max_inflight
+  if tier == "batch" then
+    excess = excess * math.max(1, redis.call("LLEN", KEYS[12]))
+  end
+  consider("too_many_inflight", drain_eta(excess + ahead), inflight, max_inflight)
 end
 
--- 7. total queue depth
-local depth = 0
-for i = 16, #KEYS do
-  depth = depth + redis.call("LLEN", KEYS[i])
-end
+-- 7. total queue depth; each open batch may still add its synthesis
+depth = depth + redis.call("SCARD", KEYS[15])
 if depth + n > max_queued then
   consider("queue_full", drain_eta(depth + n - max_queued), depth, max_queued)
 end
@@ -199,12 +211,11 @@ for a = 11, 10 + n do
     end
   end
 end
-if tier == "batch" then
-  redis.call("RPUSH", KEYS[14], 1)
-  redis.call("LTRIM", KEYS[14], -wake_max, -1)
-end
+redis.call("RPUSH", KEYS[14], 1)
+redis.call("LTRIM", KEYS[14], -wake_max, -1)
 if ARGV[8] ~= "" then
-  redis.call("SET", KEYS[10], ARGV[9], "PX", inflight_ttl)
+  -- no expiry while the batch is open (its synthesis waits on it); batch_progress.lua sets one at the end
+  redis.call("SET", KEYS[10], ARGV[9])
   redis.call("SADD", KEYS[15], ARGV[8])
 end
 if ARGV[10] ~= "" then

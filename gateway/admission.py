@@ -34,6 +34,7 @@ from shared.errors import (
     RateLimited,
     TooManyInflight,
 )
+from shared.outage import REDIS
 from shared.settings import Settings
 from shared.text import text
 
@@ -158,12 +159,13 @@ class Admission:
                 keys.BATCH_OWNERS,
                 keys.BATCH_RING,
                 keys.batch_turns(client.tag),
-                keys.BATCH_WAKE,
+                keys.WAKE,
                 keys.OPEN_BATCHES,
                 *self._queue_keys,
             ],
             args=argv,
         )
+        REDIS.ok()
         outcome = text(reply[0])
         if outcome == "ok":
             return Admitted(rate=RateState(limit=int(reply[1]), remaining=int(reply[2]), reset_s=int(reply[3]) / 1000))
@@ -179,7 +181,7 @@ def script_for(settings: Settings) -> str:
         "rate_window_ms": settings.rate_limit_window_s * 1000,
         "max_inflight": settings.max_inflight_per_client,
         "max_batch_inflight": settings.max_batch_inflight_per_client,
-        "wake_max": keys.BATCH_WAKE_MAX,
+        "wake_max": keys.WAKE_MAX,
         "max_queued": settings.max_queued,
         "emergency_percent": settings.memory_emergency_percent,
         "fresh_ms": settings.heartbeat_ttl_s * 1000,

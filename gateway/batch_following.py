@@ -45,7 +45,10 @@ async def follow_batch(
         while not children_done:
             reply = await aredis.xread({stream: last}, count=256, block=BLOCK_MS)
             if not reply:
-                await run_in_threadpool(batch_progress.sweep, redis, batch_id, ttl_s)
+                state = await run_in_threadpool(batch_progress.sweep, redis, batch_id, ttl_s)
+                if state == "gone":
+                    yield _event(None, "end", {"status": "expired"})
+                    return
                 continue
             # RESP2 shape: [[stream, [(id, fields), ...]]]
             entries: list[tuple[bytes, dict[bytes, bytes]]] = cast(Any, reply)[0][1]

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
@@ -14,6 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from shared import keys
 from shared.errors import InvalidRequest, MlxqError, ServiceUnavailable
+from shared.outage import REDIS
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +30,15 @@ async def count_refusal(app: FastAPI, reason: str) -> None:
     """Count a refusal made before the admission script (which counts its own)."""
     try:
         await app.state.aredis.hincrby(keys.REFUSALS, reason, 1)
-    except Exception:
-        logger.warning("could not count a %s refusal", reason)
+    except Exception as exc:
+        REDIS.failed(f"counting a {reason} refusal", exc)
 
 
 def _is_submission(request: Request) -> bool:
     return request.method == "POST" and request.url.path.startswith("/v1/")
 
 
-def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
     """The first problem pydantic found, named by its field path, e.g. `messages.0.role`."""
     problems = exc.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
@@ -79,10 +81,18 @@ def install_error_handlers(app: FastAPI) -> None:
         }
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(ValidationError)
+    async def on_internal_validation_error(request: Request, exc: ValidationError) -> JSONResponse:
+        # A request that passed the route's model but not the internal one it is translated into.
+        error = _validation_error(exc)
+        if _is_submission(request):
+            await count_refusal(app, error.code)
+        return error_response(error)
+
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def on_redis_down(_: Request, exc: Exception) -> JSONResponse:
-        logger.error("redis unavailable: %s", exc)
+        REDIS.failed("answering a request", exc)
         return error_response(
             ServiceUnavailable("The job store (Redis) is unavailable", retry_after_s=REDIS_RETRY_AFTER_S)
         )

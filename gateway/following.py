@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, cast
 from redis.asyncio import Redis as AsyncRedis
 
 from shared import job_stream, keys
+from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from shared.text import text
 
 BLOCK_MS = 1000
@@ -48,9 +50,16 @@ async def follow(
             if left_ms <= 0:
                 raise WaitedTooLong(job_id)
             block_ms = min(block_ms, left_ms)
-        reply = await redis.xread({stream: last}, count=200, block=block_ms)
+        try:
+            reply = await redis.xread({stream: last}, count=200, block=block_ms)
+            status = None if reply else await redis.hget(f"rq:job:{job_id}", "status")
+        except UNREACHABLE as exc:
+            # Redis is away: keep the client's connection and pick up where the stream was once it is back.
+            REDIS.failed("following a job", exc)
+            await asyncio.sleep(min(block_ms / 1000, RETRY_MAX_S))
+            continue
+        REDIS.ok()
         if not reply:
-            status = await redis.hget(f"rq:job:{job_id}", "status")
             ended = _ENDED.get(text(status)) if status is not None else "failed"
             if ended is not None:
                 # One more look: the end may have been written just now.

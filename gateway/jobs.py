@@ -202,14 +202,20 @@ def _position(job: Job, redis: Redis) -> int | None:
 
 def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
     """Cancel a queued job, or ask the worker running it to stop between tokens."""
-    status = _STATUS.get(job.get_status(refresh=True), "queued")
+    rq_status = job.get_status(refresh=True)
+    status = _STATUS.get(rq_status, "queued")
     if status == "canceled":
         return
     if status in ("finished", "failed"):
         raise JobAlreadyEnded(f"Job '{job.id}' has already {status}; there is nothing to cancel", param="id")
     # The flag first: if a worker picks the job up between our read and cancel(), it still stops.
     redis.set(keys.job_cancel(job.id), 1, ex=keys.CANCEL_TTL_S)
-    if status == "queued":
+    # Out of its queue list first: only when that removed it can no worker have it. Otherwise a
+    # worker is claiming it this instant, sees the flag as it starts, and ends it itself.
+    waiting = rq_status == RQStatus.DEFERRED or (
+        status == "queued" and job.origin and redis.lrem(Queue(job.origin, connection=redis).key, 1, job.id) == 1
+    )
+    if waiting:
         try:
             job.cancel()
         except InvalidJobOperation:

@@ -20,6 +20,8 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         proxy_headers=False,
+        # uvicorn's loggers through ours: its own formatter would print exception messages.
+        log_config=None,
     )
 
 

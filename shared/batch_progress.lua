@@ -8,18 +8,20 @@
 -- KEYS[3] the batch stream
 -- KEYS[4] RQ's set of queue keys
 -- KEYS[5] the set of open batches
+-- KEYS[6] the wake list idle workers block on
 -- ARGV[1] the child's custom id, or "" to look at every child's RQ status instead (a sweep)
 -- ARGV[2] the child's event (JSON), with ARGV[1]
 -- ARGV[3] RQ's timestamp for the synthesis's enqueued_at
 -- ARGV[4] TTL of the ended hash and the stream, s
 -- ARGV[5] RQ's job key prefix; ARGV[6] the batch id
+-- ARGV[7] how long the record is kept once every child has ended, s (none before: the synthesis needs it)
 --
--- Returns 1 once every child has ended, else 0 (also for a batch that has expired).
+-- Returns "done" once every child has ended, "open" before, "gone" when there is no such batch.
 
 local raw = redis.call("GET", KEYS[1])
 if not raw then
   redis.call("SREM", KEYS[5], ARGV[6])
-  return 1
+  return "gone"
 end
 local record = cjson.decode(raw)
 local children = record["children"]
@@ -52,17 +54,18 @@ redis.call("EXPIRE", KEYS[3], ARGV[4])
 
 local recorded = redis.call("HLEN", KEYS[2]) - redis.call("HEXISTS", KEYS[2], "")
 if recorded < #children then
-  return 0
+  return "open"
 end
 if redis.call("HSETNX", KEYS[2], "", 1) == 0 then
-  return 1
+  return "done"
 end
 redis.call("SREM", KEYS[5], ARGV[6])
+redis.call("EXPIRE", KEYS[1], ARGV[7])
 
 local synthesis_id = record["synthesis_job_id"]
 if type(synthesis_id) ~= "string" then
   redis.call("XADD", KEYS[3], "*", "type", "end", "data", cjson.encode({status = "completed"}))
-  return 1
+  return "done"
 end
 local job_key = ARGV[5] .. synthesis_id
 local status = redis.call("HGET", job_key, "status")
@@ -72,8 +75,10 @@ if status == "deferred" then
   redis.call("ZREM", record["synthesis_registry_key"], synthesis_id)
   redis.call("RPUSH", queue_key, synthesis_id)
   redis.call("SADD", KEYS[4], queue_key)
+  redis.call("RPUSH", KEYS[6], 1)
+  redis.call("LTRIM", KEYS[6], -16, -1)
   status = "queued"
 end
 redis.call("XADD", KEYS[3], "*", "type", "children_done", "data",
   cjson.encode({synthesis = {id = synthesis_id, status = status or "expired"}}))
-return 1
+return "done"

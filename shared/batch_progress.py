@@ -14,16 +14,21 @@ runs it over the open batches, and a batch's follower while it waits.
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job
 from rq.utils import now, utcformat
 
 from shared import job_stream, keys
+from shared.outage import UNREACHABLE
 from shared.text import text
+
+logger = logging.getLogger(__name__)
 
 SCRIPT = resources.files("shared").joinpath("batch_progress.lua").read_text()
 
@@ -46,20 +51,30 @@ def job_ended(redis: Redis, job: Job, status: str, ttl_s: int, **data: Any) -> N
     _run(redis, batch_id, custom_id, json.dumps(event), ttl_s)
 
 
-def sweep(redis: Redis, batch_id: str, ttl_s: int) -> bool:
-    """Record every child that has ended by RQ's status; True once all of them have."""
+State = Literal["open", "done", "gone"]
+"""A batch with children still running, one whose children have all ended, or none at all."""
+
+
+def sweep(redis: Redis, batch_id: str, ttl_s: int) -> State:
+    """Record every child that has ended by RQ's status."""
     return _run(redis, batch_id, "", "", ttl_s)
 
 
 def sweep_open(redis: Redis, ttl_s: int) -> int:
-    """Sweep every open batch; how many were found complete."""
+    """Sweep every open batch; how many were found complete. A batch that cannot be swept (a broken
+    record) is logged and left for the next sweep; the others go on."""
     done = 0
     for batch_id in [text(member) for member in redis.smembers(keys.OPEN_BATCHES)]:
-        done += sweep(redis, batch_id, ttl_s)
+        try:
+            done += sweep(redis, batch_id, ttl_s) == "done"
+        except UNREACHABLE:
+            raise
+        except RedisError as exc:
+            logger.warning("could not sweep batch %s: %s", batch_id, type(exc).__name__)
     return done
 
 
-def _run(redis: Redis, batch_id: str, custom_id: str, event: str, ttl_s: int) -> bool:
+def _run(redis: Redis, batch_id: str, custom_id: str, event: str, ttl_s: int) -> State:
     script = redis.register_script(SCRIPT)
     reply = script(
         keys=[
@@ -68,7 +83,9 @@ def _run(redis: Redis, batch_id: str, custom_id: str, event: str, ttl_s: int) ->
             keys.batch_stream(batch_id),
             Queue.redis_queues_keys,
             keys.OPEN_BATCHES,
+            keys.WAKE,
         ],
-        args=[custom_id, event, utcformat(now()), ttl_s, Job.redis_job_namespace_prefix, batch_id],
+        args=[custom_id, event, utcformat(now()), ttl_s, Job.redis_job_namespace_prefix, batch_id, keys.BATCH_KEPT_S],
     )
-    return bool(reply)
+    state: State = text(reply)  # type: ignore[assignment]
+    return state

@@ -21,6 +21,15 @@ def worker_commands(worker_name: str) -> str:
     return f"{PREFIX}:worker:{worker_name}:commands"
 
 
+def worker_claimed(worker_name: str) -> str:
+    """List of job ids a worker popped from a queue and has not yet marked started: what a crash in
+    between would otherwise lose (the watchdog puts them back)."""
+    return f"{PREFIX}:worker:{worker_name}:claimed"
+
+
+CLAIMING_WORKERS = f"{PREFIX}:workers:claiming"
+"""Set of worker names that have had a claimed list, so a new watchdog finds a dead worker's claims."""
+
 WORKER_COMMANDS_TTL_S = 3600
 """Commands for a worker that never reads them (it died) do not pile up."""
 
@@ -69,10 +78,10 @@ def batch_turns(client_tag: str) -> str:
     return f"{PREFIX}:batch-tier:turns:{client_tag}"
 
 
-BATCH_WAKE = f"{PREFIX}:batch-tier:wake"
-"""List a worker blocks on (with the other queues) to hear that batch work arrived."""
+WAKE = f"{PREFIX}:queues:wake"
+"""List an idle worker blocks on to hear that work arrived (every claim goes through claim.lua)."""
 
-BATCH_WAKE_MAX = 16
+WAKE_MAX = 16
 """Wake tokens kept; an idle worker needs one, a busy one looks anyway."""
 
 
@@ -102,6 +111,9 @@ def batch_stream(batch_id: str) -> str:
     """Stream of a batch's progress: one `child` entry as each child ends, then `children_done` or `end`."""
     return f"{PREFIX}:batch:{batch_id}:stream"
 
+
+BATCH_KEPT_S = 24 * 3600
+"""A batch's record is kept this long after its last child ended (none before: its synthesis needs it)."""
 
 OPEN_BATCHES = f"{PREFIX}:batches:open"
 """Set of batch ids whose children have not all ended; swept by the watchdog for ends nobody recorded."""

@@ -245,3 +245,99 @@ class Service:
         self.http.close()
         self.gateway.stop()
         self.worker.stop()
+
+
+class PersistentRedis:
+    """A redis-server with AOF (fsync always) on a fixed port and directory, to kill and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        self.process = subprocess.Popen([*command, "--logfile", str(self.directory / "redis.log")])
+        client = Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+class ScriptRun:
+    """`scripts/run` as a user starts it, against a given Redis, in its own session."""
+
+    def __init__(self, redis_url: str | None, data_dir: Path, log: Path, **overrides: Any) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = service_env(redis_url or "", data_dir, port=self.port, **overrides)
+        if redis_url is None:
+            del env["MLXQ_REDIS_URL"]
+        self.log = log
+        self._log_handle = log.open("ab")
+        self.popen = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "run")],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.http = httpx.Client(base_url=self.base_url, timeout=10)
+
+    def wait_healthy(self, timeout_s: float = 60) -> float:
+        """Seconds until /health answers 200."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"scripts/run exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not healthy in {timeout_s} s:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def process(self, marker: str) -> Any:
+        """The one process under this run whose command line contains `marker`."""
+        import psutil
+
+        found = [p for p in psutil.Process(self.popen.pid).children(recursive=True) if marker in " ".join(p.cmdline())]
+        assert len(found) == 1, found
+        return found[0]
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                import psutil
+
+                for child in psutil.Process(self.popen.pid).children(recursive=True):
+                    child.kill()
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log_handle.close()

@@ -84,6 +84,7 @@ def batch(scratch_redis_url: str) -> Iterator[Batch]:
 def test_the_synthesis_waits_deferred_and_is_queued_once_after_the_last_child_ends(batch: Batch) -> None:
     assert batch.synthesis_status() == "deferred"
     assert batch.redis.zscore(batch.normal.deferred_job_registry.key, batch.synthesis_id) is not None
+    assert batch.redis.ttl(keys.batch(batch.id)) == -1  # kept while open: the synthesis needs it
     for child in batch.children[:2]:
         batch_progress.job_ended(batch.redis, child, "finished", TTL_S, result={"usage": {"completion_tokens": 2}})
     assert batch.synthesis_status() == "deferred"
@@ -93,13 +94,14 @@ def test_the_synthesis_waits_deferred_and_is_queued_once_after_the_last_child_en
     assert batch.synthesis_status() == "queued"
     assert batch.normal.job_ids == [batch.synthesis_id]
     assert batch.redis.zscore(batch.normal.deferred_job_registry.key, batch.synthesis_id) is None
-    assert batch_progress.sweep(batch.redis, batch.id, TTL_S)  # nothing changes: still queued once
+    assert batch_progress.sweep(batch.redis, batch.id, TTL_S) == "done"  # nothing changes: still queued once
     assert batch.normal.job_ids == [batch.synthesis_id]
     kinds = [kind for kind, _ in batch.events()]
     assert kinds == ["child", "child", "child", "children_done"]
     assert batch.events()[0][1]["usage"] == {"completion_tokens": 2}
     assert batch.events()[3][1]["synthesis"] == {"id": batch.synthesis_id, "status": "queued"}
     assert not batch.redis.sismember(keys.OPEN_BATCHES, batch.id)
+    assert 0 < batch.redis.ttl(keys.batch(batch.id)) <= keys.BATCH_KEPT_S
 
 
 def test_the_sweep_finds_ends_that_nobody_recorded(batch: Batch) -> None:
@@ -120,3 +122,9 @@ def test_a_canceled_synthesis_stays_canceled_when_the_children_end(batch: Batch)
     assert batch.synthesis_status() == "canceled"
     assert batch.normal.count == 0
     assert batch.events()[-1][1]["synthesis"] == {"id": batch.synthesis_id, "status": "canceled"}
+
+
+def test_a_batch_that_is_gone_is_said_to_be_gone(batch: Batch) -> None:
+    batch.redis.delete(keys.batch(batch.id))
+    assert batch_progress.sweep(batch.redis, batch.id, TTL_S) == "gone"
+    assert not batch.redis.sismember(keys.OPEN_BATCHES, batch.id)

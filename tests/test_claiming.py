@@ -15,9 +15,11 @@ from rq.serializers import JSONSerializer
 from gateway.admission import Admission, Tier
 from gateway.clients import Client
 from gateway.jobs import JobFactory
+from shared import keys
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from worker.claiming import TurnTakingQueue
+from worker.orphans import reclaim_claimed
 
 ALICE, BOB, CAROL = Client("key:alice"), Client("key:bob"), Client("key:carol")
 
@@ -31,6 +33,7 @@ class Queues:
             for name in self.settings.queue_names
         ]
         self.owner: dict[str, str] = {}
+        self.claims = TurnTakingQueue.for_worker("w1")
 
     def admit(self, client: Client, count: int, queue_index: int = 2) -> list[str]:
         queue = self.queues[queue_index]
@@ -53,7 +56,7 @@ class Queues:
     def claim_all(self) -> list[str]:
         """Who owns each job, in the order a worker claims them."""
         order = []
-        while (found := TurnTakingQueue.dequeue_any(self.queues, None, connection=self.redis)) is not None:
+        while (found := self.claims.dequeue_any(self.queues, None, connection=self.redis)) is not None:
             order.append(self.owner.get(found[0].id, found[0].id))
         return order
 
@@ -88,7 +91,7 @@ def test_a_job_put_back_at_the_front_goes_first_and_a_canceled_one_is_skipped(qu
     alice = queues.admit(ALICE, 3)
     queues.admit(BOB, 1)
     batch = queues.queues[2]
-    first = TurnTakingQueue.dequeue_any(queues.queues, None, connection=queues.redis)
+    first = queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)
     assert first is not None and first[0].id == alice[0]
     # As the watchdog does after a crash: back at the front of its queue.
     batch.enqueue_job(first[0], at_front=True)
@@ -96,3 +99,16 @@ def test_a_job_put_back_at_the_front_goes_first_and_a_canceled_one_is_skipped(qu
     a, b = ALICE.id, BOB.id
     assert queues.claim_all() == [a, b, a]
     assert queues.redis.llen(batch.key) == 0
+
+
+def test_a_job_claimed_by_a_worker_that_died_before_starting_it_goes_back_first_in_line(queues: Queues) -> None:
+    alice = queues.admit(ALICE, 2)
+    first = queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)
+    assert first is not None and first[0].id == alice[0]
+    assert queues.redis.lrange(keys.worker_claimed("w1"), 0, -1) == [alice[0].encode()]
+    # w1 is killed here, before RQ records the job as started: the watchdog puts it back.
+    [back] = reclaim_claimed(queues.redis, "w1", stream_ttl_s=60)
+    assert back.job_id == alice[0] and not back.quarantined
+    assert queues.redis.llen(keys.worker_claimed("w1")) == 0
+    assert reclaim_claimed(queues.redis, "w1", stream_ttl_s=60) == []  # exactly once
+    assert [job for job in queues.claim_all()] == [ALICE.id, ALICE.id]

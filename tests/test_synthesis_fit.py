@@ -3,11 +3,18 @@ tokenizer): fair shares, the cuts marked, and a clear failure when nothing usefu
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from shared import keys
 from shared.errors import ContextLengthExceeded
 from shared.tokenizing import ModelText
-from worker.synthesis import MIN_SHARE_TOKENS, TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE, _fit
+from worker.synthesis import MIN_SHARE_TOKENS, TEMPLATE_TOKENS, TEMPLATE_TOKENS_PER_MESSAGE, _fit, fill
 
 TEMPLATE = ["Combine:\n{{results}}"]
 
@@ -46,3 +53,18 @@ def test_a_synthesis_that_cannot_fit_a_useful_share_fails_naming_the_sizes() -> 
     message = caught.value.message
     assert f"context is {context} tokens" in message and "max_tokens is 100" in message and "50 results" in message
     assert caught.value.code == "context_length_exceeded"
+
+
+def test_a_result_that_contains_a_placeholder_is_not_expanded_again(scratch_redis_url: str) -> None:
+    redis = Redis.from_url(scratch_redis_url)
+    children = [{"job_id": "ja", "custom_id": "a"}, {"job_id": "jb", "custom_id": "b"}]
+    redis.set(keys.batch("b1"), json.dumps({"children": children}))
+    queue = Queue("q", connection=redis, serializer=JSONSerializer)
+    for job_id, text in (("ja", "see {{result:b}} and {{results}}"), ("jb", "B" * 50)):
+        job = queue.enqueue("x.y", job_id=job_id)
+        job.set_status("finished")
+        Result.create(job, Result.Type.SUCCESSFUL, ttl=60, return_value={"text": text})
+    request = {"messages": [{"role": "user", "content": "{{results}}"}]}
+    content = fill(redis, "b1", request, ModelText(None, None), 10).request["messages"][0]["content"]
+    assert "### Result a\nsee {{result:b}} and {{results}}" in content
+    assert content.count("B" * 50) == 1

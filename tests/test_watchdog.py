@@ -151,9 +151,11 @@ def test_a_worker_crashing_at_start_up_backs_off_opens_the_circuit_and_a_trial_c
         died = svc.events("worker_died")
         assert [d["before_ready"] for d in died[:5]] == [True] * 5
         assert [d["restart_in_s"] for d in died[:5]] == [0.2, 0.4, 0.8, 0.8, 0.8]
+        # What the watchdog decided, not wall-clock gaps between processes (start-up noise is larger than
+        # the differences between the delays): no restart came before the delay it announced.
         started = [e["at"] for e in svc.events("worker_started")]
-        gaps = [b - a for a, b in zip(started, started[1:], strict=False)]
-        assert gaps == sorted(gaps[:3]) + gaps[3:]  # the first restarts wait longer each time
+        for death, next_start in zip(died[:4], started[1:5], strict=True):
+            assert next_start >= death["at"] + death["restart_in_s"] - 0.01
 
         refused = svc.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO})
         assert refused.status_code == 503

@@ -10,9 +10,10 @@ whole time, so rq-dashboard shows where each one waits.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 from redis import Redis
 from rq import Queue
@@ -20,16 +21,26 @@ from rq.exceptions import DequeueTimeout
 from rq.job import Job
 
 from shared import keys
+from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from shared.text import text
 
 SCRIPT = resources.files("worker").joinpath("claim.lua").read_text()
 
 IDLE_POLL_S = 1
-"""An idle worker looks at the batch queue at least this often (a job requeued there wakes nobody)."""
+"""An idle worker looks at the queues at least this often (a job requeued or released wakes nobody)."""
 
 
 class TurnTakingQueue(Queue):
-    """RQ's Queue, with `dequeue_any` serving the last queue given in turns by client."""
+    """RQ's Queue, with `dequeue_any` serving the last queue given in turns by client, and recording
+    each claim in the worker's claimed list (claim.lua)."""
+
+    worker_name: ClassVar[str | None] = None
+    """Set on the class a worker claims with (`for_worker`): whose claimed list a claim goes to."""
+
+    @classmethod
+    def for_worker(cls, worker_name: str) -> type[TurnTakingQueue]:
+        """The class `worker_name` claims jobs with."""
+        return type(cls.__name__, (cls,), {"worker_name": worker_name})
 
     @classmethod
     def dequeue_any(
@@ -41,30 +52,44 @@ class TurnTakingQueue(Queue):
         serializer: Any = None,
         death_penalty_class: Any = None,
     ) -> tuple[Job, Queue] | None:
+        if cls.worker_name is None:
+            raise RuntimeError("claim with TurnTakingQueue.for_worker(name): a claim must name its worker")
         queue_keys = [queue.key for queue in queues]
         claim = connection.register_script(SCRIPT)
-        script_keys = [*queue_keys, keys.BATCH_OWNERS, keys.BATCH_RING]
+        script_keys = [
+            *queue_keys,
+            keys.BATCH_OWNERS,
+            keys.BATCH_RING,
+            keys.worker_claimed(cls.worker_name),
+            keys.CLAIMING_WORKERS,
+        ]
         while True:
-            reply = claim(keys=script_keys, args=[keys.batch_turns("")])
-            if reply is None:
+            try:
+                reply = claim(keys=script_keys, args=[keys.batch_turns(""), cls.worker_name])
+                if reply is None:
+                    if timeout is None:
+                        return None
+                    # Every claim goes through the script (turns, the claimed list), never a plain pop:
+                    # block on the wake-up list that admission pushes to, and look again.
+                    if connection.blpop([keys.WAKE], min(timeout, IDLE_POLL_S)) is None:
+                        raise DequeueTimeout(timeout, queue_keys)
+                    continue
+                queue_key, job_id = text(reply[0]), text(reply[1])
+                found = cls._fetch_dequeued_job(
+                    connection,
+                    queue_key,
+                    job_id,
+                    job_class=job_class,
+                    serializer=serializer,
+                    death_penalty_class=death_penalty_class,
+                )
+            except UNREACHABLE as exc:
+                # Not RQ's own retry: it logs every attempt and backs off to a minute, long after Redis is back.
+                REDIS.failed("waiting for jobs", exc)
+                time.sleep(RETRY_MAX_S)
                 if timeout is None:
                     return None
-                # Block on the plain queues, and on the batch tier's wake-up list: its jobs must be
-                # claimed through the script, never popped in arrival order.
-                woke = connection.blpop([*queue_keys[:-1], keys.BATCH_WAKE], min(timeout, IDLE_POLL_S))
-                if woke is None:
-                    raise DequeueTimeout(timeout, queue_keys)
-                if text(woke[0]) == keys.BATCH_WAKE:
-                    continue
-                reply = woke
-            queue_key, job_id = text(reply[0]), text(reply[1])
-            found = cls._fetch_dequeued_job(
-                connection,
-                queue_key,
-                job_id,
-                job_class=job_class,
-                serializer=serializer,
-                death_penalty_class=death_penalty_class,
-            )
+                raise DequeueTimeout(timeout, queue_keys) from None
+            REDIS.ok()
             if found is not None:
                 return found

@@ -83,6 +83,31 @@ def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempt
     return Reclaimed(job.id, attempts, quarantined=False)
 
 
+def reclaim_claimed(redis: Redis, worker_name: str, stream_ttl_s: int) -> list[Reclaimed]:
+    """Put back, at the front of its queue, each job the dead worker popped but never started.
+
+    Removing the id from the claimed list is the claim, as with the started registry. A job that
+    got as far as started is the started registry's (reclaim_jobs); one that ended or was canceled
+    meanwhile stays as it is. Attempts are not counted: the job never ran."""
+    claimed = keys.worker_claimed(worker_name)
+    reclaimed = []
+    for job_id in [text(member) for member in redis.lrange(claimed, 0, -1)]:
+        if redis.lrem(claimed, 1, job_id) != 1:
+            continue
+        try:
+            job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            continue
+        queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
+        if job.get_status() != "queued" or redis.lpos(queue.key, job.id) is not None:
+            continue  # started (the started registry's), ended, or already back in its queue
+        queue.enqueue_job(job, at_front=True)
+        job_stream.append(redis, job.id, "status", stream_ttl_s, status="queued")
+        logger.info("claimed job put back", extra={"job_id": job.id, "model": job.meta.get("model")})
+        reclaimed.append(Reclaimed(job.id, int(job.meta.get("crash_attempts", 0)), quarantined=False))
+    return reclaimed
+
+
 def forget_worker(redis: Redis, worker_name: str) -> None:
     """Clean a dead worker's records (RQ's and ours) so its successor starts clean."""
     worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + worker_name, connection=redis)
@@ -92,4 +117,6 @@ def forget_worker(redis: Redis, worker_name: str) -> None:
         pipe.delete(keys.worker_heartbeat(worker_name))
         pipe.delete(keys.worker_commands(worker_name))
         pipe.hdel(keys.WORKER_MEMORY, worker_name)
+        pipe.delete(keys.worker_claimed(worker_name))
+        pipe.srem(keys.CLAIMING_WORKERS, worker_name)
         pipe.execute()

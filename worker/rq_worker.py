@@ -21,11 +21,14 @@ from typing import Any
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from shared import batch_progress, events, job_stream, keys, memory, stats
+from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
 from shared.settings import Settings
 from worker.claiming import TurnTakingQueue
 from worker.engine import Engine
+from worker.orphans import reclaim_claimed
 from worker.reports import Reports
 from worker.streaming import StreamPublisher
 
@@ -43,6 +46,8 @@ class MlxqWorker(SimpleWorker):
         super().__init__(
             queues, serializer=JSONSerializer, log_job_description=False, queue_class=TurnTakingQueue, **kwargs
         )
+        # After RQ checked the queues' class: claims go to this worker's claimed list.
+        self.queue_class = TurnTakingQueue.for_worker(self.name)
         self.settings = settings
         self.engine = engine
         self.publisher = publisher
@@ -60,14 +65,49 @@ class MlxqWorker(SimpleWorker):
     def teardown(self) -> None:
         self._monitor_stop.set()
         super().teardown()  # type: ignore[no-untyped-call]
-        self.connection.delete(keys.worker_heartbeat(self.name))
+        # A stop that came between a claim and the job's start: the job goes back first in line.
+        reclaim_claimed(self.connection, self.name, self.settings.stream_ttl_s)
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.worker_heartbeat(self.name))
+            pipe.srem(keys.CLAIMING_WORKERS, self.name)
+            pipe.execute()
         self.reports.withdraw()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        super().execute_job(job, queue)
-        self.reports.job_ended(job.id)
+        """SimpleWorker's, with each of RQ's bookkeeping steps waiting out a Redis outage: a job
+        claimed before or finished during one is recorded once Redis is back, never lost."""
+        execution = until_redis("starting a job", lambda: self.prepare_execution(job))
+        self.perform_job(job, queue, execution)
+        until_redis("going idle", lambda: self.set_state(WorkerStatus.IDLE))
+        quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
         # A job may have loaded a model: say so now, not a heartbeat interval later.
-        self._beat()
+        quietly("writing the heartbeat", self._beat)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        prepare = super().prepare_job_execution
+        until_redis("starting a job", lambda: prepare(job, remove_from_intermediate_queue))
+        # Started now (RQ's registry has it): no longer the claimed list's to put back.
+        until_redis("starting a job", lambda: self.connection.lrem(keys.worker_claimed(self.name), 1, job.id))
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        until_redis("ending a job", lambda: super(MlxqWorker, self).handle_execution_ended(job, queue, heartbeat_ttl))
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        # RQ's worker record; ours (the heartbeat key) is what supervision reads.
+        quietly("refreshing RQ's worker record", lambda: super(MlxqWorker, self).heartbeat(timeout, pipeline))
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        # RQ's own logs an error every 2 s of an outage; the thread goes on either way.
+        if not isinstance(exc, UNREACHABLE):
+            raise exc
+        REDIS.failed("listening for RQ commands", exc)
+        time.sleep(RETRY_MAX_S)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        quietly("checking for suspension", lambda: super(MlxqWorker, self).check_for_suspension(burst))
+
+    def run_maintenance_tasks(self) -> None:
+        quietly("RQ maintenance", super().run_maintenance_tasks)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGTERM/SIGINT: stop taking jobs, and hand back what runs instead of finishing it.
@@ -89,35 +129,65 @@ class MlxqWorker(SimpleWorker):
         execution: Any = None,
     ) -> None:
         if job.id not in self._handed_back:
-            super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+            until_redis(
+                "recording a failed job",
+                lambda: super(MlxqWorker, self).handle_job_failure(
+                    job, queue, started_job_registry, exc_string, execution
+                ),
+            )
             error = job.meta.get("error") or {"message": exc_string.strip().splitlines()[-1] if exc_string else ""}
             status = "canceled" if job.get_status(refresh=False) == "stopped" else "failed"
             self.publisher.flush()
-            batch_progress.job_ended(self.connection, job, status, self.settings.stream_ttl_s, error=error)
-            stats.count(self.connection, keys.STATS_JOBS, status)
+            until_redis(
+                "ending a job's stream",
+                lambda: batch_progress.job_ended(self.connection, job, status, self.settings.stream_ttl_s, error=error),
+            )
+            quietly("counting a job", lambda: stats.count(self.connection, keys.STATS_JOBS, status))
             logger.info("job %s: %s", status, error.get("code", ""), extra=_job_fields(job))
             return
         self._handed_back.discard(job.id)
-        with self.connection.pipeline() as pipe:
-            self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            pipe.execute()
         job.meta.pop("error", None)  # the task recorded the interruption as a cancel
-        queue.enqueue_job(job, at_front=True)
+
+        def hand_back() -> None:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+            queue.enqueue_job(job, at_front=True)
+
+        until_redis("handing a job back", hand_back)
         self.publisher.flush()
-        job_stream.append(self.connection, job.id, "status", self.settings.stream_ttl_s, status="queued")
-        events.emit(self.connection, "job_handed_back", job_id=job.id, worker=self.name)
+        quietly(
+            "writing a job's stream",
+            lambda: job_stream.append(self.connection, job.id, "status", self.settings.stream_ttl_s, status="queued"),
+        )
+        quietly(
+            "emitting an event",
+            lambda: events.emit(self.connection, "job_handed_back", job_id=job.id, worker=self.name),
+        )
         logger.info("handed the running job back to the front of its queue", extra={"job_id": job.id})
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        super().handle_job_success(job, queue, started_job_registry, execution)
+        until_redis(
+            "recording a finished job",
+            lambda: super(MlxqWorker, self).handle_job_success(job, queue, started_job_registry, execution),
+        )
         self.publisher.flush()
         result = job._result
-        batch_progress.job_ended(self.connection, job, "finished", self.settings.stream_ttl_s, result=result)
-        with self.connection.pipeline(transaction=False) as pipe:
-            stats.count(pipe, keys.STATS_JOBS, "finished")
-            if isinstance(result, dict) and "timings" in result:
-                stats.record_generation(pipe, result, result["timings"].get("first_token_s"))
-            pipe.execute()
+        until_redis(
+            "ending a job's stream",
+            lambda: batch_progress.job_ended(
+                self.connection, job, "finished", self.settings.stream_ttl_s, result=result
+            ),
+        )
+
+        def count() -> None:
+            with self.connection.pipeline(transaction=False) as pipe:
+                stats.count(pipe, keys.STATS_JOBS, "finished")
+                if isinstance(result, dict) and "timings" in result:
+                    stats.record_generation(pipe, result, result["timings"].get("first_token_s"))
+                pipe.execute()
+
+        quietly("counting a job", count)
 
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
@@ -128,7 +198,7 @@ class MlxqWorker(SimpleWorker):
         """Refresh RQ's own heartbeats for a running job (SimpleWorker writes them once per job)."""
         execution = self.execution
         if execution is not None:
-            self.maintain_heartbeats(job, execution)
+            quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
 
     def _monitor_loop(self) -> None:
         next_beat = time.monotonic() + self.settings.heartbeat_interval_s
@@ -140,8 +210,10 @@ class MlxqWorker(SimpleWorker):
                 if time.monotonic() >= next_beat:
                     self._beat()
                     next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+                REDIS.ok()
+            except UNREACHABLE as exc:
+                REDIS.failed("watching cancel flags and beating", exc)  # the next tick tries again
             except Exception:
-                # Redis may be briefly away; the next tick tries again.
                 logger.exception("worker monitor tick failed")
 
     def _honour_cancel_flags(self) -> None:

@@ -14,6 +14,7 @@ import threading
 from redis import Redis
 
 from shared import job_stream
+from shared.outage import REDIS, UNREACHABLE
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ class StreamPublisher:
                     for job_id, piece in batch:
                         job_stream.append(pipe, job_id, "text", None, text=piece)
                     pipe.execute()
+                REDIS.ok()
+            except UNREACHABLE as exc:
+                # Lost from the live stream only: the job's result keeps the whole text.
+                REDIS.failed("publishing generated text", exc)
             except Exception:
                 logger.exception("could not publish %d text pieces", len(batch))
             with self._idle:

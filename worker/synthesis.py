@@ -29,6 +29,7 @@ from shared.tokenizing import ModelText
 
 _ONE = re.compile(r"\{\{result:([^{}]+)\}\}")
 _ALL = "{{results}}"
+_EITHER = re.compile(r"\{\{results\}\}|\{\{result:([^{}]+)\}\}")
 
 TEMPLATE_TOKENS = 64
 """Room left for the chat template's own tokens (role markers, the generation prompt)."""
@@ -84,9 +85,15 @@ def fill(redis: Redis, batch_id: str, request: dict[str, Any], model: ModelText,
     by_id = dict(texts)
     everything = "\n\n".join(f"### Result {custom_id}\n{text}" for custom_id, text in texts)
 
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == _ALL:
+            return everything
+        name = match.group(1).strip()
+        return by_id.get(name, f"[no result named {name}]")
+
     def replace(content: str) -> str:
-        content = content.replace(_ALL, everything)
-        return _ONE.sub(lambda m: by_id.get(m.group(1).strip(), f"[no result named {m.group(1).strip()}]"), content)
+        # One pass over the template: a result that itself contains a placeholder is left as it is.
+        return _EITHER.sub(one, content)
 
     filled = dict(request)
     filled["messages"] = [{**m, "content": replace(c)} for m, c in zip(request["messages"], contents, strict=True)]

@@ -19,6 +19,7 @@ from rq.job import Job
 from shared import job_stream
 from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
+from shared.outage import quietly, until_redis
 from shared.schemas import GenerateRequest, GenerationResult, Timings, Usage
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
@@ -86,7 +87,9 @@ def _context() -> tuple[Job, Runtime]:
 
 
 def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> dict[str, Any]:
-    job_stream.append(job.connection, job.id, "status", runtime.settings.stream_ttl_s, status="started")
+    ttl_s = runtime.settings.stream_ttl_s
+    redis = job.connection
+    quietly("writing a job's stream", lambda: job_stream.append(redis, job.id, "status", ttl_s, status="started"))
     logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
     try:
         req = prepare()
@@ -162,4 +165,4 @@ def _wait(handle: Generation, job: Job, runtime: Runtime) -> Outcome:
 def _record_error(job: Any, error: MlxqError) -> None:
     """Keep the error's OpenAI-style dict on the job so a poll can show it as is."""
     job.meta["error"] = error.to_dict()
-    job.save_meta()
+    until_redis("recording a job's error", job.save_meta)

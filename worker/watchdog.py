@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -31,8 +32,10 @@ from rq.serializers import JSONSerializer
 from shared import batch_progress, circuit, events, keys, stats
 from shared.circuit import CircuitRecord, CircuitState
 from shared.logs import configure_logging
+from shared.outage import REDIS, UNREACHABLE, quietly
 from shared.settings import Settings
-from worker.orphans import forget_worker, reclaim_jobs
+from shared.text import text
+from worker.orphans import forget_worker, reclaim_claimed, reclaim_jobs
 from worker.restart_policy import RestartPolicy
 
 logger = logging.getLogger(__name__)
@@ -75,10 +78,19 @@ class Watchdog:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        self.reclaim_from_dead_workers()
         logger.info("watchdog supervising %d worker(s)", len(self.slots))
+        reclaimed = False
         while not self.stopping:
-            self.tick()
+            # Redis away is weather: nothing here exits for it. Workers keep running; dead ones are
+            # noticed, reclaimed and restarted once it is back (a tick needs it from its first step).
+            try:
+                if not reclaimed:
+                    self.reclaim_from_dead_workers()
+                    reclaimed = True
+                self.tick()
+                REDIS.ok()
+            except UNREACHABLE as exc:
+                REDIS.failed("supervising workers", exc)
             time.sleep(self.settings.watchdog_tick_s)
         self.shutdown()
 
@@ -164,6 +176,8 @@ class Watchdog:
                 self._hang(slot, f"not ready {self.settings.watchdog_start_timeout_s:.0f} s after start")
             return
         if beat is None:
+            if time.monotonic() - REDIS.back_at < self.settings.heartbeat_ttl_s:
+                return  # it expired while Redis was away: the worker gets a heartbeat TTL to beat again
             self._hang(slot, f"heartbeat silent for more than {self.settings.heartbeat_ttl_s} s")
             return
         if now >= slot.next_probe_at:
@@ -281,12 +295,13 @@ class Watchdog:
         reclaimed = reclaim_jobs(
             self.redis, worker_name, self.queues, self.settings.max_crash_attempts, self.settings.stream_ttl_s
         )
+        reclaimed += reclaim_claimed(self.redis, worker_name, self.settings.stream_ttl_s)
         forget_worker(self.redis, worker_name)
         return reclaimed
 
     def reclaim_from_dead_workers(self) -> None:
         """At start-up: jobs left started by workers that are gone (a previous watchdog's, say)."""
-        holders = set()
+        holders = {text(name) for name in self.redis.smembers(keys.CLAIMING_WORKERS)}
         for queue in self.queues:
             for job in queue.started_job_registry.get_job_ids():
                 fetched = queue.fetch_job(job)
@@ -310,14 +325,17 @@ class Watchdog:
                 if slot.process is None:
                     continue
                 code = slot.process.poll()
-                if code is not None:
-                    self._on_exit(slot, code)
-                elif time.monotonic() >= deadline:
+                if code is None and time.monotonic() >= deadline:
                     logger.warning(
                         "worker %s still running after %.0f s; SIGKILL", slot.name, self.settings.stop_grace_s
                     )
                     slot.process.kill()
-                    self._on_exit(slot, slot.process.wait())
+                    code = slot.process.wait()
+                if code is not None and not quietly(
+                    "reclaiming a stopped worker's jobs", partial(self._on_exit, slot, code)
+                ):
+                    # Redis is away: the next watchdog reclaims what this worker held (it has no heartbeat).
+                    slot.process = None
             time.sleep(0.05)
         logger.info("watchdog stopped")
 

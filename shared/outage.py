@@ -1,0 +1,94 @@
+"""Redis being away, as weather: noticed once, waited out, and noticed again when it is back.
+
+Every long-lived process (gateway, worker, watchdog) meets Redis restarts and
+failovers. Instead of a traceback per failed write (one per token, while a
+generation runs), the first failure of an outage is logged with what was being
+done, later ones are only counted, and the end of the outage is logged with how
+long it lasted and how many operations failed. One tracker per process, since
+the connection to Redis is the process's; its state is read by the watchdog to
+give workers time to beat again after an outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+"""What Redis being away looks like to redis-py (BusyLoadingError, while it reads its AOF, is one)."""
+
+RETRY_MAX_S = 1.0
+"""Longest pause between two tries: once Redis is back, work resumes within about this long."""
+
+
+class Outage:
+    """The process's view of Redis: up, or down since when and how many operations failed meanwhile."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None
+        self.failures = 0
+        self.back_at = float("-inf")
+        """time.monotonic() when the last outage ended."""
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        with self._lock:
+            self.failures += 1
+            if self.since is not None:
+                return
+            self.since = time.monotonic()
+        logger.warning("Redis is unreachable (%s while %s); carrying on and retrying quietly", type(exc).__name__, what)
+
+    def ok(self) -> None:
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is None:
+                return
+            lasted, failures = time.monotonic() - self.since, self.failures
+            self.since, self.failures, self.back_at = None, 0, time.monotonic()
+        logger.warning("Redis is back after %.1f s; %d operations failed meanwhile", lasted, failures)
+
+
+REDIS = Outage()
+"""This process's tracker (module-level like a logger: Redis connectivity belongs to the process)."""
+
+
+def until_redis(what: str, action: Callable[[], T]) -> T:
+    """`action`'s value, trying again while Redis is unreachable (for writes that must not be lost)."""
+    pause = 0.05
+    while True:
+        try:
+            value = action()
+        except UNREACHABLE as exc:
+            REDIS.failed(what, exc)
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_S)
+            continue
+        REDIS.ok()
+        return value
+
+
+def quietly(what: str, action: Callable[[], object]) -> bool:
+    """Run `action` once; if Redis is unreachable, count it and go on (for what the next try redoes)."""
+    try:
+        action()
+    except UNREACHABLE as exc:
+        REDIS.failed(what, exc)
+        return False
+    REDIS.ok()
+    return True

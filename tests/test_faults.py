@@ -1,0 +1,143 @@
+"""Faults are weather: Redis restarts and a killed watchdog under `scripts/run`, as a user runs it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis
+from rq.job import Job
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from tests.support import PersistentRedis, ScriptRun
+
+pytestmark = pytest.mark.slow
+
+QUICK = {"heartbeat_interval_s": 0.5, "restart_backoff_base_s": 0.2}
+
+
+def finished_once(redis_url: str, job_ids: list[str], timeout_s: float = 90) -> None:
+    """Every job finished, with exactly one successful result (none ran twice to completion)."""
+    redis = Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    pending = list(job_ids)
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} jobs not finished"
+        pending = [
+            j for j in pending if Job.fetch(j, connection=redis, serializer=JSONSerializer).get_status() != "finished"
+        ]
+        time.sleep(0.2)
+    for job_id in job_ids:
+        results = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).results()
+        assert [r.type for r in results] == [Result.Type.SUCCESSFUL], (job_id, results)
+    redis.close()
+
+
+@pytest.mark.parametrize("outage_s", [3, 60])
+def test_a_redis_restart_under_scripts_run_loses_no_job_and_runs_none_twice(outage_s: int, tmp_path: Path) -> None:
+    (tmp_path / "redis").mkdir()
+    redis = PersistentRedis(tmp_path / "redis")
+    run = ScriptRun(redis.url, tmp_path / "data", tmp_path / "run.log", **QUICK)
+    try:
+        run.wait_healthy()
+        long = run.http.post(
+            "/v1/jobs", json={"model": "demo", "prompt": "Long", "max_tokens": 4000, "ignore_eos": True}
+        )
+        running = long.json()["id"]
+        deadline = time.monotonic() + 30
+        while run.http.get(f"/v1/jobs/{running}").json()["status"] != "started":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        queued = [
+            run.http.post("/v1/jobs", json={"model": "demo", "prompt": f"Job {i}", "max_tokens": 16}).json()["id"]
+            for i in range(10)
+        ]
+        redis.kill()
+        refused = run.http.post("/v1/jobs", json={"model": "demo", "prompt": "During", "max_tokens": 2})
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "service_unavailable"
+        assert run.http.get("/health").json()["status"] == "degraded"
+        time.sleep(outage_s)
+        redis.start()
+        assert run.wait_healthy(timeout_s=15) < 15
+        finished_once(redis.url, [running, *queued])
+        started = Redis.from_url(redis.url).zcard("rq:wip:mlxq-jobs")
+        assert started == 0
+        assert "Traceback" not in (tmp_path / "data" / "logs" / "worker.log").read_text()
+    finally:
+        run.stop()
+        redis.stop()
+
+
+def test_a_sigkilled_watchdog_is_back_within_seconds_and_the_gateway_never_stops_answering(tmp_path: Path) -> None:
+    (tmp_path / "redis").mkdir()
+    redis = PersistentRedis(tmp_path / "redis")
+    run = ScriptRun(redis.url, tmp_path / "data", tmp_path / "run.log", **QUICK)
+    answers: list[Any] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=run.base_url, timeout=5) as http:
+            while not stop.is_set():
+                try:
+                    answers.append(http.get("/health").status_code)
+                except httpx.TransportError as exc:
+                    answers.append(exc)
+                time.sleep(0.1)
+
+    try:
+        run.wait_healthy()
+        job = run.http.post(
+            "/v1/jobs", json={"model": "demo", "prompt": "Long", "max_tokens": 3000, "ignore_eos": True}
+        )
+        job_id = job.json()["id"]
+        deadline = time.monotonic() + 30
+        while run.http.get(f"/v1/jobs/{job_id}").json()["status"] != "started":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        old = run.process("worker.watchdog")
+        old.kill()
+        killed_at = time.monotonic()
+        while True:
+            try:
+                new = run.process("worker.watchdog")
+                if new.pid != old.pid:
+                    break
+            except AssertionError:
+                pass
+            assert time.monotonic() - killed_at < 10, "the watchdog was not started again"
+            time.sleep(0.1)
+        finished_once(redis.url, [job_id])
+        stop.set()
+        poller.join()
+        assert answers and all(isinstance(a, int) for a in answers), answers
+    finally:
+        stop.set()
+        run.stop()
+        redis.stop()
+
+
+def test_a_second_scripts_run_in_the_same_place_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:
+    first = ScriptRun(None, tmp_path / "data", tmp_path / "first.log", **QUICK)
+    try:
+        first.wait_healthy()
+        second = ScriptRun(None, tmp_path / "data", tmp_path / "second.log", **QUICK)
+        assert second.popen.wait(30) != 0
+        message = (tmp_path / "second.log").read_text()
+        assert "already runs from" in message and str(first.popen.pid) in message
+        second.stop()
+        job = first.http.post("/v1/jobs", json={"model": "demo", "prompt": "Still here", "max_tokens": 4}).json()
+        deadline = time.monotonic() + 30
+        while first.http.get(f"/v1/jobs/{job['id']}").json()["status"] != "finished":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        first.stop()
