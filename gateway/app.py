@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from gateway import openapi_schema
 from gateway.admission import Admission
 from gateway.body_limit import BodySizeLimit
 from gateway.clients import ClientResolver
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.clients = ClientResolver(settings)
     app.state.limits = PromptLimits(app.state.models, settings)
     install_error_handlers(app)
+    openapi_schema.install(app, [spec.name for spec in app.state.models.all()], settings.max_tokens_cap)
     authenticated = [Depends(get_client)]
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(openai.router, dependencies=authenticated)

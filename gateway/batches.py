@@ -82,6 +82,7 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
         "synthesis_job_id": str(uuid.uuid4()) if synthesis else None,
         "synthesis_queue_key": gw.queues["normal"].key,
         "synthesis_registry_key": gw.queues["normal"].deferred_job_registry.key,
+        "owner": client.tag,
     }
     deferred = None
     if synthesis is not None:
@@ -92,14 +93,14 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
             job_id=record["synthesis_job_id"],
             settings=settings,
             description=f"synthesize batch={batch_id} model={synthesis.model}",
-            meta={"model": synthesis.model, "batch_id": batch_id, "role": "synthesis"},
+            meta={"model": synthesis.model, "batch_id": batch_id, "role": "synthesis", "owner": client.tag},
         )
     write = BatchWrite(batch_id, json.dumps(record), deferred)
     idem = submission.idempotency(request, body.model_dump_json(), batch_id)
     done = await submission.admit(gw, client, children, "low", idem, metas, job_ids, batch=write)
     if done.duplicate:
         redis: Redis = request.app.state.redis
-        return await run_in_threadpool(view, redis, done.ids[0])
+        return await run_in_threadpool(view, redis, done.ids[0], client)
     return {
         "id": batch_id,
         "object": "batch",
@@ -113,17 +114,18 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
     }
 
 
-def load_record(redis: Redis, batch_id: str) -> dict[str, Any]:
+def load_record(redis: Redis, batch_id: str, client: Client) -> dict[str, Any]:
+    """The batch's record, if `client` may see it (another client's batch is answered as missing)."""
     raw = redis.get(keys.batch(batch_id))
-    if raw is None:
+    record: dict[str, Any] | None = json.loads(raw) if raw is not None else None
+    if record is None or not client.sees(record.get("owner")):
         raise JobNotFound(f"No batch with id '{batch_id}' (it may have expired)", param="id")
-    record: dict[str, Any] = json.loads(raw)
     return record
 
 
-def view(redis: Redis, batch_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+def view(redis: Redis, batch_id: str, client: Client, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Counts by status, each child's status and result, and the synthesis."""
-    record = load_record(redis, batch_id)
+    record = load_record(redis, batch_id, client)
     children = []
     for child in record["children"]:
         try:
@@ -162,9 +164,9 @@ def _overall(counts: Counter[str], synthesis: dict[str, Any] | None) -> str:
     return "completed"
 
 
-def cancel(redis: Redis, batch_id: str, stream_ttl_s: int) -> dict[str, Any]:
+def cancel(redis: Redis, batch_id: str, client: Client, stream_ttl_s: int) -> dict[str, Any]:
     """Cancel every child and the synthesis that have not ended."""
-    record = load_record(redis, batch_id)
+    record = load_record(redis, batch_id, client)
     ids = [child["job_id"] for child in record["children"]]
     if record.get("synthesis_job_id"):
         # First, so that the children's ends below do not queue it.
@@ -174,4 +176,4 @@ def cancel(redis: Redis, batch_id: str, stream_ttl_s: int) -> dict[str, Any]:
             jobs.cancel(jobs.fetch(job_id, redis), redis, stream_ttl_s)
         except (JobAlreadyEnded, JobNotFound):
             pass
-    return view(redis, batch_id)
+    return view(redis, batch_id, client)

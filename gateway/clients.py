@@ -21,6 +21,13 @@ class Client:
     """A caller, named by its API key (hashed, never stored) or else its address."""
 
     id: str
+    admin: bool = False
+    """Called with one of `MLXQ_ADMIN_KEYS`."""
+
+    def sees(self, owner: str | None) -> bool:
+        """Whether this client may read or cancel what `owner` (a client tag) submitted: with API keys,
+        only its own (admins all); without, everyone's, since an address is no proof of identity."""
+        return self.admin or not self.id.startswith("key:") or owner == self.tag
 
     @cached_property
     def tag(self) -> str:
@@ -32,7 +39,8 @@ class ClientResolver:
     """Authenticates requests and names their client, by the settings' keys and proxies."""
 
     def __init__(self, settings: Settings) -> None:
-        self._keys = [key.encode() for key in settings.api_keys]
+        self._keys = [key.encode() for key in [*settings.api_keys, *settings.admin_keys]]
+        self._admin_keys = [key.encode() for key in settings.admin_keys]
         self._proxy_specs = settings.trusted_proxies
 
     @cached_property
@@ -49,7 +57,8 @@ class ClientResolver:
             # Compare against every key in constant time, so timing says nothing about near misses.
             if key is None or not any([hmac.compare_digest(key, known) for known in self._keys]):
                 raise Unauthorized("A valid API key is required: send `Authorization: Bearer <key>`")
-            return Client(id="key:" + hashlib.sha256(key).hexdigest()[:16])
+            admin = any([hmac.compare_digest(key, known) for known in self._admin_keys])
+            return Client(id="key:" + hashlib.sha256(key).hexdigest()[:16], admin=admin)
         return Client(id="ip:" + self.address(request))
 
     def address(self, request: Request) -> str:

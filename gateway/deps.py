@@ -15,6 +15,7 @@ from gateway.clients import Client, ClientResolver
 from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
+from shared.errors import AdminKeyRequired
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -59,6 +60,15 @@ async def get_client(request: Request) -> Client:
     return resolver.resolve(request)
 
 
+async def require_admin(request: Request) -> Client:
+    """The client, if it may call admin routes: with an admin key, or anyone while no keys are set."""
+    resolver: ClientResolver = request.app.state.clients
+    client = resolver.resolve(request)
+    if resolver.auth_required and not client.admin:
+        raise AdminKeyRequired("This route needs one of MLXQ_ADMIN_KEYS; an ordinary API key is not enough")
+    return client
+
+
 async def get_gateway(request: Request) -> Gateway:
     """Everything the submitting routes use, as one dependency: each one costs FastAPI time per request."""
     gateway: Gateway = request.app.state.gateway
@@ -71,3 +81,4 @@ AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 ClientDep = Annotated[Client, Depends(get_client)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+AdminDep = Annotated[Client, Depends(require_admin)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,9 +43,13 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
     """The first problem pydantic found, named by its field path, e.g. `messages.0.role`."""
     problems = exc.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Not the request's names: where the error came from ("body", "query") and which member of a
+    # union pydantic tried ("str", "list[str]", "function-after[...]").
+    loc = [str(part) for part in first.get("loc", ()) if part not in _SOURCES and not _UNION_TAG.match(str(part))]
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if not loc and (named := _NAMED.search(message)):
+        loc = [named.group(1)]  # a rule across fields names the first field it is about, in backticks
     param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid request"))
     if param:
         message = f"{param}: {message}"
     if len(problems) > 1:
@@ -53,6 +58,9 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_SOURCES = {"body", "query", "path", "header"}
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z_-]+\[.*\])$")
+_NAMED = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")
 
 
 def install_error_handlers(app: FastAPI) -> None:

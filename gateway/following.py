@@ -14,6 +14,10 @@ from shared import job_stream, keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from shared.text import text
 
+STREAM_ID = r"^\d{1,19}-\d{1,19}$"
+"""A Redis stream id as a client may send one back (`Last-Event-ID`, a cursor): 19 digits a part at
+most keeps it below Redis's 64-bit limit, so no well-formed id makes Redis refuse."""
+
 BLOCK_MS = 1000
 """How long one XREAD waits before the job's own status is looked at again."""
 

@@ -19,6 +19,7 @@ from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
+from gateway.clients import Client
 from shared import batch_progress, keys
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
@@ -165,6 +166,14 @@ def fetch(job_id: str, redis: Redis) -> Job:
         return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     except (NoSuchJobError, ValueError):  # ValueError: not even a valid job id
         raise JobNotFound(f"No job with id '{job_id}' (it may have expired)", param="id") from None
+
+
+def fetch_for(client: Client, job_id: str, redis: Redis) -> Job:
+    """The job, if `client` may see it; another client's job is answered like one that does not exist."""
+    job = fetch(job_id, redis)
+    if not client.sees(job.meta.get("owner")):
+        raise JobNotFound(f"No job with id '{job_id}' (it may have expired)", param="id")
+    return job
 
 
 def view(job: Job, redis: Redis) -> JobView:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from shared.schemas import ChatMessage, GenerateRequest
+from shared.schemas import ChatMessage, GenerateRequest, Seed
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -28,21 +28,14 @@ class _Common(BaseModel):
     max_tokens: Positive | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=1, description="choices to generate: only 1 is supported")] = 1
     user: str | None = None
     priority: Literal["interactive", "normal", "low"] | None = None
     ignore_eos: bool = False
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     def _generate(self, **prompt: Any) -> GenerateRequest:
         return GenerateRequest(
@@ -69,7 +62,9 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)
+    ]
 
     def to_generate(self) -> GenerateRequest:
         return self._generate(prompt=self.prompt if isinstance(self.prompt, str) else self.prompt[0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, ModelFilesMissing
 from shared.models import ModelRegistry, ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
@@ -30,6 +30,10 @@ class PromptLimits:
     def check(self, request: GenerateRequest) -> ModelSpec:
         """The model's spec if the request fits; raises `ModelNotFound` or `InvalidRequest`."""
         spec = self._models.get(request.model)
+        problem = spec.problem()
+        if problem is not None:
+            # It would only be queued to fail: say so now, for good (a retry cannot help).
+            raise ModelFilesMissing(f"Model '{spec.name}' cannot be loaded: {problem}", param="model")
         settings = self._settings
         field = "prompt" if request.prompt is not None else "messages"
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens_cap:

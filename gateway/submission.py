@@ -89,7 +89,11 @@ async def admit(
         raise held
     factory = gw.jobs[priority]
     jobs: list[PreparedJob] = [
-        factory.build(request, job_id=(job_ids[i] if job_ids else None), meta=(metas[i] if metas else None))
+        factory.build(
+            request,
+            job_id=(job_ids[i] if job_ids else None),
+            meta={**(metas[i] if metas else {}), "owner": client.tag},
+        )
         for i, request in enumerate(requests)
     ]
     if idem is not None and len(jobs) == 1 and not idem.remember_id:

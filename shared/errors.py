@@ -19,6 +19,10 @@ class MlxqError(Exception):
     code: ClassVar[str] = "internal_error"
     refusal: ClassVar[bool] = False
     """True for errors that turn work away before it is taken: these are counted by reason."""
+    final: ClassVar[bool] = False
+    """True when the answer is about a job that ran (or was refused) for good: a client that sent the
+    same request again would only make more work, so the answer says `x-should-retry: false` (which
+    the OpenAI SDKs obey; they retry 409 and every 5xx otherwise)."""
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -37,7 +41,8 @@ class MlxqError(Exception):
 
     def headers(self) -> dict[str, str]:
         retry = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
-        return {**self.extra_headers, **retry}
+        final = {"x-should-retry": "false"} if self.final else {}
+        return {**self.extra_headers, **retry, **final}
 
 
 class InvalidRequest(MlxqError):
@@ -69,6 +74,8 @@ class JobNotFound(MlxqError):
 class JobAlreadyEnded(MlxqError):
     """The job has already finished or failed, so there is nothing left to cancel."""
 
+    final = True
+
     status_code = 409
     error_type = "invalid_request_error"
     code = "job_already_ended"
@@ -86,6 +93,14 @@ class Unauthorized(MlxqError):
         return {**super().headers(), "WWW-Authenticate": "Bearer"}
 
 
+class AdminKeyRequired(MlxqError):
+    """An admin route called without an admin key (`MLXQ_ADMIN_KEYS`)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "admin_key_required"
+
+
 class RequestTooLarge(MlxqError):
     """The request body is larger than the gateway accepts."""
 
@@ -98,6 +113,8 @@ class RequestTooLarge(MlxqError):
 class BatchTooLarge(MlxqError):
     """The request has more generations than a configured limit allows at once; waiting never helps."""
 
+    final = True
+
     status_code = 413
     error_type = "invalid_request_error"
     code = "batch_too_large"
@@ -106,6 +123,8 @@ class BatchTooLarge(MlxqError):
 
 class ContextLengthExceeded(MlxqError):
     """A prompt (a batch's filled synthesis prompt) cannot fit the model's context."""
+
+    final = True
 
     status_code = 422
     error_type = "invalid_request_error"
@@ -157,6 +176,8 @@ class QueueFull(MlxqError):
 class IdempotencyConflict(MlxqError):
     """The Idempotency-Key was already used with a different request."""
 
+    final = True
+
     status_code = 409
     error_type = "invalid_request_error"
     code = "idempotency_conflict"
@@ -166,6 +187,8 @@ class IdempotencyConflict(MlxqError):
 class JobWaitTimeout(MlxqError):
     """The call waited as long as it may; the job goes on and can be polled by its id."""
 
+    final = True
+
     status_code = 504
     error_type = "server_error"
     code = "timeout"
@@ -174,13 +197,28 @@ class JobWaitTimeout(MlxqError):
 class ModelUnavailable(MlxqError):
     """The model is configured but cannot be loaded (missing path, hub unreachable, bad files)."""
 
+    final = True
+
     status_code = 503
     error_type = "server_error"
     code = "model_unavailable"
 
 
+class ModelFilesMissing(MlxqError):
+    """The model is configured with a local path that has no model in it: refused before queuing."""
+
+    final = True
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "model_files_missing"
+    refusal = True
+
+
 class GenerationCanceled(MlxqError):
     """The job was canceled by a client before it finished."""
+
+    final = True
 
     status_code = 409
     error_type = "invalid_request_error"
@@ -190,6 +228,8 @@ class GenerationCanceled(MlxqError):
 class JobTimedOut(MlxqError):
     """The generation ran past the job's deadline and was stopped between tokens."""
 
+    final = True
+
     status_code = 504
     error_type = "server_error"
     code = "job_timeout"
@@ -198,17 +238,23 @@ class JobTimedOut(MlxqError):
 class GenerationFailed(MlxqError):
     """The worker failed while generating; the job is failed, the worker lives on."""
 
+    final = True
+
     code = "generation_failed"
 
 
 class WorkerCrashed(MlxqError):
     """The job was running each time its worker died, as often as allowed; it is not tried again."""
 
+    final = True
+
     code = "worker_crashed"
 
 
 class JobFailed(MlxqError):
     """A job a call was waiting for ended without a result; carries the error the job recorded."""
+
+    final = True
 
     code = "job_failed"
     _STATUS_BY_CODE: ClassVar[dict[str, int]] = {

@@ -7,6 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="for reproducible sampling")]
+"""MLX seeds its generator with an unsigned 64-bit integer."""
+
 JobStatus = Literal["queued", "started", "finished", "failed", "canceled"]
 FinishReason = Literal["stop", "length", "canceled", "timeout"]
 
@@ -35,24 +38,27 @@ class ChatMessage(BaseModel):
 class GenerateRequest(BaseModel):
     """A generation: chat `messages` or a raw `prompt`, and sampling options."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        # What `_one_input` checks, so that the schema says it too.
+        json_schema_extra={"oneOf": [{"required": ["messages"]}, {"required": ["prompt"]}]},
+    )
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    prompt: str | None = None
+    prompt: Annotated[str, Field(min_length=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of `messages` or `prompt`")
-        if self.prompt is not None and not self.prompt:
-            raise ValueError("`prompt` must not be empty")
         return self
 
     def stop_list(self) -> list[str]:

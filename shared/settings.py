@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     )
 
     api_keys: CommaList = Field(default=[], description="when set, every /v1 request needs one as a Bearer token")
+    admin_keys: CommaList = Field(
+        default=[], description="keys that may also call /v1/admin routes and see every client's jobs"
+    )
     trusted_proxies: CommaList = Field(
         default=[], description="addresses or networks whose X-Forwarded-For is believed"
     )
@@ -117,7 +120,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("api_keys", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "admin_keys", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

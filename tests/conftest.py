@@ -44,8 +44,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "models.toml"
-    path.write_text(f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n')
+    directory = tmp_path_factory.mktemp("models")
+    broken = directory / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen2"}')  # and no weights
+    path = directory / "models.toml"
+    path.write_text(
+        f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
+        f'[models.broken]\npath = "{broken}"\nnotes = "a config.json and no weights"\n'
+    )
     return path
 
 

@@ -133,12 +133,19 @@ def test_deleting_a_finished_job_is_a_conflict(service: Service) -> None:
     assert response.json()["error"]["code"] == "job_already_ended"
 
 
-def test_a_model_whose_local_path_is_missing_fails_with_a_clear_error(service: Service) -> None:
-    failed = service.wait_for(service.submit(model="missing", messages=HELLO)["id"], {"failed", "finished"})
+def test_a_model_whose_local_path_is_missing_is_refused_before_it_is_queued(service: Service) -> None:
+    refused = service.http.post("/v1/jobs", json={"model": "missing", "messages": HELLO})
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert error["code"] == "model_files_missing" and error["param"] == "model"
+    assert MISSING_MODEL_PATH in error["message"] and "does not exist" in error["message"]
+    assert "retry-after" not in refused.headers
+
+
+def test_a_model_whose_files_cannot_be_loaded_fails_with_a_clear_error(service: Service) -> None:
+    failed = service.wait_for(service.submit(model="broken", messages=HELLO)["id"], {"failed", "finished"})
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "model_unavailable"
-    assert MISSING_MODEL_PATH in failed["error"]["message"]
-    assert "does not exist" in failed["error"]["message"]
     # The worker survives it.
     assert service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
 

@@ -227,7 +227,7 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
         }
         for i in range(4)
     ]
-    requests.append({"custom_id": "broken", "model": "missing", "messages": HELLO})
+    requests.append({"custom_id": "broken", "model": "broken", "messages": HELLO})
     synthesis = {
         "messages": [{"role": "user", "content": "Combine these:\n{{results}}\nFirst alone: {{result:r0}}"}],
         "max_tokens": 4,

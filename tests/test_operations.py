@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, dat
     root = tmp_path_factory.mktemp("ops")
     models_file = root / "models.toml"
     models_file.write_text(f'[models.later]\npath = "{root / "later"}"\n')
+    (root / "later").mkdir()
+    (root / "later" / "config.json").write_text('{"model_type": "qwen2"}')  # its weights are not there yet
     svc = Service(
         redis_server.url.rsplit("/", 1)[0] + "/5",
         data_dir,
@@ -61,7 +64,7 @@ def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
     finished = [ops.submit(model="demo", messages=HELLO, max_tokens=5, ignore_eos=True)["id"] for _ in range(3)]
     for job_id in finished:
         ops.wait_for(job_id, {"finished"})
-    failed = ops.submit(model="later", messages=HELLO)["id"]  # its directory does not exist yet
+    failed = ops.submit(model="later", messages=HELLO)["id"]  # its weights are not there yet
     ops.wait_for(failed, {"failed"})
     refused = [ops.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO}) for _ in range(3)]
     assert [r.status_code for r in refused] == [202, 429, 429]  # 5 per window: 4 used, one more, then refusals
@@ -132,6 +135,7 @@ def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_on
         assert finished_jobs[done["id"]]["description"] == "generate model=demo priority=normal"
         assert failed["id"] in listed("failed")
 
+        shutil.rmtree(ops.root / "later")  # type: ignore[attr-defined]
         build_demo_model(ops.root / "later")  # type: ignore[attr-defined]  # the fix: now the model exists
         requeued = httpx.post(f"{base}/job/{failed['id']}/requeue", auth=auth)
         assert requeued.status_code == 200 and requeued.json()["status"] == "OK"

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import batches
 from gateway.batch_following import follow_batch
 from gateway.deps import AsyncRedisDep, ClientDep, GatewayDep, RedisDep, SettingsDep
+from gateway.following import STREAM_ID
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -26,17 +27,17 @@ async def create_batch(body: batches.BatchRequest, request: Request, client: Cli
 
 
 @router.get("/{batch_id}")
-async def get_batch(batch_id: str, redis: RedisDep) -> dict[str, Any]:
+async def get_batch(batch_id: str, redis: RedisDep, client: ClientDep) -> dict[str, Any]:
     """Counts by status, each request's status and result, and the synthesis's."""
-    found = await run_in_threadpool(batches.view, redis, batch_id)
+    found = await run_in_threadpool(batches.view, redis, batch_id, client)
     found.pop("_headers")
     return found
 
 
 @router.delete("/{batch_id}")
-async def cancel_batch(batch_id: str, redis: RedisDep, settings: SettingsDep) -> dict[str, Any]:
+async def cancel_batch(batch_id: str, redis: RedisDep, settings: SettingsDep, client: ClientDep) -> dict[str, Any]:
     """Cancel the requests and the synthesis that have not finished."""
-    found = await run_in_threadpool(batches.cancel, redis, batch_id, settings.stream_ttl_s)
+    found = await run_in_threadpool(batches.cancel, redis, batch_id, client, settings.stream_ttl_s)
     found.pop("_headers")
     return found
 
@@ -47,13 +48,14 @@ async def batch_events(
     redis: RedisDep,
     aredis: AsyncRedisDep,
     settings: SettingsDep,
-    last_event_id: Annotated[str | None, Header(pattern=r"^(synthesis:)?\d+-\d+$")] = None,
+    client: ClientDep,
+    last_event_id: Annotated[str | None, Header(pattern=r"^(synthesis:)?" + STREAM_ID[1:])] = None,
 ) -> StreamingResponse:
     """Server-sent events: `child` as each request ends (custom_id, status, usage), `children_done`, the
     synthesis's `synthesis_text` as it is generated and `synthesis_end`, then `end`.
 
     Send `Last-Event-ID` to resume after the last event received."""
-    record = await run_in_threadpool(batches.load_record, redis, batch_id)
+    record = await run_in_threadpool(batches.load_record, redis, batch_id, client)
     return StreamingResponse(
         follow_batch(redis, aredis, record, last_event_id, settings.stream_ttl_s),
         media_type="text/event-stream",

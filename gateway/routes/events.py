@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from gateway.deps import RedisDep
+from gateway.following import STREAM_ID
 from shared import events
 
 router = APIRouter(tags=["events"])
@@ -15,7 +16,7 @@ router = APIRouter(tags=["events"])
 @router.get("/v1/events")
 def list_events(
     redis: RedisDep,
-    after: Annotated[str | None, Query(description="cursor from a previous answer", pattern=r"^\d+-\d+$")] = None,
+    after: Annotated[str | None, Query(description="cursor from a previous answer", pattern=STREAM_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Supervision events (worker started/ready/died/hung/restarted, circuit changes, jobs requeued or

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from gateway import jobs, submission
 from gateway.deps import AsyncRedisDep, ClientDep, GatewayDep, RedisDep, SettingsDep
-from gateway.following import follow
+from gateway.following import STREAM_ID, follow
 from shared.schemas import GenerateRequest, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -46,15 +46,15 @@ async def submit_job(body: JobRequest, request: Request, client: ClientDep, gw: 
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, redis: RedisDep) -> JobView:
+def get_job(job_id: str, redis: RedisDep, client: ClientDep) -> JobView:
     """A job's status, its place in the queue while queued, and its result or error once ended."""
-    return jobs.view(jobs.fetch(job_id, redis), redis)
+    return jobs.view(jobs.fetch_for(client, job_id, redis), redis)
 
 
 @router.delete("/{job_id}", response_model=JobView)
-def cancel_job(job_id: str, response: Response, redis: RedisDep, settings: SettingsDep) -> JobView:
+def cancel_job(job_id: str, response: Response, redis: RedisDep, settings: SettingsDep, client: ClientDep) -> JobView:
     """Cancel a queued job, or stop a running one between tokens (202 until it has stopped)."""
-    jobs.cancel(jobs.fetch(job_id, redis), redis, settings.stream_ttl_s)
+    jobs.cancel(jobs.fetch_for(client, job_id, redis), redis, settings.stream_ttl_s)
     current = jobs.view(jobs.fetch(job_id, redis), redis)
     if current.status != "canceled":
         response.status_code = status.HTTP_202_ACCEPTED
@@ -66,12 +66,13 @@ async def job_events(
     job_id: str,
     redis: RedisDep,
     aredis: AsyncRedisDep,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+    client: ClientDep,
+    last_event_id: Annotated[str | None, Header(pattern=STREAM_ID)] = None,
 ) -> StreamingResponse:
     """Server-sent events: the job's status changes and its text as it is generated, then how it ended.
 
     Send `Last-Event-ID` to resume after the last event received."""
-    snapshot = jobs.view(jobs.fetch(job_id, redis), redis)
+    snapshot = jobs.view(jobs.fetch_for(client, job_id, redis), redis)
 
     async def events() -> AsyncIterator[str]:
         if last_event_id is None:

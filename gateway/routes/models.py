@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, status
 
-from gateway.deps import ModelsDep, RedisDep
+from gateway.deps import AdminDep, ModelsDep, RedisDep
 from gateway.workers import live_workers
 from shared import keys, sizing
 
@@ -46,8 +46,9 @@ def list_models(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
 
 
 @router.post("/v1/admin/models/{name}/unload", status_code=status.HTTP_202_ACCEPTED)
-def unload_model(name: str, models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
-    """Ask every worker holding the model to unload it as soon as it is idle."""
+def unload_model(name: str, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
+    """Ask every worker holding the model to unload it as soon as it is idle (needs an admin key when
+    keys are set)."""
     models.get(name)
     asked = [w["name"] for w in live_workers(redis) if any(m["name"] == name for m in w.get("models", []))]
     command = json.dumps({"command": "unload", "model": name})

@@ -2,13 +2,14 @@
 
 They go ahead of submit-and-poll jobs and batches (the `interactive` queue).
 Streaming sends tokens as the worker makes them (worker → Redis Stream → SSE);
-a client that hangs up cancels its job. A non-streaming call waits up to
+a client that hangs up cancels its job, streaming or not. A non-streaming call waits up to
 `MLXQ_OPENAI_WAIT_S`, then answers 504 with the job id: the job goes on and can
 be polled at `/v1/jobs/{id}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,6 +28,9 @@ from shared.errors import JobFailed, JobWaitTimeout, MlxqError
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["openai"])
+
+DISCONNECT_POLL_S = 0.5
+"""How often a waiting non-streaming call looks whether its client is still there."""
 
 
 @router.post("/v1/chat/completions")
@@ -61,7 +65,9 @@ async def _call(
             headers={**headers, "Cache-Control": "no-cache"},
         )
     try:
-        result = await _result(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
+        result = await _result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; the job is canceled
     except WaitedTooLong:
         timeout = JobWaitTimeout(
             f"The job {job_id} did not finish within {gw.settings.openai_wait_s:g} s; it goes on: "
@@ -74,6 +80,40 @@ async def _call(
         failed.extra_headers = {"x-mlxq-job-id": job_id}
         raise
     return JSONResponse(shapes.complete(result), headers=headers)
+
+
+class ClientGone(Exception):
+    """The client hung up before its result was ready."""
+
+
+async def _result_unless_gone(request: Request, job_id: str, deadline: float) -> dict[str, Any]:
+    """`_result`, unless the client hangs up first: then its job is canceled (nobody would read it)."""
+    waiting = asyncio.ensure_future(_result(request, job_id, deadline))
+    watching = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone = watching.done() and not watching.cancelled()
+        watching.cancel()
+    if not gone:
+        return await waiting
+    waiting.cancel()
+    logger.info("client went away before its result; canceling its job", extra={"job_id": job_id})
+    _cancel_quietly(request, job_id)
+    raise ClientGone(job_id)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _cancel_quietly(request: Request, job_id: str) -> None:
+    try:
+        redis = request.app.state.redis
+        jobs.cancel(jobs.fetch(job_id, redis), redis, request.app.state.settings.stream_ttl_s)
+    except MlxqError:
+        pass  # it ended meanwhile
 
 
 async def _result(request: Request, job_id: str, deadline: float) -> dict[str, Any]:
@@ -113,11 +153,7 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
         if not ended:
             # The client hung up mid-stream: nobody will read the rest, so free the worker.
             logger.info("stream client went away; canceling its job", extra={"job_id": job_id})
-            try:
-                redis = request.app.state.redis
-                jobs.cancel(jobs.fetch(job_id, redis), redis, request.app.state.settings.stream_ttl_s)
-            except MlxqError:
-                pass  # it ended meanwhile
+            _cancel_quietly(request, job_id)
 
 
 def _sse(document: dict[str, Any]) -> str:

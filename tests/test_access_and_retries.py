@@ -1,0 +1,116 @@
+"""Who may see what, and answers that keep clients from multiplying work: real gateway and worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from redis import Redis
+
+from shared import keys
+from tests.support import RedisServer, Service
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def keyed(
+    redis_server: RedisServer, data_dir: Path, models_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    svc = Service(
+        redis_server.url.rsplit("/", 1)[0] + "/7",
+        data_dir,
+        tmp_path_factory.mktemp("keyed-logs"),
+        models_file=models_file,
+        api_keys="key-a,key-b",
+        admin_keys="key-admin",
+        heartbeat_interval_s=0.5,
+        openai_wait_s=1,
+    )
+    yield svc
+    svc.stop()
+
+
+def http(svc: Service, key: str) -> httpx.Client:
+    return httpx.Client(base_url=svc.base_url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+
+
+def admitted(svc: Service) -> int:
+    redis = Redis.from_url(svc.env["MLXQ_REDIS_URL"])
+    try:
+        return int(redis.get(keys.ADMITTED) or 0)
+    finally:
+        redis.close()
+
+
+def test_a_key_sees_and_cancels_only_its_own_jobs_and_batches(keyed: Service) -> None:
+    with http(keyed, "key-a") as a, http(keyed, "key-b") as b, http(keyed, "key-admin") as admin:
+        job = a.post("/v1/jobs", json={"model": "demo", "prompt": "Mine", "max_tokens": 2}).json()["id"]
+        batch = a.post("/v1/batches", json={"model": "demo", "requests": [{"messages": HELLO, "max_tokens": 2}]})
+        batch_id = batch.json()["id"]
+        for method, path in [
+            ("GET", f"/v1/jobs/{job}"),
+            ("DELETE", f"/v1/jobs/{job}"),
+            ("GET", f"/v1/jobs/{job}/events"),
+            ("GET", f"/v1/batches/{batch_id}"),
+            ("DELETE", f"/v1/batches/{batch_id}"),
+            ("GET", f"/v1/batches/{batch_id}/events"),
+        ]:
+            refused = b.request(method, path)
+            assert refused.status_code == 404, (method, path, refused.text)
+            assert refused.json()["error"]["code"] == "job_not_found"
+        assert a.get(f"/v1/jobs/{job}").status_code == 200
+        assert a.get(f"/v1/batches/{batch_id}").status_code == 200
+        assert admin.get(f"/v1/jobs/{job}").status_code == 200  # an operator sees everything
+
+
+def test_admin_routes_need_an_admin_key(keyed: Service) -> None:
+    with http(keyed, "key-a") as a, http(keyed, "key-b") as b, http(keyed, "key-admin") as admin:
+        for ordinary in (a, b):
+            refused = ordinary.post("/v1/admin/models/demo/unload")
+            assert refused.status_code == 403
+            assert refused.json()["error"]["code"] == "admin_key_required"
+        assert admin.post("/v1/admin/models/demo/unload").status_code == 202
+
+
+def test_the_openai_sdk_with_its_default_retries_makes_one_job_per_call(keyed: Service) -> None:
+    client = openai.OpenAI(base_url=keyed.base_url + "/v1", api_key="key-a")  # default: 2 retries
+    before = admitted(keyed)
+    with pytest.raises(openai.APIStatusError) as past_wait:
+        client.chat.completions.create(
+            model="demo", messages=HELLO, max_tokens=4000, extra_body={"ignore_eos": True}  # type: ignore[arg-type]
+        )
+    assert past_wait.value.status_code == 504
+    assert past_wait.value.response.headers["x-should-retry"] == "false"
+    job_id = past_wait.value.response.headers["x-mlxq-job-id"]
+    assert job_id in past_wait.value.message
+    assert admitted(keyed) == before + 1
+    with http(keyed, "key-a") as a:
+        a.delete(f"/v1/jobs/{job_id}")  # it went on; the next call should not wait behind it
+
+    with pytest.raises(openai.APIStatusError) as unloadable:
+        client.chat.completions.create(model="broken", messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
+    assert unloadable.value.status_code == 503
+    assert unloadable.value.response.headers["x-should-retry"] == "false"
+    assert admitted(keyed) == before + 2
+
+
+def test_a_non_streaming_client_that_hangs_up_cancels_its_job(keyed: Service) -> None:
+    body: dict[str, Any] = {"model": "demo", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True}
+    redis = Redis.from_url(keyed.env["MLXQ_REDIS_URL"])
+    seen = set(redis.keys("rq:job:*"))
+    with http(keyed, "key-a") as a, pytest.raises(httpx.ReadTimeout):
+        a.post("/v1/chat/completions", json=body, timeout=0.3)  # before its 1 s wait runs out
+    [new] = [key for key in redis.keys("rq:job:*") if key not in seen]
+    deadline = time.monotonic() + 20
+    while (status := redis.hget(new, "status")) not in (b"stopped", b"canceled"):
+        assert time.monotonic() < deadline, f"the job of a client that hung up is still {status!r}"
+        time.sleep(0.2)
+    redis.close()
