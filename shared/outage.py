@@ -83,12 +83,12 @@ def until_redis(what: str, action: Callable[[], T]) -> T:
         return value
 
 
-def quietly(what: str, action: Callable[[], object]) -> bool:
-    """Run `action` once; if Redis is unreachable, count it and go on (for what the next try redoes)."""
+def quietly(what: str, action: Callable[[], T]) -> T | None:
+    """`action`'s value; if Redis is unreachable, count it and go on with None (for what the next
+    try redoes)."""
     try:
-        action()
+        return action()
     except UNREACHABLE as exc:
         REDIS.failed(what, exc)
-        return False
-    REDIS.ok()
-    return True
+        return None
+    # Success is not taken as a sign that Redis is back: some of these (RQ's heartbeats) swallow errors.

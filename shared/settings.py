@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         default=30, description="Retry-After for queue_full while no job has ended in the drain window"
     )
 
+    max_batch: int = Field(default=16, ge=1, description="jobs a worker runs together in one batch")
+    prefill_step_size: int = Field(
+        default=256, ge=16, description="prompt tokens prefilled between two decode steps of a running batch"
+    )
     default_max_tokens: int = 256
     max_tokens_cap: int = Field(default=8192, description="largest `max_tokens` a request may ask for")
     max_prompt_chars: int = 200_000

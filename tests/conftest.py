@@ -72,6 +72,9 @@ def service(
         rate_limit_requests=100_000,
         max_inflight_per_client=10_000,
         max_queued=10_000,
+        # One job at a time, so that a job started first holds the ones behind it in the queue
+        # (tests of queue order, positions, cancels of queued jobs); batching has tests of its own.
+        max_batch=1,
     )
     yield svc
     svc.stop()

@@ -39,6 +39,7 @@ def fanout(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.T
         models_file=models,
         api_keys=",".join(KEYS.values()),
         heartbeat_interval_s=0.5,
+        max_batch=1,  # one job at a time: the order jobs are served in is what these tests watch
     )
     yield svc
     svc.stop()
@@ -262,6 +263,7 @@ def test_a_refused_wide_batch_does_not_answer_the_small_batch_and_single_job_aft
         heartbeat_interval_s=0.5,
         max_batch_inflight_per_client=20,
         refusal_hold_s=5,
+        max_batch=1,  # the blocker holds the batch children in the queue
     )
     try:
         blocker = svc.submit(model="demo", prompt="Busy", max_tokens=8000, ignore_eos=True)

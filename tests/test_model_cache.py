@@ -8,13 +8,13 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from mlx_lm.generate import BatchGenerator
 
 from shared import sizing
 from shared.errors import InsufficientMemory
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from worker import generation
 from worker.demo_model import build_demo_model
 from worker.engine import Engine, Submission
 from worker.model_cache import ModelCache
@@ -171,21 +171,23 @@ def run(engine: Engine, spec: ModelSpec, job_id: str, **body: Any) -> Any:
 def test_an_allocation_failure_during_generation_fails_that_job_only(
     engine: Engine, models: dict[str, ModelSpec], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_step = generation.generate_step
+    real_next = BatchGenerator.next
+    steps = 0
 
-    def failing_step(*args: Any, **kwargs: Any) -> Any:
-        steps = real_step(*args, **kwargs)
-        yield next(steps)
-        steps.close()
-        raise RuntimeError("[malloc] Unable to allocate 1099511627776 bytes")
+    def failing_next(self: BatchGenerator) -> Any:
+        nonlocal steps
+        steps += 1
+        if steps > 2:
+            raise RuntimeError("[malloc] Unable to allocate 1099511627776 bytes")
+        return real_next(self)
 
-    monkeypatch.setattr(generation, "generate_step", failing_step)
+    monkeypatch.setattr(BatchGenerator, "next", failing_next)
     failed = run(engine, models["a"], "doomed", ignore_eos=True)
     with pytest.raises(InsufficientMemory, match="Memory ran out while generating"):
         failed.result()
     assert engine.cache.loaded_names() == []  # emergency cleanup
 
-    monkeypatch.setattr(generation, "generate_step", real_step)
+    monkeypatch.setattr(BatchGenerator, "next", real_next)
     assert run(engine, models["a"], "fine", ignore_eos=True).result().completion_tokens == 8
 
 

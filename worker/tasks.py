@@ -25,7 +25,7 @@ from shared.settings import Settings
 from shared.tokenizing import ModelTexts
 from worker import synthesis
 from worker.engine import Engine, Generation, Submission
-from worker.generation import Outcome
+from worker.rows import Outcome
 from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)

@@ -273,6 +273,10 @@ class Watchdog:
         if failed_start:
             self._count_failed_start()
 
+    def _reaped(self, slot: Slot, code: int) -> bool:
+        self._on_exit(slot, code)
+        return True
+
     def _count_failed_start(self) -> None:
         record = circuit.read(self.redis)
         now_ms = circuit.redis_now_ms(self.redis)
@@ -331,8 +335,9 @@ class Watchdog:
                     )
                     slot.process.kill()
                     code = slot.process.wait()
-                if code is not None and not quietly(
-                    "reclaiming a stopped worker's jobs", partial(self._on_exit, slot, code)
+                if (
+                    code is not None
+                    and quietly("reclaiming a stopped worker's jobs", partial(self._reaped, slot, code)) is None
                 ):
                     # Redis is away: the next watchdog reclaims what this worker held (it has no heartbeat).
                     slot.process = None
