@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from starlette.concurrency import run_in_threadpool
 
-from gateway.following import BLOCK_MS, follow
-from shared import batch_progress, job_stream, keys
-from shared.text import text
+from gateway.following import BLOCK_MS, entries_of, follow
+from shared import batch_progress, keys
 
 SYNTHESIS = "synthesis:"
 """Prefix of the event ids of the synthesis's part."""
@@ -50,15 +49,12 @@ async def follow_batch(
                     yield _event(None, "end", {"status": "expired"})
                     return
                 continue
-            # RESP2 shape: [[stream, [(id, fields), ...]]]
-            entries: list[tuple[bytes, dict[bytes, bytes]]] = cast(Any, reply)[0][1]
-            for raw_id, fields in entries:
-                last = text(raw_id)
-                kind, data = job_stream.decode(fields)
-                yield _event(last, kind, data)
-                if kind == "end":
+            for entry in entries_of(reply):
+                last = entry.id
+                yield _event(last, entry.kind, entry.data)
+                if entry.kind == "end":
                     return
-                children_done = children_done or kind == "children_done"
+                children_done = children_done or entry.kind == "children_done"
     synthesis_id = record.get("synthesis_job_id")
     if not synthesis_id:
         return

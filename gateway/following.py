@@ -72,11 +72,14 @@ async def follow(
                 yield Entry(last, "end", {"status": ended, "error": {"message": f"the job ended as {ended}"}})
                 return
             continue
-        # RESP2 shape: [[stream, [(id, fields), ...]]] (we never ask for RESP3).
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = cast(Any, reply)[0][1]
-        for raw_id, fields in entries:
-            last = text(raw_id)
-            kind, data = job_stream.decode(fields)
-            yield Entry(last, kind, data)
-            if kind == "end":
+        for entry in entries_of(reply):
+            last = entry.id
+            yield entry
+            if entry.kind == "end":
                 return
+
+
+def entries_of(reply: Any) -> list[Entry]:
+    """The entries of a one-stream XREAD reply, RESP2 shape: [[stream, [(id, fields), ...]]]."""
+    raw: list[tuple[bytes, dict[bytes, bytes]]] = cast(Any, reply)[0][1]
+    return [Entry(text(raw_id), *job_stream.decode(fields)) for raw_id, fields in raw]

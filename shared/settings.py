@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     prefill_step_size: int = Field(
         default=256, ge=16, description="prompt tokens prefilled between two decode steps of a running batch"
     )
+    prefill_batch_size: int = Field(
+        default=1, ge=1, description="prompts prefilled together (more wastes work on padding when lengths differ)"
+    )
     default_max_tokens: int = 256
     max_tokens_cap: int = Field(default=8192, description="largest `max_tokens` a request may ask for")
     max_prompt_chars: int = 200_000

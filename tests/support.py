@@ -33,6 +33,23 @@ def redis_server_binary() -> str:
     return found
 
 
+def wait_for_redis(url: str, process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """Until the redis-server just started answers PING (or it died, or the time is up)."""
+    client = Redis.from_url(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
 class RedisServer:
     """A throw-away redis-server on a free port with its own directory; never 6379."""
 
@@ -57,17 +74,7 @@ class RedisServer:
             ],
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        client = Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        wait_for_redis(self.url, self.process)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -261,17 +268,7 @@ class PersistentRedis:
         command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--dir", str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync", "always"]
         self.process = subprocess.Popen([*command, "--logfile", str(self.directory / "redis.log")])
-        client = Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        wait_for_redis(self.url, self.process)
 
     def kill(self) -> None:
         assert self.process is not None

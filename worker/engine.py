@@ -122,12 +122,14 @@ class Engine:
         maintenance_interval_s: float = 1.0,
         max_batch: int = 16,
         prefill_step_size: int = 256,
+        prefill_batch_size: int = 1,
     ) -> None:
         self.cache = cache
         self.maintenance_interval_s = maintenance_interval_s
         self.max_batch = max_batch
         # Prompt chunks between decode steps: a long prompt stalls the running rows one chunk at a time.
         self.prefill_step_size = prefill_step_size
+        self.prefill_batch_size = prefill_batch_size
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self.state = "idle"
         """idle, loading or generating: what the watchdog's probe tolerates differs."""
@@ -280,7 +282,7 @@ class Engine:
         generator = BatchGenerator(
             loaded.model,
             completion_batch_size=self.max_batch,
-            prefill_batch_size=1,  # prompts of different lengths prefilled together waste work on padding
+            prefill_batch_size=self.prefill_batch_size,
             prefill_step_size=self.prefill_step_size,
         )
         self._batch = _Batch(model, generator)

@@ -41,6 +41,7 @@ def main() -> None:
         settings.maintenance_interval_s,
         max_batch=settings.max_batch,
         prefill_step_size=settings.prefill_step_size,
+        prefill_batch_size=settings.prefill_batch_size,
     )
     engine.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,

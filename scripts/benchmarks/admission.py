@@ -51,7 +51,7 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
 
 
 def load(port: int, path: str, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
-    command = [sys.executable, str(ROOT / "scripts/bench/load.py"), path, str(port), BODY, str(args.concurrency)]
+    command = [sys.executable, str(ROOT / "scripts/benchmarks/load.py"), path, str(port), BODY, str(args.concurrency)]
     out = subprocess.run([*command, str(seconds)], check=True, capture_output=True, text=True).stdout
     result: dict[str, Any] = json.loads(out)
     return result
@@ -101,7 +101,7 @@ def main() -> None:
         gateway = [sys.executable, "-m", "gateway"]
         # name -> (command, extra environment, path, the status that counts)
         targets = {
-            "peer": (uvicorn + ["scripts.bench.peer_app:app", "--port", "{port}"], {}, "/incr", "202"),
+            "peer": (uvicorn + ["scripts.benchmarks.peer_app:app", "--port", "{port}"], {}, "/incr", "202"),
             "admitted": (gateway, {}, "/v1/jobs", "202"),
             "refused": (gateway, {"MLXQ_MAX_QUEUED": "0"}, "/v1/jobs", "503"),
             "refused_by_script": (gateway, {"MLXQ_MAX_QUEUED": "0", "MLXQ_REFUSAL_HOLD_S": "0"}, "/v1/jobs", "503"),
