@@ -70,8 +70,10 @@ def install_error_handlers(app: FastAPI) -> None:
             await count_refusal(app, exc.code)
         return error_response(exc)
 
+    # The route's own models, and the internal ones a request is translated into (the OpenAI routes).
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    @app.exception_handler(ValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
         error = _validation_error(exc)
         if _is_submission(request):
             await count_refusal(app, error.code)
@@ -88,14 +90,6 @@ def install_error_handlers(app: FastAPI) -> None:
             }
         }
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(ValidationError)
-    async def on_internal_validation_error(request: Request, exc: ValidationError) -> JSONResponse:
-        # A request that passed the route's model but not the internal one it is translated into.
-        error = _validation_error(exc)
-        if _is_submission(request):
-            await count_refusal(app, error.code)
-        return error_response(error)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

@@ -15,6 +15,7 @@
 -- ARGV[4] TTL of the ended hash and the stream, s
 -- ARGV[5] RQ's job key prefix; ARGV[6] the batch id
 -- ARGV[7] how long the record is kept once every child has ended, s (none before: the synthesis needs it)
+-- ARGV[8] wake tokens kept at most
 --
 -- Returns "done" once every child has ended, "open" before, "gone" when there is no such batch.
 
@@ -76,7 +77,7 @@ if status == "deferred" then
   redis.call("RPUSH", queue_key, synthesis_id)
   redis.call("SADD", KEYS[4], queue_key)
   redis.call("RPUSH", KEYS[6], 1)
-  redis.call("LTRIM", KEYS[6], -16, -1)
+  redis.call("LTRIM", KEYS[6], -tonumber(ARGV[8]), -1)
   status = "queued"
 end
 redis.call("XADD", KEYS[3], "*", "type", "children_done", "data",

@@ -85,7 +85,16 @@ def _run(redis: Redis, batch_id: str, custom_id: str, event: str, ttl_s: int) ->
             keys.OPEN_BATCHES,
             keys.WAKE,
         ],
-        args=[custom_id, event, utcformat(now()), ttl_s, Job.redis_job_namespace_prefix, batch_id, keys.BATCH_KEPT_S],
+        args=[
+            custom_id,
+            event,
+            utcformat(now()),
+            ttl_s,
+            Job.redis_job_namespace_prefix,
+            batch_id,
+            keys.BATCH_KEPT_S,
+            keys.WAKE_MAX,
+        ],
     )
     state: State = text(reply)  # type: ignore[assignment]
     return state

@@ -38,6 +38,17 @@ def finished_once(redis_url: str, job_ids: list[str], timeout_s: float = 90) -> 
     redis.close()
 
 
+def started_long_job(run: ScriptRun, max_tokens: int) -> str:
+    """The id of a long job, once a worker has started it."""
+    body = {"model": "demo", "prompt": "Long", "max_tokens": max_tokens, "ignore_eos": True}
+    job_id: str = run.http.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 30
+    while run.http.get(f"/v1/jobs/{job_id}").json()["status"] != "started":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job_id
+
+
 @pytest.mark.parametrize("outage_s", [3, 60])
 def test_a_redis_restart_under_scripts_run_loses_no_job_and_runs_none_twice(outage_s: int, tmp_path: Path) -> None:
     (tmp_path / "redis").mkdir()
@@ -45,14 +56,7 @@ def test_a_redis_restart_under_scripts_run_loses_no_job_and_runs_none_twice(outa
     run = ScriptRun(redis.url, tmp_path / "data", tmp_path / "run.log", **QUICK)
     try:
         run.wait_healthy()
-        long = run.http.post(
-            "/v1/jobs", json={"model": "demo", "prompt": "Long", "max_tokens": 4000, "ignore_eos": True}
-        )
-        running = long.json()["id"]
-        deadline = time.monotonic() + 30
-        while run.http.get(f"/v1/jobs/{running}").json()["status"] != "started":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        running = started_long_job(run, max_tokens=4000)
         queued = [
             run.http.post("/v1/jobs", json={"model": "demo", "prompt": f"Job {i}", "max_tokens": 16}).json()["id"]
             for i in range(10)
@@ -93,14 +97,7 @@ def test_a_sigkilled_watchdog_is_back_within_seconds_and_the_gateway_never_stops
 
     try:
         run.wait_healthy()
-        job = run.http.post(
-            "/v1/jobs", json={"model": "demo", "prompt": "Long", "max_tokens": 3000, "ignore_eos": True}
-        )
-        job_id = job.json()["id"]
-        deadline = time.monotonic() + 30
-        while run.http.get(f"/v1/jobs/{job_id}").json()["status"] != "started":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        job_id = started_long_job(run, max_tokens=3000)
         poller = threading.Thread(target=poll)
         poller.start()
         old = run.process("worker.watchdog")
