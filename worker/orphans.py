@@ -29,6 +29,10 @@ from shared.text import text
 logger = logging.getLogger(__name__)
 
 
+ENDED = {"finished", "failed", "stopped", "canceled"}
+"""RQ statuses of a job that must never run again."""
+
+
 @dataclass(frozen=True)
 class Reclaimed:
     job_id: str
@@ -54,6 +58,8 @@ def reclaim_jobs(
                 continue
             if redis.zrem(registry.key, member) != 1:
                 continue  # someone else claimed it
+            if job.get_status() in ENDED:
+                continue  # a stale entry (an execution recorded twice across an outage): nothing to rerun
             reclaimed.append(_reclaim(redis, job, queue, worker_name, max_attempts, stream_ttl_s))
     return reclaimed
 

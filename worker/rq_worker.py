@@ -120,6 +120,9 @@ class MlxqWorker(SimpleWorker):
         try:
             self.perform_job(job, queue, execution)
         finally:
+            # An execution retried across a Redis outage may have been recorded twice; the one RQ
+            # did not end must not stay in the started registry as if the job still ran.
+            quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self._running.pop(job.id, None)
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
@@ -146,6 +149,13 @@ class MlxqWorker(SimpleWorker):
             logger.info("starting a job whose claim was interrupted", extra={"job_id": job_id})
             return job, self.queue_class(job.origin, connection=self.connection, serializer=JSONSerializer)
         return None
+
+    def _drop_stale_executions(self, job: Job, queue: Queue) -> None:
+        registry = queue.started_job_registry.key
+        members = [text(m) for m in self.connection.zrange(registry, 0, -1)]
+        stale = [m for m in members if m.startswith(job.id + ":")]
+        if stale:
+            self.connection.zrem(registry, *stale)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         # RQ goes idle between claims; the worker is busy while any of its jobs runs.
