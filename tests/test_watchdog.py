@@ -188,8 +188,11 @@ def test_a_job_that_kills_its_worker_every_time_is_quarantined_and_the_rest_stil
         assert failed["error"]["code"] == "worker_crashed"
         assert "died 3 times" in failed["error"]["message"]
         assert failed["attempts"] == 3
-        assert len(svc.events("job_quarantined")) == 1
-        assert len(svc.events("job_requeued")) == 2
+        assert [e["job_id"] for e in svc.events("job_quarantined")] == [poison.id]
+        requeued = [e["job_id"] for e in svc.events("job_requeued")]
+        assert requeued.count(poison.id) == 2
+        # Jobs batched with it when it first struck go back once, then run alone and finish.
+        assert all(requeued.count(job_id) <= 1 for job_id in behind)
         for job_id in behind:
             assert svc.wait_for(job_id, {"finished"}, timeout_s=60)["status"] == "finished"
     finally:
