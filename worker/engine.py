@@ -44,9 +44,6 @@ class Submission:
     deadline: float = field(default=float("inf"))
     """time.monotonic() after which the generation is stopped between tokens."""
     on_text: TextSink | None = None
-    alone: bool = False
-    """Run with nothing else in the batch: the job was running when a worker died, so it may be what
-    killed it, and jobs batched with it must not be counted as its accomplices."""
 
 
 class Generation:
@@ -250,9 +247,6 @@ class Engine:
                 self._finish(handle, None, GenerationCanceled("The job was canceled before it started"))
                 continue
             spec = handle.submission.spec
-            members = list(self._batch.members.values()) if self._batch is not None else []
-            if any(m.handle.submission.alone for m in members) or (handle.submission.alone and members):
-                return  # a crash suspect runs alone: it waits for an empty batch, or the others wait for it
             if self._batch is not None and self._batch.model != spec.name:
                 if self._batch.members:
                     return  # another model: it waits until this batch drains

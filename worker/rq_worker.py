@@ -77,6 +77,10 @@ class MlxqWorker(SimpleWorker):
         """Job id -> the thread that runs it and its RQ execution."""
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
+        self._suspect: str | None = None
+        """A running job that was running when a worker died: it runs alone (nothing else is claimed
+        while it runs, and it waits for the others to end), so that jobs beside it are never counted
+        as its accomplices when it kills this worker too."""
         self._canceled: set[str] = set()
         """Jobs asked to stop: they end as RQ's `stopped`, not `failed` (RQ's own record is one slot)."""
         self._failure_lock = threading.Lock()
@@ -124,6 +128,8 @@ class MlxqWorker(SimpleWorker):
             # did not end must not stay in the started registry as if the job still ran.
             quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self._running.pop(job.id, None)
+            if self._suspect == job.id:
+                self._suspect = None
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
             quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
@@ -169,14 +175,13 @@ class MlxqWorker(SimpleWorker):
         while True:
             if self._stop_requested:
                 raise StopRequested()
-            if len(self._running) >= self.settings.max_batch:
-                self._room.wait(IDLE_POLL_S)
-                self._room.clear()
+            if len(self._running) >= self.settings.max_batch or self._suspect is not None:
+                self._wait_for_room()
                 continue
             self.heartbeat()
             leftover = quietly("looking at claimed jobs", self._unstarted_claim)
             if isinstance(leftover, tuple):
-                return leftover
+                return self._alone_if_suspect(leftover)
             try:
                 found = self.queue_class.dequeue_any(
                     self._ordered_queues,
@@ -190,7 +195,25 @@ class MlxqWorker(SimpleWorker):
                 continue
             if found is not None:
                 self.log.info("Worker %s: %s: %s", self.name, found[1].name, found[0].id)
-                return found
+                return self._alone_if_suspect(found)
+
+    def _wait_for_room(self) -> None:
+        self._room.wait(IDLE_POLL_S)
+        self._room.clear()
+
+    def _alone_if_suspect(self, claimed: tuple[Job, Queue]) -> tuple[Job, Queue]:
+        """A crash suspect starts once the jobs already running have ended (a stop meanwhile leaves
+        it in the claimed list, which teardown puts back first in line)."""
+        job = claimed[0]
+        if int(job.meta.get("crash_attempts", 0)) == 0:
+            return claimed
+        while self._running:
+            if self._stop_requested:
+                raise StopRequested()
+            self._wait_for_room()
+            self.heartbeat()
+        self._suspect = job.id
+        return claimed
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         prepare = super().prepare_job_execution

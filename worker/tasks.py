@@ -102,7 +102,6 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             max_tokens=req.max_tokens or runtime.settings.default_max_tokens,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
             on_text=lambda piece: runtime.publisher.text(job.id, piece),
-            alone=int(job.meta.get("crash_attempts", 0)) > 0,
         )
         handle = runtime.engine.submit(submission)
         try:
