@@ -70,12 +70,13 @@ class CompletionRequest(_Common):
         return self._generate(prompt=self.prompt if isinstance(self.prompt, str) else self.prompt[0])
 
 
-def usage(result: dict[str, Any]) -> dict[str, int]:
+def usage(result: dict[str, Any]) -> dict[str, Any]:
     u = result["usage"]
     return {
         "prompt_tokens": u["prompt_tokens"],
         "completion_tokens": u["completion_tokens"],
         "total_tokens": u["total_tokens"],
+        "prompt_tokens_details": {"cached_tokens": u.get("prompt_tokens_details", {}).get("cached_tokens", 0)},
     }
 
 

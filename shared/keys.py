@@ -128,7 +128,7 @@ STATS_JOBS = f"{PREFIX}:stats:jobs"
 """Hash: final job status (finished, failed, canceled) -> jobs that ended so."""
 
 STATS_COUNTERS = f"{PREFIX}:stats:counters"
-"""Hash: tokens_generated, worker_restarts -> running totals."""
+"""Hash: tokens_generated, prompt_tokens_computed, prompt_tokens_cached, worker_restarts -> running totals."""
 
 
 def stats_histogram(name: str) -> str:

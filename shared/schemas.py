@@ -72,10 +72,17 @@ class GenerateRequest(BaseModel):
         return sum(len(m.text()) for m in self.messages or [])
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        default=0, description="prompt tokens taken from a kept prefix's KV cache instead of being computed"
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class Timings(BaseModel):

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     prefill_batch_size: int = Field(
         default=1, ge=1, description="prompts prefilled together (more wastes work on padding when lengths differ)"
     )
+    prefix_cache_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.5,
+        description="share of the model budget kept for computed prompt prefixes (0 turns prefix reuse off)",
+    )
     default_max_tokens: int = 256
     max_tokens_cap: int = Field(default=8192, description="largest `max_tokens` a request may ask for")
     max_prompt_chars: int = 200_000

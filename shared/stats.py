@@ -71,3 +71,7 @@ def record_generation(pipe: Redis | Pipeline, result: dict[str, Any], first_toke
     if tokens and timings["generate_s"] > 0:
         observe(pipe, "tokens_per_second", tokens / float(timings["generate_s"]))
     count(pipe, keys.STATS_COUNTERS, "tokens_generated", tokens)
+    usage = result["usage"]
+    cached = int(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
+    count(pipe, keys.STATS_COUNTERS, "prompt_tokens_computed", int(usage["prompt_tokens"]) - cached)
+    count(pipe, keys.STATS_COUNTERS, "prompt_tokens_cached", cached)

@@ -107,6 +107,46 @@ def test_each_job_in_a_batch_keeps_its_own_sampling_stops_and_length(batched: Se
     assert results[5]["usage"]["completion_tokens"] == 30
 
 
+def prompt_token_counts(svc: Service) -> dict[str, float]:
+    lines = svc.http.get("/metrics").text.splitlines()
+    return {
+        source: float(line.rsplit(" ", 1)[1])
+        for line in lines
+        for source in ("computed", "cached")
+        if line.startswith(f'mlxq_prompt_tokens_total{{source="{source}"}}')
+    }
+
+
+def test_a_fan_out_whose_children_share_a_prefix_computes_it_once(batched: Service) -> None:
+    context = " ".join(f"Finding {i}: the sample from site {i} was clean." for i in range(40))
+    system = {"role": "system", "content": f"You review field reports. {context}"}
+    before = prompt_token_counts(batched)
+    response = batched.http.post(
+        "/v1/batches",
+        json={
+            "model": "demo",
+            "requests": [
+                {"custom_id": f"q{i}", "messages": [system, {"role": "user", "content": f"Site {i}?"}], "max_tokens": 8}
+                for i in range(8)
+            ],
+        },
+    )
+    assert response.status_code == 202, response.text
+    batch_id = response.json()["id"]
+    deadline = time.monotonic() + 120
+    while (view := batched.http.get(f"/v1/batches/{batch_id}").json())["status"] not in {"completed", "canceled"}:
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    usages = [child["result"]["usage"] for child in view["requests"]]
+    cached = sorted(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    # One child computes the shared prefix; the seven others start from its KV cache.
+    assert cached[0] == 0
+    assert all(n >= usages[0]["prompt_tokens"] - 12 for n in cached[1:]), cached
+    after = prompt_token_counts(batched)
+    assert after["cached"] - before["cached"] == sum(cached)
+    assert after["computed"] - before["computed"] == sum(u["prompt_tokens"] for u in usages) - sum(cached)
+
+
 def test_a_sigkilled_worker_holding_a_full_batch_loses_none_and_runs_none_twice(
     redis_server: RedisServer, data_dir: Path, tmp_path: Path
 ) -> None:

@@ -13,6 +13,7 @@ from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from worker.engine import Engine, Submission
+from worker.rows import Outcome
 from worker.model_cache import ModelCache
 
 
@@ -72,3 +73,48 @@ def test_a_failing_load_fails_that_generation_only(engine: Engine, demo: ModelSp
     with pytest.raises(ModelUnavailable, match="does not exist"):
         bad.result()
     assert good.result().completion_tokens <= 3
+
+
+def run_all(engine: Engine, subs: list[Submission]) -> list[Outcome]:
+    handles = [engine.submit(sub) for sub in subs]
+    for handle in handles:
+        assert handle.wait(120)
+    return [handle.result() for handle in handles]
+
+
+CONTEXT = " ".join(f"fact {i} is that the sky was clear on day {i}." for i in range(40))
+
+
+def test_children_sharing_a_prefix_compute_it_once_and_match_their_text_without_reuse(demo: ModelSpec) -> None:
+    def children(prefix: str) -> list[Submission]:
+        return [
+            submit(engine, demo, f"{prefix}{i}", prompt=f"{CONTEXT} Question {i}:", max_tokens=12, temperature=0)
+            for i in range(8)
+        ]
+
+    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16, prefix_cache_bytes=0)
+    engine.start()
+    try:
+        plain = run_all(engine, children("plain"))
+    finally:
+        engine.stop()
+    assert all(o.cached_tokens == 0 for o in plain)
+
+    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16, prefix_cache_bytes=10**8)
+    engine.start()
+    try:
+        shared = run_all(engine, children("shared"))
+        again = run_all(
+            engine, [submit(engine, demo, "again", prompt=f"{CONTEXT} Question 3:", max_tokens=12, temperature=0)]
+        )[0]
+    finally:
+        engine.stop()
+    prompt_tokens = plain[0].prompt_tokens
+    assert prompt_tokens > 200
+    # The first computes the prefix, the other seven start from it (all but their own question).
+    assert shared[0].cached_tokens == 0
+    assert all(prompt_tokens - 8 <= o.cached_tokens < prompt_tokens for o in shared[1:])
+    assert [o.text for o in shared] == [o.text for o in plain]
+    # A later request with the same prompt starts from the cache a finished one left.
+    assert again.cached_tokens == prompt_tokens - 1
+    assert again.text == plain[3].text

@@ -28,6 +28,7 @@ from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemo
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
+from worker.prefixes import MIN_SHARED_TOKENS, Prefixes, shared_length
 from worker.rows import Outcome, Row, TextSink
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,21 @@ class _Member:
 
     handle: Generation
     row: Row
+    prefilled: bool = False
+    """Its whole prompt is in its KV cache (it has produced a token)."""
+    generated: list[int] = field(default_factory=list)
+    kept: set[int] = field(default_factory=set)
+    """Lengths of its prompt's prefixes already kept for others to start from."""
+
+
+@dataclass
+class _Prepared:
+    """A waiting submission whose model is acquired and prompt encoded."""
+
+    loaded: LoadedModel
+    row: Row
+    sharer: tuple[int, int] | None = None
+    """(uid, tokens): the batch member whose prompt starts like this one's, and how many tokens."""
 
 
 @dataclass
@@ -123,6 +139,7 @@ class Engine:
         max_batch: int = 16,
         prefill_step_size: int = 256,
         prefill_batch_size: int = 1,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.cache = cache
         self.maintenance_interval_s = maintenance_interval_s
@@ -130,6 +147,8 @@ class Engine:
         # Prompt chunks between decode steps: a long prompt stalls the running rows one chunk at a time.
         self.prefill_step_size = prefill_step_size
         self.prefill_batch_size = prefill_batch_size
+        self.prefixes = Prefixes(prefix_cache_bytes)
+        self._prepared: dict[str, _Prepared] = {}
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self.state = "idle"
         """idle, loading or generating: what the watchdog's probe tolerates differs."""
@@ -239,24 +258,60 @@ class Engine:
     # -- joining the batch ----------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Move waiting submissions into the batch while it has room and runs their model."""
+        """Move waiting submissions into the batch while it has room and runs their model; one that
+        waits for a member to finish computing the prefix it shares keeps its place in line."""
+        held: list[Generation] = []
         while self._waiting:
             handle = self._waiting[0]
             if handle.stop_reason() == "canceled":
                 self._waiting.popleft()
+                self._unprepare(handle)
                 self._finish(handle, None, GenerationCanceled("The job was canceled before it started"))
                 continue
             spec = handle.submission.spec
             if self._batch is not None and self._batch.model != spec.name:
                 if self._batch.members:
-                    return  # another model: it waits until this batch drains
+                    break  # another model: it waits until this batch drains
                 self._close_batch()
             if self._batch is not None and len(self._batch.members) >= self.max_batch:
-                return
+                break
             self._waiting.popleft()
-            self._join(handle)
+            if not self._join(handle):
+                held.append(handle)
+        self._waiting.extendleft(reversed(held))
 
-    def _join(self, handle: Generation) -> None:
+    def _join(self, handle: Generation) -> bool:
+        """Start the submission in the batch (or end it with its error); False when it must wait."""
+        prepared = self._prepared.get(handle.job_id) or self._prepare(handle)
+        if prepared is None:
+            return True
+        sub, row = handle.submission, prepared.row
+        try:
+            batch = self._batch or self._open_batch(sub.spec.name, prepared.loaded)
+            start = self._prefix_for(batch, prepared)
+            if start is None:
+                return False
+            cache, reused = start
+            ids = row.prompt_ids
+            [uid] = batch.generator.insert(
+                [ids[reused:]],
+                max_tokens=[sub.max_tokens],
+                caches=[cache],
+                all_tokens=[ids[:reused]],
+                **row.batch_options(),
+            )
+        except Exception as exc:
+            self._unprepare(handle)
+            self._finish(handle, None, self._translated(exc, handle.job_id))
+            return True
+        del self._prepared[handle.job_id]
+        row.cached_tokens = reused
+        batch.members[uid] = _Member(handle, row)
+        return True
+
+    def _prepare(self, handle: Generation) -> _Prepared | None:
+        """Acquire the model (loading it if need be) and encode the prompt; None after a failure,
+        which ends the submission."""
         sub = handle.submission
         # KV headroom for the load decision; a token is rarely shorter than 3 characters.
         context = sub.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
@@ -265,18 +320,52 @@ class Engine:
             loaded, handle.load_s = self.cache.acquire(sub.spec, context)
         except Exception as exc:
             self._finish(handle, None, self._translated(exc, handle.job_id))
-            return
+            return None
         finally:
             self.progress_at = time.monotonic()
         try:
             row = Row.start(loaded.tokenizer, sub.request, sub.on_text)
-            batch = self._batch or self._open_batch(sub.spec.name, loaded)
-            [uid] = batch.generator.insert([row.prompt_ids], max_tokens=[sub.max_tokens], **row.batch_options())
         except Exception as exc:
             self.cache.release(sub.spec.name)
             self._finish(handle, None, self._translated(exc, handle.job_id))
-            return
-        batch.members[uid] = _Member(handle, row)
+            return None
+        prepared = self._prepared[handle.job_id] = _Prepared(loaded, row)
+        return prepared
+
+    def _unprepare(self, handle: Generation) -> None:
+        if self._prepared.pop(handle.job_id, None) is not None:
+            self.cache.release(handle.submission.spec.name)
+
+    def _prefix_for(self, batch: _Batch, prepared: _Prepared) -> tuple[list[Any] | None, int] | None:
+        """The KV cache to start from and the prompt tokens it holds; None while a member of the
+        batch is still computing a prefix this prompt shares (it is computed once)."""
+        ids = prepared.row.prompt_ids
+        if not self.prefixes.enabled:
+            return None, 0
+        if prepared.sharer is None or prepared.sharer[0] not in batch.members:
+            prepared.sharer = self._sharer(batch, ids)
+        uid, shared = prepared.sharer
+        member = batch.members.get(uid)
+        if member is not None:
+            if not member.prefilled:
+                return None
+            if shared not in member.kept:
+                [(source, _)] = batch.generator.extract_cache([uid]).values()
+                if self.prefixes.keep(batch.model, ids[:shared], source):
+                    member.kept.add(shared)
+        return self.prefixes.nearest(batch.model, ids)
+
+    @staticmethod
+    def _sharer(batch: _Batch, ids: list[int]) -> tuple[int, int]:
+        """The member whose prompt shares the longest prefix with `ids`, and its length (at least
+        MIN_SHARED_TOKENS, else (-1, 0)); the last token of each prompt is never shared."""
+        best = (-1, 0)
+        for uid, member in batch.members.items():
+            other = member.row.prompt_ids
+            shared = min(shared_length(ids, other), len(ids) - 1, len(other) - 1)
+            if shared >= MIN_SHARED_TOKENS and shared > best[1]:
+                best = (uid, shared)
+        return best
 
     def _open_batch(self, model: str, loaded: LoadedModel) -> _Batch:
         generator = BatchGenerator(
@@ -317,6 +406,10 @@ class Engine:
             member = batch.members.get(response.uid)
             if member is None:
                 continue
+            member.prefilled = True
+            member.generated.append(response.token)
+            if response.finish_reason is not None and response.prompt_cache is not None:
+                self._keep_for_later(batch.model, member, response.prompt_cache)
             finish = member.row.take(response.token, response.finish_reason)
             if finish is None and response.finish_reason is not None:
                 finish = "stop"
@@ -331,6 +424,17 @@ class Engine:
                 self._leave(uid, None, JobTimedOut(f"The generation passed its deadline after {tokens} tokens"), True)
         if not batch.members:
             self._close_batch()  # its KV caches and its hold on the model go now, before any unload
+
+    def _keep_for_later(self, model: str, member: _Member, cache: list[Any]) -> None:
+        """A finished row's cache (its prompt and what it generated): the next turn of the same chat
+        starts from it."""
+        if not cache or not self.prefixes.enabled:
+            return
+        tokens = (member.row.prompt_ids + member.generated)[: cache[0].offset]
+        try:
+            self.prefixes.keep(model, tokens, cache)
+        except Exception:
+            logger.exception("could not keep a finished prompt's cache")
 
     def _leave(self, uid: int, outcome: Outcome | None, error: BaseException | None, remove: bool) -> None:
         """A member leaves the batch (the generator drops rows it ended itself; others are removed)."""
@@ -348,7 +452,9 @@ class Engine:
                 self._leave(uid, None, error, remove=False)
             self._close_batch()
         while self._waiting:
-            self._finish(self._waiting.popleft(), None, error)
+            handle = self._waiting.popleft()
+            self._unprepare(handle)
+            self._finish(handle, None, error)
 
     def _finish(self, handle: Generation, outcome: Outcome | None, error: BaseException | None) -> None:
         with self._lock:

@@ -42,6 +42,7 @@ def main() -> None:
         max_batch=settings.max_batch,
         prefill_step_size=settings.prefill_step_size,
         prefill_batch_size=settings.prefill_batch_size,
+        prefix_cache_bytes=int(budget * settings.prefix_cache_fraction),
     )
     engine.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,

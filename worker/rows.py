@@ -37,6 +37,7 @@ class Outcome:
     completion_tokens: int
     generate_s: float
     first_token_s: float | None = None
+    cached_tokens: int = 0
     """From the request joining the batch (prompt encoding and prefill included) to its first token."""
 
 _SHARED: dict[tuple[float, float], Sampler] = {}
@@ -108,6 +109,8 @@ class Row:
     emitted: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    cached_tokens: int = 0
+    """Prompt tokens that came from a kept prefix's KV cache instead of being computed."""
     cut_by_stop_string: bool = False
     matcher: StopMatcher = field(init=False)
 
@@ -170,6 +173,7 @@ class Row:
             text=self.text,
             finish_reason=finish,
             prompt_tokens=len(self.prompt_ids),
+            cached_tokens=self.cached_tokens,
             completion_tokens=self.completion_tokens,
             generate_s=time.perf_counter() - self.started,
             first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,

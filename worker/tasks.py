@@ -20,7 +20,7 @@ from shared import job_stream
 from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
 from shared.outage import quietly, until_redis
-from shared.schemas import GenerateRequest, GenerationResult, Timings, Usage
+from shared.schemas import GenerateRequest, GenerationResult, PromptTokensDetails, Timings, Usage
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
 from worker import synthesis
@@ -132,6 +132,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             prompt_tokens=outcome.prompt_tokens,
             completion_tokens=outcome.completion_tokens,
             total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=outcome.cached_tokens),
         ),
         timings=Timings(
             queued_s=queued_s,
@@ -150,6 +151,8 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             "load_s": round(handle.load_s, 3),
             "generate_s": round(outcome.generate_s, 3),
             "tokens": outcome.completion_tokens,
+            "prompt_tokens": outcome.prompt_tokens,
+            "cached_tokens": outcome.cached_tokens,
             "finish_reason": outcome.finish_reason,
         },
     )
