@@ -147,6 +147,12 @@ class InsufficientMemory(MlxqError):
     refusal = True
 
 
+class ExceedsMemoryBudget(InsufficientMemory):
+    """The work could not fit this worker's memory budget even alone: waiting will not help."""
+
+    final = True
+
+
 class RateLimited(MlxqError):
     """This client sent more submissions than its rate allows in the window."""
 

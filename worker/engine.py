@@ -24,9 +24,17 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, JobTimedOut, MlxqError
+from shared.errors import (
+    ExceedsMemoryBudget,
+    GenerationCanceled,
+    GenerationFailed,
+    InsufficientMemory,
+    JobTimedOut,
+    MlxqError,
+)
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
+from shared.sizing import format_bytes
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
 from worker.prefixes import MIN_SHARED_TOKENS, Prefixes, shared_length
 from worker.rows import Outcome, Row, TextSink
@@ -103,6 +111,8 @@ class _Member:
 
     handle: Generation
     row: Row
+    context: int = 0
+    """Prompt plus max_tokens: the KV cache positions it may fill."""
     prefilled: bool = False
     """Its whole prompt is in its KV cache (it has produced a token)."""
     generated: list[int] = field(default_factory=list)
@@ -148,6 +158,11 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.prefill_batch_size = prefill_batch_size
         self.prefixes = Prefixes(prefix_cache_bytes)
+        cache.kept_bytes = lambda: self.prefixes.nbytes
+        cache.drop_kept = self.prefixes.shrink_to
+        cache.on_unload = lambda _model: self.prefixes.clear()  # their KV is no use without the model
+        self.batch_limit = max_batch
+        """max_batch, lowered while system memory is past its warning threshold."""
         self._prepared: dict[str, _Prepared] = {}
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self.state = "idle"
@@ -251,9 +266,25 @@ class Engine:
     def _maintain(self) -> None:
         self._maintained_at = time.monotonic()
         try:
-            self.cache.maintain()
+            self.cache.maintain()  # kept prefixes go first, then idle models, by the thresholds
+            self._limit_batch(self.cache.probe())
         except Exception:
             logger.exception("model cache maintenance failed")
+
+    def _limit_batch(self, used_percent: float) -> None:
+        """Past the warning threshold the batch takes no one new; past the critical one it shrinks to
+        half as its rows end. Rows are never cut short: memory is given back as they finish."""
+        settings = self.cache.settings
+        running = len(self._batch.members) if self._batch is not None else 0
+        if used_percent >= settings.memory_critical_percent:
+            limit = max(1, running // 2)
+        elif used_percent >= settings.memory_warning_percent:
+            limit = max(1, min(running, self.batch_limit))
+        else:
+            limit = self.max_batch
+        if limit != self.batch_limit:
+            logger.info("batch limit %d -> %d: system memory at %.1f %%", self.batch_limit, limit, used_percent)
+            self.batch_limit = limit
 
     # -- joining the batch ----------------------------------------------------------------
 
@@ -273,7 +304,7 @@ class Engine:
                 if self._batch.members:
                     break  # another model: it waits until this batch drains
                 self._close_batch()
-            if self._batch is not None and len(self._batch.members) >= self.max_batch:
+            if self._batch is not None and len(self._batch.members) >= self.batch_limit:
                 break
             self._waiting.popleft()
             if not self._join(handle):
@@ -286,8 +317,11 @@ class Engine:
         if prepared is None:
             return True
         sub, row = handle.submission, prepared.row
+        context = len(row.prompt_ids) + sub.max_tokens
         try:
             batch = self._batch or self._open_batch(sub.spec.name, prepared.loaded)
+            if not self._kv_room(batch, prepared.loaded, context):
+                return False
             start = self._prefix_for(batch, prepared)
             if start is None:
                 return False
@@ -306,8 +340,49 @@ class Engine:
             return True
         del self._prepared[handle.job_id]
         row.cached_tokens = reused
-        batch.members[uid] = _Member(handle, row)
+        batch.members[uid] = _Member(handle, row, context)
+        self._count_kv()
         return True
+
+    def _kv_room(self, batch: _Batch, loaded: LoadedModel, context: int) -> bool:
+        """Whether the batch's KV cache fits the budget with one more row of `context` positions
+        (kept prefixes and idle models make way); False to wait for a member to leave. Rows are
+        padded to the longest, so the batch holds rows x the longest context. A context that
+        cannot fit even alone fails at once; one that cannot fit an empty batch, for now."""
+        per_token = loaded.kv_bytes_per_token
+        alone = loaded.size_bytes + per_token * context
+        if alone > self.cache.budget_bytes:
+            raise ExceedsMemoryBudget(
+                f"{context} tokens of context (prompt + max_tokens) need {format_bytes(per_token * context)} of "
+                f"KV cache beside the model's {format_bytes(loaded.size_bytes)}: more than this worker's whole "
+                f"budget of {format_bytes(self.cache.budget_bytes)}; ask for fewer tokens",
+                param="max_tokens",
+            )
+        rows = [m.context for m in batch.members.values()] + [context]
+        if self.cache.room_for(per_token * max(rows) * len(rows)):
+            return True
+        if batch.members:
+            return False
+        raise InsufficientMemory(
+            f"No room for {format_bytes(per_token * context)} of KV cache: the budget is "
+            f"{format_bytes(self.cache.budget_bytes)} and {format_bytes(self.cache.held_bytes)} is held",
+            retry_after_s=self.cache.settings.memory_retry_after_s,
+        )
+
+    def _count_kv(self) -> None:
+        batch = self._batch
+        members = list(batch.members.values()) if batch is not None else []
+        if batch is None or not members:
+            self.cache.kv_bytes = 0
+            return
+        entry = self.cache.entry(batch.model)
+        per_token = entry.kv_bytes_per_token if entry is not None else 0
+        self.cache.kv_bytes = per_token * max(m.context for m in members) * len(members)
+
+    def has_room(self) -> bool:
+        """Whether a job claimed now could join soon: the batch (with what waits) is under its limit."""
+        members = len(self._batch.members) if self._batch is not None else 0
+        return members + len(self._waiting) + self._inbox.qsize() < self.batch_limit
 
     def _prepare(self, handle: Generation) -> _Prepared | None:
         """Acquire the model (loading it if need be) and encode the prompt; None after a failure,
@@ -381,6 +456,7 @@ class Engine:
         if self._batch is not None:
             self._batch.generator.close()
             self._batch = None
+            self.cache.kv_bytes = 0
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -444,6 +520,7 @@ class Engine:
         if remove:
             batch.generator.remove([uid])
         self.cache.release(member.handle.submission.spec.name)
+        self._count_kv()
         self._finish(member.handle, outcome, error)
 
     def _end_everything(self, error: MlxqError) -> None:

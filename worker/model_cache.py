@@ -27,7 +27,7 @@ import psutil
 from mlx_lm import load
 
 from shared import sizing
-from shared.errors import InsufficientMemory, ModelUnavailable
+from shared.errors import ExceedsMemoryBudget, InsufficientMemory, ModelUnavailable
 from shared.models import ModelSpec
 from shared.settings import Settings
 from shared.sizing import format_bytes
@@ -59,6 +59,7 @@ class LoadedModel:
     """Estimated from the files before loading."""
     measured_bytes: int
     """MLX active memory that the load added."""
+    kv_bytes_per_token: int
     loaded_at: float
     last_used: float
     active: int = 0
@@ -74,6 +75,13 @@ class ModelCache:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.kv_bytes = 0
+        """KV cache of the running batch, as the engine reckons it."""
+        self.kept_bytes: Callable[[], int] = lambda: 0
+        """KV caches kept for reuse (the engine's prefixes); dropped before any model is evicted."""
+        self.drop_kept: Callable[[int], None] = lambda _budget: None
+        """Shrink the kept caches to at most this many bytes."""
+        self.on_unload: Callable[[str], None] = lambda _name: None
 
     # -- what the engine calls -------------------------------------------------
 
@@ -105,6 +113,12 @@ class ModelCache:
             if entry.active == 0 and now - entry.last_used > keep_alive:
                 self.unload(entry.spec.name, f"idle for {now - entry.last_used:.0f} s (keep_alive {keep_alive} s)")
         used = self.probe()
+        if used >= self.settings.memory_warning_percent and self.kept_bytes() > 0:
+            # Kept prefixes are the cheapest memory to give back: they go before any model.
+            self.drop_kept(0)
+            self._free()
+            logger.info("dropped the kept prompt prefixes: system memory at %.1f %%", used)
+            used = self.probe()
         if used >= self.settings.memory_critical_percent:
             self.unload_idle(keep=0, reason=f"system memory at {used:.1f} % (critical)")
         elif used >= self.settings.memory_warning_percent:
@@ -120,6 +134,7 @@ class ModelCache:
         before = mx.get_active_memory()
         size = entry.size_bytes
         del entry
+        self.on_unload(name)
         self._free()
         logger.info(
             "unloaded model %s (%s): %s; MLX active memory %s -> %s; holding %s of %s",
@@ -149,9 +164,27 @@ class ModelCache:
     # -- what the heartbeat reads ------------------------------------------------
 
     @property
-    def held_bytes(self) -> int:
+    def weights_bytes(self) -> int:
         with self._lock:
             return sum(e.size_bytes for e in self._loaded.values()) + sum(self._loading.values())
+
+    @property
+    def held_bytes(self) -> int:
+        """Weights, the running batch's KV cache and the kept prefixes: what the budget bounds."""
+        return self.weights_bytes + self.kv_bytes + self.kept_bytes()
+
+    def room_for(self, kv_bytes: int) -> bool:
+        """Whether the running batch's KV cache may grow to `kv_bytes`: kept prefixes are dropped,
+        then idle models evicted (least recently used first), to make room."""
+        if self.weights_bytes + kv_bytes + self.kept_bytes() <= self.budget_bytes:
+            return True
+        self.drop_kept(max(0, self.budget_bytes - self.weights_bytes - kv_bytes))
+        while self.weights_bytes + kv_bytes + self.kept_bytes() > self.budget_bytes:
+            victims = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
+            if not victims:
+                return False
+            self.unload(victims[0].spec.name, "least recently used; making room for a running batch's KV cache")
+        return True
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -173,6 +206,10 @@ class ModelCache:
             ]
         return loaded + loading
 
+    def entry(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            return self._loaded.get(name)
+
     def loaded_names(self) -> list[str]:
         with self._lock:
             return sorted(self._loaded)
@@ -189,8 +226,9 @@ class ModelCache:
             f" + KV cache {format_bytes(estimate.kv_bytes_per_token * context_tokens)} for {context_tokens} tokens)"
         )
         if need > self.budget_bytes:
-            raise InsufficientMemory(
-                f"The {what}, more than this worker's whole budget of {format_bytes(self.budget_bytes)}"
+            raise ExceedsMemoryBudget(
+                f"The {what}, more than this worker's whole budget of {format_bytes(self.budget_bytes)}",
+                param="model" if estimate.weights_bytes > self.budget_bytes else "max_tokens",
             )
         used = self.probe()
         if used >= self.settings.memory_critical_percent:
@@ -202,6 +240,8 @@ class ModelCache:
                     f"no model loads until it drops. The {what}.",
                     retry_after_s=self.settings.memory_retry_after_s,
                 )
+        if self.held_bytes + need > self.budget_bytes:
+            self.drop_kept(max(0, self.budget_bytes - self.weights_bytes - self.kv_bytes - need))
         while self.held_bytes + need > self.budget_bytes:
             victims = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
             if not victims:
@@ -234,6 +274,7 @@ class ModelCache:
             tokenizer=tokenizer,
             size_bytes=estimate.weights_bytes,
             measured_bytes=max(0, mx.get_active_memory() - before),
+            kv_bytes_per_token=estimate.kv_bytes_per_token,
             loaded_at=now,
             last_used=now,
         )

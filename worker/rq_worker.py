@@ -175,7 +175,7 @@ class MlxqWorker(SimpleWorker):
         while True:
             if self._stop_requested:
                 raise StopRequested()
-            if len(self._running) >= self.settings.max_batch or self._suspect is not None:
+            if len(self._running) >= self.settings.max_batch or self._suspect is not None or not self.engine.has_room():
                 self._wait_for_room()
                 continue
             self.heartbeat()
@@ -270,9 +270,7 @@ class MlxqWorker(SimpleWorker):
                 # and record, under a lock, so that jobs failing at once do not take each other's.
                 with self._failure_lock:
                     self._stopped_job_id = job.id if job.id in self._canceled else None
-                    super(MlxqWorker, self).handle_job_failure(
-                        job, queue, started_job_registry, exc_string, execution
-                    )
+                    super(MlxqWorker, self).handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
             until_redis("recording a failed job", record)
             self._canceled.discard(job.id)
@@ -404,6 +402,9 @@ class MlxqWorker(SimpleWorker):
             "models": self.engine.cache.snapshot(),
             "model_budget_bytes": self.engine.cache.budget_bytes,
             "model_held_bytes": self.engine.cache.held_bytes,
+            "kv_cache_bytes": self.engine.cache.kv_bytes,
+            "prefix_cache_bytes": self.engine.prefixes.nbytes,
+            "batch_limit": self.engine.batch_limit,
             "memory": snapshot,
             "at": time.time(),
         }

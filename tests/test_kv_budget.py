@@ -1,0 +1,159 @@
+"""The running batch's KV cache and the kept prefixes count against the model budget (in-process
+engine, real demo model)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import sizing
+from shared.errors import ExceedsMemoryBudget
+from shared.models import ModelSpec
+from shared.schemas import GenerateRequest
+from shared.settings import Settings
+from worker.engine import Engine, Submission
+from worker.model_cache import ModelCache
+
+LONG_PROMPT = " ".join(f"note {i}: the river was high on day {i}." for i in range(30))
+
+
+class Probe:
+    """System memory as the test sets it, one reading after another (the last one repeats)."""
+
+    def __init__(self, *readings: float) -> None:
+        self.readings = list(readings) or [40.0]
+
+    def __call__(self) -> float:
+        return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
+    spec = ModelSpec("demo", path=tmp_path_factory.mktemp("kv") / "demo", builtin=True)
+    from worker.demo_model import build_demo_model
+
+    assert spec.path is not None
+    build_demo_model(spec.path)
+    return spec
+
+
+def sizes(spec: ModelSpec) -> sizing.SizeEstimate:
+    assert spec.path is not None
+    return sizing.estimate(spec.path)
+
+
+def submission(spec: ModelSpec, job_id: str, max_tokens: int, **body: Any) -> Submission:
+    request = GenerateRequest.model_validate({"model": spec.name, "prompt": "Hi", "temperature": 0, **body})
+    return Submission(job_id=job_id, request=request, spec=spec, max_tokens=max_tokens)
+
+
+def engine_with(budget: int, probe: Probe | None = None, prefix_bytes: int = 0) -> Engine:
+    engine = Engine(
+        ModelCache(Settings(), budget, probe or Probe()),
+        maintenance_interval_s=0.05,
+        max_batch=16,
+        prefix_cache_bytes=prefix_bytes,
+    )
+    engine.start()
+    return engine
+
+
+def test_a_context_that_could_never_fit_fails_at_once_naming_max_tokens(demo: ModelSpec) -> None:
+    size = sizes(demo)
+    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 300)
+    try:
+        handle = engine.submit(submission(demo, "huge", max_tokens=5000))
+        assert handle.wait(10)
+        with pytest.raises(ExceedsMemoryBudget) as refused:
+            handle.result()
+        assert refused.value.to_dict()["code"] == "insufficient_memory"
+        assert refused.value.param == "max_tokens"
+        assert refused.value.headers()["x-should-retry"] == "false"
+        # A context that fits still runs on the same engine.
+        small = engine.submit(submission(demo, "small", max_tokens=8))
+        assert small.wait(30) and small.result().completion_tokens > 0
+    finally:
+        engine.stop()
+
+
+def test_a_row_that_does_not_fit_beside_the_running_one_waits_for_it(demo: ModelSpec) -> None:
+    size = sizes(demo)
+    # Room for one row of 200 positions, not two.
+    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 300)
+    seen: dict[str, list[float]] = {"first": [], "second": []}
+    try:
+        handles = []
+        for job_id in seen:
+            sub = submission(demo, job_id, max_tokens=195, ignore_eos=True)
+            sub.on_text = lambda _piece, job_id=job_id: seen[job_id].append(time.monotonic())
+            handles.append(engine.submit(sub))
+        for handle in handles:
+            assert handle.wait(60)
+            assert handle.result().completion_tokens == 195
+        assert seen["first"] and seen["second"]
+        assert min(seen["second"]) > max(seen["first"]), "the second row ran beside the first"
+        assert engine.cache.kv_bytes == 0
+    finally:
+        engine.stop()
+
+
+def test_rows_that_fit_together_run_together_and_their_kv_is_counted(demo: ModelSpec) -> None:
+    size = sizes(demo)
+    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 2000)
+    held: list[int] = []
+    try:
+        subs = [submission(demo, f"r{i}", max_tokens=100, ignore_eos=True) for i in range(4)]
+        subs[0].on_text = lambda _piece: held.append(engine.cache.kv_bytes)
+        handles = [engine.submit(sub) for sub in subs]
+        for handle in handles:
+            assert handle.wait(60)
+        assert max(held) >= 4 * 100 * size.kv_bytes_per_token
+        assert engine.cache.kv_bytes == 0
+    finally:
+        engine.stop()
+
+
+def test_past_the_warning_threshold_kept_prefixes_go_before_any_model(demo: ModelSpec) -> None:
+    size = sizes(demo)
+    # The first reading after a prefix is kept is past the warning level; once they are dropped it is not.
+    probe = Probe(40.0)
+    engine = engine_with(size.weights_bytes * 4, probe, prefix_bytes=10**8)
+    try:
+        handle = engine.submit(submission(demo, "kept", max_tokens=4, prompt=LONG_PROMPT))
+        assert handle.wait(30) and handle.result()
+        assert engine.prefixes.nbytes > 0
+        probe.readings = [90.0, 60.0]
+        deadline = time.monotonic() + 5
+        while engine.prefixes.nbytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.prefixes.nbytes == 0
+        assert engine.cache.loaded_names() == ["demo"]
+    finally:
+        engine.stop()
+
+
+def test_memory_past_its_thresholds_lowers_the_batch_limit(demo: ModelSpec) -> None:
+    engine = Engine(ModelCache(Settings(), 10**9, Probe()), max_batch=16)
+    engine._limit_batch(50.0)
+    assert engine.batch_limit == 16 and engine.has_room()
+    engine._limit_batch(90.0)  # warning, nothing running: no one new beyond one row
+    assert engine.batch_limit == 1
+    engine._limit_batch(96.0)  # critical
+    assert engine.batch_limit == 1
+    engine._limit_batch(50.0)
+    assert engine.batch_limit == 16
+
+
+def test_kept_prefixes_count_in_what_the_cache_holds(demo: ModelSpec, tmp_path: Path) -> None:
+    size = sizes(demo)
+    engine = engine_with(size.weights_bytes * 4, prefix_bytes=10**8)
+    try:
+        handle = engine.submit(submission(demo, "kept", max_tokens=4, prompt=LONG_PROMPT))
+        assert handle.wait(30) and handle.result()
+        assert engine.prefixes.nbytes > 0
+        assert engine.cache.held_bytes == engine.cache.weights_bytes + engine.prefixes.nbytes
+    finally:
+        engine.stop()
