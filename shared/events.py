@@ -24,6 +24,7 @@ KINDS = frozenset(
         "job_requeued",
         "job_quarantined",
         "job_handed_back",
+        "model_swap",
     }
 )
 

@@ -13,7 +13,7 @@ CANCEL_TTL_S = 24 * 3600
 
 def worker_heartbeat(worker_name: str) -> str:
     """JSON snapshot a worker refreshes every heartbeat interval; expires when it goes silent."""
-    return f"{PREFIX}:worker:{worker_name}:heartbeat"
+    return HEARTBEAT_AFFIXES[0] + worker_name + HEARTBEAT_AFFIXES[1]
 
 
 def worker_commands(worker_name: str) -> str:
@@ -26,6 +26,12 @@ def worker_claimed(worker_name: str) -> str:
     between would otherwise lose (the watchdog puts them back)."""
     return f"{PREFIX}:worker:{worker_name}:claimed"
 
+
+WORKER_MODELS = f"{PREFIX}:workers:models"
+"""Hash: worker name -> the model of the last job it claimed (other workers leave that model's jobs to it)."""
+
+HEARTBEAT_AFFIXES = (f"{PREFIX}:worker:", ":heartbeat")
+"""worker_heartbeat(name) is the name between these (for claim.lua)."""
 
 CLAIMING_WORKERS = f"{PREFIX}:workers:claiming"
 """Set of worker names that have had a claimed list, so a new watchdog finds a dead worker's claims."""

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     )
     model_budget_fraction: float = Field(default=0.75, gt=0, le=1)
     keep_alive_s: int = Field(default=300, description="an idle model is unloaded after this long")
+    swap_after_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="a busy worker takes a job for another model (then drains its batch and swaps) once the job"
+        " has waited this long and its last swap is as old: at most one swap per this many seconds",
+    )
     maintenance_interval_s: float = Field(default=1.0, description="how often an idle engine checks memory")
 
     workers: int = Field(default=1, ge=1, description="worker processes the watchdog keeps running")

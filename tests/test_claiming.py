@@ -4,6 +4,7 @@ the batch tier in turns by client."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +19,7 @@ from gateway.jobs import JobFactory
 from shared import keys
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from worker.claiming import TurnTakingQueue
+from worker.claiming import Preference, TurnTakingQueue
 from worker.orphans import reclaim_claimed
 
 ALICE, BOB, CAROL = Client("key:alice"), Client("key:bob"), Client("key:carol")
@@ -35,11 +36,11 @@ class Queues:
         self.owner: dict[str, str] = {}
         self.claims = TurnTakingQueue.for_worker("w1")
 
-    def admit(self, client: Client, count: int, queue_index: int = 2) -> list[str]:
+    def admit(self, client: Client, count: int, queue_index: int = 2, model: str = "demo") -> list[str]:
         queue = self.queues[queue_index]
         tier: Tier = "batch" if queue_index == 2 else "single"
         factory = JobFactory(queue, self.settings)
-        jobs = [factory.build(GenerateRequest(model="demo", prompt="hi")) for _ in range(count)]
+        jobs = [factory.build(GenerateRequest(model=model, prompt="hi")) for _ in range(count)]
 
         async def run() -> None:
             aredis = AsyncRedis.from_url(self.settings.redis_url)
@@ -52,6 +53,12 @@ class Queues:
         for job in jobs:
             self.owner[job.id] = client.id
         return [job.id for job in jobs]
+
+    def claim_ids(self) -> list[str]:
+        order = []
+        while (found := self.claims.dequeue_any(self.queues, None, connection=self.redis)) is not None:
+            order.append(found[0].id)
+        return order
 
     def claim_all(self) -> list[str]:
         """Who owns each job, in the order a worker claims them."""
@@ -112,3 +119,38 @@ def test_a_job_claimed_by_a_worker_that_died_before_starting_it_goes_back_first_
     assert queues.redis.llen(keys.worker_claimed("w1")) == 0
     assert reclaim_claimed(queues.redis, "w1", stream_ttl_s=60) == []  # exactly once
     assert [job for job in queues.claim_all()] == [ALICE.id, ALICE.id]
+
+
+def running(model: str, busy: bool = True, may_swap: bool = True, swap_after_s: float = 0.5) -> Preference:
+    return Preference(model=model, busy=busy, may_swap=may_swap, swap_after_s=swap_after_s)
+
+
+def test_a_busy_worker_takes_its_models_jobs_first_and_another_models_once_it_has_waited(queues: Queues) -> None:
+    y1, x1, y2, x2 = (queues.admit(ALICE, 1, 1, model)[0] for model in ("y", "x", "y", "x"))
+    queues.claims.preference = lambda: running("x")
+    assert queues.claim_ids() == [x1, x2]  # the y jobs wait, in their places
+    time.sleep(0.6)
+    queues.claims.preference = lambda: running("x", may_swap=False)
+    assert queues.claim_ids() == []  # overdue, but the worker swapped less than swap_after ago
+    queues.claims.preference = lambda: running("x")
+    assert queues.claim_ids() == [y1, y2]
+
+
+def test_an_idle_worker_takes_another_models_job_unless_a_live_worker_runs_that_model(queues: Queues) -> None:
+    [y1] = queues.admit(ALICE, 1, 1, "y")
+    queues.redis.hset(keys.WORKER_MODELS, "w2", "y")
+    queues.redis.set(keys.worker_heartbeat("w2"), "{}", ex=10)
+    queues.claims.preference = lambda: running("x", busy=False, swap_after_s=60)
+    assert queues.claim_ids() == []  # left to w2, which runs y
+    queues.redis.delete(keys.worker_heartbeat("w2"))  # w2 is gone
+    assert queues.claim_ids() == [y1]
+    assert queues.redis.hget(keys.WORKER_MODELS, "w1") == b"y"
+
+
+def test_in_the_batch_tier_a_busy_worker_serves_the_client_whose_turn_is_its_model(queues: Queues) -> None:
+    alice = queues.admit(ALICE, 2, 2, "y")
+    bob = queues.admit(BOB, 2, 2, "x")
+    queues.claims.preference = lambda: running("x", swap_after_s=60)
+    assert queues.claim_ids() == bob
+    queues.claims.preference = lambda: running("x", busy=False, swap_after_s=60)
+    assert queues.claim_ids() == alice

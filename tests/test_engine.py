@@ -13,8 +13,8 @@ from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from worker.engine import Engine, Submission
-from worker.rows import Outcome
 from worker.model_cache import ModelCache
+from worker.rows import Outcome
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_with_the_defaults_one_client_gets_a_60_wide_and_then_a_256_wide_fan_out
 
 
 def test_two_clients_fan_outs_are_served_in_turns(fanout: Service) -> None:
-    slow = {"max_tokens": 24, "ignore_eos": True}
+    slow = {"max_tokens": 100, "ignore_eos": True}  # Alice's 40 take far longer than the 1 s before Bob
     with as_client(fanout, "alice") as alice, as_client(fanout, "bob") as bob:
         first = submit_batch(alice, {"model": "demo", "requests": children(40, "a", **slow)})
         time.sleep(1.0)
@@ -107,7 +107,7 @@ def test_two_clients_fan_outs_are_served_in_turns(fanout: Service) -> None:
         b = wait_batch(bob, second["id"])["requests"]
     b_first_start = min(c["started_at"] for c in b)
     a_before = sum(c["started_at"] < b_first_start for c in a)
-    assert a_before < 40, "Bob waited for all of Alice's fan-out"
+    assert a_before < 40, ("Bob waited for all of Alice's fan-out", a[-1]["started_at"], b_first_start)
     # From Bob's first child on, the two take turns: of the starts that follow, Alice has at most one more
     # than Bob until one of them runs out.
     starts = sorted([(c["started_at"], "a") for c in a] + [(c["started_at"], "b") for c in b])

@@ -1,63 +1,183 @@
--- A worker claims its next job: the first job of the highest-priority queue, except that the
--- batch tier (the last queue) is served in turns by client (round robin), so one client's wide
--- fan-out cannot starve another's that arrived later.
+-- A worker claims its next job: by priority (the first queue with a job it may take), preferring
+-- jobs for the model it runs, with the batch tier (the last queue) served in turns by client
+-- (round robin), so one client's wide fan-out cannot starve another's that arrived later.
+--
+-- Model affinity, within one queue, in queue order: a job for the worker's model (or for no model)
+-- is taken; a job for another model is taken once it has waited `swap_after` seconds and the
+-- worker's last swap is as old (the worker then drains its batch and swaps: swaps are bounded).
+-- An idle worker takes a job for another model at once, unless another live worker runs that
+-- model (it is left to that worker until it is overdue). Jobs stay in RQ's lists until claimed,
+-- so rq-dashboard shows where each one waits.
 --
 -- The job's id goes to the worker's claimed list in the same step, so a worker killed before RQ
 -- records the job as started loses nothing: the watchdog puts what is left there back.
 --
--- KEYS[1..#KEYS-5] the plain queues, highest priority first (first come, first served)
--- KEYS[#KEYS-4]    the batch queue (RQ's list: every batch-tier job, in arrival order)
--- KEYS[#KEYS-3]    owners (hash: job id -> client tag) of batch jobs that wait their client's turn
--- KEYS[#KEYS-2]    the ring of client tags with waiting batch jobs, next to serve first
--- KEYS[#KEYS-1]    this worker's claimed list
--- KEYS[#KEYS]      the set of workers that have claimed lists
--- ARGV[1]          prefix of a client's turns list (its batch job ids, oldest first)
--- ARGV[2]          this worker's name
+-- KEYS[1..#KEYS-6] the plain queues, highest priority first (first come, first served)
+-- KEYS[#KEYS-5]    the batch queue (RQ's list: every batch-tier job, in arrival order)
+-- KEYS[#KEYS-4]    owners (hash: job id -> client tag) of batch jobs that wait their client's turn
+-- KEYS[#KEYS-3]    the ring of client tags with waiting batch jobs, next to serve first
+-- KEYS[#KEYS-2]    this worker's claimed list
+-- KEYS[#KEYS-1]    the set of workers that have claimed lists
+-- KEYS[#KEYS]      hash: worker name -> the model of the last job it claimed
+-- ARGV[1]  prefix of a client's turns list (its batch job ids, oldest first)
+-- ARGV[2]  this worker's name
+-- ARGV[3]  the model this worker runs ("" for none yet)
+-- ARGV[4]  "1" when it holds jobs (busy), "0" when idle
+-- ARGV[5]  "1" when its last swap is at least swap_after seconds old
+-- ARGV[6]  swap_after, seconds
+-- ARGV[7]  now, seconds since the epoch
+-- ARGV[8]  prefix of RQ's job hashes
+-- ARGV[9], ARGV[10]  prefix and suffix of a worker's heartbeat key
+-- ARGV[11] how many jobs of a queue to look at
 --
--- Returns {queue key, job id}, or nil when every queue is empty.
+-- Returns {queue key, job id}; "wait" when jobs wait that this worker may take later (another
+-- model's, not yet overdue); nil when there is nothing.
 
-local batch, owners, ring = KEYS[#KEYS - 4], KEYS[#KEYS - 3], KEYS[#KEYS - 2]
+local n = #KEYS
+local batch, owners, ring = KEYS[n - 5], KEYS[n - 4], KEYS[n - 3]
+local claimed_list, claiming, worker_models = KEYS[n - 2], KEYS[n - 1], KEYS[n]
+local me, mine = ARGV[2], ARGV[3]
+local busy, may_swap = ARGV[4] == "1", ARGV[5] == "1"
+local swap_after, now, job_prefix, scan = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[11])
 
-local function claimed(queue, id)
-  redis.call("RPUSH", KEYS[#KEYS - 1], id)
-  redis.call("SADD", KEYS[#KEYS], ARGV[2])
+-- RQ's timestamps: "2026-12-01T02:45:08.123456Z" (UTC) -> seconds since the epoch
+local function epoch(stamp)
+  local y, mo, d, h, mi, s = string.match(stamp, "^(%d+)-(%d+)-(%d+)T(%d+):(%d+):([%d%.]+)")
+  if not y then return nil end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if mo <= 2 then y, mo = y - 1, mo + 12 end
+  local days = 365 * y + math.floor(y / 4) - math.floor(y / 100) + math.floor(y / 400)
+    + math.floor((153 * (mo - 3) + 2) / 5) + d - 719469
+  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)
+end
+
+-- the job's model (nil when it names none) and how long it has waited (huge when unknown)
+local function about(id)
+  local fields = redis.call("HMGET", job_prefix .. id, "meta", "enqueued_at")
+  local model = nil
+  if fields[1] then
+    local ok, meta = pcall(cjson.decode, fields[1])
+    if ok and type(meta) == "table" and type(meta.model) == "string" then model = meta.model end
+  end
+  local at = fields[2] and epoch(fields[2])
+  return model, at and (now - at) or math.huge
+end
+
+local elsewhere = nil
+local function runs_elsewhere(model)
+  if elsewhere == nil then
+    elsewhere = {}
+    local all = redis.call("HGETALL", worker_models)
+    for i = 1, #all, 2 do
+      if all[i] ~= me and redis.call("EXISTS", ARGV[9] .. all[i] .. ARGV[10]) == 1 then
+        elsewhere[all[i + 1]] = true
+      end
+    end
+  end
+  return elsewhere[model] == true
+end
+
+-- "now": take it before anything after it; "idle": take it if nothing in its queue is "now"
+local passed_over = false
+local function verdict(id)
+  local model, waited = about(id)
+  if model == nil or mine == "" or model == mine then return "now", model end
+  if waited >= swap_after and may_swap then return "now", model end
+  if busy or runs_elsewhere(model) then
+    passed_over = true
+    return nil, model
+  end
+  return "idle", model
+end
+
+local function claimed(queue, id, model)
+  redis.call("RPUSH", claimed_list, id)
+  redis.call("SADD", claiming, me)
+  if model then redis.call("HSET", worker_models, me, model) end
   return {queue, id}
 end
 
-for i = 1, #KEYS - 5 do
-  local id = redis.call("LPOP", KEYS[i])
-  if id then return claimed(KEYS[i], id) end
-end
-
-local head = redis.call("LINDEX", batch, 0)
-if not head then return nil end
--- A job with no owner was put back at the front (requeued after a crash, handed back on
--- shutdown, requeued by an operator): it has waited its turn already.
-if redis.call("HEXISTS", owners, head) == 0 then
-  redis.call("LPOP", batch)
-  return claimed(batch, head)
-end
-
-for _ = 1, redis.call("LLEN", ring) do
-  local tag = redis.call("LPOP", ring)
-  local turns = ARGV[1] .. tag
-  local chosen = nil
-  while not chosen do
-    local id = redis.call("LPOP", turns)
-    if not id then break end
-    redis.call("HDEL", owners, id)
-    -- 0 when the job left the queue meanwhile (canceled): skip it
-    if redis.call("LREM", batch, 1, id) == 1 then chosen = id end
+for i = 1, n - 6 do
+  local fallback, fallback_model = nil, nil
+  for _, id in ipairs(redis.call("LRANGE", KEYS[i], 0, scan - 1)) do
+    local v, model = verdict(id)
+    if v == "now" then
+      redis.call("LREM", KEYS[i], 1, id)
+      return claimed(KEYS[i], id, model)
+    elseif v == "idle" and not fallback then
+      fallback, fallback_model = id, model
+    end
   end
-  -- a client stays in the ring exactly while it has turns left (admission relies on that)
+  if fallback then
+    redis.call("LREM", KEYS[i], 1, fallback)
+    return claimed(KEYS[i], fallback, fallback_model)
+  end
+end
+
+-- The batch tier. A job with no owner at the head was put back at the front (requeued after a
+-- crash, handed back on shutdown, requeued by an operator): it has waited its turn already.
+local function take(id, model)
+  redis.call("LREM", batch, 1, id)
+  return claimed(batch, id, model)
+end
+
+local nothing = function() return passed_over and "wait" or nil end
+
+local fallback = nil
+local head = redis.call("LINDEX", batch, 0)
+if not head then return nothing() end
+if redis.call("HEXISTS", owners, head) == 0 then
+  local v, model = verdict(head)
+  if v == "now" then return take(head, model) end
+  if v == "idle" then fallback = {nil, head, model} end
+end
+
+-- the client's next turn whose job is still queued (turns of canceled jobs are dropped)
+local function next_turn(turns)
+  while true do
+    local id = redis.call("LINDEX", turns, 0)
+    if not id then return nil end
+    if redis.call("HEXISTS", owners, id) == 1 and redis.call("LPOS", batch, id) then return id end
+    redis.call("LPOP", turns)
+    redis.call("HDEL", owners, id)
+  end
+end
+
+-- a client stays in the ring exactly while it has turns left (admission relies on that); the one
+-- served goes to the back, the ones passed over keep their places
+local function take_turn(tag, id, model)
+  local turns = ARGV[1] .. tag
+  redis.call("LPOP", turns)
+  redis.call("HDEL", owners, id)
+  redis.call("LREM", ring, 1, tag)
   if redis.call("LLEN", turns) > 0 then redis.call("RPUSH", ring, tag) end
-  if chosen then return claimed(batch, chosen) end
+  return take(id, model)
+end
+
+for _, tag in ipairs(redis.call("LRANGE", ring, 0, -1)) do
+  local id = next_turn(ARGV[1] .. tag)
+  if not id then
+    redis.call("LREM", ring, 1, tag)
+  else
+    local v, model = verdict(id)
+    if v == "now" then return take_turn(tag, id, model) end
+    if v == "idle" and not fallback then fallback = {tag, id, model} end
+  end
+end
+if fallback then
+  if fallback[1] then return take_turn(fallback[1], fallback[2], fallback[3]) end
+  return take(fallback[2], fallback[3])
 end
 
 -- jobs with an owner but no turn (should not happen; never strand one)
-local id = redis.call("LPOP", batch)
-if id then
-  redis.call("HDEL", owners, id)
-  return claimed(batch, id)
+for _, id in ipairs(redis.call("LRANGE", batch, 0, scan - 1)) do
+  local owner = redis.call("HGET", owners, id)
+  if owner and not redis.call("LPOS", ARGV[1] .. owner, id) then
+    local v, model = verdict(id)
+    if v then
+      redis.call("HDEL", owners, id)
+      return take(id, model)
+    end
+  end
 end
-return nil
+return nothing()

@@ -1,17 +1,22 @@
-"""How a worker takes its next job: by priority, and batch work in turns by client.
+"""How a worker takes its next job: by priority, the model it runs first, and batch work in turns by client.
 
 RQ pops the first non-empty queue in order, first come first served. Interactive
 and normal jobs keep that order; the batch tier (children of fan-outs and
 low-priority jobs, the last queue) is served round robin across clients
 (claim.lua), so a client whose fan-out arrives a second after another's wide one
-is served alongside it instead of after it. Jobs stay in RQ's own queue list the
-whole time, so rq-dashboard shows where each one waits.
+is served alongside it instead of after it. Within a queue, a busy worker takes
+jobs for the model it runs first; a job for another model waits at most
+`MLXQ_SWAP_AFTER_S` (and one swap per that long), so two models alternating under
+load do not make a worker drain and reload between every job (claim.lua). Jobs
+stay in RQ's own queue list the whole time, so rq-dashboard shows where each one
+waits.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from typing import Any, ClassVar
@@ -30,6 +35,28 @@ SCRIPT = resources.files("worker").joinpath("claim.lua").read_text()
 IDLE_POLL_S = 1
 """An idle worker looks at the queues at least this often (a job requeued or released wakes nobody)."""
 
+PASSED_OVER_POLL_S = 0.1
+"""A busy worker that passed over another model's jobs looks again this soon: its batch may drain
+(or the jobs become overdue) any moment, and nothing else wakes it then."""
+
+SCAN = 64
+"""Jobs of one queue a claim looks at for one of the worker's model."""
+
+
+@dataclass(frozen=True)
+class Preference:
+    """What a worker tells the claim script about itself."""
+
+    model: str = ""
+    """The model it runs (of the last job it claimed); "" before its first."""
+    busy: bool = False
+    may_swap: bool = True
+    """Its last swap is at least `swap_after_s` old."""
+    swap_after_s: float = 0.0
+
+    def argv(self) -> list[str | float]:
+        return [self.model, "1" if self.busy else "0", "1" if self.may_swap else "0", self.swap_after_s]
+
 
 class TurnTakingQueue(Queue):
     """RQ's Queue, with `dequeue_any` serving the last queue given in turns by client, and recording
@@ -37,6 +64,8 @@ class TurnTakingQueue(Queue):
 
     worker_name: ClassVar[str | None] = None
     """Set on the class a worker claims with (`for_worker`): whose claimed list a claim goes to."""
+    preference: ClassVar[Callable[[], Preference]] = Preference
+    """Set by the worker: its model and whether it may swap, read at each claim."""
 
     @classmethod
     def for_worker(cls, worker_name: str) -> type[TurnTakingQueue]:
@@ -63,10 +92,26 @@ class TurnTakingQueue(Queue):
             keys.BATCH_RING,
             keys.worker_claimed(cls.worker_name),
             keys.CLAIMING_WORKERS,
+            keys.WORKER_MODELS,
         ]
+        job_prefix = (job_class or Job).redis_job_namespace_prefix
         while True:
             try:
-                reply = claim(keys=script_keys, args=[keys.batch_turns(""), cls.worker_name])
+                args = [
+                    keys.batch_turns(""),
+                    cls.worker_name,
+                    *cls.preference().argv(),
+                    time.time(),
+                    job_prefix,
+                    *keys.HEARTBEAT_AFFIXES,
+                    SCAN,
+                ]
+                reply = claim(keys=script_keys, args=args)
+                if reply == b"wait":
+                    time.sleep(PASSED_OVER_POLL_S)
+                    if timeout is None:
+                        return None
+                    raise DequeueTimeout(timeout, queue_keys)
                 if reply is None:
                     if timeout is None:
                         return None

@@ -33,7 +33,7 @@ from shared import batch_progress, events, job_stream, keys, memory, stats
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
 from shared.settings import Settings
 from shared.text import text
-from worker.claiming import IDLE_POLL_S, TurnTakingQueue
+from worker.claiming import IDLE_POLL_S, Preference, TurnTakingQueue
 from worker.engine import Engine
 from worker.orphans import reclaim_claimed
 from worker.reports import Reports
@@ -68,6 +68,7 @@ class MlxqWorker(SimpleWorker):
         )
         # After RQ checked the queues' class: claims go to this worker's claimed list.
         self.queue_class = TurnTakingQueue.for_worker(self.name)
+        self.queue_class.preference = self._preference
         self.settings = settings
         self.engine = engine
         self.publisher = publisher
@@ -84,6 +85,9 @@ class MlxqWorker(SimpleWorker):
         self._canceled: set[str] = set()
         """Jobs asked to stop: they end as RQ's `stopped`, not `failed` (RQ's own record is one slot)."""
         self._failure_lock = threading.Lock()
+        self._model: str | None = None
+        """The model of the last job claimed: what the batch runs, or will once it has drained."""
+        self._swapped_at = -float("inf")
         self._orphaned = False
         self._monitor_stop = threading.Event()
         self._monitor = threading.Thread(target=self._monitor_loop, name="mlxq-monitor", daemon=True)
@@ -107,6 +111,7 @@ class MlxqWorker(SimpleWorker):
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.delete(keys.worker_heartbeat(self.name))
             pipe.srem(keys.CLAIMING_WORKERS, self.name)
+            pipe.hdel(keys.WORKER_MODELS, self.name)
             pipe.execute()
         self.reports.withdraw()
 
@@ -181,6 +186,7 @@ class MlxqWorker(SimpleWorker):
             self.heartbeat()
             leftover = quietly("looking at claimed jobs", self._unstarted_claim)
             if isinstance(leftover, tuple):
+                self._note_model(leftover[0])
                 return self._alone_if_suspect(leftover)
             try:
                 found = self.queue_class.dequeue_any(
@@ -195,7 +201,30 @@ class MlxqWorker(SimpleWorker):
                 continue
             if found is not None:
                 self.log.info("Worker %s: %s: %s", self.name, found[1].name, found[0].id)
+                self._note_model(found[0])
                 return self._alone_if_suspect(found)
+
+    def _preference(self) -> Preference:
+        return Preference(
+            model=self._model or "",
+            busy=bool(self._running),
+            may_swap=time.monotonic() - self._swapped_at >= self.settings.swap_after_s,
+            swap_after_s=self.settings.swap_after_s,
+        )
+
+    def _note_model(self, job: Job) -> None:
+        model = job.meta.get("model")
+        if not isinstance(model, str) or model == self._model:
+            return
+        if self._model is not None:
+            self._swapped_at = time.monotonic()
+            logger.info("swapping model %s -> %s", self._model, model, extra={"job_id": job.id})
+            previous = self._model
+            quietly(
+                "emitting an event",
+                lambda: events.emit(self.connection, "model_swap", worker=self.name, previous=previous, model=model),
+            )
+        self._model = model
 
     def _wait_for_room(self) -> None:
         self._room.wait(IDLE_POLL_S)
