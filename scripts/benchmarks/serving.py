@@ -44,6 +44,23 @@ from worker.demo_model import build_demo_model  # noqa: E402
 WORDS = "the sea the sky a ship sails north under a grey moon while gulls call".split()
 
 
+def never_ending(model_dir: Path) -> None:
+    """Zero the end-of-text token's (tied) embedding row: its logit is then 0 while the others spread
+    around 0, so greedy decoding never picks it and every request, on both servers, generates all of
+    `--max-tokens` (neither can be told to ignore EOS in the same way)."""
+    import mlx.core as mx
+
+    config = json.loads((model_dir / "config.json").read_text())
+    path = model_dir / "model.safetensors"
+    weights = mx.load(str(path))
+    assert isinstance(weights, dict)
+    table = weights["model.embed_tokens.weight"]
+    eos = config["eos_token_id"]
+    keep = mx.arange(table.shape[0])[:, None] != eos
+    weights["model.embed_tokens.weight"] = mx.where(keep, table, mx.zeros_like(table))
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+
+
 def wait_until(url: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -126,6 +143,7 @@ def main() -> None:
         num_key_value_heads=max(2, args.hidden // 256),
         torch_dtype=args.dtype,
     )
+    never_ending(model_dir)
     models_file = workdir / "models.toml"
     models_file.write_text(f'[models.bench]\npath = "{model_dir}"\n')
     redis_port = free_port()
