@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from shared import sizing
-from shared.errors import ExceedsMemoryBudget
+from shared.errors import ExceedsMemoryBudget, JobTimedOut
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
@@ -138,7 +138,7 @@ def test_past_the_warning_threshold_kept_prefixes_go_before_any_model(demo: Mode
 def test_memory_past_its_thresholds_lowers_the_batch_limit(demo: ModelSpec) -> None:
     engine = Engine(ModelCache(Settings(), 10**9, Probe()), max_batch=16)
     engine._limit_batch(50.0)
-    assert engine.batch_limit == 16 and engine.has_room()
+    assert engine.batch_limit == 16 and engine.has_room(0)
     engine._limit_batch(90.0)  # warning, nothing running: no one new beyond one row
     assert engine.batch_limit == 1
     engine._limit_batch(96.0)  # critical
@@ -155,5 +155,42 @@ def test_kept_prefixes_count_in_what_the_cache_holds(demo: ModelSpec, tmp_path: 
         assert handle.wait(30) and handle.result()
         assert engine.prefixes.nbytes > 0
         assert engine.cache.held_bytes == engine.cache.weights_bytes + engine.prefixes.nbytes
+    finally:
+        engine.stop()
+
+
+def test_a_long_context_waiting_for_room_is_not_overtaken_by_short_ones(demo: ModelSpec) -> None:
+    size = sizes(demo)
+    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 450)
+    seen: dict[str, list[float]] = {"a": [], "long": [], "short": []}
+    lengths = {"a": 98, "long": 298, "short": 5}
+    try:
+        handles = []
+        for job_id, max_tokens in lengths.items():
+            sub = submission(demo, job_id, max_tokens=max_tokens, ignore_eos=True)
+            sub.on_text = lambda _piece, job_id=job_id: seen[job_id].append(time.monotonic())
+            handles.append(engine.submit(sub))
+            time.sleep(0.05)
+        for handle in handles:
+            assert handle.wait(60) and handle.result()
+        # "short" would fit beside "a"; it waits its turn behind "long", which fits only alone.
+        assert min(seen["long"]) > max(seen["a"])
+        assert min(seen["short"]) > min(seen["long"])
+    finally:
+        engine.stop()
+
+
+def test_a_job_waiting_for_room_ends_at_its_deadline(demo: ModelSpec) -> None:
+    size = sizes(demo)
+    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 2000)
+    try:
+        running = engine.submit(submission(demo, "running", max_tokens=1900, ignore_eos=True))
+        late = submission(demo, "late", max_tokens=200, ignore_eos=True)
+        late.deadline = time.monotonic() + 0.3
+        waiting = engine.submit(late)
+        assert waiting.wait(5)
+        with pytest.raises(JobTimedOut):
+            waiting.result()
+        assert running.wait(60) and running.result().completion_tokens == 1900
     finally:
         engine.stop()

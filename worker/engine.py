@@ -23,6 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from shared.errors import (
     ExceedsMemoryBudget,
@@ -36,7 +37,7 @@ from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.sizing import format_bytes
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
-from worker.prefixes import MIN_SHARED_TOKENS, Prefixes, shared_length
+from worker.prefixes import MIN_SHARED_TOKENS, Prefixes, shareable, shared_length
 from worker.rows import Outcome, Row, TextSink
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ class _Member:
     prefilled: bool = False
     """Its whole prompt is in its KV cache (it has produced a token)."""
     generated: list[int] = field(default_factory=list)
-    kept: set[int] = field(default_factory=set)
-    """Lengths of its prompt's prefixes already kept for others to start from."""
 
 
 @dataclass
@@ -136,6 +135,8 @@ class _Batch:
 
     model: str
     generator: Any
+    shareable: bool = False
+    """Its model's KV caches can be cut at any token (plain KVCache layers), so prefixes are reused."""
     members: dict[int, _Member] = field(default_factory=dict)
 
 
@@ -163,6 +164,8 @@ class Engine:
         cache.on_unload = lambda _model: self.prefixes.clear()  # their KV is no use without the model
         self.batch_limit = max_batch
         """max_batch, lowered while system memory is past its warning threshold."""
+        self._memory_pressed = False
+        self._waiting_for_room = False
         self._prepared: dict[str, _Prepared] = {}
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self.state = "idle"
@@ -219,7 +222,7 @@ class Engine:
         try:
             self._loop()
         finally:
-            self._end_everything(GenerationCanceled("The worker is stopping"))
+            self._end_everything(GenerationFailed("The worker's engine stopped before the job ended"))
             # MLX's thread-local streams must be destroyed by the thread that made them, before
             # it ends; left to thread teardown they can abort the process ("terminate called
             # without an active exception"; ml-explore/mlx#4327).
@@ -276,9 +279,10 @@ class Engine:
         half as its rows end. Rows are never cut short: memory is given back as they finish."""
         settings = self.cache.settings
         running = len(self._batch.members) if self._batch is not None else 0
+        self._memory_pressed = used_percent >= settings.memory_warning_percent
         if used_percent >= settings.memory_critical_percent:
             limit = max(1, running // 2)
-        elif used_percent >= settings.memory_warning_percent:
+        elif self._memory_pressed:
             limit = max(1, min(running, self.batch_limit))
         else:
             limit = self.max_batch
@@ -289,9 +293,13 @@ class Engine:
     # -- joining the batch ----------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Move waiting submissions into the batch while it has room and runs their model; one that
-        waits for a member to finish computing the prefix it shares keeps its place in line."""
+        """Move waiting submissions into the batch while it has room and runs their model. One that
+        waits for a member to finish computing the prefix it shares keeps its place in line and
+        lets the others by; one that waits for KV room stops the line (first come, first served,
+        so a long context is not starved by short ones), and the worker claims nothing meanwhile."""
+        self._expire_waiting()
         held: list[Generation] = []
+        self._waiting_for_room = False
         while self._waiting:
             handle = self._waiting[0]
             if handle.stop_reason() == "canceled":
@@ -307,24 +315,37 @@ class Engine:
             if self._batch is not None and len(self._batch.members) >= self.batch_limit:
                 break
             self._waiting.popleft()
-            if not self._join(handle):
+            joined = self._join(handle)
+            if joined == "prefix":
                 held.append(handle)
+            elif joined == "room":
+                self._waiting.appendleft(handle)
+                self._waiting_for_room = True
+                break
         self._waiting.extendleft(reversed(held))
 
-    def _join(self, handle: Generation) -> bool:
-        """Start the submission in the batch (or end it with its error); False when it must wait."""
+    def _expire_waiting(self) -> None:
+        """A submission past its deadline ends while it waits, as it would while it runs."""
+        for handle in [h for h in self._waiting if h.stop_reason() == "timeout"]:
+            self._waiting.remove(handle)
+            self._unprepare(handle)
+            self._finish(handle, None, JobTimedOut("The job passed its deadline before it could start"))
+
+    def _join(self, handle: Generation) -> str:
+        """Start the submission in the batch, or end it with its error ("joined"); "prefix" while it
+        waits for a member computing the prefix it shares, "room" while the KV cache has none."""
         prepared = self._prepared.get(handle.job_id) or self._prepare(handle)
         if prepared is None:
-            return True
+            return "joined"
         sub, row = handle.submission, prepared.row
         context = len(row.prompt_ids) + sub.max_tokens
         try:
             batch = self._batch or self._open_batch(sub.spec.name, prepared.loaded)
             if not self._kv_room(batch, prepared.loaded, context):
-                return False
+                return "room"
             start = self._prefix_for(batch, prepared)
             if start is None:
-                return False
+                return "prefix"
             cache, reused = start
             ids = row.prompt_ids
             [uid] = batch.generator.insert(
@@ -337,12 +358,12 @@ class Engine:
         except Exception as exc:
             self._unprepare(handle)
             self._finish(handle, None, self._translated(exc, handle.job_id))
-            return True
+            return "joined"
         del self._prepared[handle.job_id]
         row.cached_tokens = reused
         batch.members[uid] = _Member(handle, row, context)
         self._count_kv()
-        return True
+        return "joined"
 
     def _kv_room(self, batch: _Batch, loaded: LoadedModel, context: int) -> bool:
         """Whether the batch's KV cache fits the budget with one more row of `context` positions
@@ -379,10 +400,13 @@ class Engine:
         per_token = entry.kv_bytes_per_token if entry is not None else 0
         self.cache.kv_bytes = per_token * max(m.context for m in members) * len(members)
 
-    def has_room(self) -> bool:
-        """Whether a job claimed now could join soon: the batch (with what waits) is under its limit."""
-        members = len(self._batch.members) if self._batch is not None else 0
-        return members + len(self._waiting) + self._inbox.qsize() < self.batch_limit
+    def has_room(self, held: int) -> bool:
+        """Whether a job claimed now could join soon (any thread): the worker's `held` jobs, and
+        what the engine runs or has waiting, are under the batch limit, and no job waits for KV room."""
+        batch = self._batch  # once: the engine thread may drop it meanwhile
+        members = len(batch.members) if batch is not None else 0
+        engine_side = members + len(self._waiting) + self._inbox.qsize()
+        return not self._waiting_for_room and max(held, engine_side) < self.batch_limit
 
     def _prepare(self, handle: Generation) -> _Prepared | None:
         """Acquire the model (loading it if need be) and encode the prompt; None after a failure,
@@ -413,21 +437,26 @@ class Engine:
 
     def _prefix_for(self, batch: _Batch, prepared: _Prepared) -> tuple[list[Any] | None, int] | None:
         """The KV cache to start from and the prompt tokens it holds; None while a member of the
-        batch is still computing a prefix this prompt shares (it is computed once)."""
+        batch is still computing most of this prompt (a fan-out's children: computed once)."""
         ids = prepared.row.prompt_ids
-        if not self.prefixes.enabled:
+        if not self.prefixes.enabled or not batch.shareable:
             return None, 0
         if prepared.sharer is None or prepared.sharer[0] not in batch.members:
             prepared.sharer = self._sharer(batch, ids)
         uid, shared = prepared.sharer
         member = batch.members.get(uid)
-        if member is not None:
-            if not member.prefilled:
-                return None
-            if shared not in member.kept:
-                [(source, _)] = batch.generator.extract_cache([uid]).values()
-                if self.prefixes.keep(batch.model, ids[:shared], source):
-                    member.kept.add(shared)
+        # Worth waiting for, or copying out of a member, when the shared part is most of this prompt;
+        # a short shared system prompt is not worth a long prompt's prefill or a row's copy.
+        if member is None or 2 * shared < len(ids) or member.row.prompt_ids[:shared] != ids[:shared]:
+            return self.prefixes.nearest(batch.model, ids)
+        if not member.prefilled:
+            return None
+        cache, reused = self.prefixes.nearest(batch.model, ids)
+        if reused >= shared:
+            return cache, reused
+        [(source, _)] = batch.generator.extract_cache([uid]).values()
+        if not self.prefixes.keep(batch.model, ids[:shared], source):
+            return cache, reused
         return self.prefixes.nearest(batch.model, ids)
 
     @staticmethod
@@ -449,7 +478,7 @@ class Engine:
             prefill_batch_size=self.prefill_batch_size,
             prefill_step_size=self.prefill_step_size,
         )
-        self._batch = _Batch(model, generator)
+        self._batch = _Batch(model, generator, shareable=shareable(make_prompt_cache(loaded.model)))
         return self._batch
 
     def _close_batch(self) -> None:
@@ -457,6 +486,8 @@ class Engine:
             self._batch.generator.close()
             self._batch = None
             self.cache.kv_bytes = 0
+            for prepared in self._prepared.values():
+                prepared.sharer = None  # uids start again at 0 in the next batch
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -521,6 +552,8 @@ class Engine:
             batch.generator.remove([uid])
         self.cache.release(member.handle.submission.spec.name)
         self._count_kv()
+        if self._memory_pressed:
+            self.batch_limit = max(1, min(self.batch_limit, len(batch.members)))  # no refill until it eases
         self._finish(member.handle, outcome, error)
 
     def _end_everything(self, error: MlxqError) -> None:

@@ -78,10 +78,9 @@ class Prefixes:
         if cache is None or reused < MIN_SHARED_TOKENS:
             return None, 0
         if reused == len(ids):
-            for layer in cache:
-                layer.trim(1)
-            reused -= 1
-        return cache, reused
+            reused -= 1  # the last token is computed: generation starts from its logits
+        # A copy of exactly `reused` positions: a longer entry's copy would hold all of its buffer.
+        return cut(cache, reused), reused
 
     @property
     def enabled(self) -> bool:
