@@ -154,3 +154,12 @@ def test_in_the_batch_tier_a_busy_worker_serves_the_client_whose_turn_is_its_mod
     assert queues.claim_ids() == bob
     queues.claims.preference = lambda: running("x", busy=False, swap_after_s=60)
     assert queues.claim_ids() == alice
+
+
+def test_a_higher_priority_job_for_another_model_holds_back_lower_priority_work(queues: Queues) -> None:
+    [y_interactive] = queues.admit(ALICE, 1, 0, "y")
+    [x_normal] = queues.admit(ALICE, 1, 1, "x")
+    queues.claims.preference = lambda: running("x", swap_after_s=60)
+    assert queues.claim_ids() == []  # the batch drains instead of growing with lower-priority x work
+    queues.claims.preference = lambda: running("x", busy=False, swap_after_s=60)
+    assert queues.claim_ids() == [y_interactive, x_normal]

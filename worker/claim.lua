@@ -5,6 +5,8 @@
 -- Model affinity, within one queue, in queue order: a job for the worker's model (or for no model)
 -- is taken; a job for another model is taken once it has waited `swap_after` seconds and the
 -- worker's last swap is as old (the worker then drains its batch and swaps: swaps are bounded).
+-- Priority stays strict: while a job for another model waits in a queue, nothing is taken from
+-- the queues below it.
 -- An idle worker takes a job for another model at once, unless another live worker runs that
 -- model (it is left to that worker until it is overdue). Jobs stay in RQ's lists until claimed,
 -- so rq-dashboard shows where each one waits.
@@ -112,6 +114,9 @@ for i = 1, n - 6 do
     redis.call("LREM", KEYS[i], 1, fallback)
     return claimed(KEYS[i], fallback, fallback_model)
   end
+  -- a job passed over here outranks everything below: lower-priority work for this worker's model
+  -- would only prolong the drain it waits for
+  if passed_over then return "wait" end
 end
 
 -- The batch tier. A job with no owner at the head was put back at the front (requeued after a
