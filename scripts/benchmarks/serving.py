@@ -10,8 +10,8 @@ on a shared, noisy machine hits all of them alike):
   `--max-tokens` tokens, C in flight at a time;
 - fan-out: 16 requests at once sharing a `--prefix-tokens`-token system prompt.
 
-Per shape and server it reports tokens/s (all requests' text chunks over the wall
-time), p50/p95 latency and p50 time to first token, as medians over the rounds,
+Per shape and server it reports tokens/s (all requests' generated tokens, from the
+usage each stream ends with, over the wall time), p50/p95 latency and p50 time to first token, as medians over the rounds,
 and the ratio mlxq / mlx_lm.server. With `--write`, BENCHMARKS.md gets the table,
 the machine, the versions and the command.
 """
@@ -75,21 +75,33 @@ def wait_until(url: str, timeout_s: float = 120) -> None:
 
 
 def one_call(base: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first text, seconds in all, text chunks) of one streamed greedy chat completion."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+    """(seconds to the first text, seconds in all, tokens generated) of one streamed greedy chat
+    completion; tokens from the usage both servers send at the end (text chunks are no measure:
+    a random model's tokens are often partial characters, held back until they complete)."""
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = 0.0
     chunks = 0
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as response:
+    tokens = 0
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=3600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            for choice in json.loads(line[6:]).get("choices", []):
+            chunk = json.loads(line[6:])
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            for choice in chunk.get("choices", []):
                 if choice.get("delta", {}).get("content"):
                     chunks += 1
                     first = first or time.perf_counter() - started
-    return first, time.perf_counter() - started, chunks
+    return first, time.perf_counter() - started, tokens or chunks
 
 
 def run_shape(
