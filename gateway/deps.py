@@ -57,7 +57,9 @@ async def get_models(request: Request) -> ModelRegistry:
 async def get_client(request: Request) -> Client:
     """Authenticates the request (when API keys are configured) and names its client."""
     resolver: ClientResolver = request.app.state.clients
-    return resolver.resolve(request)
+    client = resolver.resolve(request)
+    request.state.client = client  # named in the log line of a refusal
+    return client
 
 
 async def require_admin(request: Request) -> Client:

@@ -35,6 +35,21 @@ async def count_refusal(app: FastAPI, reason: str) -> None:
         REDIS.failed(f"counting a {reason} refusal", exc)
 
 
+def log_refusal(request: Request, reason: str, status: int, retry_after_s: int | None) -> None:
+    """One line per refusal: reason, client (its tag, a hash: never the key or the address) and
+    Retry-After; never the prompt."""
+    client = getattr(request.state, "client", None)
+    logger.info(
+        "refused %s %s: %s (%d), client %s, Retry-After %s",
+        request.method,
+        request.url.path,
+        reason,
+        status,
+        client.tag if client is not None else "unidentified",
+        retry_after_s if retry_after_s is not None else "none",
+    )
+
+
 def _is_submission(request: Request) -> bool:
     return request.method == "POST" and request.url.path.startswith("/v1/")
 
@@ -68,6 +83,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_mlxq_error(request: Request, exc: MlxqError) -> JSONResponse:
         if exc.refusal and not exc.counted and _is_submission(request):
             await count_refusal(app, exc.code)
+        if exc.refusal:
+            log_refusal(request, exc.code, exc.status_code, exc.retry_after_s)
         return error_response(exc)
 
     # The route's own models, and the internal ones a request is translated into (the OpenAI routes).
@@ -77,6 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error = _validation_error(exc)
         if _is_submission(request):
             await count_refusal(app, error.code)
+            log_refusal(request, error.code, error.status_code, None)
         return error_response(error)
 
     @app.exception_handler(HTTPException)

@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from gateway.clients import Client
-from shared import batch_progress, keys
+from shared import batch_progress, keys, stats
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
@@ -109,15 +109,17 @@ class JobFactory:
             b"created_at", stamp,
             b"enqueued_at", stamp,
             b"data", zlib.compress(json.dumps(call).encode()),
-            b"description", self.describe(request).encode(),
+            b"description", self.describe(request, meta).encode(),
             b"meta", json.dumps({"model": request.model, **(meta or {})}).encode(),
         ]  # fmt: skip
         return PreparedJob(job_id, self._queue_key, varying + self._static, moment)
 
-    def describe(self, request: GenerateRequest) -> str:
-        """What RQ and rq-dashboard show for the job: model and priority; the prompt's first words only
-        when `MLXQ_DESCRIBE_PROMPTS` allows."""
+    def describe(self, request: GenerateRequest, meta: dict[str, Any] | None = None) -> str:
+        """What RQ and rq-dashboard show for the job: model and priority, a batch child's batch and
+        custom_id; the prompt's first words only when `MLXQ_DESCRIBE_PROMPTS` allows."""
         description = f"generate model={request.model} priority={self._priority}"
+        if meta and meta.get("batch_id"):
+            description += f" batch={meta['batch_id']} custom_id={str(meta.get('custom_id', ''))[:64]}"
         if self._describe_prompts:
             text = request.prompt if request.prompt is not None else (request.messages or [])[-1].text()
             words = text.split()
@@ -232,6 +234,8 @@ def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
         else:
             error = GenerationCanceled("The job was canceled before it started").to_dict()
             batch_progress.job_ended(redis, job, "canceled", stream_ttl_s, error=error)
+            stats.count(redis, keys.STATS_JOBS, "canceled")
+            logger.info("job canceled before it started", extra={"job_id": job.id, "queue": job.origin})
         return
     try:
         send_stop_job_command(redis, job.id, serializer=JSONSerializer)

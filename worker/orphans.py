@@ -126,3 +126,28 @@ def forget_worker(redis: Redis, worker_name: str) -> None:
         pipe.delete(keys.worker_claimed(worker_name))
         pipe.srem(keys.CLAIMING_WORKERS, worker_name)
         pipe.execute()
+
+
+def prune_canceled(redis: Redis, queue_names: list[str], keep_s: int) -> int:
+    """RQ never cleans its canceled registries, nor expires a canceled job: each canceled job is kept
+    `keep_s` (as a failed one is), and its registry entry goes with it. Returns the entries dropped."""
+    dropped = 0
+    for name in queue_names:
+        registry = Queue(name, connection=redis, serializer=JSONSerializer).canceled_job_registry.key
+        job_ids = [text(member) for member in redis.zrange(registry, 0, 999)]
+        if not job_ids:
+            continue
+        with redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.ttl(Job.key_for(job_id))
+            ttls = pipe.execute()
+        gone = [job_id for job_id, ttl in zip(job_ids, ttls, strict=True) if ttl == -2]
+        with redis.pipeline(transaction=False) as pipe:
+            for job_id, ttl in zip(job_ids, ttls, strict=True):
+                if ttl == -1:
+                    pipe.expire(Job.key_for(job_id), keep_s)
+            if gone:
+                pipe.zrem(registry, *gone)
+            pipe.execute()
+        dropped += len(gone)
+    return dropped

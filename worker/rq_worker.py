@@ -12,11 +12,7 @@ RQ's stop-job command routed to the engine.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -24,17 +20,21 @@ from typing import Any
 
 from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.job_lifecycle import call_exception_handlers
+from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
-from shared import batch_progress, events, job_stream, keys, memory, stats
+from shared import batch_progress, events, job_stream, keys, stats
+from shared.errors import GenerationCanceled
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
 from shared.settings import Settings
 from shared.text import text
 from worker.claiming import IDLE_POLL_S, Preference, TurnTakingQueue
 from worker.engine import Engine
+from worker.monitor import Monitor
 from worker.orphans import reclaim_claimed
 from worker.reports import Reports
 from worker.streaming import StreamPublisher
@@ -83,19 +83,18 @@ class MlxqWorker(SimpleWorker):
         while it runs, and it waits for the others to end), so that jobs beside it are never counted
         as its accomplices when it kills this worker too."""
         self._canceled: set[str] = set()
-        """Jobs asked to stop: they end as RQ's `stopped`, not `failed` (RQ's own record is one slot)."""
-        self._failure_lock = threading.Lock()
+        """Jobs asked to stop: they end in RQ's canceled registry, not the failed one."""
         self._model: str | None = None
         """The model of the last job claimed: what the batch runs, or will once it has drained."""
         self._swapped_at = -float("inf")
-        self._orphaned = False
-        self._monitor_stop = threading.Event()
-        self._monitor = threading.Thread(target=self._monitor_loop, name="mlxq-monitor", daemon=True)
+        self.monitor = Monitor(
+            self.connection, self.name, settings, engine, self._canceled, running=lambda: list(self._running)
+        )
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
-        self._beat()
-        self._monitor.start()
+        self.monitor.beat()
+        self.monitor.start()
 
     def teardown(self) -> None:
         # Whatever ends the loop (a stop request, an error it could not survive), the jobs still
@@ -104,7 +103,7 @@ class MlxqWorker(SimpleWorker):
         deadline = time.monotonic() + self.settings.stop_grace_s
         for thread, _ in list(self._running.values()):
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._monitor_stop.set()
+        self.monitor.stop()
         super().teardown()  # type: ignore[no-untyped-call]
         # A stop that came between a claim and the job's start: the job goes back first in line.
         reclaim_claimed(self.connection, self.name, self.settings.stream_ttl_s)
@@ -124,6 +123,7 @@ class MlxqWorker(SimpleWorker):
         thread = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"job-{job.id[:8]}")
         self._running[job.id] = (thread, execution)
         thread.start()
+        quietly("writing the heartbeat", self.monitor.beat)  # /health lists the job now, not a beat later
 
     def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
         try:
@@ -139,7 +139,7 @@ class MlxqWorker(SimpleWorker):
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
             quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
             # A job may have loaded a model: say so now, not a heartbeat interval later.
-            quietly("writing the heartbeat", self._beat)
+            quietly("writing the heartbeat", self.monitor.beat)
             self._room.set()
 
     def _unstarted_claim(self) -> tuple[Job, Queue] | None:
@@ -180,7 +180,7 @@ class MlxqWorker(SimpleWorker):
         while True:
             if self._stop_requested:
                 raise StopRequested()
-            if len(self._running) >= self.settings.max_batch or self._suspect is not None or not self.engine.has_room():
+            if self._suspect is not None or not self.engine.has_room(len(self._running)):
                 self._wait_for_room()
                 continue
             self.heartbeat()
@@ -293,25 +293,25 @@ class MlxqWorker(SimpleWorker):
         execution: Any = None,
     ) -> None:
         if job.id not in self._handed_back:
-
-            def record() -> None:
-                # RQ keeps one "stopped on request" slot for the whole worker: fill it for this job
-                # and record, under a lock, so that jobs failing at once do not take each other's.
-                with self._failure_lock:
-                    self._stopped_job_id = job.id if job.id in self._canceled else None
-                    super(MlxqWorker, self).handle_job_failure(job, queue, started_job_registry, exc_string, execution)
-
-            until_redis("recording a failed job", record)
-            self._canceled.discard(job.id)
             error = job.meta.get("error") or {"message": exc_string.strip().splitlines()[-1] if exc_string else ""}
-            status = "canceled" if job.get_status(refresh=False) == "stopped" else "failed"
+            canceled = job.id in self._canceled or error.get("code") == GenerationCanceled.code
+            if canceled:
+                until_redis("recording a canceled job", lambda: self._record_canceled(job, execution))
+            else:
+                record = super().handle_job_failure
+                until_redis(
+                    "recording a failed job", lambda: record(job, queue, started_job_registry, exc_string, execution)
+                )
+            self._canceled.discard(job.id)
+            status = "canceled" if canceled else "failed"
             self.publisher.flush()
             until_redis(
                 "ending a job's stream",
                 lambda: batch_progress.job_ended(self.connection, job, status, self.settings.stream_ttl_s, error=error),
             )
             quietly("counting a job", lambda: stats.count(self.connection, keys.STATS_JOBS, status))
-            logger.info("job %s: %s", status, error.get("code", ""), extra=_job_fields(job))
+            log = logger.info if canceled else logger.warning
+            log("job %s: %s", status, error.get("code", ""), extra=_job_fields(job))
             return
         self._handed_back.discard(job.id)
         job.meta.pop("error", None)  # the task recorded the interruption as a cancel
@@ -357,6 +357,28 @@ class MlxqWorker(SimpleWorker):
 
         quietly("counting a job", count)
 
+    def _record_canceled(self, job: Job, execution: Any) -> None:
+        """A canceled job goes to RQ's canceled registry, not the failed one: nothing to requeue."""
+        ttl = self.settings.failure_ttl_s
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.CANCELED, pipeline=pipe)
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            registry = CanceledJobRegistry(job.origin, connection=self.connection, serializer=JSONSerializer)
+            registry.add(job, pipeline=pipe)
+            pipe.expire(job.key, ttl)  # readable as long as a failed job would be (orphans.prune_canceled)
+            pipe.execute()
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """RQ's own logs the job's arguments (the prompt) with the traceback, at ERROR even for a cancel
+        or a hand-back: those are logged at INFO where they are recorded, a real failure here without
+        its arguments."""
+        if isinstance(exc_info[1] if len(exc_info) > 1 else None, GenerationCanceled):
+            return
+        call_exception_handlers(self._exc_handlers, job, *exc_info)
+        logger.error(
+            "job raised %s", getattr(exc_info[0], "__name__", "an error"), exc_info=exc_info, extra=_job_fields(job)
+        )
+
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
         job_id = self._stopped_job_id
@@ -368,76 +390,6 @@ class MlxqWorker(SimpleWorker):
         execution = self._running.get(job.id, (None, None))[1]
         if execution is not None:
             quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
-
-    def _monitor_loop(self) -> None:
-        next_beat = time.monotonic() + self.settings.heartbeat_interval_s
-        while not self._monitor_stop.wait(self.settings.cancel_poll_interval_s):
-            try:
-                self._watch_parent()
-                self._honour_cancel_flags()
-                self._take_commands()
-                if time.monotonic() >= next_beat:
-                    self._beat()
-                    next_beat = time.monotonic() + self.settings.heartbeat_interval_s
-                REDIS.ok()
-            except UNREACHABLE as exc:
-                REDIS.failed("watching cancel flags and beating", exc)  # the next tick tries again
-            except Exception:
-                logger.exception("worker monitor tick failed")
-
-    def _honour_cancel_flags(self) -> None:
-        job_ids = self.engine.active_job_ids()
-        if not job_ids:
-            return
-        with self.connection.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.exists(keys.job_cancel(job_id))
-            flags = pipe.execute()
-        for job_id, flagged in zip(job_ids, flags, strict=True):
-            if flagged and job_id not in self._canceled and self.engine.cancel(job_id):
-                self._canceled.add(job_id)
-                logger.info("canceling running job", extra={"job_id": job_id})
-
-    def _watch_parent(self) -> None:
-        """A worker whose watchdog is gone shuts down (handing back its job) rather than run unsupervised."""
-        expected = self.settings.watchdog_pid
-        if expected is not None and os.getppid() != expected and not self._orphaned:
-            self._orphaned = True
-            logger.warning("watchdog %d is gone; shutting down", expected)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def _take_commands(self) -> None:
-        raw = self.connection.lpop(keys.worker_commands(self.name), 16)
-        for item in raw if isinstance(raw, list) else []:
-            command = json.loads(item)
-            if command.get("command") == "unload" and isinstance(command.get("model"), str):
-                logger.info("asked to unload model %s", command["model"])
-                self.engine.request_unload(command["model"])
-            else:
-                logger.warning("ignoring unknown worker command %r", command)
-
-    def _beat(self) -> None:
-        snapshot = memory.snapshot(self.settings)
-        active = self.engine.active_job_ids()
-        record = {
-            "name": self.name,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "state": "busy" if active else "idle",
-            "jobs": active,
-            "engine_alive": self.engine.alive,
-            "engine_state": self.engine.state,
-            "progress_age_s": round(time.monotonic() - self.engine.progress_at, 2),
-            "models": self.engine.cache.snapshot(),
-            "model_budget_bytes": self.engine.cache.budget_bytes,
-            "model_held_bytes": self.engine.cache.held_bytes,
-            "kv_cache_bytes": self.engine.cache.kv_bytes,
-            "prefix_cache_bytes": self.engine.prefixes.nbytes,
-            "batch_limit": self.engine.batch_limit,
-            "memory": snapshot,
-            "at": time.time(),
-        }
-        self.connection.set(keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s)
 
 
 def _job_fields(job: Job) -> dict[str, Any]:

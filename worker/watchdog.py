@@ -35,7 +35,7 @@ from shared.logs import configure_logging
 from shared.outage import REDIS, UNREACHABLE, quietly
 from shared.settings import Settings
 from shared.text import text
-from worker.orphans import forget_worker, reclaim_claimed, reclaim_jobs
+from worker.orphans import forget_worker, prune_canceled, reclaim_claimed, reclaim_jobs
 from worker.restart_policy import RestartPolicy
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Watchdog:
             # Ends nobody recorded (an expired child, a process killed between two writes) would
             # otherwise hold a batch's synthesis forever.
             batch_progress.sweep_open(self.redis, self.settings.stream_ttl_s)
+            prune_canceled(self.redis, self.settings.queue_names, self.settings.failure_ttl_s)
 
     def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
         logger.info("watchdog got %s: stopping workers", signal.Signals(signum).name)

@@ -1,0 +1,127 @@
+"""The worker's monitor thread: what must happen while every other thread is busy with jobs.
+
+Every `MLXQ_CANCEL_POLL_INTERVAL_S` it honours cancel flags (the engine stops that
+generation between tokens), takes commands sent to this worker (unload a model),
+and shuts the worker down if its watchdog is gone; every heartbeat interval it
+writes the worker's heartbeat, which supervision, `/health` and the claim script
+read. A Redis outage costs ticks, never the thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from redis import Redis
+
+from shared import keys, memory
+from shared.outage import REDIS, UNREACHABLE
+from shared.settings import Settings
+from worker.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(
+        self,
+        connection: Redis,
+        name: str,
+        settings: Settings,
+        engine: Engine,
+        canceled: set[str],
+        running: Callable[[], list[str]],
+    ) -> None:
+        self.connection = connection
+        self.running = running
+        """The ids of the jobs the worker holds (claimed and started, in the engine or about to be)."""
+        self.name = name
+        self.settings = settings
+        self.engine = engine
+        self._canceled = canceled
+        """Shared with the worker: jobs asked to stop, which end as canceled."""
+        self._orphaned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlxq-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+        while not self._stop.wait(self.settings.cancel_poll_interval_s):
+            try:
+                self._watch_parent()
+                self._honour_cancel_flags()
+                self._take_commands()
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+                REDIS.ok()
+            except UNREACHABLE as exc:
+                REDIS.failed("watching cancel flags and beating", exc)  # the next tick tries again
+            except Exception:
+                logger.exception("worker monitor tick failed")
+
+    def _honour_cancel_flags(self) -> None:
+        job_ids = self.engine.active_job_ids()
+        if not job_ids:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(keys.job_cancel(job_id))
+            flags = pipe.execute()
+        for job_id, flagged in zip(job_ids, flags, strict=True):
+            if flagged and job_id not in self._canceled and self.engine.cancel(job_id):
+                self._canceled.add(job_id)
+                logger.info("canceling running job", extra={"job_id": job_id})
+
+    def _watch_parent(self) -> None:
+        """A worker whose watchdog is gone shuts down (handing back its job) rather than run unsupervised."""
+        expected = self.settings.watchdog_pid
+        if expected is not None and os.getppid() != expected and not self._orphaned:
+            self._orphaned = True
+            logger.warning("watchdog %d is gone; shutting down", expected)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _take_commands(self) -> None:
+        raw = self.connection.lpop(keys.worker_commands(self.name), 16)
+        for item in raw if isinstance(raw, list) else []:
+            command = json.loads(item)
+            if command.get("command") == "unload" and isinstance(command.get("model"), str):
+                logger.info("asked to unload model %s", command["model"])
+                self.engine.request_unload(command["model"])
+            else:
+                logger.warning("ignoring unknown worker command %r", command)
+
+    def beat(self) -> None:
+        snapshot = memory.snapshot(self.settings)
+        active = self.running()
+        record = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "state": "busy" if active else "idle",
+            "jobs": active,
+            "engine_alive": self.engine.alive,
+            "engine_state": self.engine.state,
+            "progress_age_s": round(time.monotonic() - self.engine.progress_at, 2),
+            "models": self.engine.cache.snapshot(),
+            "model_budget_bytes": self.engine.cache.budget_bytes,
+            "model_held_bytes": self.engine.cache.held_bytes,
+            "kv_cache_bytes": self.engine.cache.kv_bytes,
+            "prefix_cache_bytes": self.engine.prefixes.nbytes,
+            "batch_limit": self.engine.batch_limit,
+            "memory": snapshot,
+            "at": time.time(),
+        }
+        self.connection.set(keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s)
