@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis import Redis
 from rq.utils import now as rq_now
 from starlette.concurrency import run_in_threadpool
@@ -46,6 +46,17 @@ class BatchItem(ChatCompletionRequest):
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_openais_file_batches(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "input_file_id" in data:
+            raise ValueError(
+                "`input_file_id` belongs to OpenAI's file-based Batch API, which mlxq does not offer: "
+                "POST /v1/batches here is a fan-out, `{\"model\": ..., \"requests\": [chat completion bodies], "
+                "\"synthesis\": ...}` (see the README's fan-out batches)"
+            )
+        return data
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     requests: Annotated[list[BatchItem], Field(min_length=1)]

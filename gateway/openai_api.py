@@ -1,8 +1,11 @@
 """OpenAI's request and response shapes, translated to and from mlxq's own.
 
-Unknown OpenAI parameters are accepted and ignored, as OpenAI-compatible servers
-do, so SDKs and frameworks that send extras keep working; `n` other than 1 is refused.
-`priority` (lower only) and `ignore_eos` are mlxq's own additions.
+Nothing is silently ignored that would change the answer: a parameter mlxq does
+not support (tools, response_format other than text, logprobs, `n` > 1, ...) or
+does not know is refused with a 422 naming it, instead of free text that looks
+like an answer. Parameters that change nothing about the text (`user`,
+`metadata`, `store`, `service_tier`) are accepted. `priority` (lower only) and
+`ignore_eos` are mlxq's own additions.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.schemas import ChatMessage, GenerateRequest, Seed
 
@@ -21,8 +24,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+HARMLESS = frozenset({"user", "metadata", "store", "service_tier"})
+"""OpenAI parameters that do not change the text: accepted and not acted on."""
+
+NOT_YET = {
+    "tools": "tool calls",
+    "tool_choice": "tool calls",
+    "parallel_tool_calls": "tool calls",
+    "functions": "function calls",
+    "function_call": "function calls",
+    "response_format": "structured output",
+    "logprobs": "logprobs",
+    "top_logprobs": "logprobs",
+    "best_of": "best_of",
+    "echo": "echo",
+    "suffix": "suffix",
+    "audio": "audio output",
+    "modalities": "audio output",
+    "prediction": "predicted outputs",
+    "reasoning_effort": "reasoning effort",
+    "web_search_options": "web search",
+}
+"""Parameters mlxq does not support yet, and what each asks for."""
+
+_OFF = {"logprobs": (False, None), "tool_choice": ("none", None), "response_format": ({"type": "text"}, None)}
+"""Values of unsupported parameters that ask for nothing (sent by some clients by default)."""
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     max_tokens: Positive | None = None
@@ -35,7 +65,26 @@ class _Common(BaseModel):
     n: Annotated[int, Field(ge=1, le=1, description="choices to generate: only 1 is supported")] = 1
     user: str | None = None
     priority: Literal["interactive", "normal", "low"] | None = None
+    top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> _Common:
+        for name, value in (self.model_extra or {}).items():
+            if name in HARMLESS or (name in _OFF and value in _OFF[name]):
+                continue
+            if name in NOT_YET:
+                raise ValueError(
+                    f"`{name}` asks for {NOT_YET[name]}, which mlxq does not support yet; the answer would "
+                    "ignore it, so the request is refused (see the README's parameter table)"
+                )
+            raise ValueError(f"`{name}` is not a parameter mlxq knows; it is refused rather than ignored")
+        return self
 
     def _generate(self, **prompt: Any) -> GenerateRequest:
         return GenerateRequest(
@@ -45,6 +94,12 @@ class _Common(BaseModel):
             top_p=self.top_p,
             stop=self.stop,
             seed=self.seed,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
             ignore_eos=self.ignore_eos,
             **prompt,
         )

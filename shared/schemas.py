@@ -53,6 +53,25 @@ class GenerateRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
     seed: Seed | None = None
+    top_k: Annotated[
+        int, Field(ge=0, le=1_000_000, description="sample from the k likeliest tokens only (0: off)")
+    ] = 0
+    min_p: Annotated[
+        float, Field(ge=0.0, le=1.0, description="drop tokens less likely than min_p x the likeliest (0: off)")
+    ] = 0.0
+    repetition_penalty: Annotated[
+        float, Field(gt=0.0, le=10.0, description="divide the logits of the last 20 tokens by this (1: off)")
+    ] = 1.0
+    presence_penalty: Annotated[
+        float, Field(ge=-2.0, le=2.0, description="subtract from the logit of every token generated so far")
+    ] = 0.0
+    frequency_penalty: Annotated[
+        float, Field(ge=-2.0, le=2.0, description="subtract this x its count so far from each token's logit")
+    ] = 0.0
+    logit_bias: Annotated[
+        dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+        Field(max_length=300, description="token id -> bias added to its logit (-100 bans it, 100 forces it)"),
+    ] | None = None
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import GenerationCanceled, JobTimedOut, ModelUnavailable
+from shared.errors import GenerationCanceled, InvalidRequest, JobTimedOut, ModelUnavailable
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
@@ -118,3 +118,50 @@ def test_children_sharing_a_prefix_compute_it_once_and_match_their_text_without_
     # A later request with the same prompt starts from the cache a finished one left.
     assert again.cached_tokens == prompt_tokens - 1
     assert again.text == plain[3].text
+
+
+def test_sampling_controls_are_per_row_in_one_batch(demo: ModelSpec) -> None:
+    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16)
+    engine.start()
+    try:
+        base = {"prompt": "The sea", "max_tokens": 12, "ignore_eos": True}
+        [greedy] = run_all(engine, [submit(engine, demo, "greedy", temperature=0, **base)])
+        forced = 77
+        rows = run_all(
+            engine,
+            [
+                submit(engine, demo, "top_k", temperature=1.0, top_k=1, seed=5, **base),
+                submit(engine, demo, "top_k_unseeded", temperature=1.0, top_k=1, **base),
+                submit(engine, demo, "bias", temperature=0, logit_bias={str(forced): 100.0}, **base),
+                submit(engine, demo, "presence", temperature=0, presence_penalty=2.0, **base),
+                submit(engine, demo, "plain", temperature=0, **base),
+                submit(engine, demo, "top_k_beyond_vocab", temperature=0, top_k=1_000_000, **base),
+            ],
+        )
+    finally:
+        engine.stop()
+    top_k, top_k_unseeded, bias, presence, plain, beyond = rows
+    assert beyond.text == greedy.text  # a k past the vocabulary cuts nothing
+    assert top_k.text == greedy.text and top_k_unseeded.text == greedy.text  # top_k=1 is greedy
+    assert plain.text == greedy.text
+    assert bias.text != greedy.text and bias.completion_tokens == 12
+    assert presence.text != greedy.text  # greedy text of a random model repeats; the penalty breaks it
+
+
+def test_logit_bias_forces_its_token_and_an_unknown_token_is_refused(demo: ModelSpec) -> None:
+    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16)
+    engine.start()
+    try:
+        sub = submit(engine, demo, "forced", prompt="x", max_tokens=6, temperature=0, logit_bias={"77": 100.0})
+        [forced] = run_all(engine, [sub])
+        beyond = engine.submit(submit(engine, demo, "beyond", max_tokens=2, logit_bias={"999999": 5.0}))
+        assert beyond.wait(30)
+        with pytest.raises(InvalidRequest) as refused:
+            beyond.result()
+    finally:
+        engine.stop()
+    assert refused.value.param == "logit_bias"
+    assert forced.completion_tokens == 6
+    piece = forced.text[: len(forced.text) // 6]
+    assert piece and forced.text == piece * 6  # the same token six times
+

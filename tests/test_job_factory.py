@@ -57,7 +57,7 @@ def test_rq_reads_a_prepared_job_back(scratch_redis_url: str) -> None:
     redis.hset(f"rq:job:{prepared.id}", mapping=dict(zip(prepared.fields[::2], prepared.fields[1::2], strict=True)))
     job = Job.fetch(prepared.id, connection=redis, serializer=JSONSerializer)
     assert job.func_name == TASK
-    assert job.args == [{"model": "demo", "prompt": "hi", "temperature": 1.0, "top_p": 1.0, "ignore_eos": False}]
+    assert job.args == [GenerateRequest(model="demo", prompt="hi").model_dump(exclude_none=True)]
     assert job.get_status() == "queued"
     assert job.origin == settings.queue_name
     assert job.timeout == settings.job_timeout_s

@@ -251,3 +251,58 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
     assert "### Result broken\n[FAILED: " in prompt
     assert prompt.endswith(f"First alone: {by_id['r0']['result']['text']}")
     assert view["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"n": 2}, "n"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_a_parameter_that_would_be_ignored_is_refused_naming_it(
+    service: Service, extra: dict[str, object], named: str
+) -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+    response = service.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == named
+
+
+def test_parameters_that_change_nothing_or_ask_for_nothing_are_accepted(service: Service) -> None:
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "logprobs": False,
+        "response_format": {"type": "text"},
+        "top_k": 1,
+        "min_p": 0.1,
+        "repetition_penalty": 1.1,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "logit_bias": {"5": -100},
+    }
+    response = service.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_the_sdk_retrieves_one_model_and_a_missing_one_is_a_404(client: openai.OpenAI) -> None:
+    model = client.models.retrieve("demo")
+    assert model.id == "demo" and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_an_openai_file_batch_body_is_told_this_is_the_fan_out_api(service: Service) -> None:
+    body = {"input_file_id": "file-abc", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    response = service.http.post("/v1/batches", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["param"] == "input_file_id" and "fan-out" in error["message"]

@@ -17,13 +17,14 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
-from mlx_lm.sample_utils import apply_top_p, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from shared.errors import InvalidRequest
 from shared.schemas import FinishReason, GenerateRequest
 from worker.stops import StopMatcher
 
 Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 TextSink = Callable[[str], None]
 """Receives each new piece of generated text as soon as it is safe to show."""
@@ -40,22 +41,24 @@ class Outcome:
     cached_tokens: int = 0
     """From the request joining the batch (prompt encoding and prefill included) to its first token."""
 
-_SHARED: dict[tuple[float, float], Sampler] = {}
-"""Unseeded samplers by (temperature, top_p): rows that share one are sampled in one batched call."""
+_SHARED: dict[tuple[float, float, float, int], Sampler] = {}
+"""Unseeded samplers by (temperature, top_p, min_p, top_k): rows that share one are sampled in one
+batched call."""
 
 
-def sampler_for(request: GenerateRequest) -> Sampler:
+def sampler_for(request: GenerateRequest, vocab_size: int) -> Sampler:
     """The request's sampler: shared by requests asking the same without a seed, its own with one."""
     top_p = request.top_p if request.top_p < 1.0 else 0.0
+    top_k = request.top_k if request.top_k < vocab_size else 0  # all of the vocabulary: no cut
     if request.seed is None or request.temperature == 0:
-        key = (request.temperature, top_p)
+        key = (request.temperature, top_p, request.min_p, top_k)
         if key not in _SHARED:
-            _SHARED[key] = make_sampler(temp=request.temperature, top_p=top_p)
+            _SHARED[key] = make_sampler(temp=request.temperature, top_p=top_p, min_p=request.min_p, top_k=top_k)
         return _SHARED[key]
-    return _keyed(request.seed, request.temperature, top_p)
+    return _keyed(request.seed, request.temperature, top_p, request.min_p, top_k)
 
 
-def _keyed(seed: int, temperature: float, top_p: float) -> Sampler:
+def _keyed(seed: int, temperature: float, top_p: float, min_p: float, top_k: int) -> Sampler:
     """A sampler with a random key of its own, split every step: the same seed gives the same text
     alone, in any batch, joining at any step (MLX's global seed is shared by every row)."""
     key = mx.random.key(seed)
@@ -65,9 +68,35 @@ def _keyed(seed: int, temperature: float, top_p: float) -> Sampler:
         key, step = mx.random.split(key)
         if top_p > 0:
             logprobs = apply_top_p(logprobs, top_p)
+        if min_p > 0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
         return mx.random.categorical(logprobs * (1 / temperature), key=step)
 
     return sample
+
+
+def logits_processors_for(request: GenerateRequest, eos: set[int], vocab_size: int) -> list[LogitsProcessor]:
+    """The request's own logits processors (each row has its own list, so they are batch-safe)."""
+    bias = {int(token): value for token, value in (request.logit_bias or {}).items()}
+    unknown = sorted(token for token in bias if token >= vocab_size)
+    if unknown:
+        raise InvalidRequest(
+            f"logit_bias names token {unknown[0]}, beyond this model's vocabulary of {vocab_size}",
+            param="logit_bias",
+        )
+    window = max(1, request.max_tokens or 1)  # OpenAI's penalties count all of the text generated so far
+    processors: list[LogitsProcessor] = [ban_tokens(eos)] if request.ignore_eos else []
+    processors += make_logits_processors(
+        logit_bias=bias or None,
+        repetition_penalty=request.repetition_penalty if request.repetition_penalty != 1.0 else None,
+        presence_penalty=request.presence_penalty or None,
+        presence_context_size=window,
+        frequency_penalty=request.frequency_penalty or None,
+        frequency_context_size=window,
+    )
+    return processors
 
 
 def encode_prompt(tokenizer: Any, request: GenerateRequest) -> list[int]:
@@ -104,6 +133,8 @@ class Row:
     eos: set[int]
     detokenizer: Any
     on_text: TextSink | None
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    vocab_size: int = 1 << 30
     started: float = field(default_factory=time.perf_counter)
     text: str = ""
     emitted: int = 0
@@ -120,20 +151,24 @@ class Row:
 
     @classmethod
     def start(cls, tokenizer: Any, request: GenerateRequest, on_text: TextSink | None) -> Row:
+        eos = set(tokenizer.eos_token_ids)
+        vocab_size = len(tokenizer.get_vocab())
         return cls(
             request=request,
             prompt_ids=encode_prompt(tokenizer, request),
-            eos=set(tokenizer.eos_token_ids),
+            eos=eos,
             detokenizer=tokenizer.detokenizer,
             on_text=on_text,
+            processors=logits_processors_for(request, eos, vocab_size),
+            vocab_size=vocab_size,
         )
 
     def batch_options(self) -> dict[str, Any]:
         """What BatchGenerator.insert takes for this request (one-element lists)."""
         ignore_eos = self.request.ignore_eos
         return {
-            "samplers": [sampler_for(self.request)],
-            "logits_processors": [[ban_tokens(self.eos)] if ignore_eos else []],
+            "samplers": [sampler_for(self.request, self.vocab_size)],
+            "logits_processors": [self.processors],
             "stop_sequences": [StopSequences(None if ignore_eos else [[t] for t in sorted(self.eos)])],
         }
 

@@ -45,6 +45,14 @@ def list_models(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+@router.get("/v1/models/{name}")
+def retrieve_model(name: str, models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
+    """One model in OpenAI's shape (the SDK's `models.retrieve`); 404 `model_not_found` if unknown."""
+    models.get(name)  # raises ModelNotFound, naming the models there are
+    found: dict[str, Any] = next(m for m in list_models(models, redis)["data"] if m["id"] == name)
+    return found
+
+
 @router.post("/v1/admin/models/{name}/unload", status_code=status.HTTP_202_ACCEPTED)
 def unload_model(name: str, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
     """Ask every worker holding the model to unload it as soon as it is idle (needs an admin key when
