@@ -320,7 +320,13 @@ class ScriptRun:
         """The one process under this run whose command line contains `marker`."""
         import psutil
 
-        found = [p for p in psutil.Process(self.popen.pid).children(recursive=True) if marker in " ".join(p.cmdline())]
+        def command(process: Any) -> str:
+            try:
+                return " ".join(process.cmdline())
+            except psutil.Error:  # a process that just died (a zombie until reaped) runs nothing
+                return ""
+
+        found = [p for p in psutil.Process(self.popen.pid).children(recursive=True) if marker in command(p)]
         assert len(found) == 1, found
         return found[0]
 
