@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
@@ -84,6 +85,16 @@ def create_app(settings: Settings) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         on_refusal=lambda: count_refusal(app, "request_too_large"),
     )
+    if settings.cors_origins:
+        # Outermost, so that refusals (413, 401, 429) carry the CORS headers a browser needs to read them.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["x-mlxq-job-id", "Retry-After", "x-should-retry", "x-ratelimit-remaining-requests"],
+            max_age=600,
+        )
     return app
 
 

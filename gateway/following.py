@@ -21,6 +21,10 @@ most keeps it below Redis's 64-bit limit, so no well-formed id makes Redis refus
 BLOCK_MS = 1000
 """How long one XREAD waits before the job's own status is looked at again."""
 
+PING_S = 5.0
+"""A follower that asks for pings gets one after this long without an entry: an SSE comment keeps
+proxies and clients from dropping a stream that waits in the queue."""
+
 _ENDED = {"finished": "finished", "failed": "failed", "stopped": "canceled", "canceled": "canceled"}
 
 
@@ -36,18 +40,23 @@ class WaitedTooLong(Exception):
 
 
 async def follow(
-    redis: AsyncRedis, job_id: str, after: str = "0-0", deadline: float | None = None
+    redis: AsyncRedis, job_id: str, after: str = "0-0", deadline: float | None = None, pings: bool = False
 ) -> AsyncIterator[Entry]:
     """Entries after `after`, as they come, up to and including the job's end.
 
     If the stream has expired (or a crash cut it short) while the job has ended, an end is
     made up from the job's RQ status, so a follower never waits forever. Past `deadline`
     (time.monotonic()) it raises WaitedTooLong; each read blocks no longer than what is
-    left, so no read has to be cancelled half-way.
+    left, so no read has to be cancelled half-way. With `pings`, a `ping` entry comes after
+    each PING_S without another.
     """
     stream = keys.job_stream(job_id)
     last = after
+    quiet_since = time.monotonic()
     while True:
+        if pings and time.monotonic() - quiet_since >= PING_S:
+            quiet_since = time.monotonic()
+            yield Entry(last, "ping", {})
         block_ms = BLOCK_MS
         if deadline is not None:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -72,6 +81,7 @@ async def follow(
                 yield Entry(last, "end", {"status": ended, "error": {"message": f"the job ended as {ended}"}})
                 return
             continue
+        quiet_since = time.monotonic()
         for entry in entries_of(reply):
             last = entry.id
             yield entry

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     trusted_proxies: CommaList = Field(
         default=[], description="addresses or networks whose X-Forwarded-For is believed"
     )
+    cors_origins: CommaList = Field(
+        default=[], description="browser origins allowed to call the API (e.g. https://chat.example); none by default"
+    )
     max_body_bytes: int = 4 * 1024 * 1024
     rate_limit_requests: int = Field(default=30, ge=1, description="submissions per client per window")
     rate_limit_window_s: int = 60
@@ -139,7 +142,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("api_keys", "admin_keys", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "admin_keys", "trusted_proxies", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import RedisServer, Service
+from tests.support import Gateway, RedisServer, Service
 
 pytestmark = pytest.mark.slow
 
@@ -306,3 +306,43 @@ def test_an_openai_file_batch_body_is_told_this_is_the_fan_out_api(service: Serv
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["param"] == "input_file_id" and "fan-out" in error["message"]
+
+
+def test_a_stream_waiting_in_the_queue_gets_pings(service: Service) -> None:
+    busy = service.submit(model="demo", prompt="Long", max_tokens=30_000, ignore_eos=True)["id"]
+    service.wait_for(busy, {"started"})
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+    pinged = None
+    try:
+        with httpx.stream("POST", service.base_url + "/v1/chat/completions", json=body, timeout=30) as response:
+            asked = time.monotonic()
+            for line in response.iter_lines():
+                if line == ": ping":
+                    pinged = time.monotonic() - asked
+                    break
+                assert time.monotonic() - asked < 15, "no ping while the stream waited"
+    finally:
+        service.http.delete(f"/v1/jobs/{busy}")
+    assert pinged is not None and pinged < 8
+
+
+def test_cors_answers_the_configured_origins_only(redis_server: RedisServer, data_dir: Path, tmp_path: Path) -> None:
+    gateway = Gateway(
+        redis_server.url.rsplit("/", 1)[0] + "/13", data_dir, tmp_path / "gateway.log", cors_origins="https://chat.example"
+    )
+    try:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        allowed = httpx.options(
+            gateway.base_url + "/v1/chat/completions", headers={"Origin": "https://chat.example", **preflight}
+        )
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://chat.example"
+        other = httpx.options(
+            gateway.base_url + "/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in other.headers
+        refused = httpx.post(gateway.base_url + "/v1/jobs", json={}, headers={"Origin": "https://chat.example"})
+        assert refused.status_code == 422  # a refusal a browser may read: it carries the CORS header
+        assert refused.headers["access-control-allow-origin"] == "https://chat.example"
+    finally:
+        gateway.stop()

@@ -77,7 +77,10 @@ async def job_events(
     async def events() -> AsyncIterator[str]:
         if last_event_id is None:
             yield f"event: snapshot\ndata: {snapshot.model_dump_json()}\n\n"
-        async for entry in follow(aredis, job_id, after=last_event_id or "0-0"):
-            yield f"id: {entry.id}\nevent: {entry.kind}\ndata: {json.dumps(entry.data)}\n\n"
+        async for entry in follow(aredis, job_id, after=last_event_id or "0-0", pings=True):
+            if entry.kind == "ping":
+                yield ": ping\n\n"
+            else:
+                yield f"id: {entry.id}\nevent: {entry.kind}\ndata: {json.dumps(entry.data)}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
