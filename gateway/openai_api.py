@@ -34,8 +34,6 @@ NOT_YET = {
     "functions": "function calls",
     "function_call": "function calls",
     "response_format": "structured output",
-    "logprobs": "logprobs",
-    "top_logprobs": "logprobs",
     "best_of": "best_of",
     "echo": "echo",
     "suffix": "suffix",
@@ -47,7 +45,7 @@ NOT_YET = {
 }
 """Parameters mlxq does not support yet, and what each asks for."""
 
-_OFF = {"logprobs": (False, None), "tool_choice": ("none", None), "response_format": ({"type": "text"}, None)}
+_OFF = {"tool_choice": ("none", None), "response_format": ({"type": "text"}, None)}
 """Values of unsupported parameters that ask for nothing (sent by some clients by default)."""
 
 
@@ -108,9 +106,13 @@ class _Common(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Positive | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     def to_generate(self) -> GenerateRequest:
-        request = self._generate(messages=self.messages)
+        request = self._generate(
+            messages=self.messages, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0
+        )
         if self.max_completion_tokens is not None:
             request.max_tokens = self.max_completion_tokens
         return request
@@ -121,8 +123,16 @@ class CompletionRequest(_Common):
         list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)
     ]
 
+    logprobs: Annotated[
+        int, Field(ge=0, le=5, description="return each token's log probability and this many alternatives")
+    ] | None = None
+
     def to_generate(self) -> GenerateRequest:
-        return self._generate(prompt=self.prompt if isinstance(self.prompt, str) else self.prompt[0])
+        return self._generate(
+            prompt=self.prompt if isinstance(self.prompt, str) else self.prompt[0],
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs or 0,
+        )
 
 
 def usage(result: dict[str, Any]) -> dict[str, Any]:
@@ -143,9 +153,19 @@ class Shapes:
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id
         self.model = model
         self.created = int(time.time())
+        self.streamed_chars = 0
+
+    def _logprobs(self, entries: list[dict[str, Any]] | None, text_offset: int = 0) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        return {"content": entries} if self.chat else for_completions(entries, text_offset)
 
     def complete(self, result: dict[str, Any]) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": result["finish_reason"],
+            "logprobs": self._logprobs(result.get("logprobs")),
+        }
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result["text"]}
         else:
@@ -159,8 +179,19 @@ class Shapes:
             "usage": usage(result),
         }
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    def chunk(
+        self,
+        text: str | None = None,
+        finish_reason: str | None = None,
+        first: bool = False,
+        entries: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": finish_reason,
+            "logprobs": self._logprobs(entries, self.streamed_chars),
+        }
+        self.streamed_chars += len(text or "")
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
@@ -178,3 +209,18 @@ class Shapes:
 
     def usage_chunk(self, result: dict[str, Any]) -> dict[str, Any]:
         return {**self.chunk(), "choices": [], "usage": usage(result)}
+
+
+def for_completions(entries: list[dict[str, Any]], text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, and each token's offset in the text."""
+    offsets = []
+    at = text_offset
+    for item in entries:
+        offsets.append(at)
+        at += len(item["token"])
+    return {
+        "tokens": [item["token"] for item in entries],
+        "token_logprobs": [item["logprob"] for item in entries],
+        "top_logprobs": [{alt["token"]: alt["logprob"] for alt in item["top_logprobs"]} for item in entries],
+        "text_offset": offsets,
+    }

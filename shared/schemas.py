@@ -72,12 +72,18 @@ class GenerateRequest(BaseModel):
         dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
         Field(max_length=300, description="token id -> bias added to its logit (-100 bans it, 100 forces it)"),
     ] | None = None
+    logprobs: bool = Field(default=False, description="return each generated token's log probability")
+    top_logprobs: Annotated[
+        int, Field(ge=0, le=20, description="with `logprobs`, also the likeliest alternatives at each token")
+    ] = 0
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of `messages` or `prompt`")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
         return self
 
     def stop_list(self) -> list[str]:
@@ -121,6 +127,10 @@ class GenerationResult(BaseModel):
     usage: Usage
     timings: Timings
     model: str
+    logprobs: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="with `logprobs`: one entry per generated token (token, logprob, bytes, top_logprobs)",
+    )
 
 
 class JobView(BaseModel):

@@ -258,7 +258,7 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
     [
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"n": 2}, "n"),
         ({"frobnicate": 1}, "frobnicate"),
     ],
@@ -346,3 +346,21 @@ def test_cors_answers_the_configured_origins_only(redis_server: RedisServer, dat
         assert refused.headers["access-control-allow-origin"] == "https://chat.example"
     finally:
         gateway.stop()
+
+
+def test_logprobs_have_one_entry_per_generated_token_streamed_or_not(client: openai.OpenAI) -> None:
+    asked = {"model": "demo", "messages": HELLO, "max_tokens": 6, "temperature": 0}
+    reply = client.chat.completions.create(**asked, logprobs=True, top_logprobs=3)  # type: ignore[call-overload]
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-4  # greedy: the token is the likeliest
+    streamed = []
+    for chunk in client.chat.completions.create(**asked, logprobs=True, stream=True):  # type: ignore[call-overload]
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [i.token for i in streamed] == [i.token for i in content]
+    text = client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    assert len(text.choices[0].logprobs.token_logprobs) == text.usage.completion_tokens
+    assert all(len(top) == 2 for top in text.choices[0].logprobs.top_logprobs)

@@ -517,7 +517,7 @@ class Engine:
             member.generated.append(response.token)
             if response.finish_reason is not None and response.prompt_cache is not None:
                 self._keep_for_later(batch.model, member, response.prompt_cache)
-            finish = member.row.take(response.token, response.finish_reason)
+            finish = member.row.take(response.token, response.finish_reason, response.logprobs)
             if finish is None and response.finish_reason is not None:
                 finish = "stop"
             if finish is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import StopSequences
@@ -21,13 +21,17 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 
 from shared.errors import InvalidRequest
 from shared.schemas import FinishReason, GenerateRequest
+from worker.logprobs import entry as token_logprobs
 from worker.stops import StopMatcher
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
-TextSink = Callable[[str], None]
-"""Receives each new piece of generated text as soon as it is safe to show."""
+class TextSink(Protocol):
+    """Receives each new piece of generated text as soon as it is safe to show, and, for a request
+    that asked for logprobs, the entries of the tokens that piece completes."""
+
+    def __call__(self, piece: str, logprobs: list[dict[str, Any]] | None = None, /) -> None: ...
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Outcome:
     generate_s: float
     first_token_s: float | None = None
     cached_tokens: int = 0
+    logprobs: list[dict[str, Any]] | None = None
     """From the request joining the batch (prompt encoding and prefill included) to its first token."""
 
 _SHARED: dict[tuple[float, float, float, int], Sampler] = {}
@@ -135,6 +140,11 @@ class Row:
     on_text: TextSink | None
     processors: list[LogitsProcessor] = field(default_factory=list)
     vocab_size: int = 1 << 30
+    tokenizer: Any = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """With `logprobs`: one entry per generated token."""
+    unsent: int = 0
+    """Entries of `logprobs` not yet handed to `on_text` with a piece."""
     started: float = field(default_factory=time.perf_counter)
     text: str = ""
     emitted: int = 0
@@ -161,6 +171,7 @@ class Row:
             on_text=on_text,
             processors=logits_processors_for(request, eos, vocab_size),
             vocab_size=vocab_size,
+            tokenizer=tokenizer,
         )
 
     def batch_options(self) -> dict[str, Any]:
@@ -172,13 +183,15 @@ class Row:
             "stop_sequences": [StopSequences(None if ignore_eos else [[t] for t in sorted(self.eos)])],
         }
 
-    def take(self, token: int, finish_reason: str | None) -> FinishReason | None:
+    def take(self, token: int, finish_reason: str | None, logprobs: mx.array | None = None) -> FinishReason | None:
         """Add one generated token; why the request is done now, or None while it goes on."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token in self.eos and not self.request.ignore_eos:
             return "stop"
         self.completion_tokens += 1
+        if self.request.logprobs and logprobs is not None:
+            self.logprobs.append(token_logprobs(self.tokenizer, token, logprobs, self.request.top_logprobs))
         self.detokenizer.add_token(token)
         before = len(self.text)
         self.text += self.detokenizer.last_segment
@@ -189,9 +202,17 @@ class Row:
         if self.on_text is not None:
             safe = self.matcher.safe_length(self.text)
             if safe > self.emitted:
-                self.on_text(self.text[self.emitted : safe])
+                self._send(self.text[self.emitted : safe])
                 self.emitted = safe
         return "length" if finish_reason == "length" else None
+
+    def _send(self, piece: str) -> None:
+        assert self.on_text is not None
+        if not self.request.logprobs:
+            self.on_text(piece)
+            return
+        self.on_text(piece, self.logprobs[self.unsent :])
+        self.unsent = len(self.logprobs)
 
     def outcome(self, finish: FinishReason) -> Outcome:
         """The request's result; the detokenizer's last bytes (a multi-byte character) are flushed first."""
@@ -202,8 +223,8 @@ class Row:
             cut = self.matcher.find(self.text, before)
             if cut is not None:
                 self.text, finish = self.text[:cut], "stop"
-        if self.on_text is not None and len(self.text) > self.emitted:
-            self.on_text(self.text[self.emitted :])
+        if self.on_text is not None and (len(self.text) > self.emitted or self.unsent < len(self.logprobs)):
+            self._send(self.text[self.emitted :])
         return Outcome(
             text=self.text,
             finish_reason=finish,
@@ -212,4 +233,5 @@ class Row:
             completion_tokens=self.completion_tokens,
             generate_s=time.perf_counter() - self.started,
             first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
+            logprobs=self.logprobs if self.request.logprobs else None,
         )

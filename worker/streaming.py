@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Any
 
 from redis import Redis
 
@@ -22,17 +23,18 @@ logger = logging.getLogger(__name__)
 class StreamPublisher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pending: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._pending: queue.Queue[tuple[str, str, list[dict[str, Any]] | None] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._in_flight = 0
         self._thread = threading.Thread(target=self._run, name="mlxq-stream-publisher", daemon=True)
         self._thread.start()
 
-    def text(self, job_id: str, piece: str) -> None:
-        """Queue a piece of text for the job's stream (any thread; never blocks)."""
+    def text(self, job_id: str, piece: str, logprobs: list[dict[str, Any]] | None = None) -> None:
+        """Queue a piece of text (and, if asked for, its tokens' logprobs) for the job's stream (any
+        thread; never blocks)."""
         with self._idle:
             self._in_flight += 1
-        self._pending.put((job_id, piece))
+        self._pending.put((job_id, piece, logprobs))
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait until every queued piece is in Redis, so that what follows comes after it."""
@@ -55,8 +57,9 @@ class StreamPublisher:
                 batch.append(item)
             try:
                 with self._redis.pipeline(transaction=False) as pipe:
-                    for job_id, piece in batch:
-                        job_stream.append(pipe, job_id, "text", None, text=piece)
+                    for job_id, piece, logprobs in batch:
+                        extra = {} if logprobs is None else {"logprobs": logprobs}
+                        job_stream.append(pipe, job_id, "text", None, text=piece, **extra)
                     pipe.execute()
                 REDIS.ok()
             except UNREACHABLE as exc:

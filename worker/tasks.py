@@ -101,7 +101,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             spec=spec,
             max_tokens=req.max_tokens or runtime.settings.default_max_tokens,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
-            on_text=lambda piece: runtime.publisher.text(job.id, piece),
+            on_text=lambda piece, logprobs=None: runtime.publisher.text(job.id, piece, logprobs),
         )
         handle = runtime.engine.submit(submission)
         try:
@@ -141,6 +141,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             first_token_s=None if outcome.first_token_s is None else handle.load_s + outcome.first_token_s,
         ),
         model=req.model,
+        logprobs=outcome.logprobs,
     )
     logger.info(
         "job finished",

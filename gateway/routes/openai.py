@@ -140,7 +140,7 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
             if entry.kind == "ping":
                 yield ": ping\n\n"  # an SSE comment: clients ignore it, proxies see the stream alive
             elif entry.kind == "text":
-                yield _sse(shapes.chunk(text=entry.data["text"]))
+                yield _sse(shapes.chunk(text=entry.data["text"], entries=entry.data.get("logprobs")))
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] == "finished":
