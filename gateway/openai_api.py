@@ -33,7 +33,6 @@ NOT_YET = {
     "parallel_tool_calls": "tool calls",
     "functions": "function calls",
     "function_call": "function calls",
-    "response_format": "structured output",
     "best_of": "best_of",
     "echo": "echo",
     "suffix": "suffix",
@@ -45,7 +44,7 @@ NOT_YET = {
 }
 """Parameters mlxq does not support yet, and what each asks for."""
 
-_OFF = {"tool_choice": ("none", None), "response_format": ({"type": "text"}, None)}
+_OFF = {"tool_choice": ("none", None)}
 """Values of unsupported parameters that ask for nothing (sent by some clients by default)."""
 
 
@@ -103,15 +102,42 @@ class _Common(BaseModel):
         )
 
 
+class JsonSchemaFormat(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text`, `json_object` (any JSON object) or `json_schema`: enforced by constrained decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_json_schema(self) -> dict[str, Any] | None:
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("`response_format.json_schema` is required with type json_schema")
+            return self.json_schema.schema_
+        return None
+
+
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Positive | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
 
     def to_generate(self) -> GenerateRequest:
         request = self._generate(
-            messages=self.messages, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0
+            messages=self.messages,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0,
+            json_schema=self.response_format.as_json_schema() if self.response_format else None,
         )
         if self.max_completion_tokens is not None:
             request.max_tokens = self.max_completion_tokens

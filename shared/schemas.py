@@ -35,6 +35,24 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """The llguidance grammar that constrains generation to JSON matching `schema`. Whitespace is
+    kept compact, so that a model cannot pad its way to `max_tokens`."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+
+
+def json_schema_problem(schema: dict[str, Any]) -> str:
+    """Why `schema` cannot be enforced (an unsupported feature, named), or "" when it can."""
+    from llguidance import LLMatcher
+
+    try:
+        return LLMatcher.validate_grammar(json_schema_grammar(schema))
+    except ValueError as exc:
+        return str(exc)
+
+
 class GenerateRequest(BaseModel):
     """A generation: chat `messages` or a raw `prompt`, and sampling options."""
 
@@ -72,6 +90,11 @@ class GenerateRequest(BaseModel):
         dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
         Field(max_length=300, description="token id -> bias added to its logit (-100 bans it, 100 forces it)"),
     ] | None = None
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="constrain the output to JSON matching this JSON schema ({} or {\"type\": \"object\"}: any"
+        " JSON object); unsupported schema features are a 422",
+    )
     logprobs: bool = Field(default=False, description="return each generated token's log probability")
     top_logprobs: Annotated[
         int, Field(ge=0, le=20, description="with `logprobs`, also the likeliest alternatives at each token")
@@ -84,6 +107,12 @@ class GenerateRequest(BaseModel):
             raise ValueError("give exactly one of `messages` or `prompt`")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs: true`")
+        if self.json_schema is not None:
+            if self.ignore_eos:
+                raise ValueError("`ignore_eos` cannot be combined with `json_schema`: the JSON ends with end-of-text")
+            problem = json_schema_problem(self.json_schema)
+            if problem:
+                raise ValueError(f"`json_schema` cannot be enforced: {problem}")
         return self
 
     def stop_list(self) -> list[str]:

@@ -257,7 +257,7 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
     ("extra", "named"),
     [
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"n": 2}, "n"),
         ({"frobnicate": 1}, "frobnicate"),
@@ -364,3 +364,66 @@ def test_logprobs_have_one_entry_per_generated_token_streamed_or_not(client: ope
     text = client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
     assert len(text.choices[0].logprobs.token_logprobs) == text.usage.completion_tokens
     assert all(len(top) == 2 for top in text.choices[0].logprobs.top_logprobs)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 8}},
+    "required": ["ok", "name"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_response_validates_even_from_the_random_demo_model(client: openai.OpenAI) -> None:
+    import jsonschema
+
+    format_ = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="demo", messages=HELLO, max_tokens=200, seed=seed, response_format=format_  # type: ignore[arg-type]
+        )
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), SCHEMA)
+        assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def batched_service(
+    redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    svc = Service(redis_server.url.rsplit("/", 1)[0] + "/14", data_dir, tmp_path_factory.mktemp("formats"), max_batch=4)
+    yield svc
+    svc.stop()
+
+
+def test_rows_with_different_response_formats_share_a_batch_and_both_come_out_valid(
+    batched_service: Service,
+) -> None:
+    import jsonschema
+
+    other = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    bodies = [
+        {"model": "demo", "prompt": "a", "max_tokens": 200, "json_schema": SCHEMA, "temperature": 0.9, "seed": 1},
+        {"model": "demo", "prompt": "b", "max_tokens": 200, "json_schema": other, "temperature": 0.9, "seed": 2},
+        {"model": "demo", "prompt": "c", "max_tokens": 60, "ignore_eos": True},
+    ]
+    ids = [batched_service.submit(**body)["id"] for body in bodies]
+    views = [batched_service.wait_for(job_id, {"finished"}) for job_id in ids]
+    assert max(v["started_at"] for v in views) < min(v["ended_at"] for v in views), "they did not share a batch"
+    jsonschema.validate(json.loads(views[0]["result"]["text"]), SCHEMA)
+    jsonschema.validate(json.loads(views[1]["result"]["text"]), other)
+
+
+def test_an_unsupported_schema_feature_is_a_422_naming_it(service: Service) -> None:
+    body = {
+        "model": "demo",
+        "messages": HELLO,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {"type": "string"}}}},
+    }
+    response = service.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert '"if"' in response.json()["error"]["message"]

@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logi
 
 from shared.errors import InvalidRequest
 from shared.schemas import FinishReason, GenerateRequest
+from worker.constrained import JsonConstraint
 from worker.logprobs import entry as token_logprobs
 from worker.stops import StopMatcher
 
@@ -82,7 +83,9 @@ def _keyed(seed: int, temperature: float, top_p: float, min_p: float, top_k: int
     return sample
 
 
-def logits_processors_for(request: GenerateRequest, eos: set[int], vocab_size: int) -> list[LogitsProcessor]:
+def logits_processors_for(
+    request: GenerateRequest, tokenizer: Any, eos: set[int], vocab_size: int
+) -> list[LogitsProcessor]:
     """The request's own logits processors (each row has its own list, so they are batch-safe)."""
     bias = {int(token): value for token, value in (request.logit_bias or {}).items()}
     unknown = sorted(token for token in bias if token >= vocab_size)
@@ -101,6 +104,8 @@ def logits_processors_for(request: GenerateRequest, eos: set[int], vocab_size: i
         frequency_penalty=request.frequency_penalty or None,
         frequency_context_size=window,
     )
+    if request.json_schema is not None:
+        processors.append(JsonConstraint(tokenizer, request.json_schema))  # last: the mask has the final word
     return processors
 
 
@@ -169,7 +174,7 @@ class Row:
             eos=eos,
             detokenizer=tokenizer.detokenizer,
             on_text=on_text,
-            processors=logits_processors_for(request, eos, vocab_size),
+            processors=logits_processors_for(request, tokenizer, eos, vocab_size),
             vocab_size=vocab_size,
             tokenizer=tokenizer,
         )
