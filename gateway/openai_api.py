@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.schemas import ChatMessage, GenerateRequest, Seed
+from shared.schemas import ChatMessage, GenerateRequest, Seed, Tool, ToolChoice
 
 Positive = Annotated[int, Field(ge=1)]
 
@@ -28,9 +28,6 @@ HARMLESS = frozenset({"user", "metadata", "store", "service_tier"})
 """OpenAI parameters that do not change the text: accepted and not acted on."""
 
 NOT_YET = {
-    "tools": "tool calls",
-    "tool_choice": "tool calls",
-    "parallel_tool_calls": "tool calls",
     "functions": "function calls",
     "function_call": "function calls",
     "best_of": "best_of",
@@ -44,7 +41,7 @@ NOT_YET = {
 }
 """Parameters mlxq does not support yet, and what each asks for."""
 
-_OFF = {"tool_choice": ("none", None)}
+_OFF: dict[str, tuple[Any, ...]] = {}
 """Values of unsupported parameters that ask for nothing (sent by some clients by default)."""
 
 
@@ -131,10 +128,16 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def to_generate(self) -> GenerateRequest:
         request = self._generate(
             messages=self.messages,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
             json_schema=self.response_format.as_json_schema() if self.response_format else None,
@@ -145,13 +148,15 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[
-        list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)
-    ]
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    )
 
-    logprobs: Annotated[
-        int, Field(ge=0, le=5, description="return each token's log probability and this many alternatives")
-    ] | None = None
+    logprobs: (
+        Annotated[int, Field(ge=0, le=5, description="return each token's log probability and this many alternatives")]
+        | None
+    ) = None
 
     def to_generate(self) -> GenerateRequest:
         return self._generate(
@@ -193,7 +198,13 @@ class Shapes:
             "logprobs": self._logprobs(result.get("logprobs")),
         }
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": result["text"]}
+            calls = result.get("tool_calls")
+            choice["message"] = {
+                "role": "assistant",
+                "content": result["text"] if not calls else (result["text"] or None),
+            }
+            if calls:
+                choice["message"]["tool_calls"] = calls
         else:
             choice["text"] = result["text"]
         return {
@@ -232,6 +243,13 @@ class Shapes:
             "model": self.model,
             "choices": [choice],
         }
+
+    def tool_calls_chunk(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A buffered tool-call answer in one chunk: its content, if any, and every call as a delta."""
+        chunk = self.chunk(text=result["text"] or None)
+        calls = result.get("tool_calls") or []
+        chunk["choices"][0]["delta"]["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        return chunk
 
     def usage_chunk(self, result: dict[str, Any]) -> dict[str, Any]:
         return {**self.chunk(), "choices": [], "usage": usage(result)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -11,7 +12,7 @@ Seed = Annotated[int, Field(ge=0, le=2**64 - 1, description="for reproducible sa
 """MLX seeds its generator with an unsigned 64-bit integer."""
 
 JobStatus = Literal["queued", "started", "finished", "failed", "canceled"]
-FinishReason = Literal["stop", "length", "canceled", "timeout"]
+FinishReason = Literal["stop", "length", "canceled", "timeout", "tool_calls"]
 
 
 class TextPart(BaseModel):
@@ -22,17 +23,106 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str = Field(description="the arguments as a JSON string, as OpenAI sends them")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant message's tool calls")
+    tool_call_id: str | None = Field(default=None, description="a tool message: the call it answers")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("`content` is required (only an assistant message with `tool_calls` may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("`tool_calls` belong to assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs `tool_call_id`: the id of the call it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it (tool call arguments as objects where they parse)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": _loads(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        return message
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class Name(BaseModel):
+        name: str
+
+    type: Literal["function"]
+    function: Name
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+def call_schema(tool: Tool) -> dict[str, Any]:
+    """What a forced call to `tool` must look like: `{"name": ..., "arguments": {...}}`."""
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name}, "arguments": tool.function.parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
@@ -71,9 +161,7 @@ class GenerateRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
     seed: Seed | None = None
-    top_k: Annotated[
-        int, Field(ge=0, le=1_000_000, description="sample from the k likeliest tokens only (0: off)")
-    ] = 0
+    top_k: Annotated[int, Field(ge=0, le=1_000_000, description="sample from the k likeliest tokens only (0: off)")] = 0
     min_p: Annotated[
         float, Field(ge=0.0, le=1.0, description="drop tokens less likely than min_p x the likeliest (0: off)")
     ] = 0.0
@@ -86,13 +174,21 @@ class GenerateRequest(BaseModel):
     frequency_penalty: Annotated[
         float, Field(ge=-2.0, le=2.0, description="subtract this x its count so far from each token's logit")
     ] = 0.0
-    logit_bias: Annotated[
-        dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
-        Field(max_length=300, description="token id -> bias added to its logit (-100 bans it, 100 forces it)"),
-    ] | None = None
+    logit_bias: (
+        Annotated[
+            dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+            Field(max_length=300, description="token id -> bias added to its logit (-100 bans it, 100 forces it)"),
+        ]
+        | None
+    ) = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="auto (default with tools), none, required, or a named function (forced)"
+    )
+    parallel_tool_calls: bool = True
     json_schema: dict[str, Any] | None = Field(
         default=None,
-        description="constrain the output to JSON matching this JSON schema ({} or {\"type\": \"object\"}: any"
+        description='constrain the output to JSON matching this JSON schema ({} or {"type": "object"}: any'
         " JSON object); unsupported schema features are a 422",
     )
     logprobs: bool = Field(default=False, description="return each generated token's log probability")
@@ -107,6 +203,7 @@ class GenerateRequest(BaseModel):
             raise ValueError("give exactly one of `messages` or `prompt`")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs: true`")
+        self._check_tools()
         if self.json_schema is not None:
             if self.ignore_eos:
                 raise ValueError("`ignore_eos` cannot be combined with `json_schema`: the JSON ends with end-of-text")
@@ -114,6 +211,33 @@ class GenerateRequest(BaseModel):
             if problem:
                 raise ValueError(f"`json_schema` cannot be enforced: {problem}")
         return self
+
+    def _check_tools(self) -> None:
+        choice = self.tool_choice
+        if choice is None or choice == "none" or (choice == "auto" and self.tools):
+            return
+        if not self.tools:
+            raise ValueError("`tool_choice` needs `tools`")
+        if self.json_schema is not None:
+            raise ValueError("`tool_choice` forcing a call cannot be combined with `json_schema`")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"`tool_choice` names {choice.function.name!r}, which is not among `tools`")
+        for tool in self.tools:
+            problem = json_schema_problem(call_schema(tool))
+            if problem:
+                raise ValueError(f"`tools` function {tool.function.name!r} cannot be enforced: {problem}")
+
+    def forced_call_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a forced tool call (`required` or a named function) must match, else None."""
+        if not self.tools or self.tool_choice in (None, "auto", "none"):
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            [tool] = [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+            return call_schema(tool)
+        return {"anyOf": [call_schema(tool) for tool in self.tools]}
+
+    def offers_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -160,6 +284,7 @@ class GenerationResult(BaseModel):
         default=None,
         description="with `logprobs`: one entry per generated token (token, logprob, bytes, top_logprobs)",
     )
+    tool_calls: list[ToolCall] | None = Field(default=None, description="the calls parsed from the output")
 
 
 class JobView(BaseModel):

@@ -256,7 +256,7 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"n": 2}, "n"),
@@ -427,3 +427,70 @@ def test_an_unsupported_schema_feature_is_a_422_naming_it(service: Service) -> N
     response = service.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 422, response.text
     assert '"if"' in response.json()["error"]["message"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "celsius": {"type": "boolean"}},
+            "required": ["city", "celsius"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_a_forced_tool_call_returns_tool_calls_whose_arguments_validate(client: openai.OpenAI) -> None:
+    import jsonschema
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in (named, "required"):
+        reply = client.chat.completions.create(
+            model="demo", messages=HELLO, max_tokens=200, tools=[WEATHER], tool_choice=choice  # type: ignore[arg-type]
+        )
+        [call] = reply.choices[0].message.tool_calls or []
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+
+
+def test_a_streamed_tool_call_assembles_to_the_same_and_the_conversation_goes_on(client: openai.OpenAI) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    asked = {"model": "demo", "messages": HELLO, "max_tokens": 200, "tools": [WEATHER, CLOCK], "tool_choice": named}
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**asked, stream=True, seed=3):  # type: ignore[call-overload]
+        for delta_call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            call = calls.setdefault(delta_call.index, {"name": "", "arguments": ""})
+            call["name"] += delta_call.function.name or ""
+            call["arguments"] += delta_call.function.arguments or ""
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    whole = client.chat.completions.create(**asked, seed=3)  # type: ignore[call-overload]
+    [call] = whole.choices[0].message.tool_calls or []
+    assert finish == "tool_calls"
+    assert calls == {0: {"name": call.function.name, "arguments": call.function.arguments}}
+    # The tool's answer goes back as a `tool` message after the assistant's call.
+    follow_up = [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
+    ]
+    reply = client.chat.completions.create(model="demo", messages=follow_up, max_tokens=4, tools=[WEATHER])  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_naming_a_function_not_offered_is_a_422(service: Service) -> None:
+    body = {
+        "model": "demo",
+        "messages": HELLO,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "launch"}},
+    }
+    response = service.http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422 and "launch" in response.json()["error"]["message"]

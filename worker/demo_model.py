@@ -23,8 +23,17 @@ SEED = 20261122
 
 # ChatML, as Qwen2 ships it, trimmed of tool handling.
 CHAT_TEMPLATE = (
+    # Tools as Hermes/Qwen-style templates render them: listed in a system turn, called as
+    # <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
+    "{% if tools %}{{ '<|im_start|>system\\nYou may call these tools:\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    '{{ \'Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>\\n\' }}{% endif %}'
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% for call in message.tool_calls or [] %}"
+    "{{ '<tool_call>' + (call.function | tojson) + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

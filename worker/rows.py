@@ -24,9 +24,11 @@ from shared.schemas import FinishReason, GenerateRequest
 from worker.constrained import JsonConstraint
 from worker.logprobs import entry as token_logprobs
 from worker.stops import StopMatcher
+from worker.tool_calls import tool_calls_in
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
 
 class TextSink(Protocol):
     """Receives each new piece of generated text as soon as it is safe to show, and, for a request
@@ -45,7 +47,9 @@ class Outcome:
     first_token_s: float | None = None
     cached_tokens: int = 0
     logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
     """From the request joining the batch (prompt encoding and prefill included) to its first token."""
+
 
 _SHARED: dict[tuple[float, float, float, int], Sampler] = {}
 """Unseeded samplers by (temperature, top_p, min_p, top_k): rows that share one are sampled in one
@@ -104,8 +108,9 @@ def logits_processors_for(
         frequency_penalty=request.frequency_penalty or None,
         frequency_context_size=window,
     )
-    if request.json_schema is not None:
-        processors.append(JsonConstraint(tokenizer, request.json_schema))  # last: the mask has the final word
+    schema = request.json_schema if request.json_schema is not None else request.forced_call_schema()
+    if schema is not None:
+        processors.append(JsonConstraint(tokenizer, schema))  # last: the mask has the final word
     return processors
 
 
@@ -119,8 +124,9 @@ def encode_prompt(tokenizer: Any, request: GenerateRequest) -> list[int]:
             f"Model '{request.model}' has no chat template; send `prompt` instead of `messages`",
             param="messages",
         )
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages or []]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    messages = [m.for_template() for m in request.messages or []]
+    tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if request.offers_tools() else None
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
 
 
 def ban_tokens(token_ids: set[int]) -> Callable[[Any, Any], Any]:
@@ -230,8 +236,12 @@ class Row:
                 self.text, finish = self.text[:cut], "stop"
         if self.on_text is not None and (len(self.text) > self.emitted or self.unsent < len(self.logprobs)):
             self._send(self.text[self.emitted :])
+        text, calls = tool_calls_in(self.text, self.request, self.tokenizer) if finish == "stop" else (self.text, None)
+        if calls:
+            finish = "tool_calls"
         return Outcome(
-            text=self.text,
+            text=text,
+            tool_calls=calls,
             finish_reason=finish,
             prompt_tokens=len(self.prompt_ids),
             cached_tokens=self.cached_tokens,

@@ -20,7 +20,7 @@ from shared import job_stream
 from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
 from shared.outage import quietly, until_redis
-from shared.schemas import GenerateRequest, GenerationResult, PromptTokensDetails, Timings, Usage
+from shared.schemas import GenerateRequest, GenerationResult, PromptTokensDetails, Timings, ToolCall, Usage
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
 from worker import synthesis
@@ -142,6 +142,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
         ),
         model=req.model,
         logprobs=outcome.logprobs,
+        tool_calls=None if outcome.tool_calls is None else [ToolCall.model_validate(c) for c in outcome.tool_calls],
     )
     logger.info(
         "job finished",

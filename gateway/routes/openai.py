@@ -60,7 +60,7 @@ async def _call(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(request, job_id, shapes, include_usage),
+            _stream(request, job_id, shapes, include_usage, buffered=generate.offers_tools()),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache"},
         )
@@ -132,19 +132,25 @@ def _failure(data: dict[str, Any]) -> JobFailed:
     return JobFailed(data.get("error") or {"message": f"the job ended as {data.get('status')}"})
 
 
-async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    request: Request, job_id: str, shapes: Shapes, include_usage: bool, buffered: bool = False
+) -> AsyncIterator[str]:
+    """The job as OpenAI chunks. `buffered` (a request offering tools): the text may be a tool call
+    in the model's own format, so the answer comes in one chunk at the end, calls as deltas."""
     ended = False
     try:
         yield _sse(shapes.chunk(first=True))
         async for entry in follow(request.app.state.aredis, job_id, pings=True):
             if entry.kind == "ping":
                 yield ": ping\n\n"  # an SSE comment: clients ignore it, proxies see the stream alive
-            elif entry.kind == "text":
+            elif entry.kind == "text" and not buffered:
                 yield _sse(shapes.chunk(text=entry.data["text"], entries=entry.data.get("logprobs")))
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] == "finished":
                     result = entry.data["result"]
+                    if buffered:
+                        yield _sse(shapes.tool_calls_chunk(result))
                     yield _sse(shapes.chunk(finish_reason=result["finish_reason"]))
                     if include_usage:
                         yield _sse(shapes.usage_chunk(result))
