@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,8 +24,12 @@ logger = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_S = 5
 
 
-def error_response(error: MlxqError) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+def error_response(error: MlxqError, request: Request | None = None) -> JSONResponse:
+    """OpenAI's error body; on Ollama's routes (`/api/*`), Ollama's: `{"error": "<message>"}`."""
+    body: dict[str, Any] = error.to_body()
+    if request is not None and request.url.path.startswith("/api/"):
+        body = {"error": error.message}
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers())
 
 
 async def count_refusal(app: FastAPI, reason: str) -> None:
@@ -51,7 +56,8 @@ def log_refusal(request: Request, reason: str, status: int, retry_after_s: int |
 
 
 def _is_submission(request: Request) -> bool:
-    return request.method == "POST" and request.url.path.startswith("/v1/")
+    path = request.url.path
+    return request.method == "POST" and (path.startswith("/v1/") or path in ("/api/chat", "/api/generate"))
 
 
 def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
@@ -61,9 +67,12 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
     # Not the request's names: where the error came from ("body", "query") and which member of a
     # union pydantic tried ("str", "list[str]", "function-after[...]").
     loc = [str(part) for part in first.get("loc", ()) if part not in _SOURCES and not _UNION_TAG.match(str(part))]
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    if not loc and (named := _NAMED.search(message)):
-        loc = [named.group(1)]  # a rule across fields names the first field it is about, in backticks
+    raw = str(first.get("msg", "invalid request"))
+    message = raw.removeprefix("Value error, ")
+    if (not loc or raw != message) and (named := _NAMED.search(message)):
+        # A rule across a model's fields names the first field it is about, in backticks: the path
+        # is the model's (none at the top) and that field.
+        loc = [*loc, named.group(1)]
     param = ".".join(loc) or None
     if param:
         message = f"{param}: {message}"
@@ -85,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
             await count_refusal(app, exc.code)
         if exc.refusal:
             log_refusal(request, exc.code, exc.status_code, exc.retry_after_s)
-        return error_response(exc)
+        return error_response(exc, request)
 
     # The route's own models, and the internal ones a request is translated into (the OpenAI routes).
     @app.exception_handler(RequestValidationError)
@@ -95,10 +104,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if _is_submission(request):
             await count_refusal(app, error.code)
             log_refusal(request, error.code, error.status_code, None)
-        return error_response(error)
+        return error_response(error, request)
 
     @app.exception_handler(HTTPException)
-    async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
         body = {
             "error": {
                 "message": str(exc.detail),
@@ -111,14 +122,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
-    async def on_redis_down(_: Request, exc: Exception) -> JSONResponse:
+    async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
         REDIS.failed("answering a request", exc)
         return error_response(
-            ServiceUnavailable("The job store (Redis) is unavailable", retry_after_s=REDIS_RETRY_AFTER_S)
+            ServiceUnavailable("The job store (Redis) is unavailable", retry_after_s=REDIS_RETRY_AFTER_S), request
         )
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, ClientDisconnect):  # includes bodies cut off by BodySizeLimit
             logger.exception("unhandled error")
-        return error_response(MlxqError("Internal error; the gateway logged the details"))
+        return error_response(MlxqError("Internal error; the gateway logged the details"), request)

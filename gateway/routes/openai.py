@@ -65,7 +65,7 @@ async def _call(
             headers={**headers, "Cache-Control": "no-cache"},
         )
     try:
-        result = await _result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
+        result = await result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; the job is canceled
     except WaitedTooLong:
@@ -86,7 +86,7 @@ class ClientGone(Exception):
     """The client hung up before its result was ready."""
 
 
-async def _result_unless_gone(request: Request, job_id: str, deadline: float) -> dict[str, Any]:
+async def result_unless_gone(request: Request, job_id: str, deadline: float) -> dict[str, Any]:
     """`_result`, unless the client hangs up first: then its job is canceled (nobody would read it)."""
     waiting = asyncio.ensure_future(_result(request, job_id, deadline))
     watching = asyncio.ensure_future(_until_disconnected(request))
@@ -99,7 +99,7 @@ async def _result_unless_gone(request: Request, job_id: str, deadline: float) ->
         return await waiting
     waiting.cancel()
     logger.info("client went away before its result; canceling its job", extra={"job_id": job_id})
-    _cancel_quietly(request, job_id)
+    cancel_quietly(request, job_id)
     raise ClientGone(job_id)
 
 
@@ -108,7 +108,7 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-def _cancel_quietly(request: Request, job_id: str) -> None:
+def cancel_quietly(request: Request, job_id: str) -> None:
     try:
         redis = request.app.state.redis
         jobs.cancel(jobs.fetch(job_id, redis), redis, request.app.state.settings.stream_ttl_s)
@@ -124,11 +124,11 @@ async def _result(request: Request, job_id: str, deadline: float) -> dict[str, A
         if entry.data["status"] == "finished":
             result: dict[str, Any] = entry.data["result"]
             return result
-        raise _failure(entry.data)
+        raise failure(entry.data)
     raise JobFailed({"message": f"the stream of job {job_id} ended without an end"})
 
 
-def _failure(data: dict[str, Any]) -> JobFailed:
+def failure(data: dict[str, Any]) -> JobFailed:
     return JobFailed(data.get("error") or {"message": f"the job ended as {data.get('status')}"})
 
 
@@ -155,13 +155,13 @@ async def _stream(
                     if include_usage:
                         yield _sse(shapes.usage_chunk(result))
                 else:
-                    yield _sse(_failure(entry.data).to_body())
+                    yield _sse(failure(entry.data).to_body())
         yield "data: [DONE]\n\n"
     finally:
         if not ended:
             # The client hung up mid-stream: nobody will read the rest, so free the worker.
             logger.info("stream client went away; canceling its job", extra={"job_id": job_id})
-            _cancel_quietly(request, job_id)
+            cancel_quietly(request, job_id)
 
 
 def _sse(document: dict[str, Any]) -> str:

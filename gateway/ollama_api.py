@@ -1,0 +1,172 @@
+"""Ollama's request and response shapes, translated to and from mlxq's own.
+
+Editors and tools that only speak Ollama's API (`/api/chat`, `/api/generate`,
+`/api/tags`, ...) use the same queue, admission and batching as everything
+else. `options` map onto mlxq's sampling fields; hints about hardware that
+mlxq manages itself (`num_ctx`, `num_gpu`, `num_thread`, ...) are accepted and
+not acted on; any other option is refused with its name, never ignored.
+`format` (`"json"` or a JSON schema) is enforced by constrained decoding.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.schemas import ChatMessage, GenerateRequest, Tool
+
+VERSION = "0.9.0"
+"""The Ollama API version these routes follow (clients check it is recent enough)."""
+
+OPTIONS = {
+    "num_predict": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+"""Ollama's option -> mlxq's sampling field."""
+
+HARDWARE = frozenset(
+    {"num_ctx", "num_gpu", "num_thread", "num_batch", "num_keep", "main_gpu", "use_mmap", "use_mlock", "numa",
+     "low_vram", "vocab_only", "repeat_last_n"}
+)  # fmt: skip
+"""Options about how Ollama would run the model: mlxq sizes and schedules that itself."""
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `images` are refused below, `thinking` is the model's own
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def to_chat(self, index: int) -> ChatMessage:
+        if self.images:
+            raise ValueError(f"`messages.{index}.images`: mlxq serves text models only")
+        calls = [
+            {
+                "id": f"call_{index}_{n}",
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": _json(c["function"].get("arguments", {}))},
+            }
+            for n, c in enumerate(self.tool_calls or [])
+        ]
+        extra: dict[str, Any] = {"tool_calls": calls} if calls else {}
+        if self.role == "tool":
+            extra["tool_call_id"] = f"call_{index}"
+        return ChatMessage.model_validate({"role": self.role, "content": self.content, **extra})
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    stream: bool = True
+    format: Literal["json", ""] | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+    think: bool | None = None
+
+    @model_validator(mode="after")
+    def _known_options(self) -> _Common:
+        for name in self.options or {}:
+            if name not in OPTIONS and name not in HARDWARE:
+                raise ValueError(f"option `{name}` is not supported by mlxq; it is refused rather than ignored")
+        return self
+
+    def _generate(self, **prompt: Any) -> GenerateRequest:
+        fields: dict[str, Any] = {OPTIONS[k]: v for k, v in (self.options or {}).items() if k in OPTIONS}
+        if isinstance(fields.get("stop"), list) and not fields["stop"]:
+            fields.pop("stop")
+        schema: dict[str, Any] | None = None
+        if self.format == "json":
+            schema = {"type": "object"}
+        elif isinstance(self.format, dict):
+            schema = self.format
+        return GenerateRequest.model_validate({"model": self.model, "json_schema": schema, **fields, **prompt})
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[OllamaMessage], Field(min_length=1)]
+    tools: list[Tool] | None = None
+
+    def to_generate(self) -> GenerateRequest:
+        messages = [m.to_chat(i).model_dump(exclude_none=True) for i, m in enumerate(self.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        return self._generate(messages=messages, tools=tools)
+
+
+class GenerateBody(_Common):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    images: list[str] | None = None
+    template: str | None = None
+    context: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> GenerateBody:
+        for name in ("suffix", "images", "template", "context"):
+            if getattr(self, name):
+                raise ValueError(f"`{name}` is not supported by mlxq; it is refused rather than ignored")
+        return self
+
+    def to_generate(self) -> GenerateRequest:
+        if self.raw:
+            return self._generate(prompt=self.prompt)
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": self.prompt}
+        ]
+        return self._generate(messages=messages)
+
+
+class ShowRequest(BaseModel):
+    model: Annotated[str, Field(min_length=1)] | None = None
+    name: Annotated[str, Field(min_length=1)] | None = None
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def done_fields(result: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The statistics of a finished answer, in Ollama's nanoseconds."""
+    timings, usage = result["timings"], result["usage"]
+    generate_ns = int(float(timings["generate_s"]) * 1e9)
+    return {
+        "done": True,
+        "done_reason": reason,
+        "total_duration": int((float(timings["queued_s"]) + float(timings["load_s"])) * 1e9) + generate_ns,
+        "load_duration": int(float(timings["load_s"]) * 1e9),
+        "prompt_eval_count": usage["prompt_tokens"],
+        "prompt_eval_duration": int(float(timings.get("first_token_s") or 0) * 1e9),
+        "eval_count": usage["completion_tokens"],
+        "eval_duration": generate_ns,
+    }
+
+
+def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ollama's tool calls: arguments as objects, not JSON strings."""
+    import json
+
+    calls = result.get("tool_calls") or []
+    return [
+        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+        for c in calls
+    ]

@@ -1,0 +1,138 @@
+"""Ollama's API (`/api/*`) for editors and tools that speak only it, run as queued jobs.
+
+Answers stream as NDJSON by default (Ollama's `stream: true`), one object per text
+piece and a final one with `done: true` and the statistics; errors have Ollama's
+shape, `{"error": "..."}`. Like the OpenAI routes, calls go to the interactive
+queue and a client that hangs up cancels its job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gateway import submission
+from gateway.deps import ClientDep, GatewayDep, ModelsDep, RedisDep
+from gateway.following import follow
+from gateway.ollama_api import VERSION, ChatRequest, GenerateBody, ShowRequest, done_fields, now, tool_calls
+from gateway.routes.models import list_models
+from gateway.routes.openai import ClientGone, cancel_quietly, failure, result_unless_gone
+from shared.errors import MlxqError
+from shared.schemas import GenerateRequest
+
+router = APIRouter(tags=["ollama"])
+
+
+@router.get("/api/version")
+def version() -> dict[str, str]:
+    return {"version": VERSION}
+
+
+def _model_entry(model: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": model["id"],
+        "model": model["id"],
+        "modified_at": now(),
+        "size": model["size_bytes"] or 0,
+        "digest": "",
+        "details": {"format": "mlx", "family": "", "families": None, "parameter_size": "", "quantization_level": ""},
+    }
+
+
+@router.get("/api/tags")
+def tags(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
+    """The models that may be requested."""
+    return {"models": [_model_entry(m) for m in list_models(models, redis)["data"]]}
+
+
+@router.get("/api/ps")
+def running(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
+    """The models a worker holds now."""
+    loaded = [m for m in list_models(models, redis)["data"] if m["loaded"]]
+    return {"models": [{**_model_entry(m), "size_vram": m["size_bytes"] or 0, "expires_at": now()} for m in loaded]}
+
+
+@router.post("/api/show")
+def show(body: ShowRequest, models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
+    name = body.model or body.name or ""
+    models.get(name)  # 404 model_not_found when it is not configured
+    model = next(m for m in list_models(models, redis)["data"] if m["id"] == name)
+    return {
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": _model_entry(model)["details"],
+        "model_info": {"mlxq.source": model["source"], "mlxq.loaded": model["loaded"]},
+        "capabilities": ["completion", "tools"],
+        "modified_at": now(),
+    }
+
+
+@router.post("/api/chat")
+async def chat(body: ChatRequest, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
+    return await _call(body.to_generate(), body.stream, request, client, gw, chat=True)
+
+
+@router.post("/api/generate")
+async def generate(body: GenerateBody, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
+    if not body.prompt:  # Ollama's way to load a model: nothing to generate
+        return JSONResponse({"model": body.model, "created_at": now(), "response": "", "done": True})
+    return await _call(body.to_generate(), body.stream, request, client, gw, chat=False)
+
+
+def _piece(model: str, chat: bool, text: str) -> dict[str, Any]:
+    if chat:
+        return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": text}, "done": False}
+    return {"model": model, "created_at": now(), "response": text, "done": False}
+
+
+def _final(model: str, chat: bool, result: dict[str, Any], text: str) -> dict[str, Any]:
+    reason = {"length": "length", "tool_calls": "stop"}.get(result["finish_reason"], "stop")
+    document = _piece(model, chat, text)
+    calls = tool_calls(result)
+    if chat and calls:
+        document["message"]["tool_calls"] = calls
+    return {**document, **done_fields(result, reason)}
+
+
+async def _call(
+    generate: GenerateRequest, stream: bool, request: Request, client: ClientDep, gw: GatewayDep, chat: bool
+) -> Response:
+    done = await submission.admit(gw, client, [generate], "interactive", None)
+    job_id = done.ids[0]
+    headers = {**done.headers(), "x-mlxq-job-id": job_id}
+    if stream:
+        lines = _lines(request, job_id, generate.model, chat, buffered=generate.offers_tools())
+        return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
+    try:
+        result = await result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(_final(generate.model, chat, result, result["text"]), headers=headers)
+
+
+async def _lines(request: Request, job_id: str, model: str, chat: bool, buffered: bool) -> AsyncIterator[str]:
+    ended = False
+    try:
+        async for entry in follow(request.app.state.aredis, job_id):
+            if entry.kind == "text" and not buffered:
+                yield json.dumps(_piece(model, chat, entry.data["text"])) + "\n"
+            elif entry.kind == "end":
+                ended = True
+                if entry.data["status"] == "finished":
+                    result = entry.data["result"]
+                    yield json.dumps(_final(model, chat, result, result["text"] if buffered else "")) + "\n"
+                else:
+                    yield json.dumps({"error": _message(failure(entry.data))}) + "\n"
+    finally:
+        if not ended:
+            cancel_quietly(request, job_id)
+
+
+def _message(error: MlxqError) -> str:
+    return error.message

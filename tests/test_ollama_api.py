@@ -1,0 +1,69 @@
+"""Ollama's API through the official `ollama` client, against a real gateway, worker and Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import jsonschema
+import ollama
+import pytest
+
+from tests.support import Service
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 8}},
+    "required": ["ok", "name"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def client(service: Service) -> ollama.Client:
+    return ollama.Client(host=service.base_url)
+
+
+def test_list_show_ps_and_version(client: ollama.Client, service: Service) -> None:
+    assert "demo" in [m.model for m in client.list().models]
+    assert client.show("demo").capabilities
+    client.generate(model="demo", prompt="warm", options={"num_predict": 1})
+    deadline = time.monotonic() + 5  # the worker's heartbeat says what it holds
+    while "demo" not in [m.model for m in client.ps().models]:
+        assert time.monotonic() < deadline, client.ps()
+        time.sleep(0.1)
+    assert httpx.get(service.base_url + "/api/version").json()["version"]
+
+
+def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    options = {"num_predict": 6, "temperature": 0, "seed": 1, "top_k": 5}
+    whole = client.chat(model="demo", messages=messages, options=options)
+    assert whole.done and whole.eval_count == 6 and whole.done_reason == "length"
+    pieces = list(client.chat(model="demo", messages=messages, options=options, stream=True))
+    assert pieces[-1].done and "".join(p.message.content for p in pieces) == whole.message.content
+    generated = client.generate(model="demo", prompt="Once", options={"num_predict": 4, "temperature": 0})
+    streamed = list(
+        client.generate(model="demo", prompt="Once", options={"num_predict": 4, "temperature": 0}, stream=True)
+    )
+    assert "".join(p.response for p in streamed) == generated.response
+
+
+def test_format_is_enforced(client: ollama.Client) -> None:
+    reply = client.chat(
+        model="demo", messages=[{"role": "user", "content": "JSON"}], format=SCHEMA, options={"num_predict": 200}
+    )
+    jsonschema.validate(json.loads(reply.message.content), SCHEMA)
+
+
+def test_an_unknown_option_is_refused_in_ollamas_error_shape(service: Service) -> None:
+    body = {"model": "demo", "prompt": "x", "options": {"mirostat": 2}, "stream": False}
+    response = httpx.post(service.base_url + "/api/generate", json=body)
+    assert response.status_code == 422
+    assert "mirostat" in response.json()["error"]
+    with pytest.raises(ollama.ResponseError) as missing:
+        ollama.Client(host=service.base_url).chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert missing.value.status_code == 404
