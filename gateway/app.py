@@ -25,7 +25,7 @@ from gateway.jobs import JobFactory
 from gateway.metrics import registry_for
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
-from gateway.routes import batches, events, jobs, models, ollama, openai, system
+from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(models.router, dependencies=authenticated)
     app.include_router(events.router, dependencies=authenticated)
     app.include_router(ollama.router, dependencies=authenticated)
+    app.include_router(anthropic.router, dependencies=authenticated)
     app.include_router(system.router)
     app.add_middleware(
         BodySizeLimit,

@@ -82,7 +82,8 @@ class ClientResolver:
 
     @staticmethod
     def _bearer(request: Request) -> bytes | None:
+        """The API key: `Authorization: Bearer <key>`, or `x-api-key` (what Anthropic's SDK sends)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return None
-        return token.strip().encode()
+            token = request.headers.get("x-api-key", "")
+        return token.strip().encode() if token.strip() else None

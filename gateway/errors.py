@@ -29,6 +29,9 @@ def error_response(error: MlxqError, request: Request | None = None) -> JSONResp
     body: dict[str, Any] = error.to_body()
     if request is not None and request.url.path.startswith("/api/"):
         body = {"error": error.message}
+    elif request is not None and request.url.path == "/v1/messages":
+        kind = {"server_error": "api_error", "invalid_request_error": "invalid_request_error"}.get(error.error_type)
+        body = {"type": "error", "error": {"type": kind or error.error_type, "message": error.message}}
     return JSONResponse(body, status_code=error.status_code, headers=error.headers())
 
 

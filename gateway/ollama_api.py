@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.errors import InvalidRequest
 from shared.schemas import ChatMessage, GenerateRequest, Tool
 
 VERSION = "0.9.0"
@@ -41,22 +42,33 @@ HARDWARE = frozenset(
 """Options about how Ollama would run the model: mlxq sizes and schedules that itself."""
 
 
+class OllamaFunctionCall(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class OllamaToolCall(BaseModel):
+    function: OllamaFunctionCall
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # `images` are refused below, `thinking` is the model's own
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
 
     def to_chat(self, index: int) -> ChatMessage:
         if self.images:
-            raise ValueError(f"`messages.{index}.images`: mlxq serves text models only")
+            raise InvalidRequest(
+                "mlxq serves text models only: images are not supported", param=f"messages.{index}.images"
+            )
         calls = [
             {
                 "id": f"call_{index}_{n}",
                 "type": "function",
-                "function": {"name": c["function"]["name"], "arguments": _json(c["function"].get("arguments", {}))},
+                "function": {"name": c.function.name, "arguments": _json(c.function.arguments)},
             }
             for n, c in enumerate(self.tool_calls or [])
         ]
@@ -163,10 +175,16 @@ def done_fields(result: dict[str, Any], reason: str) -> dict[str, Any]:
 
 def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Ollama's tool calls: arguments as objects, not JSON strings."""
-    import json
-
     calls = result.get("tool_calls") or []
     return [
-        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")}}
-        for c in calls
+        {"function": {"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])}} for c in calls
     ]
+
+
+def _loads(arguments: str) -> Any:
+    import json
+
+    try:
+        return json.loads(arguments or "{}")
+    except ValueError:
+        return arguments

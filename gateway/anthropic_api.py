@@ -1,0 +1,197 @@
+"""Anthropic's Messages API shapes, translated to and from mlxq's own.
+
+Claude-Code-style clients and the official `anthropic` SDK send `POST /v1/messages`:
+a `system` prompt, `messages` of text, `tool_use` and `tool_result` blocks,
+`max_tokens` (required), `stop_sequences`, sampling fields and `tools`. Unknown
+fields are refused by name, as on the OpenAI routes; `metadata` changes nothing
+and is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import InvalidRequest
+from shared.schemas import GenerateRequest
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="allow")  # cache_control and citations change nothing here
+
+    type: Literal["text", "tool_use", "tool_result", "image", "document", "thinking"]
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class AnthropicToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+
+
+class MessagesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[int, Field(ge=1)]
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[Block] | None = None
+    stop_sequences: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+
+    def to_generate(self) -> GenerateRequest:
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            messages.append({"role": "system", "content": _text(self.system, "system")})
+        for index, message in enumerate(self.messages):
+            messages.extend(_openai_messages(message, index))
+        tools: list[dict[str, Any]] = []
+        for tool in self.tools or []:
+            function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+            if tool.description:
+                function["description"] = tool.description
+            tools.append({"type": "function", "function": function})
+        fields: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stop": self.stop_sequences or None,
+        }
+        if self.top_p is not None:
+            fields["top_p"] = self.top_p
+        if self.top_k:
+            fields["top_k"] = self.top_k
+        if tools:
+            fields["tools"] = tools
+            fields["tool_choice"] = _tool_choice(self.tool_choice)
+        return GenerateRequest.model_validate(fields)
+
+
+def _tool_choice(choice: AnthropicToolChoice | None) -> Any:
+    if choice is None or choice.type == "auto":
+        return "auto"
+    if choice.type == "none":
+        return "none"
+    if choice.type == "any":
+        return "required"
+    return {"type": "function", "function": {"name": choice.name or ""}}
+
+
+def _text(content: str | list[Block], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if block.type != "text":
+            raise InvalidRequest(f"{block.type!r} blocks are not supported here by mlxq (text only)", param=where)
+        parts.append(block.text or "")
+    return "".join(parts)
+
+
+def _openai_messages(message: Message, index: int) -> list[dict[str, Any]]:
+    """One Anthropic message as OpenAI-style messages: tool results become `tool` messages, an
+    assistant's tool_use blocks its `tool_calls`."""
+    if isinstance(message.content, str):
+        return [{"role": message.role, "content": message.content}]
+    text: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for block in message.content:
+        if block.type == "text":
+            text.append(block.text or "")
+        elif block.type == "tool_use" and message.role == "assistant":
+            arguments = json.dumps(block.input or {})
+            calls.append(
+                {
+                    "id": block.id or "",
+                    "type": "function",
+                    "function": {"name": block.name or "", "arguments": arguments},
+                }
+            )
+        elif block.type == "tool_result" and message.role == "user":
+            content = block.content if isinstance(block.content, str) else _result_text(block.content or [])
+            results.append({"role": "tool", "tool_call_id": block.tool_use_id or "", "content": content})
+        else:
+            raise InvalidRequest(
+                f"{block.type!r} blocks are not supported here by mlxq", param=f"messages.{index}.content"
+            )
+    out: list[dict[str, Any]] = list(results)
+    if calls:
+        out.append({"role": "assistant", "content": "".join(text) or None, "tool_calls": calls})
+    elif text or not results:
+        out.append({"role": message.role, "content": "".join(text)})
+    return out
+
+
+def _result_text(blocks: list[dict[str, Any]]) -> str:
+    return "".join(str(b.get("text", "")) for b in blocks if b.get("type") == "text")
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def content_blocks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    if result["text"]:
+        blocks.append({"type": "text", "text": result["text"]})
+    for call in result.get("tool_calls") or []:
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": "toolu_" + call["id"].removeprefix("call_"),
+                "name": call["function"]["name"],
+                "input": json.loads(call["function"]["arguments"] or "{}"),
+            }
+        )
+    return blocks
+
+
+def stop_reason(result: dict[str, Any]) -> str:
+    """Anthropic's stop_reason (a stop sequence reads as end_turn: the worker does not say which one)."""
+    return STOP_REASONS.get(result["finish_reason"], "end_turn")
+
+
+def message(job_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "msg_" + job_id.replace("-", ""),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content_blocks(result),
+        "stop_reason": stop_reason(result),
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": result["usage"]["prompt_tokens"],
+            "output_tokens": result["usage"]["completion_tokens"],
+        },
+    }

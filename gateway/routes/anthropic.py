@@ -1,0 +1,102 @@
+"""Anthropic's Messages API, `POST /v1/messages`, run as queued jobs like the OpenAI routes.
+
+Streaming sends Anthropic's event types (message_start, content_block_start/delta/stop,
+message_delta, message_stop, and ping while the job waits in the queue). A request that
+offers tools gets its blocks at the end, since the text may be a call in the model's own
+format. Errors have Anthropic's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gateway import submission
+from gateway.anthropic_api import MessagesRequest, content_blocks, message, stop_reason
+from gateway.deps import ClientDep, GatewayDep
+from gateway.following import follow
+from gateway.routes.openai import ClientGone, cancel_quietly, failure, result_unless_gone
+
+router = APIRouter(tags=["anthropic"])
+
+
+@router.post("/v1/messages")
+async def messages(body: MessagesRequest, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
+    """Anthropic's Messages API; `stream: true` for its server-sent events."""
+    generate = body.to_generate()
+    done = await submission.admit(gw, client, [generate], "interactive", None)
+    job_id = done.ids[0]
+    headers = {**done.headers(), "x-mlxq-job-id": job_id}
+    if body.stream:
+        events = _events(request, job_id, body.model, buffered=generate.offers_tools())
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+        )
+    try:
+        result = await result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(message(job_id, body.model, result), headers=headers)
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+async def _events(request: Request, job_id: str, model: str, buffered: bool) -> AsyncIterator[str]:
+    started = message(
+        job_id, model, {"text": "", "finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+    )
+    yield _event("message_start", {"message": {**started, "content": [], "stop_reason": None}})
+    text_open = False
+    ended = False
+    try:
+        async for entry in follow(request.app.state.aredis, job_id, pings=True):
+            if entry.kind == "ping":
+                yield _event("ping", {})
+            elif entry.kind == "text" and not buffered and entry.data["text"]:
+                if not text_open:
+                    yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                    text_open = True
+                yield _event(
+                    "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": entry.data["text"]}}
+                )
+            elif entry.kind == "end":
+                ended = True
+                if entry.data["status"] != "finished":
+                    error = failure(entry.data)
+                    yield _event("error", {"error": {"type": "api_error", "message": error.message}})
+                    return
+                result = entry.data["result"]
+                if text_open:
+                    yield _event("content_block_stop", {"index": 0})
+                elif buffered:
+                    for index, block in enumerate(content_blocks(result)):
+                        async for line in _block(index, block):
+                            yield line
+                usage = {"output_tokens": result["usage"]["completion_tokens"]}
+                yield _event(
+                    "message_delta",
+                    {"delta": {"stop_reason": stop_reason(result), "stop_sequence": None}, "usage": usage},
+                )
+                yield _event("message_stop", {})
+    finally:
+        if not ended:
+            cancel_quietly(request, job_id)
+
+
+async def _block(index: int, block: dict[str, Any]) -> AsyncIterator[str]:
+    if block["type"] == "text":
+        yield _event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+        yield _event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": block["text"]}})
+    else:
+        start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+        yield _event("content_block_start", {"index": index, "content_block": start})
+        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        yield _event("content_block_delta", {"index": index, "delta": delta})
+    yield _event("content_block_stop", {"index": index})
