@@ -328,7 +328,10 @@ def test_a_stream_waiting_in_the_queue_gets_pings(service: Service) -> None:
 
 def test_cors_answers_the_configured_origins_only(redis_server: RedisServer, data_dir: Path, tmp_path: Path) -> None:
     gateway = Gateway(
-        redis_server.url.rsplit("/", 1)[0] + "/13", data_dir, tmp_path / "gateway.log", cors_origins="https://chat.example"
+        redis_server.url.rsplit("/", 1)[0] + "/13",
+        data_dir,
+        tmp_path / "gateway.log",
+        cors_origins="https://chat.example",
     )
     try:
         preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
@@ -380,7 +383,11 @@ def test_a_json_schema_response_validates_even_from_the_random_demo_model(client
     format_ = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
     for seed in range(3):
         reply = client.chat.completions.create(
-            model="demo", messages=HELLO, max_tokens=200, seed=seed, response_format=format_  # type: ignore[arg-type]
+            model="demo",
+            messages=HELLO,
+            max_tokens=200,
+            seed=seed,
+            response_format=format_,  # type: ignore[arg-type]
         )
         jsonschema.validate(json.loads(reply.choices[0].message.content or ""), SCHEMA)
         assert reply.choices[0].finish_reason == "stop"
@@ -395,7 +402,7 @@ def batched_service(
     svc.stop()
 
 
-def test_rows_with_different_response_formats_share_a_batch_and_both_come_out_valid(
+def test_a_batch_child_and_a_chat_call_with_different_formats_share_an_engine_batch(
     batched_service: Service,
 ) -> None:
     import jsonschema
@@ -406,16 +413,47 @@ def test_rows_with_different_response_formats_share_a_batch_and_both_come_out_va
         "required": ["n"],
         "additionalProperties": False,
     }
-    bodies = [
-        {"model": "demo", "prompt": "a", "max_tokens": 200, "json_schema": SCHEMA, "temperature": 0.9, "seed": 1},
-        {"model": "demo", "prompt": "b", "max_tokens": 200, "json_schema": other, "temperature": 0.9, "seed": 2},
-        {"model": "demo", "prompt": "c", "max_tokens": 60, "ignore_eos": True},
-    ]
-    ids = [batched_service.submit(**body)["id"] for body in bodies]
-    views = [batched_service.wait_for(job_id, {"finished"}) for job_id in ids]
-    assert max(v["started_at"] for v in views) < min(v["ended_at"] for v in views), "they did not share a batch"
-    jsonschema.validate(json.loads(views[0]["result"]["text"]), SCHEMA)
-    jsonschema.validate(json.loads(views[1]["result"]["text"]), other)
+    busy = batched_service.submit(model="demo", prompt="busy", max_tokens=3000, ignore_eos=True)["id"]
+    batched_service.wait_for(busy, {"started"})  # the batch is open: both join it
+    created = batched_service.http.post(
+        "/v1/batches",
+        json={
+            "model": "demo",
+            "requests": [
+                {
+                    "custom_id": "verdict",
+                    "messages": HELLO,
+                    "max_tokens": 200,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}},
+                }
+            ],
+        },
+    ).json()
+    chat = batched_service.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "demo",
+            "messages": HELLO,
+            "max_tokens": 200,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": other}},
+        },
+        timeout=120,
+    )
+    assert chat.status_code == 200, chat.text
+    jsonschema.validate(json.loads(chat.json()["choices"][0]["message"]["content"]), other)
+    child = batched_service.wait_for(created["requests"][0]["id"], {"finished"})
+    jsonschema.validate(json.loads(child["result"]["text"]), SCHEMA)
+    chat_job = batched_service.job(chat.headers["x-mlxq-job-id"])
+    running = batched_service.job(busy)
+    assert running["status"] == "started" and chat_job["started_at"] and child["started_at"]  # all three at once
+    batched_service.http.delete(f"/v1/jobs/{busy}")
+
+
+def test_top_k_1_through_the_sdk_equals_greedy(client: openai.OpenAI) -> None:
+    asked = {"model": "demo", "messages": HELLO, "max_tokens": 8}
+    greedy = client.chat.completions.create(**asked, temperature=0)  # type: ignore[call-overload]
+    top_1 = client.chat.completions.create(**asked, temperature=1.0, extra_body={"top_k": 1})  # type: ignore[call-overload]
+    assert top_1.choices[0].message.content == greedy.choices[0].message.content
 
 
 def test_an_unsupported_schema_feature_is_a_422_naming_it(service: Service) -> None:
@@ -451,7 +489,11 @@ def test_a_forced_tool_call_returns_tool_calls_whose_arguments_validate(client: 
     named = {"type": "function", "function": {"name": "get_weather"}}
     for choice in (named, "required"):
         reply = client.chat.completions.create(
-            model="demo", messages=HELLO, max_tokens=200, tools=[WEATHER], tool_choice=choice  # type: ignore[arg-type]
+            model="demo",
+            messages=HELLO,
+            max_tokens=200,
+            tools=[WEATHER],
+            tool_choice=choice,  # type: ignore[arg-type]
         )
         [call] = reply.choices[0].message.tool_calls or []
         assert reply.choices[0].finish_reason == "tool_calls"
