@@ -43,7 +43,8 @@ class JsonConstraint:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         last: int = tokens[-1].item()  # type: ignore[assignment]
         if self.started and not self.matcher.consume_token(last):
-            logger.warning("structured output: the matcher refused a token: %s", self.matcher.get_error())
+            # Not the matcher's message: it may quote the generated text.
+            logger.warning("structured output: the matcher refused a sampled token; the row goes on unconstrained")
         self.started = True
         allowed = np.frombuffer(self.matcher.compute_logit_bias(), dtype=np.uint8)
         vocab = logits.shape[-1]
