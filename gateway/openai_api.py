@@ -61,7 +61,7 @@ class _Common(BaseModel):
     priority: Literal["interactive", "normal", "low"] | None = None
     top_k: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=0.1, le=10.0)] = 1.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: dict[str, float] | None = None

@@ -166,7 +166,7 @@ class GenerateRequest(BaseModel):
         float, Field(ge=0.0, le=1.0, description="drop tokens less likely than min_p x the likeliest (0: off)")
     ] = 0.0
     repetition_penalty: Annotated[
-        float, Field(gt=0.0, le=10.0, description="divide the logits of the last 20 tokens by this (1: off)")
+        float, Field(ge=0.1, le=10.0, description="divide the logits of the last 20 tokens by this (1: off)")
     ] = 1.0
     presence_penalty: Annotated[
         float, Field(ge=-2.0, le=2.0, description="subtract from the logit of every token generated so far")

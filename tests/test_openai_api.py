@@ -536,3 +536,25 @@ def test_tool_choice_naming_a_function_not_offered_is_a_422(service: Service) ->
     }
     response = service.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 422 and "launch" in response.json()["error"]["message"]
+
+
+def test_logprobs_of_impossible_tokens_are_reported_as_openai_does(service: Service) -> None:
+    body = {
+        "model": "demo",
+        "messages": HELLO,
+        "max_tokens": 200,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}},
+    }
+    response = service.http.post("/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["logprobs"]["content"]
+    masked = [alt["logprob"] for item in content for alt in item["top_logprobs"] if alt["logprob"] == -9999.0]
+    assert masked, "the schema leaves one token possible at some steps: the others are impossible"
+
+
+def test_a_repetition_penalty_out_of_range_is_a_422(service: Service) -> None:
+    body = {"model": "demo", "prompt": "0", "repetition_penalty": 5e-324, "logprobs": 0}
+    response = service.http.post("/v1/completions", json=body)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "repetition_penalty"

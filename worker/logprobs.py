@@ -8,16 +8,22 @@ pay for it: one small device-to-host copy a token.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import mlx.core as mx
+
+IMPOSSIBLE = -9999.0
+"""What OpenAI reports for a token that had no chance (a logprob of -inf, or not a number at all):
+JSON has no infinities."""
 
 
 def _named(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
     # A token may be part of a character (byte-level vocabularies): its text is then "\ufffd";
     # `bytes` is the UTF-8 of what decoding it alone gives, as OpenAI's field is for reassembly.
     text = tokenizer.decode([token])
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    value = logprob if math.isfinite(logprob) else IMPOSSIBLE
+    return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
 
 def entry(tokenizer: Any, token: int, logprobs: mx.array, top: int) -> dict[str, Any]:
