@@ -10,13 +10,14 @@ not acted on; any other option is refused with its name, never ignored.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import InvalidRequest
-from shared.schemas import ChatMessage, GenerateRequest, Tool
+from shared.schemas import ChatMessage, GenerateRequest, Tool, json_or_text
 
 VERSION = "0.9.0"
 """The Ollama API version these routes follow (clients check it is recent enough)."""
@@ -79,8 +80,6 @@ class OllamaMessage(BaseModel):
 
 
 def _json(value: Any) -> str:
-    import json
-
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -177,14 +176,6 @@ def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Ollama's tool calls: arguments as objects, not JSON strings."""
     calls = result.get("tool_calls") or []
     return [
-        {"function": {"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])}} for c in calls
+        {"function": {"name": c["function"]["name"], "arguments": json_or_text(c["function"]["arguments"] or "{}")}}
+        for c in calls
     ]
-
-
-def _loads(arguments: str) -> Any:
-    import json
-
-    try:
-        return json.loads(arguments or "{}")
-    except ValueError:
-        return arguments

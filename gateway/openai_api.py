@@ -41,9 +41,6 @@ NOT_YET = {
 }
 """Parameters mlxq does not support yet, and what each asks for."""
 
-_OFF: dict[str, tuple[Any, ...]] = {}
-"""Values of unsupported parameters that ask for nothing (sent by some clients by default)."""
-
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -69,8 +66,8 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _nothing_ignored(self) -> _Common:
-        for name, value in (self.model_extra or {}).items():
-            if name in HARMLESS or (name in _OFF and value in _OFF[name]):
+        for name in self.model_extra or {}:
+            if name in HARMLESS:
                 continue
             if name in NOT_YET:
                 raise ValueError(

@@ -74,14 +74,15 @@ class ChatMessage(BaseModel):
                 {
                     "id": c.id,
                     "type": "function",
-                    "function": {"name": c.function.name, "arguments": _loads(c.function.arguments)},
+                    "function": {"name": c.function.name, "arguments": json_or_text(c.function.arguments)},
                 }
                 for c in self.tool_calls
             ]
         return message
 
 
-def _loads(text: str) -> Any:
+def json_or_text(text: str) -> Any:
+    """`text` parsed as JSON, or `text` itself when it is not JSON (tool call arguments as sent)."""
     try:
         return json.loads(text)
     except ValueError:

@@ -64,9 +64,6 @@ class Prefixes:
     def nbytes(self) -> int:
         return int(self._lru.nbytes)
 
-    def __len__(self) -> int:
-        return len(self._lru)
-
     def nearest(self, model: str, ids: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A copy of the cache of the longest kept prefix of `ids` and its length (None, 0 when
         nothing worth reusing is kept). At least the last token is left to compute: generation

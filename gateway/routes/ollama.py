@@ -22,7 +22,6 @@ from gateway.following import follow
 from gateway.ollama_api import VERSION, ChatRequest, GenerateBody, ShowRequest, done_fields, now, tool_calls
 from gateway.routes.models import list_models
 from gateway.routes.openai import ClientGone, cancel_quietly, failure, result_unless_gone
-from shared.errors import MlxqError
 from shared.schemas import GenerateRequest
 
 router = APIRouter(tags=["ollama"])
@@ -128,11 +127,7 @@ async def _lines(request: Request, job_id: str, model: str, chat: bool, buffered
                     result = entry.data["result"]
                     yield json.dumps(_final(model, chat, result, result["text"] if buffered else "")) + "\n"
                 else:
-                    yield json.dumps({"error": _message(failure(entry.data))}) + "\n"
+                    yield json.dumps({"error": failure(entry.data).message}) + "\n"
     finally:
         if not ended:
             cancel_quietly(request, job_id)
-
-
-def _message(error: MlxqError) -> str:
-    return error.message
