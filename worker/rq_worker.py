@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import call_exception_handlers
@@ -27,16 +27,19 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
-from shared import batch_progress, events, job_stream, keys, stats
+from shared import keys
 from shared.errors import GenerationCanceled
-from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
+from shared.outage import quietly, until_redis
 from shared.settings import Settings
 from shared.text import text
-from worker.claiming import IDLE_POLL_S, Preference, TurnTakingQueue
+from worker.affinity import ModelAffinity
+from worker.claiming import IDLE_POLL_S, TurnTakingQueue
+from worker.endings import JobEndings, job_fields
 from worker.engine import Engine
 from worker.monitor import Monitor
 from worker.orphans import reclaim_claimed
 from worker.reports import Reports
+from worker.rq_outages import OutageTolerantWorker
 from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ class NoDeathPenalty(BaseDeathPenalty):
         pass
 
 
-class MlxqWorker(SimpleWorker):
+class MlxqWorker(OutageTolerantWorker):
     """An RQ worker whose jobs are generations on this process's engine, run in batches."""
 
     death_penalty_class = NoDeathPenalty
@@ -68,10 +71,12 @@ class MlxqWorker(SimpleWorker):
         )
         # After RQ checked the queues' class: claims go to this worker's claimed list.
         self.queue_class = TurnTakingQueue.for_worker(self.name)
-        self.queue_class.preference = self._preference
+        self.affinity = ModelAffinity(self.connection, self.name, settings.swap_after_s)
+        self.queue_class.preference = lambda: self.affinity.preference(busy=bool(self._running))
         self.settings = settings
         self.engine = engine
         self.publisher = publisher
+        self.endings = JobEndings(self.connection, self.name, publisher, settings.stream_ttl_s)
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
         self._running: dict[str, tuple[threading.Thread, Any]] = {}
@@ -84,9 +89,6 @@ class MlxqWorker(SimpleWorker):
         as its accomplices when it kills this worker too."""
         self._canceled: set[str] = set()
         """Jobs asked to stop: they end in RQ's canceled registry, not the failed one."""
-        self._model: str | None = None
-        """The model of the last job claimed: what the batch runs, or will once it has drained."""
-        self._swapped_at = -float("inf")
         self.monitor = Monitor(
             self.connection, self.name, settings, engine, self._canceled, running=lambda: list(self._running)
         )
@@ -186,7 +188,7 @@ class MlxqWorker(SimpleWorker):
             self.heartbeat()
             leftover = quietly("looking at claimed jobs", self._unstarted_claim)
             if isinstance(leftover, tuple):
-                self._note_model(leftover[0])
+                self.affinity.claimed(leftover[0])
                 return self._alone_if_suspect(leftover)
             try:
                 found = self.queue_class.dequeue_any(
@@ -201,30 +203,8 @@ class MlxqWorker(SimpleWorker):
                 continue
             if found is not None:
                 self.log.info("Worker %s: %s: %s", self.name, found[1].name, found[0].id)
-                self._note_model(found[0])
+                self.affinity.claimed(found[0])
                 return self._alone_if_suspect(found)
-
-    def _preference(self) -> Preference:
-        return Preference(
-            model=self._model or "",
-            busy=bool(self._running),
-            may_swap=time.monotonic() - self._swapped_at >= self.settings.swap_after_s,
-            swap_after_s=self.settings.swap_after_s,
-        )
-
-    def _note_model(self, job: Job) -> None:
-        model = job.meta.get("model")
-        if not isinstance(model, str) or model == self._model:
-            return
-        if self._model is not None:
-            self._swapped_at = time.monotonic()
-            logger.info("swapping model %s -> %s", self._model, model, extra={"job_id": job.id})
-            previous = self._model
-            quietly(
-                "emitting an event",
-                lambda: events.emit(self.connection, "model_swap", worker=self.name, previous=previous, model=model),
-            )
-        self._model = model
 
     def _wait_for_room(self) -> None:
         self._room.wait(IDLE_POLL_S)
@@ -243,32 +223,6 @@ class MlxqWorker(SimpleWorker):
             self.heartbeat()
         self._suspect = job.id
         return claimed
-
-    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        prepare = super().prepare_job_execution
-        until_redis("starting a job", lambda: prepare(job, remove_from_intermediate_queue))
-        # Started now (RQ's registry has it): no longer the claimed list's to put back.
-        until_redis("starting a job", lambda: self.connection.lrem(keys.worker_claimed(self.name), 1, job.id))
-
-    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
-        until_redis("ending a job", lambda: super(MlxqWorker, self).handle_execution_ended(job, queue, heartbeat_ttl))
-
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        # RQ's worker record; ours (the heartbeat key) is what supervision reads.
-        quietly("refreshing RQ's worker record", lambda: super(MlxqWorker, self).heartbeat(timeout, pipeline))
-
-    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
-        # RQ's own logs an error every 2 s of an outage; the thread goes on either way.
-        if not isinstance(exc, UNREACHABLE):
-            raise exc
-        REDIS.failed("listening for RQ commands", exc)
-        time.sleep(RETRY_MAX_S)
-
-    def check_for_suspension(self, burst: bool) -> None:
-        quietly("checking for suspension", lambda: super(MlxqWorker, self).check_for_suspension(burst))
-
-    def run_maintenance_tasks(self) -> None:
-        quietly("RQ maintenance", super().run_maintenance_tasks)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGTERM/SIGINT: stop taking jobs, and hand back what runs instead of finishing it.
@@ -303,15 +257,7 @@ class MlxqWorker(SimpleWorker):
                     "recording a failed job", lambda: record(job, queue, started_job_registry, exc_string, execution)
                 )
             self._canceled.discard(job.id)
-            status = "canceled" if canceled else "failed"
-            self.publisher.flush()
-            until_redis(
-                "ending a job's stream",
-                lambda: batch_progress.job_ended(self.connection, job, status, self.settings.stream_ttl_s, error=error),
-            )
-            quietly("counting a job", lambda: stats.count(self.connection, keys.STATS_JOBS, status))
-            log = logger.info if canceled else logger.warning
-            log("job %s: %s", status, error.get("code", ""), extra=_job_fields(job))
+            self.endings.failed(job, error, canceled)
             return
         self._handed_back.discard(job.id)
         job.meta.pop("error", None)  # the task recorded the interruption as a cancel
@@ -323,39 +269,14 @@ class MlxqWorker(SimpleWorker):
             queue.enqueue_job(job, at_front=True)
 
         until_redis("handing a job back", hand_back)
-        self.publisher.flush()
-        quietly(
-            "writing a job's stream",
-            lambda: job_stream.append(self.connection, job.id, "status", self.settings.stream_ttl_s, status="queued"),
-        )
-        quietly(
-            "emitting an event",
-            lambda: events.emit(self.connection, "job_handed_back", job_id=job.id, worker=self.name),
-        )
-        logger.info("handed the running job back to the front of its queue", extra={"job_id": job.id})
+        self.endings.handed_back(job)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
         until_redis(
             "recording a finished job",
             lambda: super(MlxqWorker, self).handle_job_success(job, queue, started_job_registry, execution),
         )
-        self.publisher.flush()
-        result = job._result
-        until_redis(
-            "ending a job's stream",
-            lambda: batch_progress.job_ended(
-                self.connection, job, "finished", self.settings.stream_ttl_s, result=result
-            ),
-        )
-
-        def count() -> None:
-            with self.connection.pipeline(transaction=False) as pipe:
-                stats.count(pipe, keys.STATS_JOBS, "finished")
-                if isinstance(result, dict) and "timings" in result:
-                    stats.record_generation(pipe, result, result["timings"].get("first_token_s"))
-                pipe.execute()
-
-        quietly("counting a job", count)
+        self.endings.finished(job, job._result)
 
     def _record_canceled(self, job: Job, execution: Any) -> None:
         """A canceled job goes to RQ's canceled registry, not the failed one: nothing to requeue."""
@@ -376,7 +297,7 @@ class MlxqWorker(SimpleWorker):
             return
         call_exception_handlers(self._exc_handlers, job, *exc_info)
         logger.error(
-            "job raised %s", getattr(exc_info[0], "__name__", "an error"), exc_info=exc_info, extra=_job_fields(job)
+            "job raised %s", getattr(exc_info[0], "__name__", "an error"), exc_info=exc_info, extra=job_fields(job)
         )
 
     def kill_horse(self, sig: Any = None) -> None:
@@ -391,7 +312,3 @@ class MlxqWorker(SimpleWorker):
         if execution is not None:
             quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
 
-
-def _job_fields(job: Job) -> dict[str, Any]:
-    """The fields every job lifecycle log line carries (never the prompt)."""
-    return {"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin}

@@ -1,0 +1,78 @@
+"""How a job's end is told: its stream's last entry, the batch's progress, the counters, one log line.
+
+RQ records the job's status and registries (worker/rq_worker.py calls it); what
+follows is mlxq's: the text still buffered goes out first, then the stream's end
+(so a follower sees exactly the job's result), then the statistics. Each step
+waits out a Redis outage where losing it would lose the end, and is best effort
+where it is only a count.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from redis import Redis
+from rq.job import Job
+
+from shared import batch_progress, events, job_stream, keys, stats
+from shared.outage import quietly, until_redis
+from worker.streaming import StreamPublisher
+
+logger = logging.getLogger(__name__)
+
+
+class JobEndings:
+    """Tells the end of each of a worker's jobs."""
+
+    def __init__(self, connection: Redis, worker: str, publisher: StreamPublisher, stream_ttl_s: int) -> None:
+        self.connection = connection
+        self.worker = worker
+        self.publisher = publisher
+        self.stream_ttl_s = stream_ttl_s
+
+    def finished(self, job: Job, result: Any) -> None:
+        self.publisher.flush()
+        until_redis(
+            "ending a job's stream",
+            lambda: batch_progress.job_ended(self.connection, job, "finished", self.stream_ttl_s, result=result),
+        )
+
+        def count() -> None:
+            with self.connection.pipeline(transaction=False) as pipe:
+                stats.count(pipe, keys.STATS_JOBS, "finished")
+                if isinstance(result, dict) and "timings" in result:
+                    stats.record_generation(pipe, result, result["timings"].get("first_token_s"))
+                pipe.execute()
+
+        quietly("counting a job", count)
+
+    def failed(self, job: Job, error: dict[str, Any], canceled: bool) -> None:
+        """A job that ended without a result: failed, or canceled (logged at INFO, it is no fault)."""
+        status = "canceled" if canceled else "failed"
+        self.publisher.flush()
+        until_redis(
+            "ending a job's stream",
+            lambda: batch_progress.job_ended(self.connection, job, status, self.stream_ttl_s, error=error),
+        )
+        quietly("counting a job", lambda: stats.count(self.connection, keys.STATS_JOBS, status))
+        log = logger.info if canceled else logger.warning
+        log("job %s: %s", status, error.get("code", ""), extra=job_fields(job))
+
+    def handed_back(self, job: Job) -> None:
+        """A running job went back to the front of its queue (the worker is stopping)."""
+        self.publisher.flush()
+        quietly(
+            "writing a job's stream",
+            lambda: job_stream.append(self.connection, job.id, "status", self.stream_ttl_s, status="queued"),
+        )
+        quietly(
+            "emitting an event",
+            lambda: events.emit(self.connection, "job_handed_back", job_id=job.id, worker=self.worker),
+        )
+        logger.info("handed the running job back to the front of its queue", extra={"job_id": job.id})
+
+
+def job_fields(job: Job) -> dict[str, Any]:
+    """The fields every job lifecycle log line carries (never the prompt)."""
+    return {"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin}
