@@ -22,7 +22,7 @@ from rq import Queue
 from rq.job import Job
 
 from gateway.clients import Client
-from gateway.jobs import DeferredJob, PreparedJob
+from gateway.jobs import DeferredJob, JobRecord
 from shared import keys
 from shared.errors import (
     BatchTooLarge,
@@ -117,7 +117,7 @@ class Admission:
     async def admit(
         self,
         client: Client,
-        jobs: list[PreparedJob],
+        jobs: list[JobRecord],
         tier: Tier,
         request_id: str,
         idempotency: Idempotency | None = None,

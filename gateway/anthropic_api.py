@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import GenerateRequest
 
 
@@ -195,3 +195,23 @@ def message(job_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
             "output_tokens": result["usage"]["completion_tokens"],
         },
     }
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+"""Anthropic's error types by HTTP status; anything else is an `api_error`."""
+
+
+def error_body(error: MlxqError) -> dict[str, Any]:
+    """Anthropic's error shape: `{"type": "error", "error": {"type", "message"}}`."""
+    kind = ERROR_TYPES.get(error.status_code, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from gateway import openapi_schema
+from gateway import ollama_api, openapi_schema
 from gateway.admission import Admission
 from gateway.body_limit import BodySizeLimit
 from gateway.clients import ClientResolver
@@ -71,6 +71,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.models = ModelRegistry.from_settings(settings)
     app.state.clients = ClientResolver(settings)
     app.state.limits = PromptLimits(app.state.models, settings)
+    # A path under a protocol's prefix that no route matches still answers in that protocol's shape.
+    app.state.error_prefixes = {"/api/": ollama_api.error_body}
     install_error_handlers(app)
     openapi_schema.install(app, [spec.name for spec in app.state.models.all()], settings.max_tokens_cap)
     authenticated = [Depends(get_client)]

@@ -29,7 +29,7 @@ from gateway.admission import BatchWrite
 from gateway.clients import Client
 from gateway.deps import Gateway
 from gateway.openai_api import ChatCompletionRequest
-from shared import keys
+from shared import keys, task_names
 from shared.errors import BatchTooLarge, InvalidRequest, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest
 
@@ -53,8 +53,8 @@ class BatchRequest(BaseModel):
         if isinstance(data, dict) and "input_file_id" in data:
             raise ValueError(
                 "`input_file_id` belongs to OpenAI's file-based Batch API, which mlxq does not offer: "
-                "POST /v1/batches here is a fan-out, `{\"model\": ..., \"requests\": [chat completion bodies], "
-                "\"synthesis\": ...}` (see the README's fan-out batches)"
+                'POST /v1/batches here is a fan-out, `{"model": ..., "requests": [chat completion bodies], '
+                '"synthesis": ...}` (see the README\'s fan-out batches)'
             )
         return data
 
@@ -80,7 +80,7 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
     children = [item.for_batch(body.model) for item in body.requests]
     synthesis = body.synthesis.for_batch(body.model) if body.synthesis else None
     if synthesis is not None:
-        gw.limits.check(synthesis)
+        synthesis = gw.limits.check(synthesis)
 
     batch_id = "batch_" + uuid.uuid4().hex
     job_ids = [str(uuid.uuid4()) for _ in children]
@@ -99,7 +99,7 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
     if synthesis is not None:
         deferred = jobs.deferred_job(
             gw.queues["normal"],
-            "worker.tasks.synthesize",
+            task_names.SYNTHESIZE,
             [batch_id, synthesis.model_dump(exclude_none=True)],
             job_id=record["synthesis_job_id"],
             settings=settings,
@@ -108,7 +108,7 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
         )
     write = BatchWrite(batch_id, json.dumps(record), deferred)
     idem = submission.idempotency(request, body.model_dump_json(), batch_id)
-    done = await submission.admit(gw, client, children, "low", idem, metas, job_ids, batch=write)
+    done = await submission.accept(gw, client, children, "low", idem, metas, job_ids, batch=write)
     if done.duplicate:
         redis: Redis = request.app.state.redis
         return await run_in_threadpool(view, redis, done.ids[0], client)

@@ -1,4 +1,4 @@
-"""Every refusal as OpenAI-style JSON: `{"error": {"message", "type", "code", "param"}}`."""
+"""Every refusal and failure as a JSON error in the shape of the route's protocol (gateway/error_shapes.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from gateway.error_shapes import body_for
+from gateway.waiting import ClientGone
 from shared import keys
 from shared.errors import InvalidRequest, MlxqError, ServiceUnavailable
 from shared.outage import REDIS
@@ -25,14 +27,26 @@ REDIS_RETRY_AFTER_S = 5
 
 
 def error_response(error: MlxqError, request: Request | None = None) -> JSONResponse:
-    """OpenAI's error body; on Ollama's routes (`/api/*`), Ollama's: `{"error": "<message>"}`."""
-    body: dict[str, Any] = error.to_body()
-    if request is not None and request.url.path.startswith("/api/"):
-        body = {"error": error.message}
-    elif request is not None and request.url.path == "/v1/messages":
-        kind = {"server_error": "api_error", "invalid_request_error": "invalid_request_error"}.get(error.error_type)
-        body = {"type": "error", "error": {"type": kind or error.error_type, "message": error.message}}
-    return JSONResponse(body, status_code=error.status_code, headers=error.headers())
+    """The error in the shape of the protocol whose route `request` reached."""
+    return JSONResponse(body_for(request, error), status_code=error.status_code, headers=error.headers())
+
+
+class RouteError(MlxqError):
+    """No route, or not this method, at the path: Starlette's 404 and 405 as one of ours."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, exc: HTTPException) -> None:
+        super().__init__(str(exc.detail))
+        self._status = exc.status_code
+        self.extra_headers = dict(exc.headers or {})
+
+    @property
+    def status_code(self) -> int:  # type: ignore[override]
+        return self._status
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "code": _HTTP_CODES.get(self._status, f"http_{self._status}")}
 
 
 async def count_refusal(app: FastAPI, reason: str) -> None:
@@ -111,17 +125,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-        body = {
-            "error": {
-                "message": str(exc.detail),
-                "type": "invalid_request_error",
-                "code": _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}"),
-                "param": None,
-            }
-        }
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return error_response(RouteError(exc), request)
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; its job was canceled
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

@@ -20,14 +20,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from gateway.clients import Client
-from shared import batch_progress, keys, stats
+from shared import batch_progress, keys, stats, task_names
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-TASK = "worker.tasks.generate"
 
 # RQ has more states than a client needs to tell apart.
 _STATUS: dict[str, JobStatus] = {
@@ -44,7 +42,7 @@ _STATUS: dict[str, JobStatus] = {
 
 
 @dataclass(frozen=True)
-class PreparedJob:
+class JobRecord:
     """An RQ job hash ready for the admission script to write and enqueue."""
 
     id: str
@@ -76,7 +74,7 @@ class JobFactory:
 
     def __init__(self, queue: Queue, settings: Settings) -> None:
         probe = queue.create_job(
-            TASK,
+            task_names.GENERATE,
             args=[{}],
             timeout=settings.job_timeout_s,
             result_ttl=settings.result_ttl_s,
@@ -99,12 +97,12 @@ class JobFactory:
 
     def build(
         self, request: GenerateRequest, job_id: str | None = None, meta: dict[str, Any] | None = None
-    ) -> PreparedJob:
+    ) -> JobRecord:
         """The hash for one generation; its description names the model, never the prompt."""
         job_id = job_id or str(uuid4())
         moment = now()
         stamp = utcformat(moment).encode()
-        call: list[Any] = [TASK, None, [request.model_dump(exclude_none=True)], {}]
+        call: list[Any] = [task_names.GENERATE, None, [request.model_dump(exclude_none=True)], {}]
         varying = [
             b"created_at", stamp,
             b"enqueued_at", stamp,
@@ -112,7 +110,7 @@ class JobFactory:
             b"description", self.describe(request, meta).encode(),
             b"meta", json.dumps({"model": request.model, **(meta or {})}).encode(),
         ]  # fmt: skip
-        return PreparedJob(job_id, self._queue_key, varying + self._static, moment)
+        return JobRecord(job_id, self._queue_key, varying + self._static, moment)
 
     def describe(self, request: GenerateRequest, meta: dict[str, Any] | None = None) -> str:
         """What RQ and rq-dashboard show for the job: model and priority, a batch child's batch and

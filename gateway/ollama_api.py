@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import ChatMessage, GenerateRequest, Tool, json_or_text
 
 VERSION = "0.9.0"
@@ -179,3 +179,8 @@ def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
         {"function": {"name": c["function"]["name"], "arguments": json_or_text(c["function"]["arguments"] or "{}")}}
         for c in calls
     ]
+
+
+def error_body(error: MlxqError) -> dict[str, Any]:
+    """Ollama's error shape: `{"error": "<message>"}`."""
+    return {"error": error.message}

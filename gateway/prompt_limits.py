@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from shared.errors import InvalidRequest, ModelFilesMissing
-from shared.models import ModelRegistry, ModelSpec
+from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
@@ -27,8 +27,9 @@ class PromptLimits:
         self._settings = settings
         self._texts = ModelTexts()
 
-    def check(self, request: GenerateRequest) -> ModelSpec:
-        """The model's spec if the request fits; raises `ModelNotFound` or `InvalidRequest`."""
+    def check(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with its `max_tokens` resolved (the one place it gets its default), if it
+        fits; raises `ModelNotFound`, `ModelFilesMissing` or `InvalidRequest`."""
         spec = self._models.get(request.model)
         problem = spec.problem()
         if problem is not None:
@@ -46,14 +47,15 @@ class PromptLimits:
         if chars > char_limit:
             raise InvalidRequest(f"The prompt has {chars} characters; the limit is {char_limit}", param=field)
 
+        budget = request.max_tokens or settings.default_max_tokens
+        resolved = request.model_copy(update={"max_tokens": budget})
         model_text = self._texts.get(spec)
         tokenizer, context = model_text.tokenizer, model_text.context
         if context is None:
-            return spec
-        budget = request.max_tokens or settings.default_max_tokens
+            return resolved
         text = request.prompt if request.prompt is not None else "\n".join(m.text() for m in request.messages or [])
         if tokenizer is None or len(text.encode()) + budget <= context:
-            return spec
+            return resolved
         prompt_tokens = model_text.count(text)
         if prompt_tokens >= context:
             raise InvalidRequest(
@@ -66,4 +68,4 @@ class PromptLimits:
                 f"{prompt_tokens}, so max_tokens can be at most {context - prompt_tokens}, not {budget}",
                 param="max_tokens",
             )
-        return spec
+        return resolved

@@ -1,6 +1,7 @@
-"""The one way work gets in: shape limits, a refusal repeated from memory, or admission.
+"""The one way work gets in: `accept` checks a request's shape and limits (resolving its
+`max_tokens`), repeats a remembered refusal, or has the admission script admit and enqueue it.
 
-Every submitting route (jobs, OpenAI calls, batches) goes through `admit`, so
+Every submitting route (jobs, every protocol's calls, batches) goes through `accept`, so
 the same checks, counters and Idempotency-Key rules apply to all of them.
 """
 
@@ -18,7 +19,7 @@ from fastapi import Request
 from gateway.admission import BatchWrite, Idempotency, RateState, Tier
 from gateway.clients import Client
 from gateway.deps import Gateway
-from gateway.jobs import PreparedJob
+from gateway.jobs import JobRecord
 from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import GenerateRequest
 
@@ -31,7 +32,7 @@ _KEY = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
 
 @dataclass(frozen=True)
-class Submitted:
+class Accepted:
     ids: list[str]
     """The new jobs' ids, or the one id remembered for a repeated Idempotency-Key."""
     created_at: datetime | None
@@ -66,7 +67,7 @@ def idempotency(request: Request, body: str, remember_id: str) -> Idempotency | 
     return Idempotency(key=key, request_hash=digest, remember_id=remember_id)
 
 
-async def admit(
+async def accept(
     gw: Gateway,
     client: Client,
     requests: list[GenerateRequest],
@@ -75,20 +76,19 @@ async def admit(
     metas: list[dict[str, Any]] | None = None,
     job_ids: list[str] | None = None,
     batch: BatchWrite | None = None,
-) -> Submitted:
-    """Check, then enqueue every request as a job in the priority's queue, or none of them.
+) -> Accepted:
+    """Check, then admit and enqueue every request as a job in the priority's queue, or none of them.
 
     Low-priority work (batch children included) is the batch tier: its own per-client cap,
     and served in turns by client rather than first come first served."""
-    for request in requests:
-        gw.limits.check(request)
+    requests = [gw.limits.check(request) for request in requests]
     tier: Tier = "batch" if priority == "low" else "single"
     gw.admission.check_size(len(requests), tier)
     held = gw.refusals.check(client.id, tier, len(requests))
     if held is not None:
         raise held
     factory = gw.jobs[priority]
-    jobs: list[PreparedJob] = [
+    jobs: list[JobRecord] = [
         factory.build(
             request,
             job_id=(job_ids[i] if job_ids else None),
@@ -105,7 +105,7 @@ async def admit(
         gw.refusals.remember(client.id, refusal, tier, len(jobs))
         raise
     if decided.duplicate_of is not None:
-        return Submitted(ids=[decided.duplicate_of], created_at=None, rate=None, duplicate=True)
+        return Accepted(ids=[decided.duplicate_of], created_at=None, rate=None, duplicate=True)
     for job, request in zip(jobs, requests, strict=True):
         logger.info("job admitted", extra={"job_id": job.id, "model": request.model, "priority": priority})
-    return Submitted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate)
+    return Accepted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate)

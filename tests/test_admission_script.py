@@ -15,7 +15,7 @@ from rq.serializers import JSONSerializer
 
 from gateway.admission import Admission, Admitted, Idempotency, RateState, Tier
 from gateway.clients import Client
-from gateway.jobs import JobFactory, PreparedJob
+from gateway.jobs import JobFactory, JobRecord
 from shared import circuit, keys
 from shared.circuit import CircuitRecord, CircuitState
 from shared.errors import (
@@ -40,7 +40,7 @@ class Harness:
         self.redis = Redis.from_url(url)
         self.queue = Queue(self.settings.queue_name, connection=self.redis, serializer=JSONSerializer)
 
-    def job(self) -> PreparedJob:
+    def job(self) -> JobRecord:
         return JobFactory(self.queue, self.settings).build(GenerateRequest(model="demo", prompt="hi"))
 
     def admit(

@@ -12,14 +12,15 @@ from shared.errors import GenerationCanceled, InvalidRequest, JobTimedOut, Model
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from worker.engine import Engine, Submission
-from worker.model_cache import ModelCache
+from worker.assembly import build_engine
+from worker.engine import Engine
+from worker.generation import Submission
 from worker.rows import Outcome
 
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    running = Engine(ModelCache(Settings(), budget_bytes=10**10))
+    running = build_engine(Settings(), 10**10, prefix_cache_bytes=0)
     running.start()
     yield running
     running.stop()
@@ -31,8 +32,8 @@ def demo(tmp_path: Path) -> ModelSpec:
 
 
 def submit(engine: Engine, spec: ModelSpec, job_id: str, **request: object) -> Submission:
-    req = GenerateRequest.model_validate({"model": spec.name, "prompt": "Hello", **request})
-    return Submission(job_id=job_id, request=req, spec=spec, max_tokens=req.max_tokens or 16)
+    req = GenerateRequest.model_validate({"model": spec.name, "prompt": "Hello", "max_tokens": 16, **request})
+    return Submission(job_id=job_id, request=req, spec=spec)
 
 
 def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpec) -> None:
@@ -92,7 +93,7 @@ def test_children_sharing_a_prefix_compute_it_once_and_match_their_text_without_
             for i in range(8)
         ]
 
-    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16, prefix_cache_bytes=0)
+    engine = build_engine(Settings(max_batch=16), 10**10, prefix_cache_bytes=0)
     engine.start()
     try:
         plain = run_all(engine, children("plain"))
@@ -100,7 +101,7 @@ def test_children_sharing_a_prefix_compute_it_once_and_match_their_text_without_
         engine.stop()
     assert all(o.cached_tokens == 0 for o in plain)
 
-    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16, prefix_cache_bytes=10**8)
+    engine = build_engine(Settings(max_batch=16), 10**10, prefix_cache_bytes=10**8)
     engine.start()
     try:
         shared = run_all(engine, children("shared"))
@@ -121,7 +122,7 @@ def test_children_sharing_a_prefix_compute_it_once_and_match_their_text_without_
 
 
 def test_sampling_controls_are_per_row_in_one_batch(demo: ModelSpec) -> None:
-    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16)
+    engine = build_engine(Settings(max_batch=16), 10**10, prefix_cache_bytes=0)
     engine.start()
     try:
         base = {"prompt": "The sea", "max_tokens": 12, "ignore_eos": True}
@@ -149,7 +150,7 @@ def test_sampling_controls_are_per_row_in_one_batch(demo: ModelSpec) -> None:
 
 
 def test_logit_bias_forces_its_token_and_an_unknown_token_is_refused(demo: ModelSpec) -> None:
-    engine = Engine(ModelCache(Settings(), budget_bytes=10**10), max_batch=16)
+    engine = build_engine(Settings(max_batch=16), 10**10, prefix_cache_bytes=0)
     engine.start()
     try:
         sub = submit(engine, demo, "forced", prompt="x", max_tokens=6, temperature=0, logit_bias={"77": 100.0})
@@ -164,4 +165,3 @@ def test_logit_bias_forces_its_token_and_an_unknown_token_is_refused(demo: Model
     assert forced.completion_tokens == 6
     piece = forced.text[: len(forced.text) // 6]
     assert piece and forced.text == piece * 6  # the same token six times
-

@@ -10,9 +10,10 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.jobs import TASK, JobFactory
+from gateway.jobs import JobFactory
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
+from shared.task_names import GENERATE as TASK
 
 
 def test_a_prepared_job_hash_equals_rqs_own_to_dict(scratch_redis_url: str) -> None:
@@ -62,3 +63,13 @@ def test_rq_reads_a_prepared_job_back(scratch_redis_url: str) -> None:
     assert job.origin == settings.queue_name
     assert job.timeout == settings.job_timeout_s
     assert job.meta == {"model": "demo"}
+
+
+def test_every_task_name_the_gateway_enqueues_is_a_worker_function() -> None:
+    import importlib
+
+    from shared import task_names
+
+    for name in (task_names.GENERATE, task_names.SYNTHESIZE):
+        module, function = name.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), function)), name

@@ -14,8 +14,9 @@ from shared.errors import ExceedsMemoryBudget, JobTimedOut
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from worker.engine import Engine, Submission
-from worker.model_cache import ModelCache
+from worker.assembly import build_engine
+from worker.engine import Engine
+from worker.generation import Submission
 
 LONG_PROMPT = " ".join(f"note {i}: the river was high on day {i}." for i in range(30))
 
@@ -46,17 +47,15 @@ def sizes(spec: ModelSpec) -> sizing.SizeEstimate:
 
 
 def submission(spec: ModelSpec, job_id: str, max_tokens: int, **body: Any) -> Submission:
-    request = GenerateRequest.model_validate({"model": spec.name, "prompt": "Hi", "temperature": 0, **body})
-    return Submission(job_id=job_id, request=request, spec=spec, max_tokens=max_tokens)
+    request = GenerateRequest.model_validate(
+        {"model": spec.name, "prompt": "Hi", "temperature": 0, "max_tokens": max_tokens, **body}
+    )
+    return Submission(job_id=job_id, request=request, spec=spec)
 
 
 def engine_with(budget: int, probe: Probe | None = None, prefix_bytes: int = 0) -> Engine:
-    engine = Engine(
-        ModelCache(Settings(), budget, probe or Probe()),
-        maintenance_interval_s=0.05,
-        max_batch=16,
-        prefix_cache_bytes=prefix_bytes,
-    )
+    settings = Settings(maintenance_interval_s=0.05, max_batch=16)
+    engine = build_engine(settings, budget, probe or Probe(), prefix_cache_bytes=prefix_bytes)
     engine.start()
     return engine
 
@@ -95,7 +94,7 @@ def test_a_row_that_does_not_fit_beside_the_running_one_waits_for_it(demo: Model
             assert handle.result().completion_tokens == 195
         assert seen["first"] and seen["second"]
         assert min(seen["second"]) > max(seen["first"]), "the second row ran beside the first"
-        assert engine.cache.kv_bytes == 0
+        assert engine.cache.ledger.kv_bytes == 0
     finally:
         engine.stop()
 
@@ -106,12 +105,12 @@ def test_rows_that_fit_together_run_together_and_their_kv_is_counted(demo: Model
     held: list[int] = []
     try:
         subs = [submission(demo, f"r{i}", max_tokens=100, ignore_eos=True) for i in range(4)]
-        subs[0].on_text = lambda _piece: held.append(engine.cache.kv_bytes)
+        subs[0].on_text = lambda _piece: held.append(engine.cache.ledger.kv_bytes)
         handles = [engine.submit(sub) for sub in subs]
         for handle in handles:
             assert handle.wait(60)
         assert max(held) >= 4 * 100 * size.kv_bytes_per_token
-        assert engine.cache.kv_bytes == 0
+        assert engine.cache.ledger.kv_bytes == 0
     finally:
         engine.stop()
 
@@ -135,18 +134,6 @@ def test_past_the_warning_threshold_kept_prefixes_go_before_any_model(demo: Mode
         engine.stop()
 
 
-def test_memory_past_its_thresholds_lowers_the_batch_limit(demo: ModelSpec) -> None:
-    engine = Engine(ModelCache(Settings(), 10**9, Probe()), max_batch=16)
-    engine._limit_batch(50.0)
-    assert engine.batch_limit == 16 and engine.has_room(0)
-    engine._limit_batch(90.0)  # warning, nothing running: no one new beyond one row
-    assert engine.batch_limit == 1
-    engine._limit_batch(96.0)  # critical
-    assert engine.batch_limit == 1
-    engine._limit_batch(50.0)
-    assert engine.batch_limit == 16
-
-
 def test_kept_prefixes_count_in_what_the_cache_holds(demo: ModelSpec, tmp_path: Path) -> None:
     size = sizes(demo)
     engine = engine_with(size.weights_bytes * 4, prefix_bytes=10**8)
@@ -154,7 +141,7 @@ def test_kept_prefixes_count_in_what_the_cache_holds(demo: ModelSpec, tmp_path: 
         handle = engine.submit(submission(demo, "kept", max_tokens=4, prompt=LONG_PROMPT))
         assert handle.wait(30) and handle.result()
         assert engine.prefixes.nbytes > 0
-        assert engine.cache.held_bytes == engine.cache.weights_bytes + engine.prefixes.nbytes
+        assert engine.cache.ledger.held_bytes == engine.cache.ledger.weights_bytes + engine.prefixes.nbytes
     finally:
         engine.stop()
 

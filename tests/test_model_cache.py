@@ -15,9 +15,13 @@ from shared.errors import InsufficientMemory
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
+from worker.assembly import build_engine
 from worker.demo_model import build_demo_model
-from worker.engine import Engine, Submission
+from worker.engine import Engine
+from worker.generation import Submission
+from worker.ledger import MemoryLedger
 from worker.model_cache import ModelCache
+from worker.prefixes import Prefixes
 
 CONTEXT = 64  # tokens of KV headroom asked for in these tests
 
@@ -48,7 +52,7 @@ class Probe:
 def cache_for(models: dict[str, ModelSpec], fits: int, probe: Probe | None = None, **settings: Any) -> ModelCache:
     """A cache whose budget holds `fits` of the small models, not one more."""
     budget = int(need(models["a"]) * (fits + 0.5))
-    return ModelCache(Settings(**settings), budget, probe or Probe())
+    return ModelCache(Settings(**settings), MemoryLedger(budget, Prefixes(0)), probe or Probe())
 
 
 def use(cache: ModelCache, spec: ModelSpec) -> None:
@@ -68,7 +72,7 @@ def test_lru_evicts_the_least_recently_used_idle_model(models: dict[str, ModelSp
     use(cache, models["a"])
     use(cache, models["c"])
     assert cache.loaded_names() == ["a", "c"]
-    assert cache.held_bytes <= cache.budget_bytes
+    assert cache.ledger.held_bytes <= cache.ledger.budget_bytes
 
 
 def test_a_serving_model_is_never_evicted_and_the_load_fails_with_what_is_held(models: dict[str, ModelSpec]) -> None:
@@ -96,7 +100,7 @@ def test_a_model_bigger_than_the_whole_budget_fails_at_once_with_the_sizes(model
     assert time.perf_counter() - started < 0.5
     message = caught.value.message
     assert "model 'big' needs about" in message
-    assert sizing.format_bytes(cache.budget_bytes) in message
+    assert sizing.format_bytes(cache.ledger.budget_bytes) in message
     assert "whole budget" in message
     assert cache.loaded_names() == ["a"]  # nothing was evicted for a load that could never fit
 
@@ -138,7 +142,7 @@ def test_a_serving_model_survives_the_critical_level(models: dict[str, ModelSpec
 
 
 def test_unloading_every_model_gives_mlx_memory_back(models: dict[str, ModelSpec]) -> None:
-    cache = ModelCache(Settings(), 10**9, Probe())
+    cache = ModelCache(Settings(), MemoryLedger(10**9, Prefixes(0)), Probe())
     mx.clear_cache()
     before = mx.get_active_memory()
     for name in ("a", "b", "big"):
@@ -156,14 +160,15 @@ def request(**body: Any) -> GenerateRequest:
 
 @pytest.fixture
 def engine(models: dict[str, ModelSpec]) -> Iterator[Engine]:
-    running = Engine(cache_for(models, fits=3, keep_alive_s=1), maintenance_interval_s=0.1)
+    budget = int(need(models["a"]) * 3.5)
+    running = build_engine(Settings(keep_alive_s=1, maintenance_interval_s=0.1), budget, Probe(), prefix_cache_bytes=0)
     running.start()
     yield running
     running.stop()
 
 
 def run(engine: Engine, spec: ModelSpec, job_id: str, **body: Any) -> Any:
-    handle = engine.submit(Submission(job_id=job_id, request=request(**body), spec=spec, max_tokens=8))
+    handle = engine.submit(Submission(job_id=job_id, request=request(max_tokens=8, **body), spec=spec))
     assert handle.wait(30)
     return handle
 
@@ -210,15 +215,14 @@ def test_an_unload_request_runs_on_the_engine_thread(engine: Engine, models: dic
 
 
 def test_a_failed_generation_does_not_pin_its_model_in_memory(models: dict[str, ModelSpec]) -> None:
-    engine = Engine(ModelCache(Settings(), 10**9, Probe()), maintenance_interval_s=0.1)
+    engine = build_engine(Settings(maintenance_interval_s=0.1), 10**9, Probe(), prefix_cache_bytes=0)
     engine.start()
     try:
         mx.clear_cache()
         before = mx.get_active_memory()
         big = models["big"]
         handle = engine.submit(
-            Submission(job_id="stopped", request=request(model="big", max_tokens=30_000, ignore_eos=True), spec=big,
-                       max_tokens=30_000)
+            Submission(job_id="stopped", request=request(model="big", max_tokens=30_000, ignore_eos=True), spec=big)
         )  # fmt: skip
         time.sleep(0.3)
         engine.cancel("stopped")

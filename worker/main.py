@@ -15,9 +15,9 @@ from shared.models import ModelRegistry
 from shared.settings import Settings
 from shared.sizing import format_bytes
 from worker import tasks
+from worker.assembly import build_engine
 from worker.claiming import TurnTakingQueue
-from worker.engine import Engine
-from worker.model_cache import ModelCache, device_memory_bytes
+from worker.model_cache import device_memory_bytes
 from worker.rq_worker import MlxqWorker
 from worker.streaming import StreamPublisher
 
@@ -36,20 +36,11 @@ def main() -> None:
 
     budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
     logger.info("model budget: %s", format_bytes(budget))
-    engine = Engine(
-        ModelCache(settings, budget),
-        settings.maintenance_interval_s,
-        max_batch=settings.max_batch,
-        prefill_step_size=settings.prefill_step_size,
-        prefill_batch_size=settings.prefill_batch_size,
-        prefix_cache_bytes=int(budget * settings.prefix_cache_fraction),
-    )
+    engine = build_engine(settings, budget)
     engine.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,
     # the batch tier, in turns by client).
-    queues = [
-        TurnTakingQueue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names
-    ]
+    queues = [TurnTakingQueue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names]
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
     publisher = StreamPublisher(connection)
     worker = MlxqWorker(queues, settings=settings, engine=engine, publisher=publisher, connection=connection, name=name)

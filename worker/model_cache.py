@@ -32,6 +32,7 @@ from shared.models import ModelSpec
 from shared.settings import Settings
 from shared.sizing import format_bytes
 from worker.demo_model import build_demo_model
+from worker.ledger import MemoryLedger
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +67,15 @@ class LoadedModel:
 
 
 class ModelCache:
-    """LRU cache of loaded models under `budget_bytes`."""
+    """LRU cache of loaded models, its bytes written in the worker's memory ledger."""
 
-    def __init__(self, settings: Settings, budget_bytes: int, probe: MemoryProbe = system_memory_percent) -> None:
+    def __init__(self, settings: Settings, ledger: MemoryLedger, probe: MemoryProbe = system_memory_percent) -> None:
         self.settings = settings
-        self.budget_bytes = budget_bytes
+        self.ledger = ledger
         self.probe = probe
         self._loaded: dict[str, LoadedModel] = {}
-        self._loading: dict[str, int] = {}
+        self._loading: set[str] = set()
         self._lock = threading.Lock()
-        self.kv_bytes = 0
-        """KV cache of the running batch, as the engine reckons it."""
-        self.kept_bytes: Callable[[], int] = lambda: 0
-        """KV caches kept for reuse (the engine's prefixes); dropped before any model is evicted."""
-        self.drop_kept: Callable[[int], None] = lambda _budget: None
-        """Shrink the kept caches to at most this many bytes."""
-        self.on_unload: Callable[[str], None] = lambda _name: None
 
     # -- what the engine calls -------------------------------------------------
 
@@ -113,9 +107,9 @@ class ModelCache:
             if entry.active == 0 and now - entry.last_used > keep_alive:
                 self.unload(entry.spec.name, f"idle for {now - entry.last_used:.0f} s (keep_alive {keep_alive} s)")
         used = self.probe()
-        if used >= self.settings.memory_warning_percent and self.kept_bytes() > 0:
+        if used >= self.settings.memory_warning_percent and self.ledger.kept_bytes > 0:
             # Kept prefixes are the cheapest memory to give back: they go before any model.
-            self.drop_kept(0)
+            self.ledger.drop_kept()
             self._free()
             logger.info("dropped the kept prompt prefixes: system memory at %.1f %%", used)
             used = self.probe()
@@ -134,7 +128,7 @@ class ModelCache:
         before = mx.get_active_memory()
         size = entry.size_bytes
         del entry
-        self.on_unload(name)
+        self.ledger.unloaded(name)
         self._free()
         logger.info(
             "unloaded model %s (%s): %s; MLX active memory %s -> %s; holding %s of %s",
@@ -143,48 +137,52 @@ class ModelCache:
             reason,
             format_bytes(before),
             format_bytes(mx.get_active_memory()),
-            format_bytes(self.held_bytes),
-            format_bytes(self.budget_bytes),
+            format_bytes(self.ledger.held_bytes),
+            format_bytes(self.ledger.budget_bytes),
         )
         return True
 
     def unload_idle(self, keep: int, reason: str) -> list[str]:
         """Unload idle models, least recently used first, keeping the `keep` most recently used."""
-        idle = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
-        survivors = (
-            {e.spec.name for e in sorted(self._loaded.values(), key=lambda e: e.last_used)[-keep:]} if keep else set()
-        )
-        return [e.spec.name for e in idle if e.spec.name not in survivors and self.unload(e.spec.name, reason)]
+        with self._lock:
+            newest = sorted(self._loaded.values(), key=lambda e: e.last_used)[-keep:] if keep else []
+        unloaded: list[str] = []
+        self._evict(lambda: False, reason, spare={e.spec.name for e in newest}, unloaded=unloaded)
+        return unloaded
+
+    def _evict(
+        self, fits: Callable[[], bool], reason: str, spare: set[str] | None = None, unloaded: list[str] | None = None
+    ) -> bool:
+        """The one eviction routine: idle models out, least recently used first (never one in
+        `spare`), until `fits()`; whether it fits in the end."""
+        while not fits():
+            with self._lock:
+                idle = [e for e in self._loaded.values() if e.active == 0 and e.spec.name not in (spare or ())]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda e: e.last_used).spec.name
+            if not self.unload(victim, reason):
+                return False  # it began serving meanwhile
+            if unloaded is not None:
+                unloaded.append(victim)
+        return True
 
     def emergency_cleanup(self, reason: str) -> None:
         """After an allocation failure: every idle model out, and MLX's buffer cache emptied."""
         self.unload_idle(keep=0, reason=reason)
         self._free()
 
-    # -- what the heartbeat reads ------------------------------------------------
-
-    @property
-    def weights_bytes(self) -> int:
-        with self._lock:
-            return sum(e.size_bytes for e in self._loaded.values()) + sum(self._loading.values())
-
-    @property
-    def held_bytes(self) -> int:
-        """Weights, the running batch's KV cache and the kept prefixes: what the budget bounds."""
-        return self.weights_bytes + self.kv_bytes + self.kept_bytes()
-
     def room_for(self, kv_bytes: int) -> bool:
         """Whether the running batch's KV cache may grow to `kv_bytes`: kept prefixes are dropped,
         then idle models evicted (least recently used first), to make room."""
-        if self.weights_bytes + kv_bytes + self.kept_bytes() <= self.budget_bytes:
+        ledger = self.ledger
+        if ledger.give_up_kept(kv_bytes=kv_bytes):
             return True
-        self.drop_kept(max(0, self.budget_bytes - self.weights_bytes - kv_bytes))
-        while self.weights_bytes + kv_bytes + self.kept_bytes() > self.budget_bytes:
-            victims = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
-            if not victims:
-                return False
-            self.unload(victims[0].spec.name, "least recently used; making room for a running batch's KV cache")
-        return True
+        return self._evict(
+            lambda: ledger.fits(kv_bytes=kv_bytes), "least recently used; making room for a running batch's KV cache"
+        )
+
+    # -- what the heartbeat reads ------------------------------------------------
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -201,8 +199,8 @@ class ModelCache:
                 for e in self._loaded.values()
             ]
             loading = [
-                {"name": name, "size_bytes": size, "active_requests": 0, "state": "loading"}
-                for name, size in self._loading.items()
+                {"name": name, "size_bytes": self.ledger.weights_of(name), "active_requests": 0, "state": "loading"}
+                for name in self._loading
             ]
         return loaded + loading
 
@@ -225,10 +223,11 @@ class ModelCache:
             f"model '{spec.name}' needs about {format_bytes(need)} (weights {format_bytes(estimate.weights_bytes)}"
             f" + KV cache {format_bytes(estimate.kv_bytes_per_token * context_tokens)} for {context_tokens} tokens)"
         )
-        if need > self.budget_bytes:
+        budget = self.ledger.budget_bytes
+        if need > budget:
             raise ExceedsMemoryBudget(
-                f"The {what}, more than this worker's whole budget of {format_bytes(self.budget_bytes)}",
-                param="model" if estimate.weights_bytes > self.budget_bytes else "max_tokens",
+                f"The {what}, more than this worker's whole budget of {format_bytes(budget)}",
+                param="model" if estimate.weights_bytes > budget else "max_tokens",
             )
         used = self.probe()
         if used >= self.settings.memory_critical_percent:
@@ -240,33 +239,27 @@ class ModelCache:
                     f"no model loads until it drops. The {what}.",
                     retry_after_s=self.settings.memory_retry_after_s,
                 )
-        if self.held_bytes + need > self.budget_bytes:
-            self.drop_kept(max(0, self.budget_bytes - self.weights_bytes - self.kv_bytes - need))
-        while self.held_bytes + need > self.budget_bytes:
-            victims = sorted((e for e in self._loaded.values() if e.active == 0), key=lambda e: e.last_used)
-            if not victims:
-                raise InsufficientMemory(
-                    f"The {what}; the budget is {format_bytes(self.budget_bytes)} and "
-                    f"{self._held_description()} cannot be unloaded now",
-                    retry_after_s=self.settings.memory_retry_after_s,
-                )
-            self.unload(victims[0].spec.name, f"least recently used; making room for {spec.name}")
+        if not self.ledger.give_up_kept(need) and not self._evict(
+            lambda: self.ledger.fits(need), f"least recently used; making room for {spec.name}"
+        ):
+            raise InsufficientMemory(
+                f"The {what}; the budget is {format_bytes(budget)} and "
+                f"{self._held_description()} cannot be unloaded now",
+                retry_after_s=self.settings.memory_retry_after_s,
+            )
 
         with self._lock:
-            self._loading[spec.name] = estimate.weights_bytes
+            self._loading.add(spec.name)
+        self.ledger.hold_weights(spec.name, estimate.weights_bytes)
         before = mx.get_active_memory()
         try:
-            model, tokenizer = load(str(directory))[:2]
-        except (MemoryError, RuntimeError) as exc:
-            if not is_allocation_failure(exc):
-                raise _unavailable(spec, exc) from exc
-            self.emergency_cleanup(f"allocation failed while loading {spec.name}")
-            raise InsufficientMemory(f"Memory ran out while loading the {what}: {exc}") from exc
-        except Exception as exc:  # mlx-lm raises bare ValueError/OSError/hub errors: translate here
-            raise _unavailable(spec, exc) from exc
+            model, tokenizer = self._read(spec, directory, what)
+        except BaseException:
+            self.ledger.drop_weights(spec.name)
+            raise
         finally:
             with self._lock:
-                self._loading.pop(spec.name, None)
+                self._loading.discard(spec.name)
         now = time.time()
         entry = LoadedModel(
             spec=spec,
@@ -287,10 +280,23 @@ class ModelCache:
             time.perf_counter() - started,
             format_bytes(entry.size_bytes),
             format_bytes(entry.measured_bytes),
-            format_bytes(self.held_bytes),
-            format_bytes(self.budget_bytes),
+            format_bytes(self.ledger.held_bytes),
+            format_bytes(budget),
         )
         return entry
+
+    def _read(self, spec: ModelSpec, directory: Path, what: str) -> tuple[Any, Any]:
+        """The model and its tokenizer from `directory`, mlx-lm's errors translated."""
+        try:
+            model, tokenizer = load(str(directory))[:2]
+            return model, tokenizer
+        except (MemoryError, RuntimeError) as exc:
+            if not is_allocation_failure(exc):
+                raise _unavailable(spec, exc) from exc
+            self.emergency_cleanup(f"allocation failed while loading {spec.name}")
+            raise InsufficientMemory(f"Memory ran out while loading the {what}: {exc}") from exc
+        except Exception as exc:  # mlx-lm raises bare ValueError/OSError/hub errors: translate here
+            raise _unavailable(spec, exc) from exc
 
     def _files(self, spec: ModelSpec) -> Path:
         """The local directory of the model's files, built or downloaded if need be."""

@@ -106,6 +106,7 @@ class Monitor:
     def beat(self) -> None:
         snapshot = memory.snapshot(self.settings)
         active = self.running()
+        ledger = self.engine.cache.ledger
         record = {
             "name": self.name,
             "pid": os.getpid(),
@@ -116,10 +117,10 @@ class Monitor:
             "engine_state": self.engine.state,
             "progress_age_s": round(time.monotonic() - self.engine.progress_at, 2),
             "models": self.engine.cache.snapshot(),
-            "model_budget_bytes": self.engine.cache.budget_bytes,
-            "model_held_bytes": self.engine.cache.held_bytes,
-            "kv_cache_bytes": self.engine.cache.kv_bytes,
-            "prefix_cache_bytes": self.engine.prefixes.nbytes,
+            "model_budget_bytes": ledger.budget_bytes,
+            "model_held_bytes": ledger.held_bytes,
+            "kv_cache_bytes": ledger.kv_bytes,
+            "prefix_cache_bytes": ledger.kept_bytes,
             "batch_limit": self.engine.batch_limit,
             "memory": snapshot,
             "at": time.time(),

@@ -21,18 +21,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, LRUPromptCache
 
-MIN_SHARED_TOKENS = 32
-"""Below this, computing the tokens again costs less than copying a cache."""
-
-
-def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+from worker.scheduler import MIN_SHARED_TOKENS
 
 
 def shareable(cache: Sequence[Any]) -> bool:

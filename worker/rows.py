@@ -88,7 +88,7 @@ def _keyed(seed: int, temperature: float, top_p: float, min_p: float, top_k: int
 
 
 def logits_processors_for(
-    request: GenerateRequest, tokenizer: Any, eos: set[int], vocab_size: int
+    request: GenerateRequest, tokenizer: Any, eos: set[int], vocab_size: int, max_tokens: int
 ) -> list[LogitsProcessor]:
     """The request's own logits processors (each row has its own list, so they are batch-safe)."""
     bias = {int(token): value for token, value in (request.logit_bias or {}).items()}
@@ -98,7 +98,7 @@ def logits_processors_for(
             f"logit_bias names token {unknown[0]}, beyond this model's vocabulary of {vocab_size}",
             param="logit_bias",
         )
-    window = max(1, request.max_tokens or 1)  # OpenAI's penalties count all of the text generated so far
+    window = max_tokens  # OpenAI's penalties count all of the text generated so far
     processors: list[LogitsProcessor] = [ban_tokens(eos)] if request.ignore_eos else []
     processors += make_logits_processors(
         logit_bias=bias or None,
@@ -171,7 +171,7 @@ class Row:
         self.detokenizer.reset()
 
     @classmethod
-    def start(cls, tokenizer: Any, request: GenerateRequest, on_text: TextSink | None) -> Row:
+    def start(cls, tokenizer: Any, request: GenerateRequest, max_tokens: int, on_text: TextSink | None) -> Row:
         eos = set(tokenizer.eos_token_ids)
         vocab_size = len(tokenizer.get_vocab())
         return cls(
@@ -180,7 +180,7 @@ class Row:
             eos=eos,
             detokenizer=tokenizer.detokenizer,
             on_text=on_text,
-            processors=logits_processors_for(request, tokenizer, eos, vocab_size),
+            processors=logits_processors_for(request, tokenizer, eos, vocab_size, max_tokens),
             vocab_size=vocab_size,
             tokenizer=tokenizer,
         )

@@ -1,4 +1,4 @@
-"""The functions RQ runs, by import path (`worker.tasks.generate`).
+"""The functions RQ runs, by import path (shared/task_names.py).
 
 RQ calls a task with only the job's arguments, so the engine that owns this
 process's MLX device is bound here once at start-up by `worker.main`.
@@ -24,7 +24,8 @@ from shared.schemas import GenerateRequest, GenerationResult, PromptTokensDetail
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
 from worker import synthesis
-from worker.engine import Engine, Generation, Submission
+from worker.engine import Engine
+from worker.generation import MISSING_MAX_TOKENS, Generation, Submission
 from worker.rows import Outcome
 from worker.streaming import StreamPublisher
 
@@ -69,7 +70,9 @@ def synthesize(batch_id: str, request: dict[str, Any]) -> dict[str, Any]:
 
     def prepare() -> GenerateRequest:
         spec = runtime.models.get(str(request.get("model")))
-        max_tokens = request.get("max_tokens") or runtime.settings.default_max_tokens
+        max_tokens = request.get("max_tokens")
+        if not isinstance(max_tokens, int):
+            raise InvalidRequest(MISSING_MAX_TOKENS, param="max_tokens")
         filled = synthesis.fill(job.connection, batch_id, request, runtime.texts.get(spec), max_tokens)
         job.meta["synthesis_input"] = filled.request["messages"]
         job.meta["synthesis_truncation"] = filled.truncation
@@ -99,7 +102,6 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             job_id=job.id,
             request=req,
             spec=spec,
-            max_tokens=req.max_tokens or runtime.settings.default_max_tokens,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
             on_text=lambda piece, logprobs=None: runtime.publisher.text(job.id, piece, logprobs),
         )

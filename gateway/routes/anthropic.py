@@ -9,27 +9,26 @@ format. Errors have Anthropic's shape.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway import submission
-from gateway.anthropic_api import MessagesRequest, content_blocks, message, stop_reason
+from gateway import submission, waiting
+from gateway.anthropic_api import MessagesRequest, content_blocks, error_body, message, stop_reason
 from gateway.deps import ClientDep, GatewayDep
+from gateway.error_shapes import router_for
 from gateway.following import follow
-from gateway.routes.openai import ClientGone, cancel_quietly, failure, result_unless_gone
 
-router = APIRouter(tags=["anthropic"])
+router = router_for(error_body, tags=["anthropic"])
 
 
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
     """Anthropic's Messages API; `stream: true` for its server-sent events."""
     generate = body.to_generate()
-    done = await submission.admit(gw, client, [generate], "interactive", None)
+    done = await submission.accept(gw, client, [generate], "interactive", None)
     job_id = done.ids[0]
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if body.stream:
@@ -37,10 +36,7 @@ async def messages(body: MessagesRequest, request: Request, client: ClientDep, g
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
-    try:
-        result = await result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
-    except ClientGone:
-        return Response(status_code=499)
+    result = await waiting.result(request, job_id)
     return JSONResponse(message(job_id, body.model, result), headers=headers)
 
 
@@ -69,7 +65,7 @@ async def _events(request: Request, job_id: str, model: str, buffered: bool) -> 
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] != "finished":
-                    error = failure(entry.data)
+                    error = waiting.failure(entry.data)
                     yield _event("error", {"error": {"type": "api_error", "message": error.message}})
                     return
                 result = entry.data["result"]
@@ -87,7 +83,7 @@ async def _events(request: Request, job_id: str, model: str, buffered: bool) -> 
                 yield _event("message_stop", {})
     finally:
         if not ended:
-            cancel_quietly(request, job_id)
+            waiting.cancel_quietly(request, job_id)
 
 
 async def _block(index: int, block: dict[str, Any]) -> AsyncIterator[str]:

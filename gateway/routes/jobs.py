@@ -31,7 +31,7 @@ async def submit_job(body: JobRequest, request: Request, client: ClientDep, gw: 
     priority = submission.allowed_priority(body.priority, "normal")
     generate = GenerateRequest.model_validate(body.model_dump(exclude={"priority"}))
     idem = submission.idempotency(request, body.model_dump_json(), "")
-    done = await submission.admit(gw, client, [generate], priority, idem)
+    done = await submission.accept(gw, client, [generate], priority, idem)
     job_id = done.ids[0]
     view = JobView(id=job_id, status="queued", model=generate.model, created_at=done.created_at)
     if done.duplicate:

@@ -9,22 +9,29 @@ queue and a client that hangs up cancels its job.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway import submission
+from gateway import catalog, submission, waiting
 from gateway.deps import ClientDep, GatewayDep, ModelsDep, RedisDep
+from gateway.error_shapes import router_for
 from gateway.following import follow
-from gateway.ollama_api import VERSION, ChatRequest, GenerateBody, ShowRequest, done_fields, now, tool_calls
-from gateway.routes.models import list_models
-from gateway.routes.openai import ClientGone, cancel_quietly, failure, result_unless_gone
+from gateway.ollama_api import (
+    VERSION,
+    ChatRequest,
+    GenerateBody,
+    ShowRequest,
+    done_fields,
+    error_body,
+    now,
+    tool_calls,
+)
 from shared.schemas import GenerateRequest
 
-router = APIRouter(tags=["ollama"])
+router = router_for(error_body, tags=["ollama"])
 
 
 @router.get("/api/version")
@@ -46,21 +53,20 @@ def _model_entry(model: dict[str, Any]) -> dict[str, Any]:
 @router.get("/api/tags")
 def tags(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
     """The models that may be requested."""
-    return {"models": [_model_entry(m) for m in list_models(models, redis)["data"]]}
+    return {"models": [_model_entry(m) for m in catalog.listing(models, redis)]}
 
 
 @router.get("/api/ps")
 def running(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
     """The models a worker holds now."""
-    loaded = [m for m in list_models(models, redis)["data"] if m["loaded"]]
+    loaded = [m for m in catalog.listing(models, redis) if m["loaded"]]
     return {"models": [{**_model_entry(m), "size_vram": m["size_bytes"] or 0, "expires_at": now()} for m in loaded]}
 
 
 @router.post("/api/show")
 def show(body: ShowRequest, models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
     name = body.model or body.name or ""
-    models.get(name)  # 404 model_not_found when it is not configured
-    model = next(m for m in list_models(models, redis)["data"] if m["id"] == name)
+    model = catalog.entry(models, redis, name)  # 404 model_not_found when it is not configured
     return {
         "modelfile": "",
         "parameters": "",
@@ -102,16 +108,13 @@ def _final(model: str, chat: bool, result: dict[str, Any], text: str) -> dict[st
 async def _call(
     generate: GenerateRequest, stream: bool, request: Request, client: ClientDep, gw: GatewayDep, chat: bool
 ) -> Response:
-    done = await submission.admit(gw, client, [generate], "interactive", None)
+    done = await submission.accept(gw, client, [generate], "interactive", None)
     job_id = done.ids[0]
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if stream:
         lines = _lines(request, job_id, generate.model, chat, buffered=generate.offers_tools())
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
-    try:
-        result = await result_unless_gone(request, job_id, time.monotonic() + gw.settings.openai_wait_s)
-    except ClientGone:
-        return Response(status_code=499)
+    result = await waiting.result(request, job_id)
     return JSONResponse(_final(generate.model, chat, result, result["text"]), headers=headers)
 
 
@@ -127,7 +130,7 @@ async def _lines(request: Request, job_id: str, model: str, chat: bool, buffered
                     result = entry.data["result"]
                     yield json.dumps(_final(model, chat, result, result["text"] if buffered else "")) + "\n"
                 else:
-                    yield json.dumps({"error": failure(entry.data).message}) + "\n"
+                    yield json.dumps({"error": waiting.failure(entry.data).message}) + "\n"
     finally:
         if not ended:
-            cancel_quietly(request, job_id)
+            waiting.cancel_quietly(request, job_id)

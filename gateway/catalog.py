@@ -1,0 +1,48 @@
+"""The configured models, with their size and whether and where workers hold them: what every
+protocol's model listing is made from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+
+from gateway.workers import live_workers
+from shared import sizing
+from shared.models import ModelRegistry
+
+
+def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
+    """Each configured model in OpenAI's model shape, with mlxq's fields beside."""
+    held: dict[str, list[dict[str, Any]]] = {}
+    for worker in live_workers(redis):
+        for model in worker.get("models", []):
+            held.setdefault(model["name"], []).append({**model, "worker": worker["name"]})
+    data = []
+    for spec in models.all():
+        copies = [m for m in held.get(spec.name, []) if m.get("state") == "loaded"]
+        directory = spec.local_files()
+        size = copies[0]["size_bytes"] if copies else (sizing.estimate(directory).weights_bytes if directory else None)
+        data.append(
+            {
+                "id": spec.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "mlxq",
+                "source": spec.source,
+                "notes": spec.notes,
+                "size_bytes": size,
+                "loaded": bool(copies),
+                "last_used": max((m["last_used"] for m in copies), default=None),
+                "active_requests": sum(m["active_requests"] for m in copies),
+                "workers": [m["worker"] for m in copies],
+                "problem": spec.problem(),
+            }
+        )
+    return data
+
+
+def entry(models: ModelRegistry, redis: Redis, name: str) -> dict[str, Any]:
+    """One model's entry; raises ModelNotFound, naming the models there are, if it is not configured."""
+    models.get(name)
+    return next(m for m in listing(models, redis) if m["id"] == name)

@@ -1,0 +1,51 @@
+"""Which shape an error body takes: each protocol's routes carry their own.
+
+A protocol module builds its router with `router_for(its_error_body)`; the
+routes it declares then carry that shape, and the app's error handlers
+(gateway/errors.py) ask the matched route for it. OpenAI's shape is the default,
+for mlxq's own routes too. A path no route matches takes the shape of the
+protocol that claims its prefix in the app (`app.state.error_prefixes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from fastapi import APIRouter, Request
+from fastapi.routing import APIRoute
+
+from shared.errors import MlxqError
+
+ErrorBody = Callable[[MlxqError], dict[str, Any]]
+
+
+def openai_error(error: MlxqError) -> dict[str, Any]:
+    """`{"error": {"message", "type", "code", "param"}}`."""
+    return error.to_body()
+
+
+class ShapedRoute(APIRoute):
+    """A route whose errors take its protocol's shape."""
+
+    error_body: ClassVar[ErrorBody] = staticmethod(openai_error)
+
+
+def router_for(error_body: ErrorBody, **kwargs: Any) -> APIRouter:
+    """An APIRouter whose routes answer errors in `error_body`'s shape."""
+    route_class = type(f"{error_body.__module__}.Route", (ShapedRoute,), {"error_body": staticmethod(error_body)})
+    return APIRouter(route_class=route_class, **kwargs)
+
+
+def body_for(request: Request | None, error: MlxqError) -> dict[str, Any]:
+    """The error's body in the shape of the route `request` reached (OpenAI's by default)."""
+    if request is None:
+        return openai_error(error)
+    route = request.scope.get("route")
+    if isinstance(route, ShapedRoute):
+        return type(route).error_body(error)
+    prefixes: dict[str, ErrorBody] = getattr(request.app.state, "error_prefixes", {})
+    for prefix, shape in prefixes.items():
+        if request.url.path.startswith(prefix):
+            return shape(error)
+    return openai_error(error)

@@ -1,0 +1,253 @@
+"""The scheduler's decisions with plain numbers: no MLX, no model (worker/scheduler.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
+from worker.ledger import MemoryLedger
+from worker.scheduler import FRESH, Scheduler, Seed, Ticket, padded_kv_bytes
+
+PER_TOKEN = 10
+WEIGHTS = 1_000
+
+
+@dataclass
+class Kept:
+    """Kept prefix caches as bytes only."""
+
+    nbytes: int = 0
+
+    def shrink_to(self, budget_bytes: int) -> None:
+        self.nbytes = min(self.nbytes, budget_bytes)
+
+    def clear(self) -> None:
+        self.nbytes = 0
+
+
+@dataclass
+class Executor:
+    """Carries decisions out on plain records: prompts come from `prompts`, room from the ledger."""
+
+    ledger: MemoryLedger
+    prompts: dict[str, list[int]] = field(default_factory=dict)
+    shareable: bool = True
+    joined: list[tuple[str, Seed]] = field(default_factory=list)
+    ended: dict[str, BaseException] = field(default_factory=dict)
+    opened: int = 0
+    closed: int = 0
+    _uid: int = 0
+
+    def prepare(self, ticket: Ticket) -> bool:
+        ticket.prompt = self.prompts.get(ticket.job_id, [1, 2, 3])
+        ticket.kv_bytes_per_token, ticket.weights_bytes = PER_TOKEN, WEIGHTS
+        return True
+
+    def open_batch(self, ticket: Ticket) -> bool:
+        self.opened += 1
+        return self.shareable
+
+    def close_batch(self) -> None:
+        self.closed += 1
+
+    def make_room(self, kv_bytes: int) -> bool:
+        return self.ledger.give_up_kept(kv_bytes=kv_bytes)
+
+    def join(self, ticket: Ticket, seed: Seed) -> int | None:
+        self.joined.append((ticket.job_id, seed))
+        self._uid += 1
+        return self._uid - 1
+
+    def end(self, ticket: Ticket, error: BaseException) -> None:
+        self.ended[ticket.job_id] = error
+
+
+def scheduler(budget: int, kept: int = 0, max_batch: int = 16) -> tuple[Scheduler, Executor]:
+    ledger = MemoryLedger(budget, Kept(kept))
+    ledger.hold_weights("m", WEIGHTS)
+    return Scheduler(ledger, max_batch, warning_percent=85, critical_percent=95, retry_after_s=15), Executor(ledger)
+
+
+def ticket(job_id: str, max_tokens: int, model: str = "m", **kwargs: object) -> Ticket:
+    return Ticket(job_id, model, max_tokens, **kwargs)  # type: ignore[arg-type]
+
+
+def joined(run: Executor) -> list[str]:
+    return [job_id for job_id, _ in run.joined]
+
+
+def test_rows_are_counted_padded_to_the_longest_context() -> None:
+    assert padded_kv_bytes(PER_TOKEN, [10, 300, 50]) == PER_TOKEN * 300 * 3
+    assert padded_kv_bytes(PER_TOKEN, []) == 0
+
+
+def test_a_context_that_could_never_fit_fails_at_once_naming_max_tokens() -> None:
+    sched, run = scheduler(WEIGHTS + PER_TOKEN * 300)
+    sched.add(ticket("huge", 5000))
+    sched.fill(run)
+    error = run.ended["huge"]
+    assert isinstance(error, ExceedsMemoryBudget) and error.param == "max_tokens"
+    assert not sched.line and not joined(run)
+
+
+def test_a_row_that_does_not_fit_beside_the_batch_waits_and_stops_the_line() -> None:
+    sched, run = scheduler(WEIGHTS + PER_TOKEN * 450)
+    for job_id, max_tokens in (("a", 97), ("long", 297), ("short", 2)):  # contexts 100, 300, 5
+        sched.add(ticket(job_id, max_tokens))
+    sched.fill(run)
+    # "short" would fit beside "a"; it waits its turn behind "long", which fits only alone.
+    assert joined(run) == ["a"]
+    assert [t.job_id for t in sched.line] == ["long", "short"]
+    assert sched.waiting_for_room and not sched.has_room(held=0, arriving=0)
+    assert sched.ledger.kv_bytes == PER_TOKEN * 100
+
+    sched.leave(0)
+    sched.fill(run)
+    assert joined(run) == ["a", "long"]  # alone now; "short" beside it would need 2 x 300 tokens
+    assert [t.job_id for t in sched.line] == ["short"]
+
+
+def test_a_row_that_does_not_fit_an_empty_batch_fails_for_now_with_retry_after() -> None:
+    sched, run = scheduler(WEIGHTS + PER_TOKEN * 450)
+    sched.ledger.hold_weights("other", PER_TOKEN * 400)  # another model, not evictable here
+    sched.add(ticket("a", 97))
+    sched.fill(run)
+    error = run.ended["a"]
+    assert isinstance(error, InsufficientMemory) and not isinstance(error, ExceedsMemoryBudget)
+    assert error.retry_after_s == 15
+
+
+def test_kept_prefixes_give_way_to_the_running_batch() -> None:
+    sched, run = scheduler(WEIGHTS + PER_TOKEN * 400, kept=PER_TOKEN * 350)
+    sched.add(ticket("a", 197))
+    sched.fill(run)
+    assert joined(run) == ["a"]
+    assert sched.ledger.kept_bytes == PER_TOKEN * 200
+    assert sched.ledger.held_bytes == sched.ledger.budget_bytes
+
+
+def test_another_models_ticket_waits_until_the_batch_drains() -> None:
+    sched, run = scheduler(10**9)
+    sched.add(ticket("x1", 5))
+    sched.add(ticket("y1", 5, model="y"))
+    sched.add(ticket("x2", 5))
+    sched.fill(run)
+    assert joined(run) == ["x1"]  # first come, first served: x2 does not pass y1
+    sched.leave(0)
+    sched.fill(run)
+    assert joined(run) == ["x1", "y1"] and run.closed == 1 and run.opened == 2
+    assert sched.batch is not None and sched.batch.model == "y"
+
+
+def test_canceled_and_late_tickets_end_while_they_wait() -> None:
+    sched, run = scheduler(10**9, max_batch=1)
+    sched.add(ticket("running", 5))
+    sched.add(ticket("canceled", 5, stop=lambda: "canceled"))
+    sched.add(ticket("late", 5, stop=lambda: "timeout"))
+    sched.add(ticket("patient", 5))
+    sched.fill(run)
+    assert joined(run) == ["running"]
+    assert isinstance(run.ended["canceled"], GenerationCanceled)
+    assert isinstance(run.ended["late"], JobTimedOut)
+    assert [t.job_id for t in sched.line] == ["patient"]
+
+
+def test_a_child_waits_for_the_member_computing_its_prefix_and_lets_others_by() -> None:
+    sched, run = scheduler(10**9)
+    shared = list(range(100))
+    run.prompts = {"first": shared + [1000], "second": shared + [2000], "other": [7, 8, 9]}
+    for job_id in ("first", "second", "other"):
+        sched.add(ticket(job_id, 5))
+    sched.fill(run)
+    assert joined(run) == ["first", "other"]  # "second" waits: its prefix is being computed
+    assert [t.job_id for t in sched.line] == ["second"]
+    assert sched.has_room(held=0, arriving=0)  # waiting for a prefix is not waiting for room
+
+    assert sched.batch is not None
+    sched.batch.members[0].prefilled = True
+    sched.fill(run)
+    assert run.joined[-1] == ("second", Seed(uid=0, tokens=100))
+
+
+def test_a_short_shared_prefix_is_not_worth_waiting_for() -> None:
+    sched, run = scheduler(10**9)
+    shared = list(range(40))
+    run.prompts = {"first": shared + [1], "second": shared + list(range(500, 600))}
+    sched.add(ticket("first", 5))
+    sched.add(ticket("second", 5))
+    sched.fill(run)
+    assert run.joined == [("first", Seed()), ("second", Seed())]
+
+
+def test_without_shareable_caches_every_row_starts_fresh() -> None:
+    sched, run = scheduler(10**9)
+    run.shareable = False
+    run.prompts = {"first": list(range(100)), "second": list(range(100))}
+    sched.add(ticket("first", 5))
+    sched.add(ticket("second", 5))
+    sched.fill(run)
+    assert run.joined == [("first", FRESH), ("second", FRESH)]
+
+
+def test_memory_past_its_thresholds_lowers_the_batch_limit() -> None:
+    sched, _ = scheduler(10**9)
+    sched.limit_batch(50.0)
+    assert sched.batch_limit == 16 and sched.has_room(held=0, arriving=0)
+    sched.limit_batch(90.0)  # warning, nothing running: no one new beyond one row
+    assert sched.batch_limit == 1
+    sched.limit_batch(96.0)  # critical
+    assert sched.batch_limit == 1
+    sched.limit_batch(50.0)
+    assert sched.batch_limit == 16
+
+
+def test_under_pressure_a_leaving_row_is_not_replaced() -> None:
+    sched, run = scheduler(10**9)
+    for i in range(6):
+        sched.add(ticket(f"r{i}", 5))
+    sched.fill(run)
+    sched.limit_batch(96.0)  # critical: half of the 6 running
+    assert sched.batch_limit == 3
+    sched.limit_batch(90.0)  # warning: no one new
+    sched.leave(0)
+    sched.leave(1)
+    sched.leave(2)
+    sched.leave(3)
+    assert sched.batch_limit == 2
+    sched.add(ticket("new", 5))
+    sched.fill(run)
+    assert "new" not in joined(run)
+
+
+def test_the_worker_claims_nothing_past_the_batch_limit() -> None:
+    sched, run = scheduler(10**9, max_batch=2)
+    assert sched.has_room(held=1, arriving=0)
+    assert not sched.has_room(held=2, arriving=0)
+    assert not sched.has_room(held=0, arriving=2)
+    sched.add(ticket("a", 5))
+    sched.fill(run)
+    assert sched.has_room(held=1, arriving=0) and not sched.has_room(held=1, arriving=1)
+
+
+@pytest.mark.parametrize("model", ["m", "other"])
+def test_a_batch_that_closes_makes_waiting_tickets_forget_their_sharers(model: str) -> None:
+    sched, run = scheduler(10**9)
+    run.prompts = {"first": list(range(100)) + [1], "second": list(range(100)) + [2]}
+    sched.add(ticket("first", 5))
+    sched.add(ticket("second", 5, model=model))
+    sched.fill(run)
+    sched.leave(0)
+    sched.close(run)
+    assert all(t.sharer is None for t in sched.line)
+    assert sched.ledger.kv_bytes == 0
+
+
+def test_the_scheduler_and_the_ledger_import_no_mlx() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, worker.scheduler, worker.ledger; print(sorted(m for m in sys.modules if m.startswith('mlx')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -1,0 +1,41 @@
+"""The engine and what it runs on, built in one place: the memory ledger is made here once and
+handed to the model cache and the scheduler, which both ask it."""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+from worker.engine import Engine
+from worker.ledger import MemoryLedger
+from worker.model_cache import MemoryProbe, ModelCache, system_memory_percent
+from worker.prefixes import Prefixes
+from worker.scheduler import Scheduler
+
+
+def build_engine(
+    settings: Settings,
+    budget_bytes: int,
+    probe: MemoryProbe = system_memory_percent,
+    prefix_cache_bytes: int | None = None,
+) -> Engine:
+    """An engine (not started) under `budget_bytes`; kept prefixes get `prefix_cache_bytes` of it
+    (MLXQ_PREFIX_CACHE_FRACTION of the budget unless given)."""
+    if prefix_cache_bytes is None:
+        prefix_cache_bytes = int(budget_bytes * settings.prefix_cache_fraction)
+    prefixes = Prefixes(prefix_cache_bytes)
+    ledger = MemoryLedger(budget_bytes, prefixes)
+    scheduler = Scheduler(
+        ledger,
+        settings.max_batch,
+        warning_percent=settings.memory_warning_percent,
+        critical_percent=settings.memory_critical_percent,
+        retry_after_s=settings.memory_retry_after_s,
+        share_prefixes=prefixes.enabled,
+    )
+    return Engine(
+        ModelCache(settings, ledger, probe),
+        prefixes,
+        scheduler,
+        settings.maintenance_interval_s,
+        prefill_step_size=settings.prefill_step_size,
+        prefill_batch_size=settings.prefill_batch_size,
+    )

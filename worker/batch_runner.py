@@ -1,0 +1,249 @@
+"""The executor of the scheduler's decisions: mlx-lm's BatchGenerator, its rows and their ends.
+
+Runs only on the engine thread (worker/engine.py). It carries out what the
+scheduler (worker/scheduler.py) decides: acquire a ticket's model and encode its
+prompt, open and close the batch, insert a row from a kept prefix, take one
+decode step and hand each token to its row (worker/rows.py), and finish rows that
+end (their length, a stop, a cancel, their deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
+
+from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, JobTimedOut, MlxqError
+from worker.generation import Generation
+from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
+from worker.prefixes import Prefixes, shareable
+from worker.rows import Outcome, Row
+from worker.scheduler import Scheduler, Seed, Ticket
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """The executor's side of a ticket: its handle, and once prepared its model and row."""
+
+    handle: Generation
+    ticket: Ticket
+    loaded: LoadedModel | None = None
+    row: Row | None = None
+    generated: list[int] = field(default_factory=list)
+
+
+class BatchRunner:
+    """Executes the scheduler's decisions on one BatchGenerator at a time."""
+
+    def __init__(
+        self,
+        cache: ModelCache,
+        prefixes: Prefixes,
+        scheduler: Scheduler,
+        finished: Callable[[Generation, Outcome | None, BaseException | None], None],
+        prefill_step_size: int,
+        prefill_batch_size: int,
+        on_progress: Callable[[str | None], None],
+    ) -> None:
+        """`finished` hands an ended generation back to the engine; `on_progress` is called at each
+        sign of life, with the engine's new state ("loading") when it changes."""
+        self.cache = cache
+        self.prefixes = prefixes
+        self.scheduler = scheduler
+        self._finished = finished
+        self._progress = on_progress
+        # Prompt chunks between decode steps: a long prompt stalls the running rows one chunk at a time.
+        self.prefill_step_size = prefill_step_size
+        self.prefill_batch_size = prefill_batch_size
+        self.runs: dict[str, Run] = {}
+        self.generator: Any = None
+        self._uids: dict[int, Run] = {}
+
+    def add(self, handle: Generation) -> None:
+        sub = handle.submission
+        ticket = Ticket(handle.job_id, sub.spec.name, sub.max_tokens, sub.deadline, handle.stop_reason)
+        self.runs[handle.job_id] = Run(handle, ticket)
+        self.scheduler.add(ticket)
+
+    # -- the Executor the scheduler drives ------------------------------------------------
+
+    def prepare(self, ticket: Ticket) -> bool:
+        run = self.runs[ticket.job_id]
+        sub = run.handle.submission
+        # KV headroom for the load decision; a token is rarely shorter than 3 characters.
+        context = ticket.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
+        self._progress("loading")
+        try:
+            run.loaded, run.handle.load_s = self.cache.acquire(sub.spec, context)
+        except Exception as exc:
+            self._finish(run, None, self._translated(exc, ticket.job_id))
+            return False
+        finally:
+            self._progress(None)
+        try:
+            run.row = Row.start(run.loaded.tokenizer, sub.request, sub.max_tokens, sub.on_text)
+        except Exception as exc:
+            self._finish(run, None, self._translated(exc, ticket.job_id))
+            return False
+        ticket.prompt = run.row.prompt_ids
+        ticket.kv_bytes_per_token = run.loaded.kv_bytes_per_token
+        ticket.weights_bytes = run.loaded.size_bytes
+        return True
+
+    def open_batch(self, ticket: Ticket) -> bool:
+        loaded = self.runs[ticket.job_id].loaded
+        assert loaded is not None
+        self.generator = BatchGenerator(
+            loaded.model,
+            completion_batch_size=self.scheduler.max_batch,
+            prefill_batch_size=self.prefill_batch_size,
+            prefill_step_size=self.prefill_step_size,
+        )
+        return shareable(make_prompt_cache(loaded.model))
+
+    def close_batch(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
+            self.generator = None
+
+    def make_room(self, kv_bytes: int) -> bool:
+        return self.cache.room_for(kv_bytes)
+
+    def join(self, ticket: Ticket, seed: Seed) -> int | None:
+        run = self.runs[ticket.job_id]
+        assert run.row is not None
+        ids = run.row.prompt_ids
+        try:
+            cache, reused = self._seeded(ticket.model, ids, seed)
+            [uid] = self.generator.insert(
+                [ids[reused:]],
+                max_tokens=[ticket.max_tokens],
+                caches=[cache],
+                all_tokens=[ids[:reused]],
+                **run.row.batch_options(),
+            )
+        except Exception as exc:
+            self._finish(run, None, self._translated(exc, ticket.job_id))
+            return None
+        run.row.cached_tokens = reused
+        self._uids[uid] = run
+        return int(uid)
+
+    def _seeded(self, model: str, ids: list[int], seed: Seed) -> tuple[list[Any] | None, int]:
+        """The KV cache a row starts from and the prompt tokens it holds."""
+        if not seed.kept:
+            return None, 0
+        cache, reused = self.prefixes.nearest(model, ids)
+        if seed.uid is None or reused >= seed.tokens:
+            return cache, reused
+        [(source, _)] = self.generator.extract_cache([seed.uid]).values()
+        if not self.prefixes.keep(model, ids[: seed.tokens], source):
+            return cache, reused
+        return self.prefixes.nearest(model, ids)
+
+    def end(self, ticket: Ticket, error: BaseException) -> None:
+        self._finish(self.runs[ticket.job_id], None, self._translated(error, ticket.job_id))
+
+    # -- one step -------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One decode step (and maybe one prefill chunk) of the batch; rows that end leave."""
+        scheduler = self.scheduler
+        try:
+            _, responses = self.generator.next()
+        except Exception as exc:
+            # The step is shared: every member fails with it (and the process lives on). Their
+            # hold on the model goes first, so that a memory cleanup can unload it.
+            failed = list(self._uids.values())
+            for uid, gone in list(self._uids.items()):
+                del self._uids[uid]
+                scheduler.leave(uid)
+                self._release(gone)
+            scheduler.close(self)
+            error = self._translated(exc, ",".join(gone.ticket.job_id for gone in failed))
+            for gone in failed:
+                self._finish(gone, None, error)
+            return
+        self._progress(None)
+        for response in responses:
+            run = self._uids.get(response.uid)
+            if run is None:
+                continue
+            assert run.row is not None
+            run.ticket.prefilled = True
+            run.generated.append(response.token)
+            if response.finish_reason is not None and response.prompt_cache is not None:
+                self._keep_for_later(run, response.prompt_cache)
+            finish = run.row.take(response.token, response.finish_reason, response.logprobs)
+            if finish is None and response.finish_reason is not None:
+                finish = "stop"
+            if finish is not None:
+                self.leave(response.uid, run.row.outcome(finish), None, remove=response.finish_reason is None)
+        for uid, run in list(self._uids.items()):
+            reason = run.ticket.stop()
+            if reason == "canceled":
+                self.leave(uid, None, GenerationCanceled("The job was canceled while it was running"), remove=True)
+            elif reason == "timeout":
+                assert run.row is not None
+                tokens = run.row.completion_tokens
+                self.leave(uid, None, JobTimedOut(f"The generation passed its deadline after {tokens} tokens"), True)
+        if not self._uids:
+            scheduler.close(self)  # its KV caches and its hold on the model go now, before any unload
+
+    def _keep_for_later(self, run: Run, cache: list[Any]) -> None:
+        """A finished row's cache (its prompt and what it generated): the next turn of the same chat
+        starts from it."""
+        if not cache or not self.prefixes.enabled:
+            return
+        assert run.row is not None
+        tokens = (run.row.prompt_ids + run.generated)[: cache[0].offset]
+        try:
+            self.prefixes.keep(run.ticket.model, tokens, cache)
+        except Exception:
+            logger.exception("could not keep a finished prompt's cache")
+
+    def leave(self, uid: int, outcome: Outcome | None, error: BaseException | None, remove: bool) -> None:
+        """A member leaves the batch (the generator drops rows it ended itself; others are removed)."""
+        run = self._uids.pop(uid)
+        if remove:
+            self.generator.remove([uid])
+        self.scheduler.leave(uid)
+        self._finish(run, outcome, error)
+
+    def end_everything(self, error: MlxqError) -> None:
+        """The engine stops: every member and every waiting ticket ends with `error`."""
+        for uid in list(self._uids):
+            self.leave(uid, None, error, remove=False)
+        self.scheduler.close(self)
+        while self.scheduler.line:
+            self.end(self.scheduler.line.popleft(), error)
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _release(self, run: Run) -> None:
+        if run.loaded is not None:
+            self.cache.release(run.ticket.model)
+            run.loaded = None
+
+    def _finish(self, run: Run, outcome: Outcome | None, error: BaseException | None, released: bool = False) -> None:
+        if not released:
+            self._release(run)
+        self.runs.pop(run.ticket.job_id, None)
+        self._finished(run.handle, outcome, error)
+
+    def _translated(self, exc: BaseException, job_ids: str) -> BaseException:
+        if isinstance(exc, MlxqError):
+            return exc
+        if is_allocation_failure(exc):
+            # The job fails, the process lives: free what can be freed and take the next job.
+            self.cache.emergency_cleanup(f"allocation failed during job {job_ids}")
+            return InsufficientMemory(f"Memory ran out while generating: {exc}")
+        logger.error("generation failed", exc_info=exc, extra={"job_id": job_ids})
+        return GenerationFailed(f"Generation failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,336 @@
+"""Who joins the running batch, who waits and who leaves: the engine's decisions, as plain data.
+
+The engine (worker/engine.py) owns the MLX thread and executes; this module
+decides, and imports no MLX, so every decision is unit-tested with plain numbers
+(tests/test_scheduler.py). What it decides:
+
+- the waiting line: first come, first served; a ticket for another model waits
+  until the batch drains; one that waits for KV room stops the line (a long
+  context is not overtaken by short ones) and the worker claims nothing meanwhile;
+  one that waits for a member computing the prefix it shares lets the others by;
+- KV room: the batch pads rows to the longest, so it holds rows x the longest
+  context, asked of the memory ledger (kept prefixes and idle models make way);
+- prefix sharing: which member's prompt this one's starts like, and whether that
+  is worth waiting for or copying;
+- the batch limit under memory pressure, and deadlines and cancels in the line.
+
+The executor it drives is an `Executor`: the engine's batch runner, or a plain
+fake in the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
+from shared.sizing import format_bytes
+from worker.ledger import MemoryLedger
+
+logger = logging.getLogger(__name__)
+
+MIN_SHARED_TOKENS = 32
+"""Below this, computing the tokens again costs less than copying a cache."""
+
+StopReason = Literal["canceled", "timeout"]
+
+
+@dataclass
+class Ticket:
+    """One generation as the scheduler sees it, from the waiting line to the end of its row."""
+
+    job_id: str
+    model: str
+    max_tokens: int
+    deadline: float = float("inf")
+    """time.monotonic() after which it ends, waiting or running."""
+    stop: Callable[[], StopReason | None] = lambda: None
+    """Why it must end now (its handle's cancel or deadline), or None."""
+    prompt: list[int] | None = None
+    """Its prompt's token ids, once prepared (model acquired, prompt encoded)."""
+    kv_bytes_per_token: int = 0
+    weights_bytes: int = 0
+    sharer: tuple[int, int] | None = None
+    """(uid, tokens): the member whose prompt starts like this one's, and for how many tokens."""
+    prefilled: bool = False
+    """In the batch, with its whole prompt in its KV cache (it has produced a token)."""
+
+    @property
+    def prepared(self) -> bool:
+        return self.prompt is not None
+
+    @property
+    def context(self) -> int:
+        """Prompt plus max_tokens: the KV cache positions it may fill."""
+        return len(self.prompt or ()) + self.max_tokens
+
+
+@dataclass(frozen=True)
+class Seed:
+    """Where a joining row's KV cache starts: from kept prefixes, after copying `tokens` tokens of
+    member `uid`'s cache into them when `uid` is set; `kept` False starts from nothing."""
+
+    kept: bool = True
+    uid: int | None = None
+    tokens: int = 0
+
+
+FRESH = Seed(kept=False)
+
+
+class Executor(Protocol):
+    """What the scheduler's decisions are carried out by (the engine's batch runner)."""
+
+    def prepare(self, ticket: Ticket) -> bool:
+        """Acquire the ticket's model and encode its prompt; False when that failed and ended it."""
+        ...
+
+    def open_batch(self, ticket: Ticket) -> bool:
+        """Start a batch for the ticket's model; whether its caches can be shared (cut at any token)."""
+        ...
+
+    def close_batch(self) -> None: ...
+
+    def make_room(self, kv_bytes: int) -> bool:
+        """Whether the batch's KV cache may grow to `kv_bytes`, evicting what can go to make room."""
+        ...
+
+    def join(self, ticket: Ticket, seed: Seed) -> int | None:
+        """Insert the ticket's row; its uid, or None when that failed and ended it."""
+        ...
+
+    def end(self, ticket: Ticket, error: BaseException) -> None:
+        """End a ticket that is not in the batch with `error` (translated into ours if need be)."""
+        ...
+
+
+@dataclass
+class Batch:
+    """The running batch as the scheduler sees it: its model and members by uid."""
+
+    model: str
+    shareable: bool
+    members: dict[int, Ticket] = field(default_factory=dict)
+
+
+Joined = Literal["joined", "prefix", "room"]
+
+
+class Scheduler:
+    """The waiting line and the running batch's membership, under a batch limit and the ledger."""
+
+    def __init__(
+        self,
+        ledger: MemoryLedger,
+        max_batch: int,
+        warning_percent: float,
+        critical_percent: float,
+        retry_after_s: int,
+        share_prefixes: bool = True,
+    ) -> None:
+        self.ledger = ledger
+        self.max_batch = max_batch
+        self.warning_percent = warning_percent
+        self.critical_percent = critical_percent
+        self.retry_after_s = retry_after_s
+        self.share_prefixes = share_prefixes
+        self.batch_limit = max_batch
+        """max_batch, lowered while system memory is past its warning threshold."""
+        self.line: deque[Ticket] = deque()
+        self.batch: Batch | None = None
+        self.waiting_for_room = False
+        self._pressed = False
+
+    # -- the waiting line ---------------------------------------------------------------
+
+    def add(self, ticket: Ticket) -> None:
+        self.line.append(ticket)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.line) or bool(self.batch and self.batch.members)
+
+    def fill(self, run: Executor) -> None:
+        """Move waiting tickets into the batch while it has room and runs their model."""
+        self._end_stopped_in_line(run)
+        held: list[Ticket] = []
+        self.waiting_for_room = False
+        while self.line:
+            ticket = self.line[0]
+            if self.batch is not None and self.batch.model != ticket.model:
+                if self.batch.members:
+                    break  # another model: it waits until this batch drains
+                self.close(run)
+            if self.batch is not None and len(self.batch.members) >= self.batch_limit:
+                break
+            self.line.popleft()
+            joined = self._join(ticket, run)
+            if joined == "prefix":
+                held.append(ticket)
+            elif joined == "room":
+                self.line.appendleft(ticket)
+                self.waiting_for_room = True
+                break
+        self.line.extendleft(reversed(held))
+
+    def _end_stopped_in_line(self, run: Executor) -> None:
+        """A canceled ticket, or one past its deadline, ends while it waits, as it would running."""
+        for ticket in list(self.line):
+            reason = ticket.stop()
+            if reason is None:
+                continue
+            self.line.remove(ticket)
+            if reason == "canceled":
+                run.end(ticket, GenerationCanceled("The job was canceled before it started"))
+            else:
+                run.end(ticket, JobTimedOut("The job passed its deadline before it could start"))
+
+    def _join(self, ticket: Ticket, run: Executor) -> Joined:
+        """Start the ticket in the batch, or end it with its error ("joined"); "prefix" while it
+        waits for a member computing the prefix it shares, "room" while the KV cache has none."""
+        if not ticket.prepared and not run.prepare(ticket):
+            return "joined"
+        try:
+            if self.batch is None:
+                self.batch = Batch(ticket.model, shareable=run.open_batch(ticket))
+            if not self.kv_room(ticket, run):
+                return "room"
+        except Exception as error:  # the executor translates what is not ours
+            run.end(ticket, error)
+            return "joined"
+        seed = self.seed_for(ticket)
+        if seed is None:
+            return "prefix"
+        uid = run.join(ticket, seed)
+        if uid is not None:
+            self.batch.members[uid] = ticket
+            self._count_kv()
+        return "joined"
+
+    # -- KV room ------------------------------------------------------------------------
+
+    def kv_room(self, ticket: Ticket, run: Executor) -> bool:
+        """Whether the batch's KV cache fits the budget with this ticket's row too; False to wait
+        for a member to leave. A context that cannot fit even alone fails at once; one that cannot
+        fit an empty batch, for now."""
+        budget = self.ledger.budget_bytes
+        per_token, context = ticket.kv_bytes_per_token, ticket.context
+        if ticket.weights_bytes + per_token * context > budget:
+            raise ExceedsMemoryBudget(
+                f"{context} tokens of context (prompt + max_tokens) need {format_bytes(per_token * context)} of "
+                f"KV cache beside the model's {format_bytes(ticket.weights_bytes)}: more than this worker's whole "
+                f"budget of {format_bytes(budget)}; ask for fewer tokens",
+                param="max_tokens",
+            )
+        members = list(self.batch.members.values()) if self.batch else []
+        if run.make_room(padded_kv_bytes(per_token, [m.context for m in members] + [context])):
+            return True
+        if members:
+            return False
+        raise InsufficientMemory(
+            f"No room for {format_bytes(per_token * context)} of KV cache: the budget is "
+            f"{format_bytes(budget)} and {format_bytes(self.ledger.held_bytes)} is held",
+            retry_after_s=self.retry_after_s,
+        )
+
+    def _count_kv(self) -> None:
+        members = list(self.batch.members.values()) if self.batch else []
+        per_token = members[0].kv_bytes_per_token if members else 0
+        self.ledger.hold_kv(padded_kv_bytes(per_token, [m.context for m in members]))
+
+    # -- prefix sharing -----------------------------------------------------------------
+
+    def seed_for(self, ticket: Ticket) -> Seed | None:
+        """Where the ticket's KV cache starts; None while a member of the batch is still computing
+        most of its prompt (a fan-out's children: computed once)."""
+        batch, ids = self.batch, ticket.prompt or []
+        if batch is None or not self.share_prefixes or not batch.shareable:
+            return FRESH
+        if ticket.sharer is None or ticket.sharer[0] not in batch.members:
+            ticket.sharer = sharer(batch.members, ids)
+        uid, shared = ticket.sharer
+        member = batch.members.get(uid)
+        # Worth waiting for, or copying out of a member, when the shared part is most of this prompt;
+        # a short shared system prompt is not worth a long prompt's prefill or a row's copy.
+        if member is None or 2 * shared < len(ids) or (member.prompt or [])[:shared] != ids[:shared]:
+            return Seed()
+        if not member.prefilled:
+            return None
+        return Seed(uid=uid, tokens=shared)
+
+    # -- leaving ------------------------------------------------------------------------
+
+    def leave(self, uid: int) -> Ticket:
+        """A member leaves the batch; under memory pressure nobody takes its place until it eases."""
+        assert self.batch is not None
+        ticket = self.batch.members.pop(uid)
+        self._count_kv()
+        if self._pressed:
+            self.batch_limit = max(1, min(self.batch_limit, len(self.batch.members)))
+        return ticket
+
+    def close(self, run: Executor) -> None:
+        """The batch ends (drained, or for another model); waiting tickets forget their sharers,
+        since uids start again at 0 in the next batch."""
+        if self.batch is None:
+            return
+        run.close_batch()
+        self.batch = None
+        self.ledger.hold_kv(0)
+        for ticket in self.line:
+            ticket.sharer = None
+
+    # -- the batch limit ----------------------------------------------------------------
+
+    def limit_batch(self, used_percent: float) -> None:
+        """Past the warning threshold the batch takes no one new; past the critical one it shrinks to
+        half as its rows end. Rows are never cut short: memory is given back as they finish."""
+        running = len(self.batch.members) if self.batch is not None else 0
+        self._pressed = used_percent >= self.warning_percent
+        if used_percent >= self.critical_percent:
+            limit = max(1, running // 2)
+        elif self._pressed:
+            limit = max(1, min(running, self.batch_limit))
+        else:
+            limit = self.max_batch
+        if limit != self.batch_limit:
+            logger.info("batch limit %d -> %d: system memory at %.1f %%", self.batch_limit, limit, used_percent)
+            self.batch_limit = limit
+
+    def has_room(self, held: int, arriving: int) -> bool:
+        """Whether a job claimed now could join soon (any thread): the worker's `held` jobs, and
+        what runs, waits or is `arriving`, are under the batch limit, and no ticket waits for KV room."""
+        batch = self.batch  # once: the engine thread may drop it meanwhile
+        members = len(batch.members) if batch is not None else 0
+        engine_side = members + len(self.line) + arriving
+        return not self.waiting_for_room and max(held, engine_side) < self.batch_limit
+
+
+def padded_kv_bytes(per_token: int, contexts: Sequence[int]) -> int:
+    """KV bytes of a batch whose rows have these contexts: rows are padded to the longest."""
+    return per_token * max(contexts, default=0) * len(contexts)
+
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def sharer(members: dict[int, Ticket], ids: Sequence[int]) -> tuple[int, int]:
+    """The member whose prompt shares the longest prefix with `ids`, and its length (at least
+    MIN_SHARED_TOKENS, else (-1, 0)); the last token of each prompt is never shared."""
+    best = (-1, 0)
+    for uid, member in members.items():
+        other = member.prompt or []
+        shared = min(shared_length(ids, other), len(ids) - 1, len(other) - 1)
+        if shared >= MIN_SHARED_TOKENS and shared > best[1]:
+            best = (uid, shared)
+    return best
