@@ -1,10 +1,14 @@
 """Anthropic's Messages API shapes, translated to and from mlxq's own.
 
-Claude-Code-style clients and the official `anthropic` SDK send `POST /v1/messages`:
-a `system` prompt, `messages` of text, `tool_use` and `tool_result` blocks,
-`max_tokens` (required), `stop_sequences`, sampling fields and `tools`. Unknown
-fields are refused by name, as on the OpenAI routes; `metadata` changes nothing
-and is accepted.
+Claude Code and the official `anthropic` SDK send `POST /v1/messages`: a `system`
+prompt, `messages` of text, `tool_use` and `tool_result` blocks (and system
+messages among them, in order), `max_tokens` (a ceiling here, as everywhere),
+`stop_sequences`, sampling fields, `tools`, and `output_config.format` (a JSON
+schema, enforced). Fields that have no meaning for a local model are accepted
+where ignoring them cannot change the answer: `metadata`, `thinking` (a model
+thinks or not by its own chat template), `output_config.effort`, and
+`context_management`'s thinking edits (past thinking is rendered as the model's
+template renders it). Anything else unknown is refused by name (400).
 """
 
 from __future__ import annotations
@@ -33,8 +37,41 @@ class Block(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
+
+
+class Thinking(BaseModel):
+    model_config = ConfigDict(extra="allow")  # display and the like: how thinking is shown
+
+    type: Literal["enabled", "adaptive", "disabled"]
+    budget_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class OutputFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: OutputFormat | None = None
+
+
+class ContextEdit(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Annotated[str, Field(pattern=r"^clear_thinking_\d+$")]
+
+
+class ContextManagement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    edits: list[ContextEdit] = Field(default_factory=list)
 
 
 class AnthropicTool(BaseModel):
@@ -67,6 +104,9 @@ class MessagesRequest(BaseModel):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
+    context_management: ContextManagement | None = None
 
     def to_generate(self) -> GenerateRequest:
         messages: list[dict[str, Any]] = []
@@ -94,7 +134,15 @@ class MessagesRequest(BaseModel):
         if tools:
             fields["tools"] = tools
             fields["tool_choice"] = _tool_choice(self.tool_choice)
+        if self.output_config is not None and self.output_config.format is not None:
+            fields["json_schema"] = self.output_config.format.schema_
         return GenerateRequest.model_validate(fields)
+
+
+class CountTokensRequest(MessagesRequest):
+    """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
+
+    max_tokens: Annotated[int, Field(ge=1)] = 1
 
 
 def _tool_choice(choice: AnthropicToolChoice | None) -> Any:
@@ -123,6 +171,8 @@ def _openai_messages(message: Message, index: int) -> list[dict[str, Any]]:
     assistant's tool_use blocks its `tool_calls`."""
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
+    if message.role == "system":
+        return [{"role": "system", "content": _text(message.content, f"messages.{index}.content")}]
     text: list[str] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -141,6 +191,8 @@ def _openai_messages(message: Message, index: int) -> list[dict[str, Any]]:
         elif block.type == "tool_result" and message.role == "user":
             content = block.content if isinstance(block.content, str) else _result_text(block.content or [])
             results.append({"role": "tool", "tool_call_id": block.tool_use_id or "", "content": content})
+        elif block.type == "thinking" and message.role == "assistant":
+            continue  # past thinking: chat templates leave it out of the prompt
         else:
             raise InvalidRequest(
                 f"{block.type!r} blocks are not supported here by mlxq", param=f"messages.{index}.content"
@@ -195,6 +247,11 @@ def message(job_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
             "output_tokens": result["usage"]["completion_tokens"],
         },
     }
+
+
+def error_status(error: MlxqError) -> int:
+    """Anthropic answers an invalid request with 400, where mlxq's own routes say 422."""
+    return 400 if error.status_code == 422 else error.status_code
 
 
 ERROR_TYPES = {

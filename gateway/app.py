@@ -25,7 +25,7 @@ from gateway.jobs import JobFactory
 from gateway.metrics import registry_for
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
-from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, system
+from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, responses, system
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     # A path under a protocol's prefix that no route matches still answers in that protocol's shape.
     app.state.error_prefixes = {"/api/": ollama_api.error_body}
     install_error_handlers(app)
-    openapi_schema.install(app, [spec.name for spec in app.state.models.all()], settings.max_tokens_cap)
+    openapi_schema.install(app, [spec.name for spec in app.state.models.all()])
     authenticated = [Depends(get_client)]
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(openai.router, dependencies=authenticated)
@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(events.router, dependencies=authenticated)
     app.include_router(ollama.router, dependencies=authenticated)
     app.include_router(anthropic.router, dependencies=authenticated)
+    app.include_router(responses.router, dependencies=authenticated)
     app.include_router(system.router)
     app.add_middleware(
         BodySizeLimit,
@@ -96,7 +97,13 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
-            expose_headers=["x-mlxq-job-id", "Retry-After", "x-should-retry", "x-ratelimit-remaining-requests"],
+            expose_headers=[
+                "x-mlxq-job-id",
+                "x-mlxq-max-tokens",
+                "Retry-After",
+                "x-should-retry",
+                "x-ratelimit-remaining-requests",
+            ],
             max_age=600,
         )
     return app

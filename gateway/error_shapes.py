@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from shared.errors import MlxqError
 
 ErrorBody = Callable[[MlxqError], dict[str, Any]]
+ErrorStatus = Callable[[MlxqError], int]
 
 
 def openai_error(error: MlxqError) -> dict[str, Any]:
@@ -25,27 +26,33 @@ def openai_error(error: MlxqError) -> dict[str, Any]:
     return error.to_body()
 
 
+def own_status(error: MlxqError) -> int:
+    return error.status_code
+
+
 class ShapedRoute(APIRoute):
-    """A route whose errors take its protocol's shape."""
+    """A route whose errors take its protocol's shape (and status, where the protocol differs)."""
 
     error_body: ClassVar[ErrorBody] = staticmethod(openai_error)
+    error_status: ClassVar[ErrorStatus] = staticmethod(own_status)
 
 
-def router_for(error_body: ErrorBody, **kwargs: Any) -> APIRouter:
-    """An APIRouter whose routes answer errors in `error_body`'s shape."""
-    route_class = type(f"{error_body.__module__}.Route", (ShapedRoute,), {"error_body": staticmethod(error_body)})
+def router_for(error_body: ErrorBody, error_status: ErrorStatus = own_status, **kwargs: Any) -> APIRouter:
+    """An APIRouter whose routes answer errors in `error_body`'s shape, with `error_status`."""
+    shape = {"error_body": staticmethod(error_body), "error_status": staticmethod(error_status)}
+    route_class = type(f"{error_body.__module__}.Route", (ShapedRoute,), shape)
     return APIRouter(route_class=route_class, **kwargs)
 
 
-def body_for(request: Request | None, error: MlxqError) -> dict[str, Any]:
-    """The error's body in the shape of the route `request` reached (OpenAI's by default)."""
+def shape_for(request: Request | None, error: MlxqError) -> tuple[int, dict[str, Any]]:
+    """The error's status and body in the shape of the route `request` reached (OpenAI's by default)."""
     if request is None:
-        return openai_error(error)
+        return error.status_code, openai_error(error)
     route = request.scope.get("route")
     if isinstance(route, ShapedRoute):
-        return type(route).error_body(error)
+        return type(route).error_status(error), type(route).error_body(error)
     prefixes: dict[str, ErrorBody] = getattr(request.app.state, "error_prefixes", {})
     for prefix, shape in prefixes.items():
         if request.url.path.startswith(prefix):
-            return shape(error)
-    return openai_error(error)
+            return error.status_code, shape(error)
+    return error.status_code, openai_error(error)

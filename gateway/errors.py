@@ -15,7 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from gateway.error_shapes import body_for
+from gateway.error_shapes import shape_for
 from gateway.waiting import ClientGone
 from shared import keys
 from shared.errors import InvalidRequest, MlxqError, ServiceUnavailable
@@ -28,7 +28,8 @@ REDIS_RETRY_AFTER_S = 5
 
 def error_response(error: MlxqError, request: Request | None = None) -> JSONResponse:
     """The error in the shape of the protocol whose route `request` reached."""
-    return JSONResponse(body_for(request, error), status_code=error.status_code, headers=error.headers())
+    status, body = shape_for(request, error)
+    return JSONResponse(body, status_code=status, headers=error.headers())
 
 
 class RouteError(MlxqError):

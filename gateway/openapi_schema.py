@@ -1,9 +1,9 @@
 """The OpenAPI schema with this gateway's own limits written in, so that it tells the truth.
 
-Pydantic models describe shapes; some limits come from settings and the models
-file, known only when the gateway starts: which models exist, the largest
-`max_tokens`. Written into the schema, clients (and fuzzers) see what would be
-refused instead of finding out from a 404 or 422.
+Pydantic models describe shapes; some limits come from the models file, known
+only when the gateway starts: which models exist. Written into the schema,
+clients (and fuzzers) see what would be refused instead of finding out from a
+404. (`max_tokens` has no maximum: a larger one is a ceiling, gateway/prompt_limits.py.)
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
-
-def install(app: FastAPI, model_names: list[str], max_tokens: int) -> None:
+def install(app: FastAPI, model_names: list[str]) -> None:
     """Make `app.openapi()` answer the schema with the limits written in (built once)."""
 
     def openapi() -> dict[str, Any]:
@@ -28,9 +26,6 @@ def install(app: FastAPI, model_names: list[str], max_tokens: int) -> None:
                 properties = component.get("properties", {})
                 if "model" in properties:
                     _constrain(properties["model"], "string", {"enum": sorted(model_names)})
-                for name in TOKEN_FIELDS:
-                    if name in properties:
-                        _constrain(properties[name], "integer", {"maximum": max_tokens})
             app.openapi_schema = schema
         return app.openapi_schema
 

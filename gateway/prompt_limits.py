@@ -1,24 +1,46 @@
-"""Refuse a prompt or `max_tokens` that cannot fit, before it costs a queue slot.
+"""Refuse a prompt that cannot fit, before it costs a queue slot, and resolve `max_tokens`.
 
-Characters are always checked. Tokens are checked with the model's own
-`tokenizer.json` (shared/tokenizing.py, no MLX) when it is on this machine,
-and only when the text is long enough to possibly not fit: a token covers at
-least one UTF-8 byte, so a prompt of fewer bytes than the budget never needs
-tokenizing. Counts leave out the chat template's few tokens, so nothing
-that fits is refused.
+Characters are always checked. Tokens are counted as the model sees them: the
+chat template rendered with the model's own tokenizer (shared/tokenizing.py, no
+MLX), system parts and tool definitions included, when its files are on this
+machine (else the message text alone, a lower bound, and the worker checks again
+once it has encoded the prompt). A prompt that cannot fit the model's context is
+refused, naming what is too long.
+
+`max_tokens` is a ceiling, not a demand (OpenAI's, Anthropic's and Ollama's
+clients send large ones: Claude Code asks for 32000): the generation may run to
+the smallest of what was asked, `MLXQ_MAX_TOKENS_CAP` and what the context leaves
+after the prompt. Without one it runs to that limit (`MLXQ_DEFAULT_MAX_TOKENS`
+lowers it). This is the one place `max_tokens` is resolved; the job carries it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from shared.errors import InvalidRequest, ModelFilesMissing
-from shared.models import ModelRegistry
+from shared.models import ModelRegistry, ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from shared.tokenizing import ModelTexts
+from shared.tokenizing import ModelText, ModelTexts
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A request that fits, with its `max_tokens` resolved."""
+
+    request: GenerateRequest
+    prompt_tokens: int
+    """Its prompt in tokens as the model sees it when `exact`, else a lower bound (the message text)."""
+    exact: bool
+
+    @property
+    def max_tokens(self) -> int:
+        assert self.request.max_tokens is not None
+        return self.request.max_tokens
 
 
 class PromptLimits:
@@ -27,9 +49,9 @@ class PromptLimits:
         self._settings = settings
         self._texts = ModelTexts()
 
-    def check(self, request: GenerateRequest) -> GenerateRequest:
-        """The request with its `max_tokens` resolved (the one place it gets its default), if it
-        fits; raises `ModelNotFound`, `ModelFilesMissing` or `InvalidRequest`."""
+    def check(self, request: GenerateRequest) -> Fitted:
+        """The request with its `max_tokens` resolved, if it fits; raises `ModelNotFound`,
+        `ModelFilesMissing` or `InvalidRequest`."""
         spec = self._models.get(request.model)
         problem = spec.problem()
         if problem is not None:
@@ -37,35 +59,45 @@ class PromptLimits:
             raise ModelFilesMissing(f"Model '{spec.name}' cannot be loaded: {problem}", param="model")
         settings = self._settings
         field = "prompt" if request.prompt is not None else "messages"
-        if request.max_tokens is not None and request.max_tokens > settings.max_tokens_cap:
-            raise InvalidRequest(
-                f"max_tokens is {request.max_tokens}; the limit here is {settings.max_tokens_cap}",
-                param="max_tokens",
-            )
         char_limit = spec.max_prompt_chars or settings.max_prompt_chars
         chars = request.prompt_chars()
         if chars > char_limit:
             raise InvalidRequest(f"The prompt has {chars} characters; the limit is {char_limit}", param=field)
 
-        budget = request.max_tokens or settings.default_max_tokens
-        resolved = request.model_copy(update={"max_tokens": budget})
         model_text = self._texts.get(spec)
-        tokenizer, context = model_text.tokenizer, model_text.context
-        if context is None:
-            return resolved
+        rendered = model_text.prompt_tokens(request)
+        counted = rendered if rendered is not None else self._lower_bound(model_text, request)
+        limit = settings.max_tokens_cap
+        if model_text.context is not None:
+            if counted >= model_text.context:
+                raise self._too_long(spec, model_text, request, counted, exact=rendered is not None)
+            limit = min(limit, model_text.context - counted)
+        wanted = request.max_tokens or settings.default_max_tokens or limit
+        resolved = request.model_copy(update={"max_tokens": min(wanted, limit)})
+        return Fitted(resolved, counted, exact=rendered is not None)
+
+    @staticmethod
+    def _lower_bound(model_text: ModelText, request: GenerateRequest) -> int:
         text = request.prompt if request.prompt is not None else "\n".join(m.text() for m in request.messages or [])
-        if tokenizer is None or len(text.encode()) + budget <= context:
-            return resolved
-        prompt_tokens = model_text.count(text)
-        if prompt_tokens >= context:
-            raise InvalidRequest(
-                f"The prompt has at least {prompt_tokens} tokens; model '{spec.name}' takes {context} in all",
-                param=field,
-            )
-        if prompt_tokens + budget > context:
-            raise InvalidRequest(
-                f"Model '{spec.name}' has a context of {context} tokens; the prompt takes at least "
-                f"{prompt_tokens}, so max_tokens can be at most {context - prompt_tokens}, not {budget}",
-                param="max_tokens",
-            )
-        return resolved
+        return model_text.count(text) if model_text.tokenizer is not None else 0
+
+    @staticmethod
+    def _too_long(
+        spec: ModelSpec, model_text: ModelText, request: GenerateRequest, counted: int, exact: bool
+    ) -> InvalidRequest:
+        """What is too long: the tool definitions when the messages alone would fit, else the prompt."""
+        context = model_text.context
+        field = "prompt" if request.prompt is not None else "messages"
+        if exact and request.offers_tools():
+            bare = model_text.prompt_tokens(request.model_copy(update={"tools": None, "tool_choice": None}))
+            if bare is not None and bare < (context or 0):
+                return InvalidRequest(
+                    f"The prompt takes {counted} tokens as the model sees it, {counted - bare} of them the tool "
+                    f"definitions; model '{spec.name}' takes {context} in all: offer fewer or shorter tools",
+                    param="tools",
+                )
+        seen = "as the model sees it (chat template, system and tools included)" if exact else "at least"
+        return InvalidRequest(
+            f"The prompt takes {counted} tokens {seen}; model '{spec.name}' takes {context} in all",
+            param=field,
+        )

@@ -15,11 +15,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from gateway.admission import BatchWrite, Idempotency, RateState, Tier
 from gateway.clients import Client
 from gateway.deps import Gateway
 from gateway.jobs import JobRecord
+from gateway.prompt_limits import Fitted
 from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import GenerateRequest
 
@@ -37,10 +39,14 @@ class Accepted:
     """The new jobs' ids, or the one id remembered for a repeated Idempotency-Key."""
     created_at: datetime | None
     rate: RateState | None
+    fitted: list[Fitted]
+    """Each request as checked: `max_tokens` resolved, the prompt counted."""
     duplicate: bool = False
 
     def headers(self) -> dict[str, str]:
-        return self.rate.headers() if self.rate else {}
+        """The rate headers, and for one request the most tokens it may generate here."""
+        limit = {"x-mlxq-max-tokens": str(self.fitted[0].max_tokens)} if len(self.fitted) == 1 else {}
+        return {**(self.rate.headers() if self.rate else {}), **limit}
 
 
 def allowed_priority(asked: str | None, route_default: Priority) -> Priority:
@@ -81,7 +87,9 @@ async def accept(
 
     Low-priority work (batch children included) is the batch tier: its own per-client cap,
     and served in turns by client rather than first come first served."""
-    requests = [gw.limits.check(request) for request in requests]
+    # Rendering a long prompt's chat template takes a while: off the event loop.
+    fitted = [await run_in_threadpool(gw.limits.check, request) for request in requests]
+    requests = [fit.request for fit in fitted]
     tier: Tier = "batch" if priority == "low" else "single"
     gw.admission.check_size(len(requests), tier)
     held = gw.refusals.check(client.id, tier, len(requests))
@@ -105,7 +113,7 @@ async def accept(
         gw.refusals.remember(client.id, refusal, tier, len(jobs))
         raise
     if decided.duplicate_of is not None:
-        return Accepted(ids=[decided.duplicate_of], created_at=None, rate=None, duplicate=True)
+        return Accepted(ids=[decided.duplicate_of], created_at=None, rate=None, fitted=fitted, duplicate=True)
     for job, request in zip(jobs, requests, strict=True):
         logger.info("job admitted", extra={"job_id": job.id, "model": request.model, "priority": priority})
-    return Accepted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate)
+    return Accepted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate, fitted=fitted)

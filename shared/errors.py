@@ -71,6 +71,14 @@ class JobNotFound(MlxqError):
     code = "job_not_found"
 
 
+class ResponseNotFound(MlxqError):
+    """No stored response has this id (never stored, expired, deleted, or another key's)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
 class JobAlreadyEnded(MlxqError):
     """The job has already finished or failed, so there is nothing left to cancel."""
 

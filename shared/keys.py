@@ -140,3 +140,8 @@ STATS_COUNTERS = f"{PREFIX}:stats:counters"
 def stats_histogram(name: str) -> str:
     """Hash: one histogram (shared/stats.py): bucket bound -> count, plus sum and count."""
     return f"{PREFIX}:stats:histogram:{name}"
+
+
+def response(response_id: str) -> str:
+    """A stored Responses API response (`store: true`): its items, its job, its last known state."""
+    return f"{PREFIX}:response:{response_id}"

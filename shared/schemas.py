@@ -240,6 +240,13 @@ class GenerateRequest(BaseModel):
     def offers_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
+    def for_template(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages and tools as the chat template renders them (the gateway counts the prompt
+        with the same rendering the worker generates from)."""
+        messages = [m.for_template() for m in self.messages or []]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []] if self.offers_tools() else None
+        return messages, tools
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []

@@ -84,12 +84,21 @@ class Settings(BaseSettings):
         le=0.5,
         description="share of the model budget kept for computed prompt prefixes (0 turns prefix reuse off)",
     )
-    default_max_tokens: int = 256
-    max_tokens_cap: int = Field(default=8192, description="largest `max_tokens` a request may ask for")
+    default_max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="tokens a request without `max_tokens` may generate (unset: up to the context and the cap)",
+    )
+    max_tokens_cap: int = Field(
+        default=8192, ge=1, description="most tokens one generation may run to; a larger `max_tokens` is a ceiling"
+    )
     max_prompt_chars: int = 200_000
     job_timeout_s: int = Field(default=600, description="a generation running longer is stopped")
     result_ttl_s: int = Field(default=24 * 3600, description="how long finished results stay readable")
     failure_ttl_s: int = Field(default=7 * 24 * 3600, description="how long failed jobs stay readable")
+    response_ttl_s: int = Field(
+        default=30 * 24 * 3600, ge=60, description="how long a stored Responses API response (store: true) is kept"
+    )
 
     worker_name: str | None = None
     heartbeat_interval_s: float = 2.0

@@ -1,21 +1,26 @@
-"""A model's tokenizer and context length from its files, without MLX.
+"""A model's tokenizer, chat template and context length from its files, without MLX.
 
 The Rust `tokenizers` library reads the model's own `tokenizer.json`; the
 context length comes from `config.json` unless the models file names one. The
-gateway counts prompt tokens with it before admitting; the worker sizes a
-batch's synthesis prompt with it before generating.
+gateway counts a request's prompt as the model sees it (the chat template
+rendered by transformers, as mlx-lm renders it in the worker: system parts and
+tool definitions included) before admitting; the worker sizes a batch's
+synthesis prompt with it before generating.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.models import ModelSpec
+from shared.schemas import GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,34 @@ class ModelText:
 
     tokenizer: Any
     context: int | None
+    directory: Path | None = None
+    _chat: list[Any] = field(default_factory=list, compare=False)
+    """transformers' tokenizer (for its chat template) once loaded: [] before, [None] when it cannot be."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+    def prompt_tokens(self, request: GenerateRequest) -> int | None:
+        """The request's prompt in tokens as the model sees it (chat template, system and tools
+        included); None when the tokenizer or the template is not here to count with."""
+        if self.tokenizer is None:
+            return None
+        if request.prompt is not None:
+            return self.count(request.prompt)
+        chat = self._chat_tokenizer()
+        if chat is None or getattr(chat, "chat_template", None) is None:
+            return None
+        messages, tools = request.for_template()
+        try:
+            text = chat.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own refusal (an unsupported role order, say)
+            logger.info("cannot render the chat template of %s: %s", self.directory, type(exc).__name__)
+            return None
+        return self.count(str(text))
+
+    def _chat_tokenizer(self) -> Any:
+        with self._lock:
+            if not self._chat:
+                self._chat.append(_load_chat_tokenizer(self.directory))
+            return self._chat[0]
 
     def count(self, text: str) -> int:
         """Tokens in `text`; without a tokenizer, its UTF-8 bytes (a token covers at least one)."""
@@ -55,14 +88,14 @@ class ModelTexts:
 
     def get(self, spec: ModelSpec) -> ModelText:
         cached = self._cache.get(spec.name)
-        if cached is not None and (cached[0].tokenizer is not None or time.monotonic() - cached[1] < RETRY_MISSING_S):
+        if cached is not None and (cached[0].tokenizer is not None or not self._may_have_appeared(spec, cached[1])):
             return cached[0]
         directory = spec.local_files()
         tokenizer = None
         context = spec.context_tokens
         if directory is not None:
             if context is None:
-                context = _context_length(directory / "config.json")
+                context = context_length(directory / "config.json")
             if (directory / "tokenizer.json").is_file():
                 from tokenizers import Tokenizer
 
@@ -70,12 +103,35 @@ class ModelTexts:
                     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
                 except Exception as exc:  # a broken file costs the token count, not the request
                     logger.warning("cannot read tokenizer of %s: %s", spec.name, exc)
-        found = ModelText(tokenizer, context)
+        found = ModelText(tokenizer, context, directory)
         self._cache[spec.name] = (found, time.monotonic())
         return found
 
 
-def _context_length(config_file: Path) -> int | None:
+    @staticmethod
+    def _may_have_appeared(spec: ModelSpec, looked_at: float) -> bool:
+        """A local model's tokenizer is looked for again once its file is there (a stat); a hub
+        model's every RETRY_MISSING_S (the hub cache lookup costs more)."""
+        if spec.path is not None:
+            return (spec.path / "tokenizer.json").is_file()
+        return time.monotonic() - looked_at >= RETRY_MISSING_S
+
+
+def _load_chat_tokenizer(directory: Path | None) -> Any:
+    if directory is None:
+        return None
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" on every start
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:
+        logger.warning("cannot read the chat template of %s: %s", directory, type(exc).__name__)
+        return None
+
+
+def context_length(config_file: Path) -> int | None:
+    """The context length a model's config.json gives, if any."""
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):

@@ -127,8 +127,14 @@ def service_env(redis_url: str, data_dir: Path, **overrides: Any) -> dict[str, s
         MLXQ_DATA_DIR=str(data_dir),
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
+        # A request without max_tokens runs to the model's limit (8192 tokens of a random model);
+        # tests that send none want short answers. test_context_limits.py checks the real default.
+        MLXQ_DEFAULT_MAX_TOKENS="256",
     )
-    env.update({f"MLXQ_{k.upper()}": str(v) for k, v in overrides.items()})
+    env.update({f"MLXQ_{k.upper()}": str(v) for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():
+        if v is None:
+            env.pop(f"MLXQ_{k.upper()}", None)
     return env
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import jsonschema
@@ -73,8 +75,63 @@ def test_messages_with_a_forced_tool_and_the_tool_result_turn(client: anthropic.
     assert follow_up.stop_reason in ("max_tokens", "end_turn", "tool_use")
 
 
-def test_errors_have_anthropics_shape(service: Service) -> None:
+def test_errors_have_anthropics_shape_and_status(service: Service) -> None:
     response = httpx.post(service.base_url + "/v1/messages", json={"model": "demo", "messages": []})
-    assert response.status_code == 422
+    assert response.status_code == 400  # Anthropic's status for an invalid request (mlxq's own routes: 422)
     body = response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    unknown = httpx.post(service.base_url + "/v1/messages", json={"model": "nope", "max_tokens": 4, "messages": [HI]})
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
+    odd = httpx.post(
+        service.base_url + "/v1/messages",
+        json={"model": "demo", "max_tokens": 4, "messages": [HI], "context_management": {"edits": [{"type": "x"}]}},
+    )
+    assert odd.status_code == 400 and "context_management" in odd.json()["error"]["message"]
+
+
+HI = {"role": "user", "content": "Hi"}
+
+
+def test_claude_codes_request_shape_is_accepted(service: Service) -> None:
+    """What Claude Code 2.1 sends: a system message among the messages, thinking, output_config,
+    context_management, a large max_tokens (a ceiling) and ?beta=true."""
+    body = {
+        "model": "demo",
+        "max_tokens": 64000,
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [HI, {"role": "system", "content": "The date is 2026-12-01."}, {"role": "user", "content": "Go"}],
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": "someone"},
+        "temperature": 0,
+    }
+    url = service.base_url + "/v1/messages?beta=true"
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        # A ceiling: 64000 does not fit the demo model's context of 32768 beside the prompt.
+        assert 32000 < int(response.headers["x-mlxq-max-tokens"]) < 32768
+        lines = response.iter_lines()
+        assert next(lines) == "event: message_start"
+    # Hanging up here cancels the job: it would run to the ceiling.
+    schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 10}}, "required": ["title"]}
+    titled = httpx.post(
+        service.base_url + "/v1/messages",
+        json={**body, "max_tokens": 60, "output_config": {"format": {"type": "json_schema", "schema": schema}}},
+        timeout=60,
+    )
+    assert titled.status_code == 200, titled.text
+    [block] = titled.json()["content"]
+    jsonschema.validate(json.loads(block["text"]), schema)
+
+
+def test_input_tokens_are_the_prompt_as_the_model_sees_it_in_every_count(client: anthropic.Anthropic) -> None:
+    asked = {"model": "demo", "max_tokens": 3, "system": "Be brief.", "messages": [HI], "tools": [WEATHER]}
+    reply = client.messages.create(**asked)  # type: ignore[arg-type]
+    counted = client.messages.count_tokens(**{k: v for k, v in asked.items() if k != "max_tokens"})  # type: ignore[arg-type]
+    with client.messages.stream(**asked) as stream:  # type: ignore[arg-type]
+        started = next(event for event in stream if event.type == "message_start")
+        final = stream.get_final_message()
+    assert reply.usage.input_tokens > 50  # the tool's schema is in the prompt
+    assert counted.input_tokens == reply.usage.input_tokens == started.message.usage.input_tokens
+    assert final.usage.input_tokens == reply.usage.input_tokens

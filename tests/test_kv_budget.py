@@ -123,12 +123,12 @@ def test_past_the_warning_threshold_kept_prefixes_go_before_any_model(demo: Mode
     try:
         handle = engine.submit(submission(demo, "kept", max_tokens=4, prompt=LONG_PROMPT))
         assert handle.wait(30) and handle.result()
-        assert engine.prefixes.nbytes > 0
+        assert engine.cache.ledger.kept_bytes > 0
         probe.readings = [90.0, 60.0]
         deadline = time.monotonic() + 5
-        while engine.prefixes.nbytes and time.monotonic() < deadline:
+        while engine.cache.ledger.kept_bytes and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine.prefixes.nbytes == 0
+        assert engine.cache.ledger.kept_bytes == 0
         assert engine.cache.loaded_names() == ["demo"]
     finally:
         engine.stop()
@@ -140,8 +140,8 @@ def test_kept_prefixes_count_in_what_the_cache_holds(demo: ModelSpec, tmp_path: 
     try:
         handle = engine.submit(submission(demo, "kept", max_tokens=4, prompt=LONG_PROMPT))
         assert handle.wait(30) and handle.result()
-        assert engine.prefixes.nbytes > 0
-        assert engine.cache.ledger.held_bytes == engine.cache.ledger.weights_bytes + engine.prefixes.nbytes
+        assert engine.cache.ledger.kept_bytes > 0
+        assert engine.cache.ledger.held_bytes == engine.cache.ledger.weights_bytes + engine.cache.ledger.kept_bytes
     finally:
         engine.stop()
 

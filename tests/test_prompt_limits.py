@@ -37,10 +37,12 @@ def test_an_unknown_model_is_refused_first(demo_dir: Path, tmp_path: Path) -> No
         limits(demo_dir, tmp_path).check(ask(model="nope", max_tokens=10**9))
 
 
-def test_max_tokens_over_the_cap_names_the_field_and_limit(demo_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequest, match="limit here is 8192") as caught:
-        limits(demo_dir, tmp_path).check(ask(max_tokens=8193))
-    assert caught.value.param == "max_tokens"
+def test_max_tokens_over_the_cap_is_a_ceiling(demo_dir: Path, tmp_path: Path) -> None:
+    checker = limits(demo_dir, tmp_path, max_tokens_cap=100)
+    assert checker.check(ask(max_tokens=32000)).max_tokens == 100
+    assert checker.check(ask(max_tokens=7)).max_tokens == 7
+    assert checker.check(ask()).max_tokens == 100  # none asked: up to the limit
+    assert limits(demo_dir, tmp_path, max_tokens_cap=100, default_max_tokens=20).check(ask()).max_tokens == 20
 
 
 def test_a_prompt_over_the_character_limit_is_refused(demo_dir: Path, tmp_path: Path) -> None:
@@ -76,8 +78,54 @@ def test_tokens_are_counted_with_the_models_tokenizer_against_its_context(demo_d
     with pytest.raises(InvalidRequest, match="takes 64 in all") as caught:
         checker.check(ask(model="tiny", prompt=words, max_tokens=1))
     assert caught.value.param == "prompt"
-    # A prompt that fits, with max_tokens that does not: the message says how many would.
+    # A prompt that fits, with max_tokens that does not: it runs to the context's end.
     medium = "the quick brown fox " * 5
-    with pytest.raises(InvalidRequest, match="max_tokens can be at most") as caught:
-        checker.check(ask(model="tiny", prompt=medium, max_tokens=60))
-    assert caught.value.param == "max_tokens"
+    fitted = checker.check(ask(model="tiny", prompt=medium, max_tokens=60))
+    assert fitted.exact and fitted.max_tokens == 64 - fitted.prompt_tokens < 60
+
+
+def small_chat_model(demo_dir: Path, tmp_path: Path, context: int) -> PromptLimits:
+    """The demo model's tokenizer and chat template with a context of `context` tokens."""
+    local = tmp_path / "chat"
+    local.mkdir()
+    demo = Settings(data_dir=demo_dir).demo_model_dir
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (local / name).write_bytes((demo / name).read_bytes())
+    (local / "config.json").write_text(f'{{"max_position_embeddings": {context}}}')
+    return limits(demo_dir, tmp_path, f'[models.chat]\npath = "{local}"\n', max_prompt_chars=100_000)
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Looks a word up. " * 30,
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
+
+
+def chat(**body: object) -> GenerateRequest:
+    return GenerateRequest.model_validate({"model": "chat", "messages": [{"role": "user", "content": "Hi"}], **body})
+
+
+def test_the_prompt_is_counted_as_the_model_sees_it_tools_and_template_included(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    checker = small_chat_model(demo_dir, tmp_path, context=4096)
+    bare, with_tools = checker.check(chat()), checker.check(chat(tools=[TOOL]))
+    assert bare.exact and with_tools.exact
+    assert bare.prompt_tokens > 1  # the template's own tokens count
+    assert with_tools.prompt_tokens > bare.prompt_tokens + 100  # the tool's description is in the prompt
+    assert with_tools.max_tokens == min(8192, 4096 - with_tools.prompt_tokens)
+
+
+def test_tool_definitions_that_do_not_fit_are_named(demo_dir: Path, tmp_path: Path) -> None:
+    checker = small_chat_model(demo_dir, tmp_path, context=100)
+    assert checker.check(chat()).max_tokens > 0
+    with pytest.raises(InvalidRequest, match="tool definitions") as caught:
+        checker.check(chat(tools=[TOOL]))
+    assert caught.value.param == "tools"
+    with pytest.raises(InvalidRequest, match="as the model sees it") as caught:
+        checker.check(chat(messages=[{"role": "user", "content": "word " * 200}]))
+    assert caught.value.param == "messages"

@@ -67,7 +67,8 @@ class Executor:
 def scheduler(budget: int, kept: int = 0, max_batch: int = 16) -> tuple[Scheduler, Executor]:
     ledger = MemoryLedger(budget, Kept(kept))
     ledger.hold_weights("m", WEIGHTS)
-    return Scheduler(ledger, max_batch, warning_percent=85, critical_percent=95, retry_after_s=15), Executor(ledger)
+    sched = Scheduler(ledger, max_batch, warning_percent=85, critical_percent=95, retry_after_s=15, share_prefixes=True)
+    return sched, Executor(ledger)
 
 
 def ticket(job_id: str, max_tokens: int, model: str = "m", **kwargs: object) -> Ticket:
@@ -152,6 +153,23 @@ def test_canceled_and_late_tickets_end_while_they_wait() -> None:
     assert isinstance(run.ended["canceled"], GenerationCanceled)
     assert isinstance(run.ended["late"], JobTimedOut)
     assert [t.job_id for t in sched.line] == ["patient"]
+
+
+def test_a_ticket_canceled_while_another_loads_its_model_is_not_prepared() -> None:
+    sched, run = scheduler(10**9)
+    canceled = False
+    prepare = run.prepare
+
+    def slow_prepare(ticket: Ticket) -> bool:
+        nonlocal canceled
+        canceled = True  # the second is canceled while the first one's model loads
+        return prepare(ticket)
+
+    run.prepare = slow_prepare  # type: ignore[method-assign]
+    sched.add(ticket("a", 5))
+    sched.add(ticket("b", 5, stop=lambda: "canceled" if canceled else None))
+    sched.fill(run)
+    assert joined(run) == ["a"] and isinstance(run.ended["b"], GenerationCanceled)
 
 
 def test_a_child_waits_for_the_member_computing_its_prefix_and_lets_others_by() -> None:

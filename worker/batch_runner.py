@@ -18,7 +18,14 @@ from typing import Any
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
-from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, JobTimedOut, MlxqError
+from shared.errors import (
+    ContextLengthExceeded,
+    GenerationCanceled,
+    GenerationFailed,
+    InsufficientMemory,
+    JobTimedOut,
+    MlxqError,
+)
 from worker.generation import Generation
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
 from worker.prefixes import Prefixes, shareable
@@ -62,20 +69,21 @@ class BatchRunner:
         # Prompt chunks between decode steps: a long prompt stalls the running rows one chunk at a time.
         self.prefill_step_size = prefill_step_size
         self.prefill_batch_size = prefill_batch_size
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[Ticket, Run] = {}
+        """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
         self._uids: dict[int, Run] = {}
 
     def add(self, handle: Generation) -> None:
         sub = handle.submission
-        ticket = Ticket(handle.job_id, sub.spec.name, sub.max_tokens, sub.deadline, handle.stop_reason)
-        self.runs[handle.job_id] = Run(handle, ticket)
+        ticket = Ticket(handle.job_id, sub.spec.name, sub.max_tokens, handle.stop_reason)
+        self.runs[ticket] = Run(handle, ticket)
         self.scheduler.add(ticket)
 
     # -- the Executor the scheduler drives ------------------------------------------------
 
     def prepare(self, ticket: Ticket) -> bool:
-        run = self.runs[ticket.job_id]
+        run = self.runs[ticket]
         sub = run.handle.submission
         # KV headroom for the load decision; a token is rarely shorter than 3 characters.
         context = ticket.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
@@ -92,13 +100,22 @@ class BatchRunner:
         except Exception as exc:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return False
+        prompt, window = len(run.row.prompt_ids), run.loaded.context_tokens
+        if window is not None and prompt >= window:
+            field = "prompt" if sub.request.prompt is not None else "messages"
+            too_long = f"The prompt takes {prompt} tokens; model '{ticket.model}' takes {window} in all"
+            self._finish(run, None, ContextLengthExceeded(too_long, param=field))
+            return False
+        if window is not None:
+            # max_tokens is a ceiling: the generation stops at the context's end ("length").
+            ticket.max_tokens = min(ticket.max_tokens, window - prompt)
         ticket.prompt = run.row.prompt_ids
         ticket.kv_bytes_per_token = run.loaded.kv_bytes_per_token
         ticket.weights_bytes = run.loaded.size_bytes
         return True
 
     def open_batch(self, ticket: Ticket) -> bool:
-        loaded = self.runs[ticket.job_id].loaded
+        loaded = self.runs[ticket].loaded
         assert loaded is not None
         self.generator = BatchGenerator(
             loaded.model,
@@ -117,7 +134,7 @@ class BatchRunner:
         return self.cache.room_for(kv_bytes)
 
     def join(self, ticket: Ticket, seed: Seed) -> int | None:
-        run = self.runs[ticket.job_id]
+        run = self.runs[ticket]
         assert run.row is not None
         ids = run.row.prompt_ids
         try:
@@ -149,7 +166,7 @@ class BatchRunner:
         return self.prefixes.nearest(model, ids)
 
     def end(self, ticket: Ticket, error: BaseException) -> None:
-        self._finish(self.runs[ticket.job_id], None, self._translated(error, ticket.job_id))
+        self._finish(self.runs[ticket], None, self._translated(error, ticket.job_id))
 
     # -- one step -------------------------------------------------------------------------
 
@@ -232,10 +249,9 @@ class BatchRunner:
             self.cache.release(run.ticket.model)
             run.loaded = None
 
-    def _finish(self, run: Run, outcome: Outcome | None, error: BaseException | None, released: bool = False) -> None:
-        if not released:
-            self._release(run)
-        self.runs.pop(run.ticket.job_id, None)
+    def _finish(self, run: Run, outcome: Outcome | None, error: BaseException | None) -> None:
+        self._release(run)
+        self.runs.pop(run.ticket, None)
         self._finished(run.handle, outcome, error)
 
     def _translated(self, exc: BaseException, job_ids: str) -> BaseException:

@@ -48,8 +48,9 @@ class Engine:
         prefill_step_size: int = 256,
         prefill_batch_size: int = 1,
     ) -> None:
+        if scheduler.ledger is not cache.ledger:
+            raise ValueError("the scheduler and the model cache must share one memory ledger")
         self.cache = cache
-        self.prefixes = prefixes
         self.scheduler = scheduler
         self.maintenance_interval_s = maintenance_interval_s
         self.runner = BatchRunner(

@@ -29,9 +29,7 @@ class Submission:
 
     def __post_init__(self) -> None:
         if self.request.max_tokens is None:
-            raise InvalidRequest(
-                "max_tokens: a job must carry it (the gateway sets it at admission)", param="max_tokens"
-            )
+            raise InvalidRequest(MISSING_MAX_TOKENS, param="max_tokens")
 
     @property
     def max_tokens(self) -> int:

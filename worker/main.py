@@ -16,6 +16,7 @@ from shared.settings import Settings
 from shared.sizing import format_bytes
 from worker import tasks
 from worker.assembly import build_engine
+from worker.demo_model import build_demo_model
 from worker.claiming import TurnTakingQueue
 from worker.model_cache import device_memory_bytes
 from worker.rq_worker import MlxqWorker
@@ -33,6 +34,9 @@ def main() -> None:
         problem = spec.problem()
         if problem:
             logger.warning("model will fail to load: %s", problem)
+        elif spec.builtin and spec.path is not None:
+            # Built now (well under a second), so that gateways can count its tokens from the first request.
+            build_demo_model(spec.path)
 
     budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
     logger.info("model budget: %s", format_bytes(budget))

@@ -31,6 +31,7 @@ from shared.errors import ExceedsMemoryBudget, InsufficientMemory, ModelUnavaila
 from shared.models import ModelSpec
 from shared.settings import Settings
 from shared.sizing import format_bytes
+from shared.tokenizing import context_length
 from worker.demo_model import build_demo_model
 from worker.ledger import MemoryLedger
 
@@ -61,6 +62,8 @@ class LoadedModel:
     measured_bytes: int
     """MLX active memory that the load added."""
     kv_bytes_per_token: int
+    context_tokens: int | None
+    """Its context length (the models file's, else its config.json's), when known."""
     loaded_at: float
     last_used: float
     active: int = 0
@@ -204,10 +207,6 @@ class ModelCache:
             ]
         return loaded + loading
 
-    def entry(self, name: str) -> LoadedModel | None:
-        with self._lock:
-            return self._loaded.get(name)
-
     def loaded_names(self) -> list[str]:
         with self._lock:
             return sorted(self._loaded)
@@ -248,12 +247,13 @@ class ModelCache:
                 retry_after_s=self.settings.memory_retry_after_s,
             )
 
+        self.ledger.hold_weights(spec.name, estimate.weights_bytes)  # first: a loading model shows its size
         with self._lock:
             self._loading.add(spec.name)
-        self.ledger.hold_weights(spec.name, estimate.weights_bytes)
-        before = mx.get_active_memory()
         try:
+            before = mx.get_active_memory()
             model, tokenizer = self._read(spec, directory, what)
+            measured = max(0, mx.get_active_memory() - before)
         except BaseException:
             self.ledger.drop_weights(spec.name)
             raise
@@ -266,8 +266,9 @@ class ModelCache:
             model=model,
             tokenizer=tokenizer,
             size_bytes=estimate.weights_bytes,
-            measured_bytes=max(0, mx.get_active_memory() - before),
+            measured_bytes=measured,
             kv_bytes_per_token=estimate.kv_bytes_per_token,
+            context_tokens=spec.context_tokens or context_length(directory / "config.json"),
             loaded_at=now,
             last_used=now,
         )

@@ -124,8 +124,7 @@ def encode_prompt(tokenizer: Any, request: GenerateRequest) -> list[int]:
             f"Model '{request.model}' has no chat template; send `prompt` instead of `messages`",
             param="messages",
         )
-    messages = [m.for_template() for m in request.messages or []]
-    tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if request.offers_tools() else None
+    messages, tools = request.for_template()
     return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
 
 

@@ -38,17 +38,15 @@ MIN_SHARED_TOKENS = 32
 StopReason = Literal["canceled", "timeout"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """One generation as the scheduler sees it, from the waiting line to the end of its row."""
 
     job_id: str
     model: str
     max_tokens: int
-    deadline: float = float("inf")
-    """time.monotonic() after which it ends, waiting or running."""
     stop: Callable[[], StopReason | None] = lambda: None
-    """Why it must end now (its handle's cancel or deadline), or None."""
+    """Why it must end now (its handle's cancel or deadline, waiting or running), or None."""
     prompt: list[int] | None = None
     """Its prompt's token ids, once prepared (model acquired, prompt encoded)."""
     kv_bytes_per_token: int = 0
@@ -129,7 +127,7 @@ class Scheduler:
         warning_percent: float,
         critical_percent: float,
         retry_after_s: int,
-        share_prefixes: bool = True,
+        share_prefixes: bool,
     ) -> None:
         self.ledger = ledger
         self.max_batch = max_batch
@@ -160,6 +158,9 @@ class Scheduler:
         self.waiting_for_room = False
         while self.line:
             ticket = self.line[0]
+            if ticket.stop() is not None:  # canceled or late meanwhile (a model load takes a while)
+                self._end_stopped_in_line(run)
+                continue
             if self.batch is not None and self.batch.model != ticket.model:
                 if self.batch.members:
                     break  # another model: it waits until this batch drains

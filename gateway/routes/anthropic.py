@@ -14,14 +14,23 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from gateway import submission, waiting
-from gateway.anthropic_api import MessagesRequest, content_blocks, error_body, message, stop_reason
+from gateway.anthropic_api import (
+    CountTokensRequest,
+    MessagesRequest,
+    content_blocks,
+    error_body,
+    error_status,
+    message,
+    stop_reason,
+)
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
 from gateway.following import follow
 
-router = router_for(error_body, tags=["anthropic"])
+router = router_for(error_body, error_status, tags=["anthropic"])
 
 
 @router.post("/v1/messages")
@@ -32,7 +41,8 @@ async def messages(body: MessagesRequest, request: Request, client: ClientDep, g
     job_id = done.ids[0]
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if body.stream:
-        events = _events(request, job_id, body.model, buffered=generate.offers_tools())
+        prompt_tokens = done.fitted[0].prompt_tokens
+        events = _events(request, job_id, body.model, prompt_tokens, buffered=generate.offers_tools())
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
@@ -44,10 +54,16 @@ def _event(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
 
 
-async def _events(request: Request, job_id: str, model: str, buffered: bool) -> AsyncIterator[str]:
-    started = message(
-        job_id, model, {"text": "", "finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
-    )
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, gw: GatewayDep) -> dict[str, int]:
+    """Anthropic's token count: the prompt as the model sees it (chat template, system and tools included)."""
+    fitted = await run_in_threadpool(gw.limits.check, body.to_generate())
+    return {"input_tokens": fitted.prompt_tokens}
+
+
+async def _events(request: Request, job_id: str, model: str, prompt_tokens: int, buffered: bool) -> AsyncIterator[str]:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
+    started = message(job_id, model, {"text": "", "finish_reason": "stop", "usage": usage})
     yield _event("message_start", {"message": {**started, "content": [], "stop_reason": None}})
     text_open = False
     ended = False
@@ -75,7 +91,10 @@ async def _events(request: Request, job_id: str, model: str, buffered: bool) -> 
                     for index, block in enumerate(content_blocks(result)):
                         async for line in _block(index, block):
                             yield line
-                usage = {"output_tokens": result["usage"]["completion_tokens"]}
+                usage = {
+                    "input_tokens": result["usage"]["prompt_tokens"],
+                    "output_tokens": result["usage"]["completion_tokens"],
+                }
                 yield _event(
                     "message_delta",
                     {"delta": {"stop_reason": stop_reason(result), "stop_sequence": None}, "usage": usage},
