@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     # A path under a protocol's prefix that no route matches still answers in that protocol's shape.
     app.state.error_prefixes = {"/api/": ollama_api.error_body}
     install_error_handlers(app)
-    openapi_schema.install(app, [spec.name for spec in app.state.models.all()])
+    openapi_schema.install(app, [spec.name for spec in app.state.models.all()] + list(app.state.models.aliases))
     authenticated = [Depends(get_client)]
     app.include_router(jobs.router, dependencies=authenticated)
     app.include_router(openai.router, dependencies=authenticated)

@@ -3,6 +3,8 @@ protocol's model listing is made from."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -10,6 +12,7 @@ from redis import Redis
 from gateway.workers import live_workers
 from shared import sizing
 from shared.models import ModelRegistry
+from shared.tokenizing import context_length
 
 
 def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
@@ -23,6 +26,7 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
         copies = [m for m in held.get(spec.name, []) if m.get("state") == "loaded"]
         directory = spec.local_files()
         size = copies[0]["size_bytes"] if copies else (sizing.estimate(directory).weights_bytes if directory else None)
+        context = spec.context_tokens or (context_length(directory / "config.json") if directory else None)
         data.append(
             {
                 "id": spec.name,
@@ -32,6 +36,10 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
                 "source": spec.source,
                 "notes": spec.notes,
                 "size_bytes": size,
+                # The context length, by the names vLLM and LM Studio give it.
+                "max_model_len": context,
+                "max_context_length": context,
+                "architecture": architecture(directory) if directory else None,
                 "loaded": bool(copies),
                 "last_used": max((m["last_used"] for m in copies), default=None),
                 "active_requests": sum(m["active_requests"] for m in copies),
@@ -44,5 +52,14 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
 
 def entry(models: ModelRegistry, redis: Redis, name: str) -> dict[str, Any]:
     """One model's entry; raises ModelNotFound, naming the models there are, if it is not configured."""
-    models.get(name)
-    return next(m for m in listing(models, redis) if m["id"] == name)
+    spec = models.get(name)
+    return next(m for m in listing(models, redis) if m["id"] == spec.name)
+
+
+def architecture(directory: Path) -> str | None:
+    """The model's architecture as its config.json names it (`qwen2`, `llama`)."""
+    try:
+        kind = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return kind if isinstance(kind, str) else None

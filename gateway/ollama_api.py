@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import ChatMessage, GenerateRequest, Tool, json_or_text
 
-VERSION = "0.9.0"
+VERSION = "0.13.5"
+"""The Ollama API version these routes answer as: one with the Responses API beside /api/*, which is what
+clients that check it (Codex CLI's --oss) ask for."""
 """The Ollama API version these routes follow (clients check it is recent enough)."""
 
 OPTIONS = {

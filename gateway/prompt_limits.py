@@ -73,7 +73,8 @@ class PromptLimits:
                 raise self._too_long(spec, model_text, request, counted, exact=rendered is not None)
             limit = min(limit, model_text.context - counted)
         wanted = request.max_tokens or settings.default_max_tokens or limit
-        resolved = request.model_copy(update={"max_tokens": min(wanted, limit)})
+        # An alias is resolved here too: the job names the model itself (model affinity, /api/ps).
+        resolved = request.model_copy(update={"max_tokens": min(wanted, limit), "model": spec.name})
         return Fitted(resolved, counted, exact=rendered is not None)
 
     @staticmethod

@@ -79,8 +79,10 @@ class ModelSpec:
 class ModelRegistry:
     """The models named in the models file, plus `demo`."""
 
-    def __init__(self, specs: dict[str, ModelSpec]) -> None:
+    def __init__(self, specs: dict[str, ModelSpec], aliases: dict[str, str] | None = None) -> None:
         self._specs = specs
+        self.aliases = aliases or {}
+        """Other names a model answers to (clients with a fixed default model name)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRegistry:
@@ -92,13 +94,17 @@ class ModelRegistry:
                 builtin=True,
             )
         }
+        aliases: dict[str, str] = {}
         if settings.models_file is not None:
-            specs.update(load_models_file(settings.models_file.expanduser()))
-        return cls(specs)
+            path = settings.models_file.expanduser()
+            specs.update(load_models_file(path))
+            aliases = load_aliases(path, specs)
+        return cls(specs, aliases)
 
     def get(self, name: str) -> ModelSpec:
+        """The model by its name, or by an alias of it."""
         try:
-            return self._specs[name]
+            return self._specs[self.aliases.get(name, name)]
         except KeyError:
             known = ", ".join(sorted(self._specs))
             raise ModelNotFound(
@@ -107,6 +113,20 @@ class ModelRegistry:
 
     def all(self) -> list[ModelSpec]:
         return [self._specs[name] for name in sorted(self._specs)]
+
+
+def load_aliases(path: Path, specs: dict[str, ModelSpec]) -> dict[str, str]:
+    """The models file's `[aliases]` table: another name -> a model's name (`"gpt-4.1" = "coder"`)."""
+    with path.open("rb") as handle:
+        table = tomllib.load(handle).get("aliases", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [aliases] must be a table of names")
+    for alias, target in table.items():
+        if not isinstance(target, str) or target not in specs:
+            raise ValueError(f"{path}: [aliases] {alias!r} names {target!r}, which is not a model here")
+        if alias in specs:
+            raise ValueError(f"{path}: [aliases] {alias!r} is already a model's name")
+    return dict(table)
 
 
 def load_models_file(path: Path) -> dict[str, ModelSpec]:

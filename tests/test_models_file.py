@@ -55,3 +55,12 @@ def test_relative_paths_are_relative_to_the_models_file(tmp_path: Path) -> None:
 def test_a_malformed_models_file_is_refused_naming_the_entry(tmp_path: Path, text: str, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
         registry(tmp_path, text)
+
+
+def test_an_alias_names_a_model_for_clients_with_a_fixed_default_name(tmp_path: Path) -> None:
+    models = registry(tmp_path, '[aliases]\n"gpt-5.6-luna" = "demo"\n')
+    assert models.get("gpt-5.6-luna").name == "demo"
+    with pytest.raises(ValueError, match="not a model here"):
+        registry(tmp_path, '[aliases]\n"gpt-4.1" = "nope"\n')
+    with pytest.raises(ValueError, match="already a model"):
+        registry(tmp_path, '[aliases]\n"demo" = "demo"\n')

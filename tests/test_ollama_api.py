@@ -29,7 +29,8 @@ def client(service: Service) -> ollama.Client:
 
 def test_list_show_ps_and_version(client: ollama.Client, service: Service) -> None:
     assert "demo" in [m.model for m in client.list().models]
-    assert client.show("demo").capabilities
+    shown = client.show("demo")
+    assert shown.capabilities and shown.modelinfo and shown.modelinfo["qwen2.context_length"] == 32768
     client.generate(model="demo", prompt="warm", options={"num_predict": 1})
     deadline = time.monotonic() + 5  # the worker's heartbeat says what it holds
     while "demo" not in [m.model for m in client.ps().models]:

@@ -58,8 +58,9 @@ def test_a_text_completion(client: openai.OpenAI) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens <= 6
 
 
-def test_models_list(client: openai.OpenAI) -> None:
-    assert "demo" in [model.id for model in client.models.list()]
+def test_models_list_says_each_models_context_length(client: openai.OpenAI) -> None:
+    [demo] = [model for model in client.models.list() if model.id == "demo"]
+    assert demo.max_model_len == demo.max_context_length == 32768  # type: ignore[attr-defined]
 
 
 def test_a_streamed_chat_reaches_the_client_before_generation_ends(client: openai.OpenAI, service: Service) -> None:

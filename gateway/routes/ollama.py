@@ -72,10 +72,22 @@ def show(body: ShowRequest, models: ModelsDep, redis: RedisDep) -> dict[str, Any
         "parameters": "",
         "template": "",
         "details": _model_entry(model)["details"],
-        "model_info": {"mlxq.source": model["source"], "mlxq.loaded": model["loaded"]},
+        "model_info": _model_info(model),
         "capabilities": ["completion", "tools"],
         "modified_at": now(),
     }
+
+
+def _model_info(model: dict[str, Any]) -> dict[str, Any]:
+    arch = model["architecture"] or "unknown"
+    info: dict[str, Any] = {
+        "general.architecture": arch,
+        "mlxq.source": model["source"],
+        "mlxq.loaded": model["loaded"],
+    }
+    if model["max_model_len"]:
+        info[f"{arch}.context_length"] = model["max_model_len"]
+    return info
 
 
 @router.post("/api/chat")
