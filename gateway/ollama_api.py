@@ -106,6 +106,8 @@ class _Common(BaseModel):
         fields: dict[str, Any] = {OPTIONS[k]: v for k, v in (self.options or {}).items() if k in OPTIONS}
         if isinstance(fields.get("stop"), list) and not fields["stop"]:
             fields.pop("stop")
+        if fields.get("max_tokens") in (-1, -2):
+            fields.pop("max_tokens")  # Ollama's "no limit" and "fill the context": up to the limit here
         schema: dict[str, Any] | None = None
         if self.format == "json":
             schema = {"type": "object"}

@@ -60,6 +60,14 @@ def test_format_is_enforced(client: ollama.Client) -> None:
     jsonschema.validate(json.loads(reply.message.content), SCHEMA)
 
 
+def test_num_predict_minus_one_or_two_leaves_the_limit_to_the_context() -> None:
+    from gateway.ollama_api import GenerateBody
+
+    for value in (-1, -2):
+        body = GenerateBody.model_validate({"model": "demo", "prompt": "Hi", "options": {"num_predict": value}})
+        assert body.to_generate().max_tokens is None  # then up to the context and the cap (test_prompt_limits)
+
+
 def test_an_unknown_option_is_refused_in_ollamas_error_shape(service: Service) -> None:
     body = {"model": "demo", "prompt": "x", "options": {"mirostat": 2}, "stream": False}
     response = httpx.post(service.base_url + "/api/generate", json=body)

@@ -16,8 +16,8 @@ from shared.settings import Settings
 from shared.sizing import format_bytes
 from worker import tasks
 from worker.assembly import build_engine
-from worker.demo_model import build_demo_model
 from worker.claiming import TurnTakingQueue
+from worker.demo_model import build_demo_model
 from worker.model_cache import device_memory_bytes
 from worker.rq_worker import MlxqWorker
 from worker.streaming import StreamPublisher
