@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidRequest, MlxqError
-from shared.schemas import GenerateRequest
+from shared.schemas import GenerateRequest, json_or_text
 
 
 class Block(BaseModel):
@@ -136,6 +136,9 @@ class MessagesRequest(BaseModel):
             fields["tool_choice"] = _tool_choice(self.tool_choice)
         if self.output_config is not None and self.output_config.format is not None:
             fields["json_schema"] = self.output_config.format.schema_
+        if self.thinking is not None and self.thinking.type != "adaptive":
+            # Where the model's template has the switch (Qwen3's enable_thinking); elsewhere it thinks as it does.
+            fields["chat_template_kwargs"] = {"enable_thinking": self.thinking.type == "enabled"}
         return GenerateRequest.model_validate(fields)
 
 
@@ -212,24 +215,35 @@ def _result_text(blocks: list[dict[str, Any]]) -> str:
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
+def tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
 def content_blocks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result's thinking, text and tool_use blocks, in the order a stream shows them."""
     blocks: list[dict[str, Any]] = []
+    if result.get("reasoning"):
+        blocks.append({"type": "thinking", "thinking": result["reasoning"], "signature": ""})
     if result["text"]:
         blocks.append({"type": "text", "text": result["text"]})
     for call in result.get("tool_calls") or []:
+        arguments = call["function"]["arguments"] or "{}"
         blocks.append(
             {
                 "type": "tool_use",
-                "id": "toolu_" + call["id"].removeprefix("call_"),
+                "id": tool_use_id(call["id"]),
                 "name": call["function"]["name"],
-                "input": json.loads(call["function"]["arguments"] or "{}"),
+                # A call cut short by max_tokens has arguments that do not parse: the input as far as it is known.
+                "input": json_or_text(arguments) if isinstance(json_or_text(arguments), dict) else {},
             }
         )
     return blocks
 
 
 def stop_reason(result: dict[str, Any]) -> str:
-    """Anthropic's stop_reason (a stop sequence reads as end_turn: the worker does not say which one)."""
+    """Anthropic's stop_reason; `stop_sequence` when one of the request's stop sequences ended the text."""
+    if result["finish_reason"] == "stop" and result.get("stop_sequence"):
+        return "stop_sequence"
     return STOP_REASONS.get(result["finish_reason"], "end_turn")
 
 
@@ -241,7 +255,7 @@ def message(job_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
         "model": model,
         "content": content_blocks(result),
         "stop_reason": stop_reason(result),
-        "stop_sequence": None,
+        "stop_sequence": result.get("stop_sequence"),
         "usage": {
             "input_tokens": result["usage"]["prompt_tokens"],
             "output_tokens": result["usage"]["completion_tokens"],

@@ -113,6 +113,8 @@ class _Common(BaseModel):
             schema = {"type": "object"}
         elif isinstance(self.format, dict):
             schema = self.format
+        if self.think is not None:
+            fields["chat_template_kwargs"] = {"enable_thinking": self.think}
         return GenerateRequest.model_validate({"model": self.model, "json_schema": schema, **fields, **prompt})
 
 

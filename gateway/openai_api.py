@@ -128,10 +128,13 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, bool | int | str] | None = None
+    """vLLM's: passed to the chat template (`{"enable_thinking": false}` turns Qwen3's reasoning off)."""
 
     def to_generate(self) -> GenerateRequest:
         request = self._generate(
             messages=self.messages,
+            chat_template_kwargs=self.chat_template_kwargs,
             tools=self.tools,
             tool_choice=self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls,
@@ -200,6 +203,9 @@ class Shapes:
                 "role": "assistant",
                 "content": result["text"] if not calls else (result["text"] or None),
             }
+            if result.get("reasoning"):
+                # DeepSeek's and vLLM's field, and vLLM's newer name for it.
+                choice["message"]["reasoning_content"] = choice["message"]["reasoning"] = result["reasoning"]
             if calls:
                 choice["message"]["tool_calls"] = calls
         else:
@@ -241,11 +247,21 @@ class Shapes:
             "choices": [choice],
         }
 
-    def tool_calls_chunk(self, result: dict[str, Any]) -> dict[str, Any]:
-        """A buffered tool-call answer in one chunk: its content, if any, and every call as a delta."""
-        chunk = self.chunk(text=result["text"] or None)
-        calls = result.get("tool_calls") or []
-        chunk["choices"][0]["delta"]["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+    def reasoning_chunk(self, text: str) -> dict[str, Any]:
+        chunk = self.chunk()
+        chunk["choices"][0]["delta"] = {"reasoning_content": text, "reasoning": text}
+        return chunk
+
+    def call_chunk(self, index: int, call_id: str, name: str) -> dict[str, Any]:
+        """A tool call begins: its id and name (its arguments follow in `arguments_chunk`s)."""
+        chunk = self.chunk()
+        call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        chunk["choices"][0]["delta"] = {"tool_calls": [call]}
+        return chunk
+
+    def arguments_chunk(self, index: int, text: str) -> dict[str, Any]:
+        chunk = self.chunk()
+        chunk["choices"][0]["delta"] = {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
         return chunk
 
     def usage_chunk(self, result: dict[str, Any]) -> dict[str, Any]:

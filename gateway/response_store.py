@@ -58,8 +58,16 @@ def conversation(redis: Redis, response_id: str, client: Client) -> list[dict[st
     return [*record["items"], *record["output"]]
 
 
-def finish(redis: Redis, record: dict[str, Any], shapes: Shapes, result: dict[str, Any], ttl_s: int) -> None:
-    output = shapes.output(result)
+def finish(
+    redis: Redis,
+    record: dict[str, Any],
+    shapes: Shapes,
+    result: dict[str, Any],
+    ttl_s: int,
+    output: list[dict[str, Any]] | None = None,
+) -> None:
+    """The response completed with `output` (a stream's items as it showed them; else the result's)."""
+    output = output if output is not None else shapes.output(result)
     record["output"] = output
     record["response"] = shapes.response("completed", output, result)
     save(redis, record, ttl_s)

@@ -241,6 +241,7 @@ class Shapes:
     def __init__(self, job_id: str, body: ResponsesRequest) -> None:
         self.id = "resp_" + job_id.replace("-", "")
         self.message_id = "msg_" + job_id.replace("-", "")
+        self.reasoning_id = "rs_" + job_id.replace("-", "")
         self.body = body
         self.created_at = int(time.time())
         self.sequence = 0
@@ -295,30 +296,43 @@ class Shapes:
         return failed
 
     def message(self, text: str, status: str = "completed") -> dict[str, Any]:
-        content = [] if status == "in_progress" else [self.text_part(text)]
-        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": [part]}
+
+    def reasoning(self, text: str) -> dict[str, Any]:
+        """The model's reasoning as a reasoning item (its text as content; no summary is made)."""
+        content = [{"type": "reasoning_text", "text": text}]
+        return {
+            "type": "reasoning",
+            "id": self.reasoning_id,
+            "summary": [],
+            "content": content,
+            "encrypted_content": None,
+        }
+
+    def empty_item(self, key: str) -> dict[str, Any]:
+        return self.message("", "in_progress") if key == "message" else self.reasoning("")
 
     @staticmethod
-    def text_part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-    def calls(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        return [
-            {
-                "type": "function_call",
-                "id": "fc_" + call["id"].removeprefix("call_"),
-                "call_id": call["id"],
-                "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"],
-                "status": "completed",
-            }
-            for call in result.get("tool_calls") or []
-        ]
+    def call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "id": "fc_" + call_id.removeprefix("call_"),
+            "call_id": call_id,
+            "name": name,
+            "arguments": arguments,
+            "status": "completed",
+        }
 
     def output(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        calls = self.calls(result)
+        """Reasoning, then the message, then the calls (the order a stream opens them in)."""
+        calls = [
+            self.call_item(c["id"], c["function"]["name"], c["function"]["arguments"])
+            for c in result.get("tool_calls") or []
+        ]
+        reasoning = [self.reasoning(result["reasoning"])] if result.get("reasoning") else []
         text = [self.message(result["text"])] if result["text"] or not calls else []
-        return text + calls
+        return reasoning + text + calls
 
     def event(self, kind: str, **data: Any) -> str:
         """One server-sent event of the stream, numbered."""

@@ -2,7 +2,11 @@
 
 Entries are `{"type": ..., "data": <json>}`:
 - `status`: `{"status": "started" | "queued"}` (queued again: requeued or handed back);
-- `text`: `{"text": "..."}`, a piece of generated text as soon as it is safe to show;
+- `text`: `{"text": "..."}`, a piece of the answer's text as soon as it is safe to show (with
+  `logprobs` when asked for);
+- `reasoning`: `{"text": "..."}`, a piece of the model's reasoning, apart from the answer;
+- `call`: `{"index", "id", "name"}`, a tool call begins; `arguments`: `{"index", "text"}`, more of
+  its arguments (JSON text, as it forms);
 - `end`: `{"status": "finished" | "failed" | "canceled", "result": {...} | "error": {...}}`.
 Stream ids are the SSE event ids, so a client resumes with Last-Event-ID.
 Workers write text through a publisher thread (worker/streaming.py); everything

@@ -197,6 +197,13 @@ class GenerateRequest(BaseModel):
         int, Field(ge=0, le=20, description="with `logprobs`, also the likeliest alternatives at each token")
     ] = 0
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
+    chat_template_kwargs: (
+        Annotated[
+            dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], bool | int | str],
+            Field(max_length=16, description='passed to the chat template, e.g. {"enable_thinking": false}'),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -240,12 +247,12 @@ class GenerateRequest(BaseModel):
     def offers_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
-    def for_template(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        """The messages and tools as the chat template renders them (the gateway counts the prompt
-        with the same rendering the worker generates from)."""
+    def for_template(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
+        """The messages, tools and template arguments as the chat template renders them (the gateway
+        counts the prompt with the same rendering the worker generates from)."""
         messages = [m.for_template() for m in self.messages or []]
         tools = [t.model_dump(exclude_none=True) for t in self.tools or []] if self.offers_tools() else None
-        return messages, tools
+        return messages, tools, dict(self.chat_template_kwargs or {})
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -284,6 +291,8 @@ class GenerationResult(BaseModel):
     """What a finished generation job returns (stored by RQ as JSON)."""
 
     text: str
+    reasoning: str | None = Field(default=None, description="the model's reasoning, apart from `text` (its answer)")
+    stop_sequence: str | None = Field(default=None, description="the stop string that ended the text, if one did")
     finish_reason: FinishReason
     usage: Usage
     timings: Timings

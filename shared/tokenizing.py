@@ -50,9 +50,9 @@ class ModelText:
         chat = self._chat_tokenizer()
         if chat is None or getattr(chat, "chat_template", None) is None:
             return None
-        messages, tools = request.for_template()
+        messages, tools, kwargs = request.for_template()
         try:
-            text = chat.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            text = chat.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)
         except Exception as exc:  # the template's own refusal (an unsupported role order, say)
             logger.info("cannot render the chat template of %s: %s", self.directory, type(exc).__name__)
             return None
@@ -106,7 +106,6 @@ class ModelTexts:
         found = ModelText(tokenizer, context, directory)
         self._cache[spec.name] = (found, time.monotonic())
         return found
-
 
     @staticmethod
     def _may_have_appeared(spec: ModelSpec, looked_at: float) -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from tests.scripted_model import CALLER, THINKER, build_scripted_model
 from tests.support import RedisServer, Service
 
 MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
@@ -48,10 +49,14 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     broken = directory / "broken"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "qwen2"}')  # and no weights
+    thinker = build_scripted_model(directory / "thinker", THINKER)
+    caller = build_scripted_model(directory / "caller", CALLER)
     path = directory / "models.toml"
     path.write_text(
         f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
         f'[models.broken]\npath = "{broken}"\nnotes = "a config.json and no weights"\n'
+        f'[models.thinker]\npath = "{thinker}"\nnotes = "scripted: thinks, then answers"\n'
+        f'[models.caller]\npath = "{caller}"\nnotes = "scripted: calls get_weather"\n'
     )
     return path
 

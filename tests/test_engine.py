@@ -15,6 +15,7 @@ from shared.settings import Settings
 from worker.assembly import build_engine
 from worker.engine import Engine
 from worker.generation import Submission
+from worker.output_split import Piece
 from worker.rows import Outcome
 
 
@@ -37,14 +38,14 @@ def submit(engine: Engine, spec: ModelSpec, job_id: str, **request: object) -> S
 
 
 def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpec) -> None:
-    pieces: list[str] = []
+    pieces: list[Piece] = []
     sub = submit(engine, demo, "a", max_tokens=30, ignore_eos=True)
     sub.on_text = pieces.append
     handle = engine.submit(sub)
     assert handle.wait(30)
     outcome = handle.result()
     assert outcome.completion_tokens == 30
-    assert "".join(pieces) == outcome.text
+    assert "".join(piece.text for piece in pieces if piece.kind == "text") == outcome.text
     assert engine.active_job_ids() == []
 
 

@@ -20,21 +20,22 @@ from mlx_lm.generate import StopSequences
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from shared.errors import InvalidRequest
-from shared.schemas import FinishReason, GenerateRequest
+from shared.schemas import FinishReason, GenerateRequest, NamedToolChoice
 from worker.constrained import JsonConstraint
 from worker.logprobs import entry as token_logprobs
+from worker.output_split import Markers, OutputSplit, Piece
 from worker.stops import StopMatcher
-from worker.tool_calls import tool_calls_in
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 class TextSink(Protocol):
-    """Receives each new piece of generated text as soon as it is safe to show, and, for a request
-    that asked for logprobs, the entries of the tokens that piece completes."""
+    """Receives each new piece of output (text, reasoning, a call's start or more of its arguments)
+    as soon as it is safe to show, and, for a request that asked for logprobs, the entries of the
+    tokens generated since the last piece."""
 
-    def __call__(self, piece: str, logprobs: list[dict[str, Any]] | None = None, /) -> None: ...
+    def __call__(self, piece: Piece, logprobs: list[dict[str, Any]] | None = None, /) -> None: ...
 
 
 @dataclass
@@ -48,7 +49,10 @@ class Outcome:
     cached_tokens: int = 0
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    """From the request joining the batch (prompt encoding and prefill included) to its first token."""
+    reasoning: str | None = None
+    """The model's reasoning, apart from `text` (its answer)."""
+    stop_sequence: str | None = None
+    """The stop string that ended the text, if one did."""
 
 
 _SHARED: dict[tuple[float, float, float, int], Sampler] = {}
@@ -124,8 +128,10 @@ def encode_prompt(tokenizer: Any, request: GenerateRequest) -> list[int]:
             f"Model '{request.model}' has no chat template; send `prompt` instead of `messages`",
             param="messages",
         )
-    messages, tools = request.for_template()
-    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True))
+    messages, tools, kwargs = request.for_template()
+    return list(
+        tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, **kwargs)
+    )
 
 
 def ban_tokens(token_ids: set[int]) -> Callable[[Any, Any], Any]:
@@ -163,6 +169,9 @@ class Row:
     cached_tokens: int = 0
     """Prompt tokens that came from a kept prefix's KV cache instead of being computed."""
     cut_by_stop_string: bool = False
+    stop_sequence: str | None = None
+    split: OutputSplit = field(default_factory=lambda: OutputSplit(Markers()))
+    """The output as reasoning, text and calls, as it is generated."""
     matcher: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -173,9 +182,19 @@ class Row:
     def start(cls, tokenizer: Any, request: GenerateRequest, max_tokens: int, on_text: TextSink | None) -> Row:
         eos = set(tokenizer.eos_token_ids)
         vocab_size = len(tokenizer.get_vocab())
+        prompt_ids = encode_prompt(tokenizer, request)
+        tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if request.offers_tools() else []
+        split = OutputSplit(
+            markers_of(tokenizer),
+            thinking=opens_thinking(tokenizer, prompt_ids),
+            forced=request.forced_call_schema() is not None,
+            forced_name=request.tool_choice.function.name if isinstance(request.tool_choice, NamedToolChoice) else "",
+            tools=tools,
+        )
         return cls(
             request=request,
-            prompt_ids=encode_prompt(tokenizer, request),
+            prompt_ids=prompt_ids,
+            split=split,
             eos=eos,
             detokenizer=tokenizer.detokenizer,
             on_text=on_text,
@@ -207,22 +226,27 @@ class Row:
         self.text += self.detokenizer.last_segment
         cut = self.matcher.find(self.text, before)
         if cut is not None:
-            self.text, self.cut_by_stop_string = self.text[:cut], True
+            self._cut_at_stop(cut)
             return "stop"
-        if self.on_text is not None:
-            safe = self.matcher.safe_length(self.text)
-            if safe > self.emitted:
-                self._send(self.text[self.emitted : safe])
-                self.emitted = safe
+        safe = self.matcher.safe_length(self.text)
+        if safe > self.emitted:
+            self._send(self.split.feed(self.text[self.emitted : safe]))
+            self.emitted = safe
         return "length" if finish_reason == "length" else None
 
-    def _send(self, piece: str) -> None:
-        assert self.on_text is not None
-        if not self.request.logprobs:
-            self.on_text(piece)
+    def _cut_at_stop(self, cut: int) -> None:
+        self.stop_sequence = next((s for s in self.matcher.stops if self.text.startswith(s, cut)), None)
+        self.text, self.cut_by_stop_string = self.text[:cut], True
+
+    def _send(self, pieces: list[Piece]) -> None:
+        if self.on_text is None:
             return
-        self.on_text(piece, self.logprobs[self.unsent :])
-        self.unsent = len(self.logprobs)
+        for piece in pieces:
+            if not self.request.logprobs:
+                self.on_text(piece)
+                continue
+            self.on_text(piece, self.logprobs[self.unsent :])
+            self.unsent = len(self.logprobs)
 
     def outcome(self, finish: FinishReason) -> Outcome:
         """The request's result; the detokenizer's last bytes (a multi-byte character) are flushed first."""
@@ -232,15 +256,21 @@ class Row:
             self.text += self.detokenizer.last_segment
             cut = self.matcher.find(self.text, before)
             if cut is not None:
-                self.text, finish = self.text[:cut], "stop"
-        if self.on_text is not None and (len(self.text) > self.emitted or self.unsent < len(self.logprobs)):
-            self._send(self.text[self.emitted :])
-        text, calls = tool_calls_in(self.text, self.request, self.tokenizer) if finish == "stop" else (self.text, None)
-        if calls:
+                self._cut_at_stop(cut)
+                finish = "stop"
+        pieces = self.split.feed(self.text[self.emitted :]) + self.split.finish(cut=finish == "length")
+        self.emitted = len(self.text)
+        if self.request.logprobs and self.unsent < len(self.logprobs) and not pieces:
+            pieces = [Piece("text")]  # the last tokens' logprobs, with no text of their own
+        self._send(pieces)
+        calls = self.split.calls if self.request.parallel_tool_calls else self.split.calls[:1]
+        if calls and finish == "stop":
             finish = "tool_calls"
         return Outcome(
-            text=text,
-            tool_calls=calls,
+            text=self.split.content,
+            tool_calls=calls or None,
+            reasoning=self.split.reasoning or None,
+            stop_sequence=self.stop_sequence,
             finish_reason=finish,
             prompt_tokens=len(self.prompt_ids),
             cached_tokens=self.cached_tokens,
@@ -249,3 +279,33 @@ class Row:
             first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
             logprobs=self.logprobs if self.request.logprobs else None,
         )
+
+
+DEFAULT_CALL_MARKERS = ("<tool_call>", "</tool_call>")
+"""Hermes- and Qwen-style calls (the demo model's too), where mlx-lm names no markers of its own."""
+
+
+def markers_of(tokenizer: Any) -> Markers:
+    """The model's reasoning and tool-call markers, as mlx-lm reads them from its tokenizer and template."""
+    think = None
+    if getattr(tokenizer, "has_thinking", False) and tokenizer.think_start and tokenizer.think_end:
+        think = (str(tokenizer.think_start), str(tokenizer.think_end))
+    start = getattr(tokenizer, "tool_call_start", None)
+    end = getattr(tokenizer, "tool_call_end", None)
+    parser = getattr(tokenizer, "tool_parser", None)
+    if not start:
+        return Markers(think=think, call=DEFAULT_CALL_MARKERS)
+    if getattr(parser, "__module__", "").endswith(".json_tools"):
+        parser = None  # JSON between the markers: streamed as it forms, by our own reading
+    return Markers(think=think, call=(str(start), str(end or "")), parser=parser)
+
+
+def opens_thinking(tokenizer: Any, prompt_ids: list[int]) -> bool:
+    """Whether the chat template opened the reasoning in the prompt (Qwen3, DeepSeek-R1 style): the
+    generation then starts inside it."""
+    think_id = getattr(tokenizer, "think_start_id", None) if getattr(tokenizer, "has_thinking", False) else None
+    if think_id is None:
+        return False
+    tail = prompt_ids[-3:]
+    end_id = getattr(tokenizer, "think_end_id", None)
+    return think_id in tail and (end_id is None or end_id not in tail[tail.index(think_id) :])

@@ -12,6 +12,7 @@ class StopMatcher:
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]
+        self.stops = list(self._stops)
         self._longest = max((len(s) for s in self._stops), default=0)
 
     def find(self, text: str, start: int = 0) -> int | None:

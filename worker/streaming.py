@@ -1,8 +1,9 @@
-"""Publishes generated text to job streams from a thread of its own.
+"""Publishes generated output to job streams from a thread of its own.
 
-The engine thread hands text over and carries on generating; this thread writes
-it to Redis, batching what piled up into one pipeline, so a slow round trip never
-slows the token loop.
+The engine thread hands each piece over (text, reasoning, a call's start, more of
+its arguments: worker/output_split.py) and carries on generating; this thread
+writes them to Redis, batching what piled up into one pipeline, so a slow round
+trip never slows the token loop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from redis import Redis
 
 from shared import job_stream
 from shared.outage import REDIS, UNREACHABLE
+from worker.output_split import Piece
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +25,14 @@ logger = logging.getLogger(__name__)
 class StreamPublisher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pending: queue.Queue[tuple[str, str, list[dict[str, Any]] | None] | None] = queue.Queue()
+        self._pending: queue.Queue[tuple[str, Piece, list[dict[str, Any]] | None] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._in_flight = 0
         self._thread = threading.Thread(target=self._run, name="mlxq-stream-publisher", daemon=True)
         self._thread.start()
 
-    def text(self, job_id: str, piece: str, logprobs: list[dict[str, Any]] | None = None) -> None:
-        """Queue a piece of text (and, if asked for, its tokens' logprobs) for the job's stream (any
+    def piece(self, job_id: str, piece: Piece, logprobs: list[dict[str, Any]] | None = None) -> None:
+        """Queue a piece of output (and, if asked for, its tokens' logprobs) for the job's stream (any
         thread; never blocks)."""
         with self._idle:
             self._in_flight += 1
@@ -58,15 +60,27 @@ class StreamPublisher:
             try:
                 with self._redis.pipeline(transaction=False) as pipe:
                     for job_id, piece, logprobs in batch:
-                        extra = {} if logprobs is None else {"logprobs": logprobs}
-                        job_stream.append(pipe, job_id, "text", None, text=piece, **extra)
+                        job_stream.append(pipe, job_id, piece.kind, None, **fields(piece, logprobs))
                     pipe.execute()
                 REDIS.ok()
             except UNREACHABLE as exc:
                 # Lost from the live stream only: the job's result keeps the whole text.
                 REDIS.failed("publishing generated text", exc)
             except Exception:
-                logger.exception("could not publish %d text pieces", len(batch))
+                logger.exception("could not publish %d output pieces", len(batch))
             with self._idle:
                 self._in_flight -= len(batch)
                 self._idle.notify_all()
+
+
+def fields(piece: Piece, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A piece as its stream entry's data (shared/job_stream.py)."""
+    data: dict[str, Any] = {"index": piece.index, "id": piece.id, "name": piece.name} if piece.kind == "call" else {}
+    if piece.kind != "call":
+        data["text"] = piece.text
+    if piece.kind == "arguments":
+        data["index"] = piece.index
+    if logprobs is not None:
+        data["logprobs"] = logprobs
+    return data
+

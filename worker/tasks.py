@@ -103,7 +103,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             request=req,
             spec=spec,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
-            on_text=lambda piece, logprobs=None: runtime.publisher.text(job.id, piece, logprobs),
+            on_text=lambda piece, logprobs=None: runtime.publisher.piece(job.id, piece, logprobs),
         )
         handle = runtime.engine.submit(submission)
         try:
@@ -129,6 +129,8 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
         queued_s = max(0.0, (job.started_at - job.enqueued_at).total_seconds())
     result = GenerationResult(
         text=outcome.text,
+        reasoning=outcome.reasoning,
+        stop_sequence=outcome.stop_sequence,
         finish_reason=outcome.finish_reason,
         usage=Usage(
             prompt_tokens=outcome.prompt_tokens,

@@ -20,11 +20,11 @@ from gateway import submission, waiting
 from gateway.anthropic_api import (
     CountTokensRequest,
     MessagesRequest,
-    content_blocks,
     error_body,
     error_status,
     message,
     stop_reason,
+    tool_use_id,
 )
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
@@ -42,7 +42,7 @@ async def messages(body: MessagesRequest, request: Request, client: ClientDep, g
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if body.stream:
         prompt_tokens = done.fitted[0].prompt_tokens
-        events = _events(request, job_id, body.model, prompt_tokens, buffered=generate.offers_tools())
+        events = _events(request, job_id, body.model, prompt_tokens)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
@@ -61,23 +61,34 @@ async def count_tokens(body: CountTokensRequest, gw: GatewayDep) -> dict[str, in
     return {"input_tokens": fitted.prompt_tokens}
 
 
-async def _events(request: Request, job_id: str, model: str, prompt_tokens: int, buffered: bool) -> AsyncIterator[str]:
+async def _events(request: Request, job_id: str, model: str, prompt_tokens: int) -> AsyncIterator[str]:
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
     started = message(job_id, model, {"text": "", "finish_reason": "stop", "usage": usage})
     yield _event("message_start", {"message": {**started, "content": [], "stop_reason": None}})
-    text_open = False
+    blocks = _Blocks()
     ended = False
     try:
         async for entry in follow(request.app.state.aredis, job_id, pings=True):
             if entry.kind == "ping":
                 yield _event("ping", {})
-            elif entry.kind == "text" and not buffered and entry.data["text"]:
-                if not text_open:
-                    yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
-                    text_open = True
-                yield _event(
-                    "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": entry.data["text"]}}
-                )
+            elif entry.kind in ("text", "reasoning") and entry.data["text"]:
+                kind = "text" if entry.kind == "text" else "thinking"
+                for line in blocks.open(
+                    kind, {"type": kind, kind: "", **({"signature": ""} if kind == "thinking" else {})}
+                ):
+                    yield line
+                yield blocks.delta({"type": f"{kind}_delta", kind: entry.data["text"]})
+            elif entry.kind == "call":
+                block = {
+                    "type": "tool_use",
+                    "id": tool_use_id(entry.data["id"]),
+                    "name": entry.data["name"],
+                    "input": {},
+                }
+                for line in blocks.open("tool_use", block, new=True):
+                    yield line
+            elif entry.kind == "arguments" and entry.data["text"]:
+                yield blocks.delta({"type": "input_json_delta", "partial_json": entry.data["text"]})
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] != "finished":
@@ -85,33 +96,45 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int,
                     yield _event("error", {"error": {"type": "api_error", "message": error.message}})
                     return
                 result = entry.data["result"]
-                if text_open:
-                    yield _event("content_block_stop", {"index": 0})
-                elif buffered:
-                    for index, block in enumerate(content_blocks(result)):
-                        async for line in _block(index, block):
-                            yield line
+                for line in blocks.close():
+                    yield line
                 usage = {
                     "input_tokens": result["usage"]["prompt_tokens"],
                     "output_tokens": result["usage"]["completion_tokens"],
                 }
-                yield _event(
-                    "message_delta",
-                    {"delta": {"stop_reason": stop_reason(result), "stop_sequence": None}, "usage": usage},
-                )
+                delta = {"stop_reason": stop_reason(result), "stop_sequence": result.get("stop_sequence")}
+                yield _event("message_delta", {"delta": delta, "usage": usage})
                 yield _event("message_stop", {})
     finally:
         if not ended:
             waiting.cancel_quietly(request, job_id)
 
 
-async def _block(index: int, block: dict[str, Any]) -> AsyncIterator[str]:
-    if block["type"] == "text":
-        yield _event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
-        yield _event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": block["text"]}})
-    else:
-        start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-        yield _event("content_block_start", {"index": index, "content_block": start})
-        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-        yield _event("content_block_delta", {"index": index, "delta": delta})
-    yield _event("content_block_stop", {"index": index})
+class _Blocks:
+    """The content blocks of a streamed message: one open at a time, numbered as they open."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.kind: str | None = None
+
+    def open(self, kind: str, block: dict[str, Any], new: bool = False) -> list[str]:
+        """Start a block of `kind` unless one is open already (`new`: always another one)."""
+        if self.kind == kind and not new:
+            return []
+        lines = self.close()
+        self.index += 1
+        self.kind = kind
+        return [*lines, _event("content_block_start", {"index": self.index, "content_block": block})]
+
+    def delta(self, delta: dict[str, Any]) -> str:
+        return _event("content_block_delta", {"index": self.index, "delta": delta})
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        lines = []
+        if self.kind == "thinking":
+            # A local model's thinking carries no signature; the field is there, empty, as clients expect.
+            lines.append(self.delta({"type": "signature_delta", "signature": ""}))
+        self.kind = None
+        return [*lines, _event("content_block_stop", {"index": self.index})]

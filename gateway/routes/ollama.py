@@ -102,15 +102,22 @@ async def generate(body: GenerateBody, request: Request, client: ClientDep, gw: 
     return await _call(body.to_generate(), body.stream, request, client, gw, chat=False)
 
 
-def _piece(model: str, chat: bool, text: str) -> dict[str, Any]:
+def _piece(model: str, chat: bool, text: str, thinking: str = "") -> dict[str, Any]:
     if chat:
-        return {"model": model, "created_at": now(), "message": {"role": "assistant", "content": text}, "done": False}
-    return {"model": model, "created_at": now(), "response": text, "done": False}
+        message = {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}
+        return {"model": model, "created_at": now(), "message": message, "done": False}
+    return {
+        "model": model,
+        "created_at": now(),
+        "response": text,
+        **({"thinking": thinking} if thinking else {}),
+        "done": False,
+    }
 
 
-def _final(model: str, chat: bool, result: dict[str, Any], text: str) -> dict[str, Any]:
+def _final(model: str, chat: bool, result: dict[str, Any], text: str, thinking: str = "") -> dict[str, Any]:
     reason = {"length": "length", "tool_calls": "stop"}.get(result["finish_reason"], "stop")
-    document = _piece(model, chat, text)
+    document = _piece(model, chat, text, thinking)
     calls = tool_calls(result)
     if chat and calls:
         document["message"]["tool_calls"] = calls
@@ -124,23 +131,27 @@ async def _call(
     job_id = done.ids[0]
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if stream:
-        lines = _lines(request, job_id, generate.model, chat, buffered=generate.offers_tools())
+        lines = _lines(request, job_id, generate.model, chat)
         return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
     result = await waiting.result(request, job_id)
-    return JSONResponse(_final(generate.model, chat, result, result["text"]), headers=headers)
+    final = _final(generate.model, chat, result, result["text"], result.get("reasoning") or "")
+    return JSONResponse(final, headers=headers)
 
 
-async def _lines(request: Request, job_id: str, model: str, chat: bool, buffered: bool) -> AsyncIterator[str]:
+async def _lines(request: Request, job_id: str, model: str, chat: bool) -> AsyncIterator[str]:
+    """Text and thinking as they are generated; tool calls, whole as Ollama sends them, with the end."""
     ended = False
     try:
         async for entry in follow(request.app.state.aredis, job_id):
-            if entry.kind == "text" and not buffered:
+            if entry.kind == "text" and entry.data["text"]:
                 yield json.dumps(_piece(model, chat, entry.data["text"])) + "\n"
+            elif entry.kind == "reasoning" and entry.data["text"]:
+                yield json.dumps(_piece(model, chat, "", thinking=entry.data["text"])) + "\n"
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] == "finished":
                     result = entry.data["result"]
-                    yield json.dumps(_final(model, chat, result, result["text"] if buffered else "")) + "\n"
+                    yield json.dumps(_final(model, chat, result, "")) + "\n"
                 else:
                     yield json.dumps({"error": waiting.failure(entry.data).message}) + "\n"
     finally:

@@ -54,7 +54,7 @@ async def _call(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _stream(request, job_id, shapes, include_usage, buffered=generate.offers_tools()),
+            _stream(request, job_id, shapes, include_usage),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache"},
         )
@@ -62,25 +62,27 @@ async def _call(
     return JSONResponse(shapes.complete(result), headers=headers)
 
 
-async def _stream(
-    request: Request, job_id: str, shapes: Shapes, include_usage: bool, buffered: bool = False
-) -> AsyncIterator[str]:
-    """The job as OpenAI chunks. `buffered` (a request offering tools): the text may be a tool call
-    in the model's own format, so the answer comes in one chunk at the end, calls as deltas."""
+async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: bool) -> AsyncIterator[str]:
+    """The job as OpenAI chunks: text and reasoning as they are generated, a tool call as it forms
+    (its id and name, then its arguments)."""
     ended = False
     try:
         yield _sse(shapes.chunk(first=True))
         async for entry in follow(request.app.state.aredis, job_id, pings=True):
             if entry.kind == "ping":
                 yield ": ping\n\n"  # an SSE comment: clients ignore it, proxies see the stream alive
-            elif entry.kind == "text" and not buffered:
+            elif entry.kind == "text":
                 yield _sse(shapes.chunk(text=entry.data["text"], entries=entry.data.get("logprobs")))
+            elif entry.kind == "reasoning":
+                yield _sse(shapes.reasoning_chunk(entry.data["text"]))
+            elif entry.kind == "call":
+                yield _sse(shapes.call_chunk(entry.data["index"], entry.data["id"], entry.data["name"]))
+            elif entry.kind == "arguments":
+                yield _sse(shapes.arguments_chunk(entry.data["index"], entry.data["text"]))
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] == "finished":
                     result = entry.data["result"]
-                    if buffered:
-                        yield _sse(shapes.tool_calls_chunk(result))
                     yield _sse(shapes.chunk(finish_reason=result["finish_reason"]))
                     if include_usage:
                         yield _sse(shapes.usage_chunk(result))

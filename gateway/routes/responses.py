@@ -47,7 +47,7 @@ async def create(body: ResponsesRequest, request: Request, client: ClientDep, gw
         record = response_store.new_record(shapes, client.tag, job_id, [*earlier, *body.input_items()])
         await run_in_threadpool(response_store.save, redis, record, gw.settings.response_ttl_s)
     if body.stream:
-        events = _events(request, shapes, job_id, record, buffered=generate.offers_tools())
+        events = _events(request, shapes, job_id, record)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
         )
@@ -97,33 +97,20 @@ def cancel(response_id: str, client: ClientDep, gw: GatewayDep, redis: RedisDep)
     return cancelled
 
 
-async def _events(
-    request: Request, shapes: Shapes, job_id: str, record: dict[str, Any] | None, buffered: bool
-) -> AsyncIterator[str]:
+async def _events(request: Request, shapes: Shapes, job_id: str, record: dict[str, Any] | None) -> AsyncIterator[str]:
     settings = request.app.state.settings
     redis = request.app.state.redis
     yield shapes.event("response.created", response=shapes.response("in_progress", []))
     yield shapes.event("response.in_progress", response=shapes.response("in_progress", []))
-    streamed: str | None = None  # the message's text so far, once its item is open
+    items = _Items(shapes)
     ended = False
     try:
         async for entry in follow(request.app.state.aredis, job_id, pings=True):
             if entry.kind == "ping":
                 yield ": ping\n\n"
-            elif entry.kind == "text" and not buffered and entry.data["text"]:
-                if streamed is None:
-                    for line in _open_message(shapes):
-                        yield line
-                    streamed = ""
-                streamed += entry.data["text"]
-                yield shapes.event(
-                    "response.output_text.delta",
-                    item_id=shapes.message_id,
-                    output_index=0,
-                    content_index=0,
-                    delta=entry.data["text"],
-                    logprobs=[],
-                )
+            elif entry.kind in ("text", "reasoning", "call", "arguments"):
+                for line in items.piece(entry.kind, entry.data):
+                    yield line
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] != "finished":
@@ -136,12 +123,12 @@ async def _events(
                     yield shapes.event("response.failed", response=shapes.failed(error))
                     return
                 result = entry.data["result"]
-                for line in _close(shapes, result, streamed):
+                for line in items.close(result):
                     yield line
-                final = shapes.response("completed", shapes.output(result), result)
+                final = shapes.response("completed", items.output, result)
                 if record is not None:
                     await run_in_threadpool(
-                        response_store.finish, redis, record, shapes, result, settings.response_ttl_s
+                        response_store.finish, redis, record, shapes, result, settings.response_ttl_s, items.output
                     )
                 kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
                 yield shapes.event(kind, response=final)
@@ -150,57 +137,90 @@ async def _events(
             waiting.cancel_quietly(request, job_id)
 
 
-def _open_message(shapes: Shapes) -> list[str]:
-    return [
-        shapes.event("response.output_item.added", output_index=0, item=shapes.message("", "in_progress")),
-        shapes.event(
-            "response.content_part.added",
-            item_id=shapes.message_id,
-            output_index=0,
-            content_index=0,
-            part=shapes.text_part(""),
-        ),
-    ]
+class _Items:
+    """The output items of a streamed response, opened as their first piece arrives: reasoning,
+    the message, each function call (its arguments as they form)."""
 
+    def __init__(self, shapes: Shapes) -> None:
+        self.shapes = shapes
+        self.output: list[dict[str, Any]] = []
+        """The items in the order they were opened; complete once `close` has run."""
+        self._open: dict[str, int] = {}
+        """Output index by key: "reasoning", "message", or "call:<index>"."""
 
-def _close(shapes: Shapes, result: dict[str, Any], streamed: str | None) -> list[str]:
-    """The events that end the output: the message's (opened now if its text was held back), then each
-    function call's."""
-    lines: list[str] = []
-    output = shapes.output(result)
-    for index, item in enumerate(output):
+    def piece(self, kind: str, data: dict[str, Any]) -> list[str]:
+        shapes = self.shapes
+        if kind == "call":
+            item = {**shapes.call_item(data["id"], data["name"], ""), "status": "in_progress"}
+            return self._add(f"call:{data['index']}", item)
+        if not data.get("text"):
+            return []
+        if kind == "arguments":
+            at = self._open[f"call:{data['index']}"]
+            self.output[at]["arguments"] += data["text"]
+            item_id = self.output[at]["id"]
+            return [
+                shapes.event(
+                    "response.function_call_arguments.delta", item_id=item_id, output_index=at, delta=data["text"]
+                )
+            ]
+        key = "message" if kind == "text" else "reasoning"
+        lines = [] if key in self._open else self._add(key, shapes.empty_item(key))
+        at = self._open[key]
+        part = self.output[at]["content"][0]
+        part["text"] += data["text"]
+        where = {"item_id": self.output[at]["id"], "output_index": at, "content_index": 0, "delta": data["text"]}
+        if key == "message":
+            return [*lines, shapes.event("response.output_text.delta", **where, logprobs=[])]
+        return [*lines, shapes.event("response.reasoning_text.delta", **where)]
+
+    def _add(self, key: str, item: dict[str, Any]) -> list[str]:
+        self._open[key] = len(self.output)
+        self.output.append(item)
+        lines = [self.shapes.event("response.output_item.added", output_index=self._open[key], item=item)]
+        if item["type"] in ("message", "reasoning"):
+            part = item["content"][0]
+            where = {"item_id": item["id"], "output_index": self._open[key], "content_index": 0}
+            lines.append(self.shapes.event("response.content_part.added", **where, part=dict(part)))
+        return lines
+
+    def close(self, result: dict[str, Any]) -> list[str]:
+        """Every item's done events, with the result's final content (items the stream never opened
+        are opened now)."""
+        shapes = self.shapes
+        complete = shapes.output(result)
+        final = {item["type"]: item for item in complete if item["type"] != "function_call"}
+        final.update({f"call:{i}": item for i, item in enumerate(i for i in complete if i["type"] == "function_call")})
+        lines: list[str] = []
+        for key, item in final.items():
+            if key not in self._open:
+                opened = {**item, "status": "in_progress"} if key.startswith("call:") else shapes.empty_item(key)
+                lines += self._add(key, opened)
+        for key, at in sorted(self._open.items(), key=lambda pair: pair[1]):
+            done = final.get(key, self.output[at])
+            if done["type"] == "function_call":
+                done = {**done, "id": self.output[at]["id"], "call_id": self.output[at]["call_id"]}
+                lines.append(self._arguments_done(done, at))
+            else:
+                lines += self._text_done(done, at)
+            self.output[at] = done
+            lines.append(shapes.event("response.output_item.done", output_index=at, item=done))
+        return lines
+
+    def _arguments_done(self, call: dict[str, Any], at: int) -> str:
+        return self.shapes.event(
+            "response.function_call_arguments.done",
+            item_id=call["id"],
+            output_index=at,
+            arguments=call["arguments"],
+            name=call["name"],
+        )
+
+    def _text_done(self, item: dict[str, Any], at: int) -> list[str]:
+        part = item["content"][0]
+        where = {"item_id": item["id"], "output_index": at, "content_index": 0}
         if item["type"] == "message":
-            text = result["text"]
-            if streamed is None:
-                lines += _open_message(shapes)
-                if text:
-                    lines.append(
-                        shapes.event(
-                            "response.output_text.delta",
-                            item_id=shapes.message_id,
-                            output_index=index,
-                            content_index=0,
-                            delta=text,
-                            logprobs=[],
-                        )
-                    )
-            where = {"item_id": shapes.message_id, "output_index": index, "content_index": 0}
-            lines.append(shapes.event("response.output_text.done", **where, text=text, logprobs=[]))
-            lines.append(shapes.event("response.content_part.done", **where, part=shapes.text_part(text)))
+            done = self.shapes.event("response.output_text.done", **where, text=part["text"], logprobs=[])
         else:
-            lines.append(
-                shapes.event(
-                    "response.output_item.added",
-                    output_index=index,
-                    item={**item, "arguments": "", "status": "in_progress"},
-                )
-            )
-            where = {"item_id": item["id"], "output_index": index}
-            lines.append(shapes.event("response.function_call_arguments.delta", **where, delta=item["arguments"]))
-            lines.append(
-                shapes.event(
-                    "response.function_call_arguments.done", **where, arguments=item["arguments"], name=item["name"]
-                )
-            )
-        lines.append(shapes.event("response.output_item.done", output_index=index, item=item))
-    return lines
+            done = self.shapes.event("response.reasoning_text.done", **where, text=part["text"])
+        return [done, self.shapes.event("response.content_part.done", **where, part=part)]

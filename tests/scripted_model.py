@@ -1,0 +1,67 @@
+"""A real mlx-lm model whose greedy output is a chosen script, for what a random model cannot show
+(reasoning, a tool call).
+
+One qwen2 layer with every weight zero leaves the residual stream as the current token's
+embedding; the untied output head's row for token B is the embedding of the token A the
+script puts before it, so greedy decoding after A picks B. Each piece of the script is a
+token of its own (added to the demo model's tokenizer), so no token repeats and every
+step has one successor. The script starts after the generation prompt's last token and
+ends with end-of-text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HIDDEN = 256
+"""Wide enough that a token's own embedding outscores every other one by far (about 16 to 4)."""
+
+
+def build_scripted_model(directory: Path, pieces: list[str]) -> Path:
+    """A model in `directory` that answers any chat prompt with `pieces`, then ends."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+    from tokenizers import AddedToken, Tokenizer
+
+    from worker.demo_model import CONFIG, build_demo_model
+
+    if (directory / "model.safetensors").exists():
+        return directory
+    build_demo_model(directory)
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in pieces])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size()
+    ids = [tokenizer.token_to_id(piece) for piece in pieces]
+    assert None not in ids and len(set(ids)) == len(ids), "each piece must be a token of its own"
+
+    prompt_end = tokenizer.encode("<|im_start|>assistant\n").ids[-1]
+    eos = int(CONFIG["eos_token_id"])
+    chain = [prompt_end, *ids, eos]
+
+    shape = {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 1, "vocab_size": vocab}
+    config = {**CONFIG, **shape, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+    mx.random.seed(7)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))  # type: ignore[no-untyped-call]
+    weights = {name: mx.zeros_like(value) for name, value in tree_flatten(model.parameters())}
+    embed = mx.random.normal((vocab, HIDDEN))
+    embed = embed / mx.linalg.norm(embed, axis=-1, keepdims=True)
+    head = mx.zeros((vocab, HIDDEN))
+    for before, after in zip(chain, chain[1:], strict=False):
+        head[after] = embed[before]
+    weights["model.embed_tokens.weight"] = embed
+    weights["lm_head.weight"] = head
+    weights["model.norm.weight"] = mx.ones((HIDDEN,))
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return directory
+
+
+THINKER = ["<think>", "Let me", " count.", "</think>", "It is", " four."]
+"""Thinks, then answers."""
+
+CALLER = ["<tool_call>", '{"name": "get_weather", ', '"arguments": ', '{"city": ', '"Par', 'is"}', "}", "</tool_call>"]
+"""Calls get_weather for Paris, in the demo template's <tool_call> format."""

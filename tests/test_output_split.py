@@ -1,0 +1,90 @@
+"""A row's output split as it grows (worker/output_split.py): plain strings, no model."""
+
+from __future__ import annotations
+
+import json
+
+from worker.output_split import Markers, OutputSplit, Piece
+
+MARKERS = Markers(think=("<think>", "</think>"), call=("<tool_call>", "</tool_call>"))
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+def feed_by_char(split: OutputSplit, text: str, cut: bool = False) -> list[Piece]:
+    pieces = [piece for char in text for piece in split.feed(char)]
+    return pieces + split.finish(cut)
+
+
+def joined(pieces: list[Piece], kind: str) -> str:
+    return "".join(p.text for p in pieces if p.kind == kind)
+
+
+def test_text_streams_character_by_character_with_tools_offered() -> None:
+    split = OutputSplit(MARKERS, tools=TOOLS)
+    pieces = [split.feed(c) for c in "Hello <b>world</b>"]
+    assert all(pieces[i] for i in range(len(pieces)) if "Hello <b>world</b>"[i] != "<")  # only "<" is held
+    assert split.content == "Hello <b>world</b>" and not split.calls
+
+
+def test_reasoning_is_apart_from_the_answer_and_no_marker_leaks() -> None:
+    split = OutputSplit(MARKERS)
+    pieces = feed_by_char(split, "<think>Let me see.</think>It is 4.")
+    assert joined(pieces, "reasoning") == split.reasoning == "Let me see."
+    assert joined(pieces, "text") == split.content == "It is 4."
+    assert all("<" not in p.text for p in pieces)
+
+
+def test_a_template_that_opens_the_reasoning_in_the_prompt_starts_thinking() -> None:
+    split = OutputSplit(MARKERS, thinking=True)
+    feed_by_char(split, "Hmm.</think>Yes.")
+    assert (split.reasoning, split.content) == ("Hmm.", "Yes.")
+
+
+def test_a_call_streams_its_name_then_its_arguments_and_nothing_reaches_content() -> None:
+    split = OutputSplit(MARKERS, tools=TOOLS)
+    text = 'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    pieces = feed_by_char(split, text)
+    kinds = [p.kind for p in pieces]
+    assert kinds.index("call") < kinds.index("arguments")
+    [call] = split.calls
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert joined(pieces, "arguments") == call["function"]["arguments"]
+    assert len([p for p in pieces if p.kind == "arguments"]) > 3  # as it forms, not at the end
+    assert split.content == "Sure. " and "tool_call" not in joined(pieces, "text")
+
+
+def test_a_forced_call_cut_by_max_tokens_is_still_a_call() -> None:
+    split = OutputSplit(MARKERS, forced=True, tools=TOOLS)
+    pieces = feed_by_char(split, '{"name":"get_weather","arguments":{"city":"Par', cut=True)
+    [call] = split.calls
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Par'}
+    assert joined(pieces, "arguments") == '{"city":"Par' and not split.content
+
+
+def test_a_forced_call_that_ends_keeps_the_models_own_argument_text() -> None:
+    split = OutputSplit(MARKERS, forced=True, tools=TOOLS)
+    pieces = feed_by_char(split, '{"name":"get_weather","arguments":{"city":"Paris"}}')
+    assert split.calls[0]["function"]["arguments"] == '{"city":"Paris"}' == joined(pieces, "arguments")
+    json.loads(split.calls[0]["function"]["arguments"])
+
+
+def test_markup_that_is_not_a_call_stays_text() -> None:
+    split = OutputSplit(MARKERS, tools=TOOLS)
+    feed_by_char(split, "<tool_call>not json</tool_call> ok")
+    assert not split.calls and split.content == "<tool_call>not json</tool_call> ok"
+
+
+def test_call_markers_mean_nothing_without_tools() -> None:
+    split = OutputSplit(MARKERS)
+    feed_by_char(split, '<tool_call>{"name": "x", "arguments": {}}</tool_call>')
+    assert not split.calls and split.content.startswith("<tool_call>")
+
+
+def test_a_model_familys_own_parser_reports_each_call_whole() -> None:
+    def parse(body: str, tools: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{"name": n, "arguments": {"n": i}} for i, n in enumerate(body.split(","))]
+
+    split = OutputSplit(Markers(call=("[CALLS]", "[/CALLS]"), parser=parse), tools=TOOLS)
+    pieces = feed_by_char(split, "[CALLS]a,b[/CALLS]")
+    assert [c["function"]["name"] for c in split.calls] == ["a", "b"]
+    assert [(p.kind, p.index) for p in pieces if p.kind == "call"] == [("call", 0), ("call", 1)]
