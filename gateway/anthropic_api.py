@@ -139,6 +139,8 @@ class MessagesRequest(BaseModel):
         if self.thinking is not None and self.thinking.type != "adaptive":
             # Where the model's template has the switch (Qwen3's enable_thinking); elsewhere it thinks as it does.
             fields["chat_template_kwargs"] = {"enable_thinking": self.thinking.type == "enabled"}
+        if self.thinking is not None and self.thinking.type == "enabled" and self.thinking.budget_tokens:
+            fields["reasoning_budget"] = self.thinking.budget_tokens
         return GenerateRequest.model_validate(fields)
 
 

@@ -14,6 +14,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
+from starlette.concurrency import run_in_threadpool
 
 from gateway import ollama_api, openapi_schema
 from gateway.admission import Admission
@@ -37,6 +38,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Before the first request: counting a prompt as the model sees it needs its chat template.
+        await run_in_threadpool(app.state.limits.warm)
         app.state.redis = Redis.from_url(settings.redis_url)
         app.state.aredis = AsyncRedis.from_url(settings.redis_url)
         names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}

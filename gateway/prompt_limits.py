@@ -23,7 +23,7 @@ from shared.errors import InvalidRequest, ModelFilesMissing
 from shared.models import ModelRegistry, ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from shared.tokenizing import ModelText, ModelTexts
+from shared.tokenizing import ModelText, ModelTexts, import_chat_library
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,14 @@ class PromptLimits:
         self._settings = settings
         self._texts = ModelTexts()
 
+    def warm(self) -> None:
+        """Read every local model's tokenizer and chat template now (transformers' import alone takes
+        seconds), so that no request waits for it; a model whose files come later loads fast then."""
+        import_chat_library()
+        for spec in self._models.all():
+            if spec.path is not None and spec.problem() is None:
+                self._texts.get(spec).warm()
+
     def check(self, request: GenerateRequest) -> Fitted:
         """The request with its `max_tokens` resolved, if it fits; raises `ModelNotFound`,
         `ModelFilesMissing` or `InvalidRequest`."""
@@ -58,6 +66,10 @@ class PromptLimits:
             # It would only be queued to fail: say so now, for good (a retry cannot help).
             raise ModelFilesMissing(f"Model '{spec.name}' cannot be loaded: {problem}", param="model")
         settings = self._settings
+        if spec.chat_template_kwargs:
+            # The model's defaults, under what the request says.
+            kwargs = {**dict(spec.chat_template_kwargs), **(request.chat_template_kwargs or {})}
+            request = request.model_copy(update={"chat_template_kwargs": kwargs})
         field = "prompt" if request.prompt is not None else "messages"
         char_limit = spec.max_prompt_chars or settings.max_prompt_chars
         chars = request.prompt_chars()

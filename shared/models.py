@@ -26,7 +26,16 @@ from shared.errors import ModelNotFound
 from shared.settings import Settings
 
 DEMO_MODEL = "demo"
-_ALLOWED_KEYS = {"path", "repo", "notes", "context_tokens", "max_prompt_chars", "keep_alive_s"}
+_ALLOWED_KEYS = {
+    "path",
+    "repo",
+    "notes",
+    "context_tokens",
+    "max_prompt_chars",
+    "keep_alive_s",
+    "reasoning",
+    "chat_template_kwargs",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,10 @@ class ModelSpec:
     """Overrides the service-wide prompt length limit for this model."""
     keep_alive_s: int | None = None
     """Overrides how long this model may sit idle before it is unloaded."""
+    reasoning: tuple[str, str] | bool | None = None
+    """Its reasoning markers (start, end), or False: no reasoning split; None: as its tokenizer says."""
+    chat_template_kwargs: tuple[tuple[str, bool | int | str], ...] = ()
+    """Passed to its chat template unless a request says otherwise (e.g. enable_thinking = false)."""
 
     @property
     def source(self) -> str:
@@ -156,9 +169,17 @@ def load_models_file(path: Path) -> dict[str, ModelSpec]:
         for limit in ("context_tokens", "max_prompt_chars", "keep_alive_s"):
             if limit in entry and (not isinstance(entry[limit], int) or entry[limit] < 1):
                 raise ValueError(f"{where}: `{limit}` must be a positive integer")
+        reasoning = entry.get("reasoning")
+        if not (reasoning is None or reasoning is False or _two_strings(reasoning)):
+            raise ValueError(f'{where}: `reasoning` must be false or ["<start marker>", "<end marker>"]')
+        kwargs = entry.get("chat_template_kwargs", {})
+        if not isinstance(kwargs, dict) or not all(isinstance(v, bool | int | str) for v in kwargs.values()):
+            raise ValueError(f"{where}: `chat_template_kwargs` must be a table of strings, numbers and booleans")
         specs[name] = ModelSpec(
             name,
             path=local,
+            reasoning=tuple(reasoning) if isinstance(reasoning, list) else reasoning,
+            chat_template_kwargs=tuple(sorted(kwargs.items())),
             repo=entry.get("repo"),
             notes=str(entry.get("notes", "")),
             context_tokens=entry.get("context_tokens"),
@@ -166,3 +187,7 @@ def load_models_file(path: Path) -> dict[str, ModelSpec]:
             keep_alive_s=entry.get("keep_alive_s"),
         )
     return specs
+
+
+def _two_strings(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v for v in value)

@@ -197,6 +197,10 @@ class GenerateRequest(BaseModel):
         int, Field(ge=0, le=20, description="with `logprobs`, also the likeliest alternatives at each token")
     ] = 0
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
+    reasoning_budget: (
+        Annotated[int, Field(ge=1, description="most tokens the reasoning may take; then the model is made to end it")]
+        | None
+    ) = None
     chat_template_kwargs: (
         Annotated[
             dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], bool | int | str],

@@ -58,6 +58,10 @@ class ModelText:
             return None
         return self.count(str(text))
 
+    def warm(self) -> None:
+        if self.tokenizer is not None:
+            self._chat_tokenizer()
+
     def _chat_tokenizer(self) -> Any:
         with self._lock:
             if not self._chat:
@@ -116,10 +120,19 @@ class ModelTexts:
         return time.monotonic() - looked_at >= RETRY_MISSING_S
 
 
+def import_chat_library() -> None:
+    """Import transformers (seconds, once per process) ahead of the first prompt to count."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" on every start
+    try:
+        import transformers  # noqa: F401
+    except Exception as exc:
+        logger.warning("cannot import transformers: prompts are counted without their chat template (%s)", exc)
+
+
 def _load_chat_tokenizer(directory: Path | None) -> Any:
     if directory is None:
         return None
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" on every start
+    import_chat_library()
     try:
         from transformers import AutoTokenizer
 

@@ -57,6 +57,7 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f'[models.broken]\npath = "{broken}"\nnotes = "a config.json and no weights"\n'
         f'[models.thinker]\npath = "{thinker}"\nnotes = "scripted: thinks, then answers"\n'
         f'[models.caller]\npath = "{caller}"\nnotes = "scripted: calls get_weather"\n'
+        f'[models.thinker-raw]\npath = "{thinker}"\nreasoning = false\nnotes = "the thinker, unsplit"\n'
     )
     return path
 

@@ -64,3 +64,17 @@ def test_an_alias_names_a_model_for_clients_with_a_fixed_default_name(tmp_path: 
         registry(tmp_path, '[aliases]\n"gpt-4.1" = "nope"\n')
     with pytest.raises(ValueError, match="already a model"):
         registry(tmp_path, '[aliases]\n"demo" = "demo"\n')
+
+
+def test_reasoning_markers_and_template_arguments_per_model(tmp_path: Path) -> None:
+    models = registry(
+        tmp_path,
+        '[models.r1]\nrepo = "x/r1"\nreasoning = ["<think>", "</think>"]\n'
+        '[models.qwen3]\nrepo = "x/q"\nreasoning = false\nchat_template_kwargs = {enable_thinking = false}\n',
+    )
+    assert models.get("r1").reasoning == ("<think>", "</think>")
+    assert models.get("qwen3").reasoning is False
+    assert dict(models.get("qwen3").chat_template_kwargs) == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="reasoning"):
+        registry(tmp_path, '[models.bad]\nrepo = "x/b"\nreasoning = "yes"\n')
+

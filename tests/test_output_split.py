@@ -88,3 +88,23 @@ def test_a_model_familys_own_parser_reports_each_call_whole() -> None:
     pieces = feed_by_char(split, "[CALLS]a,b[/CALLS]")
     assert [c["function"]["name"] for c in split.calls] == ["a", "b"]
     assert [(p.kind, p.index) for p in pieces if p.kind == "call"] == [("call", 0), ("call", 1)]
+
+
+class PromptTokenizer:
+    """Decodes token ids as characters, for the prompt's tail."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_a_prompt_that_ends_in_the_start_marker_opens_the_reasoning() -> None:
+    from worker.rows import opens_thinking
+
+    def ids(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    tokenizer = PromptTokenizer()
+    assert opens_thinking(tokenizer, ids("<|im_start|>assistant\n<think>\n"), "<think>")
+    assert not opens_thinking(tokenizer, ids("assistant\n<think>\n\n</think>\n\n"), "<think>")
+    assert not opens_thinking(tokenizer, ids("<|im_start|>assistant\n"), "<think>")
+

@@ -5,6 +5,7 @@ or call a tool for real, through the real gateway, worker and Redis."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
@@ -149,6 +150,12 @@ def test_responses_reasoning_items_and_streamed_function_calls(oai: openai.OpenA
     assert not any(e.type == "response.output_text.delta" for e in called)
 
 
+def test_a_models_file_can_turn_the_split_off(oai: openai.OpenAI) -> None:
+    reply = oai.chat.completions.create(model="thinker-raw", messages=HI, max_tokens=20)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == "".join(THINKER)
+    assert not getattr(reply.choices[0].message, "reasoning_content", None)
+
+
 def test_native_jobs_report_reasoning_apart(service: Service) -> None:
     job = service.submit(model="thinker", messages=HI, max_tokens=20, temperature=0)
     done = service.wait_for(job["id"], {"finished"})
@@ -156,12 +163,43 @@ def test_native_jobs_report_reasoning_apart(service: Service) -> None:
     assert CALLER  # the scripts are the tests' own
 
 
-def test_the_first_text_arrives_before_the_generation_ends(service: Service) -> None:
-    body = {"model": "demo", "messages": HI, "max_tokens": 300, "ignore_eos": True, "stream": True, "tools": [WEATHER]}
-    seen = 0
+def test_an_answer_with_tools_offered_streams_about_a_piece_a_token(service: Service) -> None:
+    body = {
+        "model": "demo",
+        "messages": HI,
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "tools": [WEATHER],
+    }
+    pieces: list[float] = []
+    tokens = 0
     with httpx.stream("POST", service.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"]:
-                delta = json.loads(line[6:])["choices"][0]["delta"]
-                seen += bool(delta.get("content"))
-    assert seen > 20  # a random model's text, tools offered: many pieces, not one at the end
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                pieces.append(time.monotonic())
+        ended = time.monotonic()
+    # A random model's tokens are often parts of a character (held until it is whole): about a piece
+    # a token, not one piece at the end.
+    assert tokens == 300 and len(pieces) >= tokens // 2
+    assert pieces[0] < pieces[-1] < ended
+
+
+def test_anthropics_thinking_budget_caps_the_reasoning(service: Service) -> None:
+    client = anthropic.Anthropic(base_url=service.base_url, api_key="unused", max_retries=0)
+    reply = client.messages.create(
+        model="thinker",
+        max_tokens=20,
+        messages=HI,  # type: ignore[list-item]
+        thinking={"type": "enabled", "budget_tokens": 1},
+    )
+    # One token of thinking, then its end marker is forced; the scripted answer follows the marker.
+    [thinking, text] = reply.content
+    assert thinking.type == "thinking" and thinking.thinking == THINKER[1]  # type: ignore[union-attr]
+    assert text.type == "text" and text.text == ANSWER  # type: ignore[union-attr]

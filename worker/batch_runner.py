@@ -96,7 +96,7 @@ class BatchRunner:
         finally:
             self._progress(None)
         try:
-            run.row = Row.start(run.loaded.tokenizer, sub.request, sub.max_tokens, sub.on_text)
+            run.row = Row.start(run.loaded.tokenizer, sub.request, sub.max_tokens, sub.on_text, sub.spec.reasoning)
         except Exception as exc:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return False

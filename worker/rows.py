@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -179,14 +179,25 @@ class Row:
         self.detokenizer.reset()
 
     @classmethod
-    def start(cls, tokenizer: Any, request: GenerateRequest, max_tokens: int, on_text: TextSink | None) -> Row:
+    def start(
+        cls,
+        tokenizer: Any,
+        request: GenerateRequest,
+        max_tokens: int,
+        on_text: TextSink | None,
+        reasoning: tuple[str, str] | bool | None = None,
+    ) -> Row:
+        """The row of `request`; `reasoning` is its model's setting (models.toml), None: as the tokenizer says."""
         eos = set(tokenizer.eos_token_ids)
         vocab_size = len(tokenizer.get_vocab())
         prompt_ids = encode_prompt(tokenizer, request)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if request.offers_tools() else []
+        markers = markers_of(tokenizer)
+        if reasoning is not None:
+            markers = replace(markers, think=reasoning if isinstance(reasoning, tuple) else None)
         split = OutputSplit(
-            markers_of(tokenizer),
-            thinking=opens_thinking(tokenizer, prompt_ids),
+            markers,
+            thinking=markers.think is not None and opens_thinking(tokenizer, prompt_ids, markers.think[0]),
             forced=request.forced_call_schema() is not None,
             forced_name=request.tool_choice.function.name if isinstance(request.tool_choice, NamedToolChoice) else "",
             tools=tools,
@@ -198,7 +209,8 @@ class Row:
             eos=eos,
             detokenizer=tokenizer.detokenizer,
             on_text=on_text,
-            processors=logits_processors_for(request, tokenizer, eos, vocab_size, max_tokens),
+            processors=logits_processors_for(request, tokenizer, eos, vocab_size, max_tokens)
+            + thinking_budget(request, tokenizer, split),
             vocab_size=vocab_size,
             tokenizer=tokenizer,
         )
@@ -300,12 +312,37 @@ def markers_of(tokenizer: Any) -> Markers:
     return Markers(think=think, call=(str(start), str(end or "")), parser=parser)
 
 
-def opens_thinking(tokenizer: Any, prompt_ids: list[int]) -> bool:
+def opens_thinking(tokenizer: Any, prompt_ids: list[int], start: str) -> bool:
     """Whether the chat template opened the reasoning in the prompt (Qwen3, DeepSeek-R1 style): the
-    generation then starts inside it."""
-    think_id = getattr(tokenizer, "think_start_id", None) if getattr(tokenizer, "has_thinking", False) else None
-    if think_id is None:
-        return False
-    tail = prompt_ids[-3:]
-    end_id = getattr(tokenizer, "think_end_id", None)
-    return think_id in tail and (end_id is None or end_id not in tail[tail.index(think_id) :])
+    prompt's text ends with the start marker, and the generation starts inside it."""
+    return str(tokenizer.decode(prompt_ids[-8:])).rstrip().endswith(start)
+
+
+def thinking_budget(request: GenerateRequest, tokenizer: Any, split: OutputSplit) -> list[LogitsProcessor]:
+    """With `reasoning_budget`: once the reasoning has taken that many tokens, its end marker is the
+    only token left to sample, and the answer follows (a model whose end marker is one token)."""
+    ends: list[int] = list(getattr(tokenizer, "think_end_tokens", None) or [])
+    starts: list[int] = list(getattr(tokenizer, "think_start_tokens", None) or [])
+    if request.reasoning_budget is None or split.markers.think is None or len(ends) != 1:
+        return []
+    end_id = int(ends[0])
+    start_id = int(starts[0]) if len(starts) == 1 else None
+    budget = request.reasoning_budget
+    state: dict[str, Any] = {"thinking": split.thinking, "spent": 0}
+
+    def process(context: Any, logits: Any) -> Any:
+        last = int(context[-1].item()) if context.size else None
+        if last == start_id:
+            state["thinking"], state["spent"] = True, 0
+        elif last == end_id:
+            state["thinking"] = False
+        if not state["thinking"]:
+            return logits
+        state["spent"] += 1
+        if state["spent"] <= budget:
+            return logits
+        forced = mx.full(logits.shape, -float("inf"), dtype=logits.dtype)
+        forced[..., end_id] = 0.0
+        return forced
+
+    return [process]
