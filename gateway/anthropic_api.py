@@ -242,6 +242,11 @@ def content_blocks(result: dict[str, Any]) -> list[dict[str, Any]]:
     return blocks
 
 
+def stop_sequence(result: dict[str, Any]) -> str | None:
+    """The stop sequence that ended the text, when that is the stop reason."""
+    return result.get("stop_sequence") if stop_reason(result) == "stop_sequence" else None
+
+
 def stop_reason(result: dict[str, Any]) -> str:
     """Anthropic's stop_reason; `stop_sequence` when one of the request's stop sequences ended the text."""
     if result["finish_reason"] == "stop" and result.get("stop_sequence"):
@@ -257,7 +262,7 @@ def message(job_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
         "model": model,
         "content": content_blocks(result),
         "stop_reason": stop_reason(result),
-        "stop_sequence": result.get("stop_sequence"),
+        "stop_sequence": stop_sequence(result),
         "usage": {
             "input_tokens": result["usage"]["prompt_tokens"],
             "output_tokens": result["usage"]["completion_tokens"],

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
+
+import pytest
 
 from worker.output_split import Markers, OutputSplit, Piece
 
@@ -108,3 +111,43 @@ def test_a_prompt_that_ends_in_the_start_marker_opens_the_reasoning() -> None:
     assert not opens_thinking(tokenizer, ids("assistant\n<think>\n\n</think>\n\n"), "<think>")
     assert not opens_thinking(tokenizer, ids("<|im_start|>assistant\n"), "<think>")
 
+
+TRICKY = [
+    'Hi <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call> bye',
+    '<tool_call>{"name":"f","arguments":{"a":1},"id":3}</tool_call>',
+    "<tool_call>{'name': 'f'}</tool_call>",
+    '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {"a": 1',
+    '<think>a < b</think>x <tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    '<tool_call>{"name": "h", "arguments": {"z": [1, {"y": 2}]}}</tool_call>',
+    "<thi",
+    "plain </think> text <tool",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_what_is_streamed_always_adds_up_to_the_answer_in_any_chunking(text: str) -> None:
+    rng = random.Random(text)
+    for _ in range(300):
+        split = OutputSplit(MARKERS, tools=TOOLS)
+        pieces: list[Piece] = []
+        at = 0
+        while at < len(text):
+            size = rng.randint(1, 6)
+            pieces += split.feed(text[at : at + size])
+            at += size
+        pieces += split.finish()
+        assert joined(pieces, "text") == split.content and joined(pieces, "reasoning") == split.reasoning
+        announced = [p for p in pieces if p.kind == "call"]
+        assert [p.index for p in announced] == list(range(len(split.calls)))  # every call shown is kept
+        for index, call in enumerate(split.calls):
+            streamed = "".join(p.text for p in pieces if p.kind == "arguments" and p.index == index)
+            assert streamed == call["function"]["arguments"]
+        assert "</tool_call>" not in split.content or "</tool_call>" in text
+
+
+def test_with_parallel_tool_calls_off_only_the_first_call_is_streamed_or_kept() -> None:
+    split = OutputSplit(MARKERS, tools=TOOLS, max_calls=1)
+    pieces = feed_by_char(split, TRICKY[5])
+    assert [c["function"]["name"] for c in split.calls] == ["g"]
+    assert [p.name for p in pieces if p.kind == "call"] == ["g"]

@@ -74,6 +74,8 @@ class OutputSplit:
     """The whole output is one call (generated under its JSON schema)."""
     forced_name: str = ""
     """The function a forced call names (tool_choice), when one is named."""
+    max_calls: int = 1 << 30
+    """1 with parallel_tool_calls false: later calls are neither streamed nor kept."""
     tools: list[dict[str, Any]] = field(default_factory=list)
     reasoning: str = ""
     content: str = ""
@@ -108,7 +110,9 @@ class OutputSplit:
         rest, self._pending = self._pending, ""
         if self._call is not None:
             self._call.body += rest
-            self._end_call(pieces, cut)
+            # The output ended inside the call (its length, end of text, a stop string): what was
+            # written of it is what it is; a forced call is as far as it got in any case.
+            self._end_call(pieces, cut=cut or self.forced, closed=False)
         elif rest:
             kind: PieceKind = "reasoning" if self.thinking else "text"
             self._add(kind, rest, pieces)
@@ -151,7 +155,7 @@ class OutputSplit:
             at = self._pending.find(end)
             call.body += self._pending[:at]
             self._pending = self._pending[at + len(end) :]
-            self._end_call(pieces, cut=False)
+            self._end_call(pieces, cut=False, closed=True)
             return
         safe = len(self._pending) - (_held(self._pending, [end]) if end else 0)
         call.body += self._pending[:safe]
@@ -160,6 +164,8 @@ class OutputSplit:
             self._stream_arguments(call, pieces)
 
     def _stream_arguments(self, call: _Call, pieces: list[Piece]) -> None:
+        if len(self.calls) >= self.max_calls:
+            return
         if call.name is None:
             head = _NAME.match(call.body)
             if head is None:
@@ -171,20 +177,23 @@ class OutputSplit:
             pieces.append(Piece("arguments", grown[call.sent :], index=len(self.calls)))
             call.sent = len(grown)
 
-    def _end_call(self, pieces: list[Piece], cut: bool) -> None:
+    def _end_call(self, pieces: list[Piece], cut: bool, closed: bool) -> None:
         call = self._call
         assert call is not None
         self._call = None
         parsed = self._parsed(call, cut)
-        if parsed is None and self.forced:
-            # Cut before its name was complete: still the call it was forced to be, with what is known.
-            parsed = [(self.forced_name or _partial_name(call.body), "")]
+        if parsed is None and (self.forced or call.announced):
+            # Already shown as a call (or forced to be one): it stays one, with its arguments as
+            # written, even where they do not parse (OpenAI's arguments need not either).
+            parsed = [(call.name or self.forced_name or _partial_name(call.body), self._raw_arguments(call))]
         if parsed is None:
             # Not a call after all (or not one we can read): it stays text, markers included.
             start, end = self.markers.call or ("", "")
-            self._add("text", f"{start}{call.body}{'' if cut else end}", pieces)
+            self._add("text", f"{start}{call.body}{end if closed else ''}", pieces)
             return
         for n, (name, arguments) in enumerate(parsed):
+            if len(self.calls) >= self.max_calls:
+                return  # parallel_tool_calls false: the first call only, streamed and not
             index = len(self.calls)
             call_id = call.id if n == 0 else _call_id()
             if n == 0 and call.announced:
@@ -194,6 +203,14 @@ class OutputSplit:
                 pieces.append(Piece("call", index=index, id=call_id, name=name))
                 pieces.append(Piece("arguments", arguments, index=index))
             self.calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+
+    @staticmethod
+    def _raw_arguments(call: _Call) -> str:
+        """The arguments as the model wrote them: everything after their key, less the wrapper's brace."""
+        if call.name is None:
+            return ""
+        body = call.body[call.args_at :].strip(" \t\r\n")
+        return body[:-1].rstrip(" \t\r\n") if body.endswith("}") and not _parses(body) else body
 
     def _parsed(self, call: _Call, cut: bool) -> list[tuple[str, str]] | None:
         """(name, arguments) of each call in the body; None when it is not a call. JSON arguments are
@@ -213,12 +230,12 @@ class OutputSplit:
         if head is None:
             return None
         name, body = json.loads(f'"{head.group(1)}"'), call.body[head.end() :].strip(" \t\r\n")
+        inner = body[:-1].rstrip(" \t\r\n") if body.endswith("}") else None  # less the wrapper's own brace
+        if inner is not None and _parses(inner):
+            return [(name, inner)]
         if cut:
-            return [(name, body.rstrip(_TAIL) if not _parses(body) else body)]  # as far as they got, as OpenAI does
-        if not body.endswith("}"):
-            return None
-        body = body[:-1].rstrip(" \t\r\n")  # the wrapper's own closing brace
-        return [(name, body)] if _parses(body) else None
+            return [(name, body if _parses(body) else body.rstrip(_TAIL))]  # as far as they got, as OpenAI does
+        return None
 
     # -- helpers ----------------------------------------------------------------------------
 

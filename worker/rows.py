@@ -195,11 +195,16 @@ class Row:
         markers = markers_of(tokenizer)
         if reasoning is not None:
             markers = replace(markers, think=reasoning if isinstance(reasoning, tuple) else None)
+        forced = request.forced_call_schema() is not None
+        if request.prompt is not None or forced or request.json_schema is not None:
+            # Raw text has no template to think in; constrained output is the JSON from its first token.
+            markers = replace(markers, think=None)
         split = OutputSplit(
             markers,
             thinking=markers.think is not None and opens_thinking(tokenizer, prompt_ids, markers.think[0]),
-            forced=request.forced_call_schema() is not None,
+            forced=forced,
             forced_name=request.tool_choice.function.name if isinstance(request.tool_choice, NamedToolChoice) else "",
+            max_calls=1_000_000 if request.parallel_tool_calls else 1,
             tools=tools,
         )
         return cls(
@@ -275,7 +280,7 @@ class Row:
         if self.request.logprobs and self.unsent < len(self.logprobs) and not pieces:
             pieces = [Piece("text")]  # the last tokens' logprobs, with no text of their own
         self._send(pieces)
-        calls = self.split.calls if self.request.parallel_tool_calls else self.split.calls[:1]
+        calls = self.split.calls
         if calls and finish == "stop":
             finish = "tool_calls"
         return Outcome(
@@ -333,7 +338,7 @@ def thinking_budget(request: GenerateRequest, tokenizer: Any, split: OutputSplit
     def process(context: Any, logits: Any) -> Any:
         last = int(context[-1].item()) if context.size else None
         if last == start_id:
-            state["thinking"], state["spent"] = True, 0
+            state["thinking"] = True  # the budget is for all of the reasoning, not each block
         elif last == end_id:
             state["thinking"] = False
         if not state["thinking"]:

@@ -24,6 +24,7 @@ from gateway.anthropic_api import (
     error_status,
     message,
     stop_reason,
+    stop_sequence,
     tool_use_id,
 )
 from gateway.deps import ClientDep, GatewayDep
@@ -87,7 +88,7 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
                 }
                 for line in blocks.open("tool_use", block, new=True):
                     yield line
-            elif entry.kind == "arguments" and entry.data["text"]:
+            elif entry.kind == "arguments" and entry.data["text"] and blocks.kind == "tool_use":
                 yield blocks.delta({"type": "input_json_delta", "partial_json": entry.data["text"]})
             elif entry.kind == "end":
                 ended = True
@@ -102,7 +103,7 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
                     "input_tokens": result["usage"]["prompt_tokens"],
                     "output_tokens": result["usage"]["completion_tokens"],
                 }
-                delta = {"stop_reason": stop_reason(result), "stop_sequence": result.get("stop_sequence")}
+                delta = {"stop_reason": stop_reason(result), "stop_sequence": stop_sequence(result)}
                 yield _event("message_delta", {"delta": delta, "usage": usage})
                 yield _event("message_stop", {})
     finally:

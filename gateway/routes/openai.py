@@ -73,12 +73,16 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
                 yield ": ping\n\n"  # an SSE comment: clients ignore it, proxies see the stream alive
             elif entry.kind == "text":
                 yield _sse(shapes.chunk(text=entry.data["text"], entries=entry.data.get("logprobs")))
-            elif entry.kind == "reasoning":
-                yield _sse(shapes.reasoning_chunk(entry.data["text"]))
-            elif entry.kind == "call":
-                yield _sse(shapes.call_chunk(entry.data["index"], entry.data["id"], entry.data["name"]))
-            elif entry.kind == "arguments":
-                yield _sse(shapes.arguments_chunk(entry.data["index"], entry.data["text"]))
+            elif entry.kind in ("reasoning", "call", "arguments"):
+                if entry.kind == "reasoning":
+                    yield _sse(shapes.reasoning_chunk(entry.data["text"]))
+                elif entry.kind == "call":
+                    yield _sse(shapes.call_chunk(entry.data["index"], entry.data["id"], entry.data["name"]))
+                else:
+                    yield _sse(shapes.arguments_chunk(entry.data["index"], entry.data["text"]))
+                if entry.data.get("logprobs"):
+                    # Every generated token's logprobs, as the answer put together has them.
+                    yield _sse(shapes.chunk(entries=entry.data["logprobs"]))
             elif entry.kind == "end":
                 ended = True
                 if entry.data["status"] == "finished":

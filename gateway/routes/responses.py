@@ -156,7 +156,9 @@ class _Items:
         if not data.get("text"):
             return []
         if kind == "arguments":
-            at = self._open[f"call:{data['index']}"]
+            at = self._open.get(f"call:{data['index']}", -1)
+            if at < 0:
+                return []  # its call's entry is missing (lost in an outage): the done event has it all
             self.output[at]["arguments"] += data["text"]
             item_id = self.output[at]["id"]
             return [
