@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -27,10 +28,14 @@ from gateway.metrics import registry_for
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
 from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, responses, system
+from gateway.stream_hub import StreamHub
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+REDIS_CONNECTIONS = 32
+"""Async Redis connections per gateway process, whatever the number of open streams."""
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -41,7 +46,12 @@ def create_app(settings: Settings) -> FastAPI:
         # Before the first request: counting a prompt as the model sees it needs its chat template.
         await run_in_threadpool(app.state.limits.warm)
         app.state.redis = Redis.from_url(settings.redis_url)
-        app.state.aredis = AsyncRedis.from_url(settings.redis_url)
+        # A fixed pool: callers wait for a connection rather than open one more (streams hold none:
+        # one reader serves them all).
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=10)
+        app.state.aredis = AsyncRedis(connection_pool=pool)
+        app.state.streams = StreamHub(app.state.aredis)
+        app.state.streams.start()
         names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}
         queues = {p: Queue(name, connection=app.state.redis, serializer=JSONSerializer) for p, name in names.items()}
         try:
@@ -60,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             flusher.cancel()
+            await app.state.streams.stop()
             await refusals.flush(app.state.aredis)
             app.state.redis.close()
             await app.state.aredis.aclose()

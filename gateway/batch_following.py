@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
 from starlette.concurrency import run_in_threadpool
 
-from gateway.following import BLOCK_MS, entries_of, follow
-from shared import batch_progress, keys
+from gateway.following import BLOCK_MS, Entry, follow
+from gateway.stream_hub import StreamHub
+from shared import batch_progress, job_stream, keys
 
 SYNTHESIS = "synthesis:"
 """Prefix of the event ids of the synthesis's part."""
@@ -29,7 +29,7 @@ def _event(event_id: str | None, kind: str, data: dict[str, Any]) -> str:
 
 
 async def follow_batch(
-    redis: Redis, aredis: AsyncRedis, record: dict[str, Any], after: str | None, ttl_s: int
+    redis: Redis, streams: StreamHub, record: dict[str, Any], after: str | None, ttl_s: int
 ) -> AsyncIterator[str]:
     """`child` events as children end, then `children_done`, then `synthesis_status`/`synthesis_text`/
     `synthesis_end` as the synthesis runs, and `end` (a batch without synthesis ends after its children)."""
@@ -38,28 +38,30 @@ async def follow_batch(
     if after is not None and after.startswith(SYNTHESIS):
         synthesis_after = after.removeprefix(SYNTHESIS)
     else:
-        stream = keys.batch_stream(batch_id)
-        last = after or "0-0"
-        children_done = False
-        while not children_done:
-            reply = await aredis.xread({stream: last}, count=256, block=BLOCK_MS)
-            if not reply:
-                state = await run_in_threadpool(batch_progress.sweep, redis, batch_id, ttl_s)
-                if state == "gone":
-                    yield _event(None, "end", {"status": "expired"})
-                    return
-                continue
-            for entry in entries_of(reply):
-                last = entry.id
-                yield _event(last, entry.kind, entry.data)
-                if entry.kind == "end":
-                    return
-                children_done = children_done or entry.kind == "children_done"
+        sub = streams.subscribe(keys.batch_stream(batch_id), after or "0-0")
+        try:
+            children_done = False
+            while not children_done:
+                raw = await sub.next(BLOCK_MS / 1000)
+                if not raw:
+                    state = await run_in_threadpool(batch_progress.sweep, redis, batch_id, ttl_s)
+                    if state == "gone":
+                        yield _event(None, "end", {"status": "expired"})
+                        return
+                    continue
+                for raw_id, fields in raw:
+                    entry = Entry(raw_id, *job_stream.decode(fields))
+                    yield _event(entry.id, entry.kind, entry.data)
+                    if entry.kind == "end":
+                        return
+                    children_done = children_done or entry.kind == "children_done"
+        finally:
+            streams.unsubscribe(sub)
     synthesis_id = record.get("synthesis_job_id")
     if not synthesis_id:
         return
     ended: dict[str, Any] = {}
-    async for entry in follow(aredis, synthesis_id, after=synthesis_after):
+    async for entry in follow(streams, synthesis_id, after=synthesis_after):
         yield _event(SYNTHESIS + entry.id, "synthesis_" + entry.kind, entry.data)
         ended = entry.data
     yield _event(None, "end", {"status": "completed", "synthesis": ended.get("status")})

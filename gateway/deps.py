@@ -15,6 +15,7 @@ from gateway.clients import Client, ClientResolver
 from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
+from gateway.stream_hub import StreamHub
 from shared.errors import AdminKeyRequired
 from shared.models import ModelRegistry
 from shared.settings import Settings
@@ -80,6 +81,15 @@ async def get_gateway(request: Request) -> Gateway:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
+
+
+def get_streams(request: Request) -> StreamHub:
+    streams: StreamHub = request.app.state.streams
+    return streams
+
+
+StreamsDep = Annotated[StreamHub, Depends(get_streams)]
+"""The gateway's one reader of job streams."""
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 ClientDep = Annotated[Client, Depends(get_client)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]

@@ -6,10 +6,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from redis.asyncio import Redis as AsyncRedis
-
+from gateway.stream_hub import StreamHub, Subscription
 from shared import job_stream, keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from shared.text import text
@@ -39,8 +38,12 @@ class WaitedTooLong(Exception):
     """The deadline given to `follow` passed before the job ended."""
 
 
+class FellBehind(Exception):
+    """The follower left more of the stream unread than its buffer holds (gateway/stream_hub.py)."""
+
+
 async def follow(
-    redis: AsyncRedis, job_id: str, after: str = "0-0", deadline: float | None = None, pings: bool = False
+    streams: StreamHub, job_id: str, after: str = "0-0", deadline: float | None = None, pings: bool = False
 ) -> AsyncIterator[Entry]:
     """Entries after `after`, as they come, up to and including the job's end.
 
@@ -48,10 +51,22 @@ async def follow(
     made up from the job's RQ status, so a follower never waits forever. Past `deadline`
     (time.monotonic()) it raises WaitedTooLong; each read blocks no longer than what is
     left, so no read has to be cancelled half-way. With `pings`, a `ping` entry comes after
-    each PING_S without another.
+    each PING_S without another. Entries come through the gateway's one stream reader; a
+    follower that falls too far behind raises FellBehind.
     """
     stream = keys.job_stream(job_id)
-    last = after
+    sub = streams.subscribe(stream, after)
+    try:
+        async for entry in _follow(streams, sub, job_id, deadline, pings):
+            yield entry
+    finally:
+        streams.unsubscribe(sub)
+
+
+async def _follow(
+    streams: StreamHub, sub: Subscription, job_id: str, deadline: float | None, pings: bool
+) -> AsyncIterator[Entry]:
+    redis, stream, last = streams.redis, sub.stream, sub.delivered
     quiet_since = time.monotonic()
     while True:
         if pings and time.monotonic() - quiet_since >= PING_S:
@@ -63,33 +78,31 @@ async def follow(
             if left_ms <= 0:
                 raise WaitedTooLong(job_id)
             block_ms = min(block_ms, left_ms)
+        raw = await sub.next(block_ms / 1000)
+        if sub.overflowed and not raw:
+            raise FellBehind(job_id)
+        if raw:
+            quiet_since = time.monotonic()
+            for raw_id, fields in raw:
+                entry = Entry(raw_id, *job_stream.decode(fields))
+                last = entry.id
+                yield entry
+                if entry.kind == "end":
+                    return
+            continue
         try:
-            reply = await redis.xread({stream: last}, count=200, block=block_ms)
-            status = None if reply else await redis.hget(f"rq:job:{job_id}", "status")
+            status = await redis.hget(f"rq:job:{job_id}", "status")
         except UNREACHABLE as exc:
             # Redis is away: keep the client's connection and pick up where the stream was once it is back.
             REDIS.failed("following a job", exc)
             await asyncio.sleep(min(block_ms / 1000, RETRY_MAX_S))
             continue
         REDIS.ok()
-        if not reply:
-            ended = _ENDED.get(text(status)) if status is not None else "failed"
-            if ended is not None:
-                # One more look: the end may have been written just now.
-                if await redis.xread({stream: last}, count=1):
-                    continue
-                yield Entry(last, "end", {"status": ended, "error": {"message": f"the job ended as {ended}"}})
-                return
-            continue
-        quiet_since = time.monotonic()
-        for entry in entries_of(reply):
-            last = entry.id
-            yield entry
-            if entry.kind == "end":
-                return
+        ended = _ENDED.get(text(status)) if status is not None else "failed"
+        if ended is not None:
+            # One more look: the end may have been written just now (the reader brings it soon).
+            if await redis.xread({stream: last}, count=1) or not sub.queue.empty():
+                continue
+            yield Entry(last, "end", {"status": ended, "error": {"message": f"the job ended as {ended}"}})
+            return
 
-
-def entries_of(reply: Any) -> list[Entry]:
-    """The entries of a one-stream XREAD reply, RESP2 shape: [[stream, [(id, fields), ...]]]."""
-    raw: list[tuple[bytes, dict[bytes, bytes]]] = cast(Any, reply)[0][1]
-    return [Entry(text(raw_id), *job_stream.decode(fields)) for raw_id, fields in raw]

@@ -69,7 +69,7 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
     blocks = _Blocks()
     ended = False
     try:
-        async for entry in follow(request.app.state.aredis, job_id, pings=True):
+        async for entry in follow(request.app.state.streams, job_id, pings=True):
             if entry.kind == "ping":
                 yield _event("ping", {})
             elif entry.kind in ("text", "reasoning") and entry.data["text"]:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway import batches
 from gateway.batch_following import follow_batch
-from gateway.deps import AsyncRedisDep, ClientDep, GatewayDep, RedisDep, SettingsDep
+from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
 from gateway.following import STREAM_ID
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -46,7 +46,7 @@ async def cancel_batch(batch_id: str, redis: RedisDep, settings: SettingsDep, cl
 async def batch_events(
     batch_id: str,
     redis: RedisDep,
-    aredis: AsyncRedisDep,
+    streams: StreamsDep,
     settings: SettingsDep,
     client: ClientDep,
     last_event_id: Annotated[str | None, Header(pattern=r"^(synthesis:)?" + STREAM_ID[1:])] = None,
@@ -57,7 +57,7 @@ async def batch_events(
     Send `Last-Event-ID` to resume after the last event received."""
     record = await run_in_threadpool(batches.load_record, redis, batch_id, client)
     return StreamingResponse(
-        follow_batch(redis, aredis, record, last_event_id, settings.stream_ttl_s),
+        follow_batch(redis, streams, record, last_event_id, settings.stream_ttl_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )

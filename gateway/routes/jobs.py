@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from gateway import jobs, submission
-from gateway.deps import AsyncRedisDep, ClientDep, GatewayDep, RedisDep, SettingsDep
+from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
 from gateway.following import STREAM_ID, follow
 from shared.schemas import GenerateRequest, JobView
 
@@ -65,7 +65,7 @@ def cancel_job(job_id: str, response: Response, redis: RedisDep, settings: Setti
 async def job_events(
     job_id: str,
     redis: RedisDep,
-    aredis: AsyncRedisDep,
+    streams: StreamsDep,
     client: ClientDep,
     last_event_id: Annotated[str | None, Header(pattern=STREAM_ID)] = None,
 ) -> StreamingResponse:
@@ -77,7 +77,7 @@ async def job_events(
     async def events() -> AsyncIterator[str]:
         if last_event_id is None:
             yield f"event: snapshot\ndata: {snapshot.model_dump_json()}\n\n"
-        async for entry in follow(aredis, job_id, after=last_event_id or "0-0", pings=True):
+        async for entry in follow(streams, job_id, after=last_event_id or "0-0", pings=True):
             if entry.kind == "ping":
                 yield ": ping\n\n"
             else:

@@ -142,7 +142,7 @@ async def _lines(request: Request, job_id: str, model: str, chat: bool) -> Async
     """Text and thinking as they are generated; tool calls, whole as Ollama sends them, with the end."""
     ended = False
     try:
-        async for entry in follow(request.app.state.aredis, job_id):
+        async for entry in follow(request.app.state.streams, job_id):
             if entry.kind == "text" and entry.data["text"]:
                 yield json.dumps(_piece(model, chat, entry.data["text"])) + "\n"
             elif entry.kind == "reasoning" and entry.data["text"]:

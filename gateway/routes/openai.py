@@ -68,7 +68,7 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
     ended = False
     try:
         yield _sse(shapes.chunk(first=True))
-        async for entry in follow(request.app.state.aredis, job_id, pings=True):
+        async for entry in follow(request.app.state.streams, job_id, pings=True):
             if entry.kind == "ping":
                 yield ": ping\n\n"  # an SSE comment: clients ignore it, proxies see the stream alive
             elif entry.kind == "text":

@@ -105,7 +105,7 @@ async def _events(request: Request, shapes: Shapes, job_id: str, record: dict[st
     items = _Items(shapes)
     ended = False
     try:
-        async for entry in follow(request.app.state.aredis, job_id, pings=True):
+        async for entry in follow(request.app.state.streams, job_id, pings=True):
             if entry.kind == "ping":
                 yield ": ping\n\n"
             elif entry.kind in ("text", "reasoning", "call", "arguments"):

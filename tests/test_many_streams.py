@@ -1,0 +1,76 @@
+"""Hundreds of open streams on one gateway: one reader serves them all, with a fixed number of Redis
+connections (gateway/stream_hub.py). Real gateway, worker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+
+from tests.support import RedisServer, Service
+
+pytestmark = pytest.mark.slow
+
+STREAMS = 200
+"""Twice what redis-py's default pool held, when each stream held a connection."""
+
+
+@pytest.fixture(scope="module")
+def roomy(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = Service(
+        redis_server.url.rsplit("/", 1)[0] + "/11",
+        data_dir,
+        tmp_path_factory.mktemp("streams-logs"),
+        heartbeat_interval_s=0.5,
+        rate_limit_requests=100_000,
+        max_inflight_per_client=10_000,
+        max_queued=10_000,
+        max_batch=16,
+    )
+    yield svc
+    svc.stop()
+
+
+def clients_of(redis: Redis) -> int:
+    return int(redis.info("clients")["connected_clients"])
+
+
+def test_hundreds_of_waiting_streams_use_a_fixed_number_of_connections_and_all_complete(roomy: Service) -> None:
+    redis = Redis.from_url(roomy.env["MLXQ_REDIS_URL"])
+    blocker = [roomy.submit(model="demo", prompt="Hold", max_tokens=30_000, ignore_eos=True, priority="normal")["id"]]
+    roomy.wait_for(blocker[0], {"started"})
+    before = clients_of(redis)
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+
+    async def one(client: httpx.AsyncClient, opened: list[int]) -> str:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            opened.append(1)
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        return lines[-1]
+
+    async def many() -> tuple[list[str], int]:
+        limits = httpx.Limits(max_connections=STREAMS + 10)
+        async with httpx.AsyncClient(base_url=roomy.base_url, timeout=120, limits=limits) as client:
+            opened: list[int] = []
+            tasks = [asyncio.create_task(one(client, opened)) for _ in range(STREAMS)]
+            deadline = time.monotonic() + 60
+            while len(opened) < STREAMS and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # every stream open and waiting behind the blocker
+            during = clients_of(redis)
+            roomy.http.delete(f"/v1/jobs/{blocker[0]}")
+            return list(await asyncio.gather(*tasks)), during
+
+    try:
+        ends, during = asyncio.run(many())
+    finally:
+        redis.close()
+    assert ends == ["data: [DONE]"] * STREAMS
+    # The worker's and the gateway's connections, the same whether 1 or 200 streams are open.
+    assert during - before < 40, (before, during)
