@@ -16,7 +16,7 @@ from redis import Redis
 
 from gateway import jobs
 from gateway.clients import Client
-from gateway.responses_api import ResponsesRequest, Shapes
+from gateway.responses_api import ResponsesRequest, Shapes, response_error
 from shared import keys
 from shared.errors import JobNotFound, ResponseNotFound
 
@@ -67,19 +67,21 @@ def finish(
     output: list[dict[str, Any]] | None = None,
 ) -> None:
     """The response completed with `output` (a stream's items as it showed them; else the result's)."""
-    output = output if output is not None else shapes.output(result)
-    record["output"] = output
-    record["response"] = shapes.response("completed", output, result)
+    _complete(record, shapes, result, output)
     save(redis, record, ttl_s)
+
+
+def _complete(
+    record: dict[str, Any], shapes: Shapes, result: dict[str, Any], output: list[dict[str, Any]] | None = None
+) -> None:
+    record["output"] = output if output is not None else shapes.output(result)
+    record["response"] = shapes.response("completed", record["output"], result)
 
 
 def end_without_output(redis: Redis, record: dict[str, Any], status: str, error: dict[str, Any], ttl_s: int) -> None:
     record["response"] = {**record["response"], "status": status}
     if status == "failed":
-        record["response"]["error"] = {
-            "code": str(error.get("code") or "server_error"),
-            "message": error.get("message"),
-        }
+        record["response"]["error"] = response_error(error)
     save(redis, record, ttl_s)
 
 
@@ -98,15 +100,9 @@ def _catch_up(redis: Redis, record: dict[str, Any]) -> None:
         record["response"]["status"] = "failed"
         return
     if view.status == "finished" and view.result is not None:
-        shapes = shapes_of(record)
-        result = view.result.model_dump()
-        record["output"] = shapes.output(result)
-        record["response"] = shapes.response("completed", record["output"], result)
+        _complete(record, shapes_of(record), view.result.model_dump())
     elif view.status == "canceled":
         record["response"]["status"] = "cancelled"
     elif view.status == "failed":
         record["response"]["status"] = "failed"
-        record["response"]["error"] = {
-            "code": (view.error or {}).get("code"),
-            "message": (view.error or {}).get("message"),
-        }
+        record["response"]["error"] = response_error(view.error or {})

@@ -291,9 +291,7 @@ class Shapes:
         }
 
     def failed(self, error: dict[str, Any]) -> dict[str, Any]:
-        failed = self.response("failed", [])
-        failed["error"] = {"code": str(error.get("code") or "server_error"), "message": str(error.get("message"))}
-        return failed
+        return {**self.response("failed", []), "error": response_error(error)}
 
     def message(self, text: str, status: str = "completed") -> dict[str, Any]:
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
@@ -339,3 +337,8 @@ class Shapes:
         document = {"type": kind, "sequence_number": self.sequence, **data}
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(document)}\n\n"
+
+
+def response_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A job's recorded error as a response's `error`: `{code, message}`."""
+    return {"code": str(error.get("code") or "server_error"), "message": str(error.get("message"))}

@@ -72,10 +72,6 @@ class StreamHub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def open_streams(self) -> int:
-        return len(self._subscribers)
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mlxq-stream-hub")
 

@@ -88,7 +88,7 @@ async def accept(
     Low-priority work (batch children included) is the batch tier: its own per-client cap,
     and served in turns by client rather than first come first served."""
     # Rendering a long prompt's chat template takes a while: off the event loop.
-    fitted = [await run_in_threadpool(gw.limits.check, request) for request in requests]
+    fitted = await run_in_threadpool(lambda: [gw.limits.check(request) for request in requests])
     requests = [fit.request for fit in fitted]
     tier: Tier = "batch" if priority == "low" else "single"
     gw.admission.check_size(len(requests), tier)

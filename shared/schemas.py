@@ -255,8 +255,11 @@ class GenerateRequest(BaseModel):
         """The messages, tools and template arguments as the chat template renders them (the gateway
         counts the prompt with the same rendering the worker generates from)."""
         messages = [m.for_template() for m in self.messages or []]
-        tools = [t.model_dump(exclude_none=True) for t in self.tools or []] if self.offers_tools() else None
-        return messages, tools, dict(self.chat_template_kwargs or {})
+        return messages, self.template_tools() or None, dict(self.chat_template_kwargs or {})
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools offered to the model, as its chat template and its call parser see them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.offers_tools() else []
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -191,7 +191,6 @@ class Row:
         eos = set(tokenizer.eos_token_ids)
         vocab_size = len(tokenizer.get_vocab())
         prompt_ids = encode_prompt(tokenizer, request)
-        tools = [t.model_dump(exclude_none=True) for t in request.tools or []] if request.offers_tools() else []
         markers = markers_of(tokenizer)
         if reasoning is not None:
             markers = replace(markers, think=reasoning if isinstance(reasoning, tuple) else None)
@@ -205,7 +204,7 @@ class Row:
             forced=forced,
             forced_name=request.tool_choice.function.name if isinstance(request.tool_choice, NamedToolChoice) else "",
             max_calls=1_000_000 if request.parallel_tool_calls else 1,
-            tools=tools,
+            tools=request.template_tools(),
         )
         return cls(
             request=request,

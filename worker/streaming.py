@@ -75,12 +75,13 @@ class StreamPublisher:
 
 def fields(piece: Piece, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
     """A piece as its stream entry's data (shared/job_stream.py)."""
-    data: dict[str, Any] = {"index": piece.index, "id": piece.id, "name": piece.name} if piece.kind == "call" else {}
-    if piece.kind != "call":
-        data["text"] = piece.text
-    if piece.kind == "arguments":
-        data["index"] = piece.index
+    data: dict[str, Any]
+    if piece.kind == "call":
+        data = {"index": piece.index, "id": piece.id, "name": piece.name}
+    elif piece.kind == "arguments":
+        data = {"index": piece.index, "text": piece.text}
+    else:
+        data = {"text": piece.text}
     if logprobs is not None:
         data["logprobs"] = logprobs
     return data
-
