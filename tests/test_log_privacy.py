@@ -37,6 +37,11 @@ def test_a_marker_sent_through_every_route_never_reaches_a_log(
         ("/v1/chat/completions", {"model": "demo", "messages": messages, "max_tokens": 2}, 200),
         ("/v1/chat/completions", {"model": "demo", "messages": messages, "max_tokens": 2, "stream": True}, 200),
         ("/v1/completions", {"model": "demo", "prompt": text, "max_tokens": 2}, 200),
+        ("/v1/responses", {"model": "demo", "input": text, "max_output_tokens": 2}, 200),
+        ("/v1/responses", {"model": "demo", "input": [{"role": "wizard", "content": text}]}, 422),
+        ("/v1/messages", {"model": "demo", "max_tokens": 2, "messages": messages}, 200),
+        ("/v1/messages", {"model": "demo", "max_tokens": 2, "messages": [{"role": "wizard", "content": text}]}, 400),
+        ("/v1/messages/count_tokens", {"model": "demo", "messages": messages}, 200),
         (
             "/v1/batches",
             {
