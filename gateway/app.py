@@ -23,7 +23,7 @@ from gateway.body_limit import BodySizeLimit
 from gateway.clients import ClientResolver
 from gateway.deps import Gateway, get_client
 from gateway.errors import count_refusal, install_error_handlers
-from gateway.jobs import JobFactory
+from gateway.jobs import JobFactory, finished_result
 from gateway.metrics import registry_for
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         # one reader serves them all).
         pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=10)
         app.state.aredis = AsyncRedis(connection_pool=pool)
-        app.state.streams = StreamHub(app.state.aredis)
+        app.state.streams = StreamHub(app.state.aredis, lambda job_id: finished_result(job_id, app.state.redis))
         app.state.streams.start()
         names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}
         queues = {p: Queue(name, connection=app.state.redis, serializer=JSONSerializer) for p, name in names.items()}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.stream_hub import StreamHub, Subscription
+from gateway.stream_tally import Tally
 from shared import job_stream, keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from shared.text import text
@@ -55,23 +56,39 @@ async def follow(
     follower that falls too far behind raises FellBehind.
     """
     stream = keys.job_stream(job_id)
+    tally = Tally()
+    if after != "0-0":
+        # Resuming: what came up to `after` was sent on an earlier connection.
+        for _, fields in await _before(streams, stream, after):
+            tally.take(*job_stream.decode(fields))
     sub = streams.subscribe(stream, after)
     try:
-        async for entry in _follow(streams, sub, job_id, deadline, pings):
+        async for entry in _follow(streams, sub, tally, job_id, deadline, pings):
             yield entry
     finally:
         streams.unsubscribe(sub)
 
 
+async def _before(streams: StreamHub, stream: str, after: str) -> list[Any]:
+    while True:
+        try:
+            return list(await streams.redis.xrange(stream, "-", after) or [])
+        except UNREACHABLE as exc:
+            REDIS.failed("following a job", exc)
+            await asyncio.sleep(RETRY_MAX_S)
+
+
 async def _follow(
-    streams: StreamHub, sub: Subscription, job_id: str, deadline: float | None, pings: bool
+    streams: StreamHub, sub: Subscription, tally: Tally, job_id: str, deadline: float | None, pings: bool
 ) -> AsyncIterator[Entry]:
     redis, stream, last = streams.redis, sub.stream, sub.delivered
+    shown = last
+    """`last` is how far the stream was read; `shown`, the last entry sent on (they part at a gap)."""
     quiet_since = time.monotonic()
     while True:
         if pings and time.monotonic() - quiet_since >= PING_S:
             quiet_since = time.monotonic()
-            yield Entry(last, "ping", {})
+            yield Entry(shown, "ping", {})
         block_ms = BLOCK_MS
         if deadline is not None:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -84,11 +101,15 @@ async def _follow(
         if raw:
             quiet_since = time.monotonic()
             for raw_id, fields in raw:
-                entry = Entry(raw_id, *job_stream.decode(fields))
-                last = entry.id
-                yield entry
-                if entry.kind == "end":
-                    return
+                for kind, data in tally.take(*job_stream.decode(fields)):
+                    # What fills a gap goes out under the last id shown: a client resuming from
+                    # there meets the gap again and is sent the same.
+                    yield Entry(raw_id if kind == "end" or not tally.gap else shown, kind, data)
+                    if kind == "end":
+                        return
+                last = raw_id
+                if not tally.gap:
+                    shown = raw_id
             continue
         try:
             status = await redis.hget(f"rq:job:{job_id}", "status")
@@ -103,6 +124,10 @@ async def _follow(
             # One more look: the end may have been written just now (the reader brings it soon).
             if await redis.xread({stream: last}, count=1) or not sub.queue.empty():
                 continue
-            yield Entry(last, "end", {"status": ended, "error": {"message": f"the job ended as {ended}"}})
+            made_up: dict[str, Any] = {"status": ended, "error": {"message": f"the job ended as {ended}"}}
+            if ended == "finished" and (result := await streams.result_of(job_id)) is not None:
+                made_up = {"status": ended, "result": result}
+            for kind, data in tally.take("end", made_up):
+                yield Entry(shown, kind, data)
             return
 

@@ -168,6 +168,16 @@ def fetch(job_id: str, redis: Redis) -> Job:
         raise JobNotFound(f"No job with id '{job_id}' (it may have expired)", param="id") from None
 
 
+def finished_result(job_id: str, redis: Redis) -> dict[str, Any] | None:
+    """The result of a job that finished, as its worker returned it; None for any other job."""
+    try:
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except (NoSuchJobError, ValueError):
+        return None
+    value = job.return_value(refresh=False)
+    return value if isinstance(value, dict) else None
+
+
 def fetch_for(client: Client, job_id: str, redis: Redis) -> Job:
     """The job, if `client` may see it; another client's job is answered like one that does not exist."""
     job = fetch(job_id, redis)

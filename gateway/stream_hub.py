@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,9 +66,10 @@ class Subscription:
 class StreamHub:
     """Reads every followed stream with one XREAD and fans the entries out in memory."""
 
-    def __init__(self, redis: AsyncRedis) -> None:
+    def __init__(self, redis: AsyncRedis, results: Callable[[str], dict[str, Any] | None]) -> None:
         self.redis = redis
         """For everything else a follower asks (a job's status): shared, not held."""
+        self._results = results
         self._subscribers: dict[str, set[Subscription]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -79,6 +81,15 @@ class StreamHub:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def result_of(self, job_id: str) -> dict[str, Any] | None:
+        """A finished job's result from RQ, for a stream that expired or lost its end (RQ's own
+        reading of it, on a thread: its client is synchronous)."""
+        try:
+            return await asyncio.to_thread(self._results, job_id)
+        except UNREACHABLE as exc:
+            REDIS.failed("reading a job's result", exc)
+            return None
 
     def subscribe(self, stream: str, after: str) -> Subscription:
         sub = Subscription(stream, after)

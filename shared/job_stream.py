@@ -8,6 +8,11 @@ Entries are `{"type": ..., "data": <json>}`:
 - `call`: `{"index", "id", "name"}`, a tool call begins; `arguments`: `{"index", "text"}`, more of
   its arguments (JSON text, as it forms);
 - `end`: `{"status": "finished" | "failed" | "canceled", "result": {...} | "error": {...}}`.
+Output entries (the four kinds between) also carry `seq`, 1 for the job's first and one more for
+each after, across every attempt at the job, and `tokens`, the ids generated since the one before.
+A follower drops an entry it has seen (a write retried, an attempt repeating itself) and knows a gap
+when it sees one (gateway/following.py); a job run again after its worker died continues from the
+tokens its stream holds (`resumed`), so the stream reads as one generation.
 Stream ids are the SSE event ids, so a client resumes with Last-Event-ID.
 Workers write text through a publisher thread (worker/streaming.py); everything
 that ends a job (worker, gateway cancel, watchdog quarantine) writes `end`.
@@ -16,6 +21,7 @@ that ends a job (worker, gateway cancel, watchdog quarantine) writes `end`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
@@ -53,3 +59,35 @@ def decode(fields: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     data: dict[str, Any] = json.loads(raw)
     return kind, data
+
+
+OUTPUT = frozenset({"text", "reasoning", "call", "arguments"})
+"""The kinds of entry that carry the job's output, each with its `seq` and `tokens`."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What earlier attempts at a job put in its stream: where the next one carries on."""
+
+    seq: int = 0
+    """The last output entry's `seq` (0: none yet)."""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resumed(redis: Redis, job_id: str) -> Resumed:
+    """The output entries already in the job's stream, in order and without repeats, up to the first
+    gap (what comes after a gap cannot be carried on from)."""
+    seq, tokens, logprobs = 0, list[int](), list[dict[str, Any]]()
+    for _, fields in redis.xrange(keys.job_stream(job_id)) or []:
+        kind, data = decode(fields or {})
+        if kind not in OUTPUT or not isinstance(data.get("seq"), int):
+            continue
+        if data["seq"] <= seq:
+            continue
+        if data["seq"] != seq + 1:
+            break
+        seq = data["seq"]
+        tokens += data.get("tokens", [])
+        logprobs += data.get("logprobs") or []
+    return Resumed(seq, tokens, logprobs)

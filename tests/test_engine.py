@@ -40,7 +40,7 @@ def submit(engine: Engine, spec: ModelSpec, job_id: str, **request: object) -> S
 def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpec) -> None:
     pieces: list[Piece] = []
     sub = submit(engine, demo, "a", max_tokens=30, ignore_eos=True)
-    sub.on_text = pieces.append
+    sub.on_text = lambda sent: pieces.append(sent.piece)
     handle = engine.submit(sub)
     assert handle.wait(30)
     outcome = handle.result()

@@ -96,20 +96,28 @@ class BatchRunner:
         finally:
             self._progress(None)
         try:
-            run.row = Row.start(run.loaded.tokenizer, sub.request, sub.max_tokens, sub.on_text, sub.spec.reasoning)
+            row = Row.start(run.loaded.tokenizer, sub.request, sub.max_tokens, sub.on_text, sub.spec.reasoning)
+            if sub.resume is not None and sub.resume.seq:
+                row.resume(sub.resume)
         except Exception as exc:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return False
-        prompt, window = len(run.row.prompt_ids), run.loaded.context_tokens
+        run.row = row
+        prompt, window = len(row.prompt_ids), run.loaded.context_tokens
         if window is not None and prompt >= window:
             field = "prompt" if sub.request.prompt is not None else "messages"
             too_long = f"The prompt takes {prompt} tokens; model '{ticket.model}' takes {window} in all"
             self._finish(run, None, ContextLengthExceeded(too_long, param=field))
             return False
+        # What an earlier attempt generated counts against max_tokens (its tokens are prefilled).
+        ticket.max_tokens -= len(row.resumed_tokens)
         if window is not None:
             # max_tokens is a ceiling: the generation stops at the context's end ("length").
-            ticket.max_tokens = min(ticket.max_tokens, window - prompt)
-        ticket.prompt = run.row.prompt_ids
+            ticket.max_tokens = min(ticket.max_tokens, window - len(row.context_ids))
+        if ticket.max_tokens <= 0:
+            self._finish(run, row.outcome("length"), None)  # the earlier attempt got to the end
+            return False
+        ticket.prompt = row.context_ids
         ticket.kv_bytes_per_token = run.loaded.kv_bytes_per_token
         ticket.weights_bytes = run.loaded.size_bytes
         return True
@@ -136,7 +144,7 @@ class BatchRunner:
     def join(self, ticket: Ticket, seed: Seed) -> int | None:
         run = self.runs[ticket]
         assert run.row is not None
-        ids = run.row.prompt_ids
+        ids = run.row.context_ids
         try:
             cache, reused = self._seeded(ticket.model, ids, seed)
             [uid] = self.generator.insert(
@@ -149,7 +157,7 @@ class BatchRunner:
         except Exception as exc:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return None
-        run.row.cached_tokens = reused
+        run.row.cached_tokens = min(reused, len(run.row.prompt_ids))
         self._uids[uid] = run
         return int(uid)
 
@@ -220,7 +228,7 @@ class BatchRunner:
         if not cache or not self.prefixes.enabled:
             return
         assert run.row is not None
-        tokens = (run.row.prompt_ids + run.generated)[: cache[0].offset]
+        tokens = (run.row.context_ids + run.generated)[: cache[0].offset]
         try:
             self.prefixes.keep(run.ticket.model, tokens, cache)
         except Exception:

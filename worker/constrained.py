@@ -40,12 +40,16 @@ class JsonConstraint:
             raise InvalidRequest(f"The JSON schema cannot be enforced: {self.matcher.get_error()}", param="json_schema")
         self.started = False
 
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        last: int = tokens[-1].item()  # type: ignore[assignment]
+    def advance(self, last: int) -> None:
+        """One step, whose context ends with `last` (the token sampled after the previous mask)."""
         if self.started and not self.matcher.consume_token(last):
             # Not the matcher's message: it may quote the generated text.
             logger.warning("structured output: the matcher refused a sampled token; the row goes on unconstrained")
         self.started = True
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        last: int = tokens[-1].item()  # type: ignore[assignment]
+        self.advance(last)
         allowed = np.frombuffer(self.matcher.compute_logit_bias(), dtype=np.uint8)
         vocab = logits.shape[-1]
         mask = np.zeros(vocab, dtype=bool)

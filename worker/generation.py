@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from shared.errors import InvalidRequest
+from shared.job_stream import Resumed
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from worker.rows import Outcome, TextSink
@@ -26,6 +27,8 @@ class Submission:
     deadline: float = field(default=float("inf"))
     """time.monotonic() after which the generation is stopped between tokens."""
     on_text: TextSink | None = None
+    resume: Resumed | None = None
+    """What earlier attempts at the job streamed (its worker died): this one carries on from there."""
 
     def __post_init__(self) -> None:
         if self.request.max_tokens is None:

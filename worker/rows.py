@@ -20,6 +20,7 @@ from mlx_lm.generate import StopSequences
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from shared.errors import InvalidRequest
+from shared.job_stream import Resumed
 from shared.schemas import FinishReason, GenerateRequest, NamedToolChoice
 from worker.constrained import JsonConstraint
 from worker.logprobs import entry as token_logprobs
@@ -30,12 +31,24 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+@dataclass(frozen=True)
+class Sent:
+    """A piece of output as its job's stream holds it (shared/job_stream.py)."""
+
+    piece: Piece
+    seq: int
+    """1 for the job's first piece, one more for each after, across attempts."""
+    tokens: list[int]
+    """The token ids generated since the piece before: an attempt after a crash carries on from them."""
+    logprobs: list[dict[str, Any]] | None = None
+    """With `logprobs`: the entries of those tokens."""
+
+
 class TextSink(Protocol):
     """Receives each new piece of output (text, reasoning, a call's start or more of its arguments)
-    as soon as it is safe to show, and, for a request that asked for logprobs, the entries of the
-    tokens generated since the last piece."""
+    as soon as it is safe to show."""
 
-    def __call__(self, piece: Piece, logprobs: list[dict[str, Any]] | None = None, /) -> None: ...
+    def __call__(self, sent: Sent, /) -> None: ...
 
 
 @dataclass
@@ -172,6 +185,14 @@ class Row:
     stop_sequence: str | None = None
     split: OutputSplit = field(default_factory=lambda: OutputSplit(Markers()))
     """The output as reasoning, text and calls, as it is generated."""
+    seq: int = 0
+    """The last piece's number (shared/job_stream.py)."""
+    unsent_tokens: list[int] = field(default_factory=list)
+    """Tokens taken since the last piece went out: they go with the next one."""
+    resumed_tokens: list[int] = field(default_factory=list)
+    """Tokens an earlier attempt generated (`resume`): the batch prefills them after the prompt."""
+    muted_until: int = 0
+    """Pieces up to this number are already in the stream: a resumed row makes them again unsent."""
     matcher: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +240,29 @@ class Row:
             tokenizer=tokenizer,
         )
 
+    @property
+    def context_ids(self) -> list[int]:
+        """What the batch prefills: the prompt, then what an earlier attempt generated."""
+        return self.prompt_ids + self.resumed_tokens
+
+    def resume(self, done: Resumed) -> None:
+        """Carry on from an earlier attempt: its tokens are taken again as if just generated, so the
+        text, the split and the stop matcher stand where they stood, and the pieces they make again
+        are not sent twice. Processors that keep a state (`advance`) are walked through the same
+        steps, each seeing the context it saw then."""
+        self.logprobs = list(done.logprobs)
+        self.muted_until = done.seq
+        for token in done.tokens:
+            self.take(token, None)
+        self.resumed_tokens = list(done.tokens)
+        self.first_token_at = None
+        steps = [self.prompt_ids[-1], *done.tokens[:-1]] if done.tokens else []
+        for processor in self.processors:
+            advance = getattr(processor, "advance", None)
+            if advance is not None:
+                for last in steps:
+                    advance(last)
+
     def batch_options(self) -> dict[str, Any]:
         """What BatchGenerator.insert takes for this request (one-element lists)."""
         ignore_eos = self.request.ignore_eos
@@ -235,6 +279,7 @@ class Row:
         if token in self.eos and not self.request.ignore_eos:
             return "stop"
         self.completion_tokens += 1
+        self.unsent_tokens.append(token)
         if self.request.logprobs and logprobs is not None:
             self.logprobs.append(token_logprobs(self.tokenizer, token, logprobs, self.request.top_logprobs))
         self.detokenizer.add_token(token)
@@ -255,14 +300,14 @@ class Row:
         self.text, self.cut_by_stop_string = self.text[:cut], True
 
     def _send(self, pieces: list[Piece]) -> None:
-        if self.on_text is None:
-            return
         for piece in pieces:
-            if not self.request.logprobs:
-                self.on_text(piece)
-                continue
-            self.on_text(piece, self.logprobs[self.unsent :])
-            self.unsent = len(self.logprobs)
+            self.seq += 1
+            tokens, self.unsent_tokens = self.unsent_tokens, []
+            logprobs = None
+            if self.request.logprobs:
+                logprobs, self.unsent = self.logprobs[self.unsent :], len(self.logprobs)
+            if self.on_text is not None and self.seq > self.muted_until:
+                self.on_text(Sent(piece, self.seq, tokens, logprobs))
 
     def outcome(self, finish: FinishReason) -> Outcome:
         """The request's result; the detokenizer's last bytes (a multi-byte character) are flushed first."""
@@ -329,24 +374,31 @@ def thinking_budget(request: GenerateRequest, tokenizer: Any, split: OutputSplit
     starts: list[int] = list(getattr(tokenizer, "think_start_tokens", None) or [])
     if request.reasoning_budget is None or split.markers.think is None or len(ends) != 1:
         return []
-    end_id = int(ends[0])
     start_id = int(starts[0]) if len(starts) == 1 else None
-    budget = request.reasoning_budget
-    state: dict[str, Any] = {"thinking": split.thinking, "spent": 0}
+    return [ThinkingBudget(request.reasoning_budget, int(ends[0]), start_id, split.thinking)]
 
-    def process(context: Any, logits: Any) -> Any:
-        last = int(context[-1].item()) if context.size else None
-        if last == start_id:
-            state["thinking"] = True  # the budget is for all of the reasoning, not each block
-        elif last == end_id:
-            state["thinking"] = False
-        if not state["thinking"]:
-            return logits
-        state["spent"] += 1
-        if state["spent"] <= budget:
+
+class ThinkingBudget:
+    """The logits processor of `thinking_budget`: it counts the reasoning's tokens as they go by."""
+
+    def __init__(self, budget: int, end_id: int, start_id: int | None, thinking: bool) -> None:
+        self.budget, self.end_id, self.start_id = budget, end_id, start_id
+        self.thinking = thinking
+        self.spent = 0
+
+    def advance(self, last: int | None) -> None:
+        """One step, whose context ends with `last`."""
+        if last == self.start_id:
+            self.thinking = True  # the budget is for all of the reasoning, not each block
+        elif last == self.end_id:
+            self.thinking = False
+        if self.thinking:
+            self.spent += 1
+
+    def __call__(self, context: Any, logits: Any) -> Any:
+        self.advance(int(context[-1].item()) if context.size else None)
+        if not self.thinking or self.spent <= self.budget:
             return logits
         forced = mx.full(logits.shape, -float("inf"), dtype=logits.dtype)
-        forced[..., end_id] = 0.0
+        forced[..., self.end_id] = 0.0
         return forced
-
-    return [process]

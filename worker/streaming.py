@@ -3,7 +3,8 @@
 The engine thread hands each piece over (text, reasoning, a call's start, more of
 its arguments: worker/output_split.py) and carries on generating; this thread
 writes them to Redis, batching what piled up into one pipeline, so a slow round
-trip never slows the token loop.
+trip never slows the token loop. While Redis is away the pieces wait here and go
+out in order once it is back: a follower sees them late, never missing.
 """
 
 from __future__ import annotations
@@ -11,32 +12,37 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from redis import Redis
 
 from shared import job_stream
-from shared.outage import REDIS, UNREACHABLE
-from worker.output_split import Piece
+from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
+from worker.rows import Sent
 
 logger = logging.getLogger(__name__)
+
+
+MAX_WAITING = 200_000
+"""Pieces kept through a Redis outage (a few hundred bytes each). Past it the newest are dropped:
+followers see the gap and take the rest from the job's result (gateway/following.py)."""
 
 
 class StreamPublisher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._pending: queue.Queue[tuple[str, Piece, list[dict[str, Any]] | None] | None] = queue.Queue()
+        self._pending: queue.Queue[tuple[str, Sent] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._in_flight = 0
         self._thread = threading.Thread(target=self._run, name="mlxq-stream-publisher", daemon=True)
         self._thread.start()
 
-    def piece(self, job_id: str, piece: Piece, logprobs: list[dict[str, Any]] | None = None) -> None:
-        """Queue a piece of output (and, if asked for, its tokens' logprobs) for the job's stream (any
-        thread; never blocks)."""
+    def piece(self, job_id: str, sent: Sent) -> None:
+        """Queue a piece of output for the job's stream (any thread; never blocks)."""
         with self._idle:
             self._in_flight += 1
-        self._pending.put((job_id, piece, logprobs))
+        self._pending.put((job_id, sent))
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait until every queued piece is in Redis, so that what follows comes after it."""
@@ -44,37 +50,61 @@ class StreamPublisher:
             self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
 
     def _run(self) -> None:
+        batch: list[tuple[str, Sent]] = []
+        delay_s = 0.05
         while True:
-            first = self._pending.get()
-            if first is None:
-                return
-            batch = [first]
-            while True:
-                try:
-                    item = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    break
-                batch.append(item)
+            if not batch:
+                first = self._pending.get()
+                if first is None:
+                    return
+                batch.append(first)
+            dropped = self._take_waiting(batch)
             try:
                 with self._redis.pipeline(transaction=False) as pipe:
-                    for job_id, piece, logprobs in batch:
-                        job_stream.append(pipe, job_id, piece.kind, None, **fields(piece, logprobs))
+                    for job_id, sent in batch:
+                        job_stream.append(pipe, job_id, sent.piece.kind, None, **fields(sent))
                     pipe.execute()
                 REDIS.ok()
             except UNREACHABLE as exc:
-                # Lost from the live stream only: the job's result keeps the whole text.
+                # Kept, in order, for when Redis is back. A write that did land before the connection
+                # broke lands twice: followers drop the repeat by its `seq`.
                 REDIS.failed("publishing generated text", exc)
+                self._done(dropped)
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, RETRY_MAX_S)
+                continue
             except Exception:
                 logger.exception("could not publish %d output pieces", len(batch))
+            delay_s = 0.05
+            self._done(len(batch) + dropped)
+            batch = []
+
+    def _take_waiting(self, batch: list[tuple[str, Sent]]) -> int:
+        """Move what is queued onto `batch`, up to MAX_WAITING; how many were dropped past it."""
+        dropped = 0
+        while True:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                return dropped
+            if item is None:
+                self._pending.put(None)
+                return dropped
+            if len(batch) < MAX_WAITING:
+                batch.append(item)
+            else:
+                dropped += 1
+
+    def _done(self, count: int) -> None:
+        if count:
             with self._idle:
-                self._in_flight -= len(batch)
+                self._in_flight -= count
                 self._idle.notify_all()
 
 
-def fields(piece: Piece, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+def fields(sent: Sent) -> dict[str, Any]:
     """A piece as its stream entry's data (shared/job_stream.py)."""
+    piece = sent.piece
     data: dict[str, Any]
     if piece.kind == "call":
         data = {"index": piece.index, "id": piece.id, "name": piece.name}
@@ -82,6 +112,7 @@ def fields(piece: Piece, logprobs: list[dict[str, Any]] | None) -> dict[str, Any
         data = {"index": piece.index, "text": piece.text}
     else:
         data = {"text": piece.text}
-    if logprobs is not None:
-        data["logprobs"] = logprobs
+    if sent.logprobs is not None:
+        data["logprobs"] = sent.logprobs
+    data["seq"], data["tokens"] = sent.seq, sent.tokens
     return data

@@ -98,12 +98,15 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
         req = prepare()
         spec = runtime.models.get(req.model)
         timeout_s = float(job.timeout) if job.timeout and job.timeout > 0 else float("inf")
+        # An attempt after a crash or a hand-back carries on from what the earlier ones streamed.
+        resume = until_redis("reading a job's stream", lambda: job_stream.resumed(redis, job.id))
         submission = Submission(
             job_id=job.id,
             request=req,
             spec=spec,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
-            on_text=lambda piece, logprobs=None: runtime.publisher.piece(job.id, piece, logprobs),
+            on_text=lambda sent: runtime.publisher.piece(job.id, sent),
+            resume=resume,
         )
         handle = runtime.engine.submit(submission)
         try:
