@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import GenerationCanceled, InvalidRequest, JobTimedOut, ModelUnavailable
+from shared.job_stream import Resumed
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
@@ -16,7 +17,7 @@ from worker.assembly import build_engine
 from worker.engine import Engine
 from worker.generation import Submission
 from worker.output_split import Piece
-from worker.rows import Outcome
+from worker.rows import Outcome, Sent
 
 
 @pytest.fixture
@@ -47,6 +48,42 @@ def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpe
     assert outcome.completion_tokens == 30
     assert "".join(piece.text for piece in pieces if piece.kind == "text") == outcome.text
     assert engine.active_job_ids() == []
+
+
+LONG_STRING = {"type": "object", "properties": {"a": {"type": "string", "minLength": 60}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        {"max_tokens": 40, "ignore_eos": True, "temperature": 0},
+        {"max_tokens": 40, "temperature": 0, "json_schema": LONG_STRING},
+    ],
+    ids=["text", "json-schema"],
+)
+def test_a_resumed_generation_carries_on_where_its_stream_was(
+    engine: Engine, demo: ModelSpec, asked: dict[str, object]
+) -> None:
+    """What a job run again after its worker died does (worker/tasks.py): from the tokens of the
+    first pieces, it makes the same text greedily, and sends only the pieces after them."""
+    whole: list[Sent] = []
+    first = submit(engine, demo, "whole", **asked)
+    first.on_text = whole.append
+    handle = engine.submit(first)
+    assert handle.wait(30)
+    expected = handle.result()
+    assert len(whole) > 6
+    kept = whole[:5]
+    again: list[Sent] = []
+    second = submit(engine, demo, "again", **asked)
+    second.on_text = again.append
+    second.resume = Resumed(5, [t for sent in kept for t in sent.tokens])
+    handle = engine.submit(second)
+    assert handle.wait(30)
+    outcome = handle.result()
+    assert (outcome.text, outcome.completion_tokens) == (expected.text, expected.completion_tokens)
+    assert [sent.seq for sent in again] == list(range(6, 6 + len(again)))
+    assert "".join(sent.piece.text for sent in kept + again) == "".join(sent.piece.text for sent in whole)
 
 
 def test_cancel_stops_between_tokens(engine: Engine, demo: ModelSpec) -> None:
