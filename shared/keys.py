@@ -21,6 +21,12 @@ def worker_commands(worker_name: str) -> str:
     return f"{PREFIX}:worker:{worker_name}:commands"
 
 
+def worker_suspect(worker_name: str) -> str:
+    """The job a worker runs that was running when an earlier worker died and has not yet shown it
+    was not the cause: if this worker dies too, only that job is counted for it (worker/orphans.py)."""
+    return f"{PREFIX}:worker:{worker_name}:suspect"
+
+
 def worker_claimed(worker_name: str) -> str:
     """List of job ids a worker popped from a queue and has not yet marked started: what a crash in
     between would otherwise lose (the watchdog puts them back)."""

@@ -118,7 +118,14 @@ def streams_through(svc: Service, fault: Callable[[], None]) -> list[Streamed]:
     every stream to its end."""
     outs = [Streamed(route) for route, _ in ROUTES]
     client = httpx.Client(base_url=svc.base_url, timeout=180, limits=httpx.Limits(max_connections=20))
-    threads = [threading.Thread(target=read, args=(client, out)) for (_, read), out in zip(ROUTES, outs, strict=True)]
+
+    def reading(read: Callable[[httpx.Client, Streamed], None], out: Streamed) -> None:
+        try:
+            read(client, out)
+        finally:
+            out.started.set()  # one that ended at end-of-text before the fault holds nothing up
+
+    threads = [threading.Thread(target=reading, args=(read, out)) for (_, read), out in zip(ROUTES, outs, strict=True)]
     for thread in threads:
         thread.start()
     for out in outs:
@@ -153,6 +160,9 @@ def test_streams_through_a_worker_sigkill_repeat_nothing_and_miss_nothing(
         openai_ones = [view for out, view in zip(outs, views, strict=True) if out.route == "openai"]
         assert [view["attempts"] for view in openai_ones] == [1] * 3
         assert [view["result"]["usage"]["completion_tokens"] for view in openai_ones] == [TOKENS] * 3
+        # Requeued from a dead worker, they ran batched again (each alone only until it generated
+        # past where it was): every one started again before the first of them ended.
+        assert max(v["started_at"] for v in openai_ones) < min(v["ended_at"] for v in openai_ones)
     finally:
         svc.stop()
 

@@ -105,6 +105,12 @@ class Engine:
         handle.cancel()
         return True
 
+    def generated(self, job_id: str) -> int:
+        """Tokens the job's generation made so far in this process (any thread; 0 when not held)."""
+        with self._lock:
+            handle = self._active.get(job_id)
+        return 0 if handle is None else handle.generated
+
     def active_job_ids(self) -> list[str]:
         with self._lock:
             return list(self._active)

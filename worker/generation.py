@@ -46,6 +46,8 @@ class Generation:
     def __init__(self, submission: Submission) -> None:
         self.submission = submission
         self.load_s = 0.0
+        self.generated = 0
+        """Tokens generated so far by this attempt (an earlier attempt's are not counted)."""
         self._canceled = threading.Event()
         self._done = threading.Event()
         self._outcome: Outcome | None = None

@@ -6,6 +6,9 @@ Here each one goes back to the front of its queue as soon as the worker is
 known dead, with `crash_attempts` counted in its meta; a job that was running
 each of `max_crash_attempts` times a worker died is failed with
 `worker_crashed` instead, so one poisonous prompt cannot keep the service down.
+Where the dead worker was running a suspect (a job requeued this way that had
+not yet shown it was not the cause: worker/rq_worker.py), only the suspect is
+counted; the jobs beside it go back as they were.
 Removing the started-registry entry is the claim: whoever removes it requeues
 the job, so it goes back exactly once.
 """
@@ -45,6 +48,7 @@ def reclaim_jobs(
 ) -> list[Reclaimed]:
     """Requeue (or quarantine) every job the dead worker `worker_name` was running."""
     reclaimed = []
+    suspect = redis.get(keys.worker_suspect(worker_name))
     for queue in queues:
         registry = queue.started_job_registry
         for member in [text(m) for m in redis.zrange(registry.key, 0, -1)]:
@@ -60,12 +64,15 @@ def reclaim_jobs(
                 continue  # someone else claimed it
             if job.get_status() in ENDED:
                 continue  # a stale entry (an execution recorded twice across an outage): nothing to rerun
-            reclaimed.append(_reclaim(redis, job, queue, worker_name, max_attempts, stream_ttl_s))
+            counted = suspect is None or text(suspect) == job.id
+            reclaimed.append(_reclaim(redis, job, queue, worker_name, max_attempts, stream_ttl_s, counted))
     return reclaimed
 
 
-def _reclaim(redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempts: int, stream_ttl_s: int) -> Reclaimed:
-    attempts = int(job.meta.get("crash_attempts", 0)) + 1
+def _reclaim(
+    redis: Redis, job: Job, queue: Queue, worker_name: str, max_attempts: int, stream_ttl_s: int, counted: bool
+) -> Reclaimed:
+    attempts = int(job.meta.get("crash_attempts", 0)) + int(counted)
     job.meta["crash_attempts"] = attempts
     if attempts >= max_attempts:
         error = WorkerCrashed(f"this job was running when the worker died {attempts} times; it is not tried again")
@@ -124,6 +131,7 @@ def forget_worker(redis: Redis, worker_name: str) -> None:
         pipe.delete(keys.worker_commands(worker_name))
         pipe.hdel(keys.WORKER_MEMORY, worker_name)
         pipe.delete(keys.worker_claimed(worker_name))
+        pipe.delete(keys.worker_suspect(worker_name))
         pipe.srem(keys.CLAIMING_WORKERS, worker_name)
         pipe.execute()
 

@@ -44,6 +44,10 @@ from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)
 
+SUSPECT_CLEARED_AFTER = 16
+"""Tokens a crash suspect generates here (past where its stream was when the worker died: it carries
+on from there) before it counts as not the cause, and other jobs are claimed beside it again."""
+
 
 class NoDeathPenalty(BaseDeathPenalty):
     """RQ's SIGALRM timeout cannot reach a job's thread (nor a native MLX call); the engine stops a
@@ -84,9 +88,10 @@ class MlxqWorker(OutageTolerantWorker):
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
         self._suspect: str | None = None
-        """A running job that was running when a worker died: it runs alone (nothing else is claimed
-        while it runs, and it waits for the others to end), so that jobs beside it are never counted
-        as its accomplices when it kills this worker too."""
+        """A running job that was running when a worker died and has not yet generated
+        SUSPECT_CLEARED_AFTER tokens here: nothing else is claimed until it has, and Redis names it
+        (keys.worker_suspect), so that if it kills this worker too only it is counted, never the
+        jobs beside it. Once past that, it is batched as any other."""
         self._canceled: set[str] = set()
         """Jobs asked to stop: they end in RQ's canceled registry, not the failed one."""
         self.monitor = Monitor(
@@ -112,6 +117,7 @@ class MlxqWorker(OutageTolerantWorker):
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.delete(keys.worker_heartbeat(self.name))
             pipe.srem(keys.CLAIMING_WORKERS, self.name)
+            pipe.delete(keys.worker_suspect(self.name))
             pipe.hdel(keys.WORKER_MODELS, self.name)
             pipe.execute()
         self.reports.withdraw()
@@ -136,7 +142,7 @@ class MlxqWorker(OutageTolerantWorker):
             quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self._running.pop(job.id, None)
             if self._suspect == job.id:
-                self._suspect = None
+                self._clear_suspect()
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
             quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
@@ -182,7 +188,7 @@ class MlxqWorker(OutageTolerantWorker):
         while True:
             if self._stop_requested:
                 raise StopRequested()
-            if self._suspect is not None or not self.engine.has_room(len(self._running)):
+            if self._suspected() or not self.engine.has_room(len(self._running)):
                 self._wait_for_room()
                 continue
             self.heartbeat()
@@ -207,22 +213,32 @@ class MlxqWorker(OutageTolerantWorker):
                 return self._alone_if_suspect(found)
 
     def _wait_for_room(self) -> None:
-        self._room.wait(IDLE_POLL_S)
+        self._room.wait(0.1 if self._suspect else IDLE_POLL_S)
         self._room.clear()
 
     def _alone_if_suspect(self, claimed: tuple[Job, Queue]) -> tuple[Job, Queue]:
-        """A crash suspect starts once the jobs already running have ended (a stop meanwhile leaves
-        it in the claimed list, which teardown puts back first in line)."""
+        """A crash suspect is named in Redis before it starts: from then on a death of this worker
+        is counted for it alone."""
         job = claimed[0]
         if int(job.meta.get("crash_attempts", 0)) == 0:
             return claimed
-        while self._running:
-            if self._stop_requested:
-                raise StopRequested()
-            self._wait_for_room()
-            self.heartbeat()
+        until_redis("naming a crash suspect", lambda: self.connection.set(keys.worker_suspect(self.name), job.id))
         self._suspect = job.id
         return claimed
+
+    def _suspected(self) -> bool:
+        """Whether a suspect still holds the claims back; one that got far enough is cleared."""
+        if self._suspect is None:
+            return False
+        if self.engine.generated(self._suspect) < SUSPECT_CLEARED_AFTER:
+            return True
+        logger.info("a crash suspect generated past its test; batching again", extra={"job_id": self._suspect})
+        self._clear_suspect()
+        return False
+
+    def _clear_suspect(self) -> None:
+        self._suspect = None
+        quietly("clearing a crash suspect", lambda: self.connection.delete(keys.worker_suspect(self.name)))
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGTERM/SIGINT: stop taking jobs, and hand back what runs instead of finishing it.
