@@ -125,14 +125,15 @@ def test_twenty_jobs_survive_two_sigkills_none_lost_none_twice(
 def test_a_worker_that_stops_heartbeating_is_killed_and_replaced(
     own_redis: RedisServer, data_dir: Path, tmp_path: Path
 ) -> None:
-    svc = supervised(own_redis, data_dir, tmp_path)
+    svc = supervised(own_redis, data_dir, tmp_path, stop_grace_s=60)
     try:
         frozen = svc.worker_pid()
         os.kill(frozen, signal.SIGSTOP)  # alive, but silent: the way a wedged process looks
         hung = svc.wait_event("worker_hung", timeout_s=20)[0]
         assert "heartbeat" in hung["reason"]
         died = svc.wait_event("worker_died", timeout_s=20)[0]
-        assert died["signal"] == "SIGKILL"
+        # Killed at once: a stopped process cannot run a SIGTERM handler, so no grace is waited out.
+        assert died["signal"] == "SIGKILL" and died["at"] - hung["at"] < 30
         svc.wait_event("worker_ready", count=2, timeout_s=30)
         assert svc.worker_pid() != frozen
         done = svc.wait_for(svc.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"}, timeout_s=30)

@@ -25,6 +25,7 @@ from functools import partial
 from types import FrameType
 from typing import Any
 
+import psutil
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -231,6 +232,12 @@ class Watchdog:
     def _terminate(self, slot: Slot) -> None:
         assert slot.process is not None
         if slot.kill_at is None:
+            if _stopped(slot.process.pid):
+                # SIGSTOPped (state T): a SIGTERM would wait in its queue the whole grace period.
+                logger.warning("worker %s is stopped; SIGKILL at once", slot.name)
+                slot.kill_at = time.monotonic()
+                slot.process.kill()
+                return
             try:
                 slot.process.send_signal(signal.SIGTERM)
             except ProcessLookupError:
@@ -344,6 +351,14 @@ class Watchdog:
                     slot.process = None
             time.sleep(0.05)
         logger.info("watchdog stopped")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal or a tracer: it would not run a SIGTERM handler."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 def main() -> None:
