@@ -34,9 +34,6 @@ from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REDIS_CONNECTIONS = 32
-"""Async Redis connections per gateway process, whatever the number of open streams."""
-
 
 def create_app(settings: Settings) -> FastAPI:
     """A gateway for `settings`; its Redis connections open with the app and close with it."""
@@ -48,7 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.redis = Redis.from_url(settings.redis_url)
         # A fixed pool: callers wait for a connection rather than open one more (streams hold none:
         # one reader serves them all).
-        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=10)
+        size = settings.redis_connections
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=10)
         app.state.aredis = AsyncRedis(connection_pool=pool)
         app.state.streams = StreamHub(app.state.aredis, lambda job_id: finished_result(job_id, app.state.redis))
         app.state.streams.start()

@@ -18,8 +18,8 @@ from starlette.requests import ClientDisconnect
 from gateway.error_shapes import shape_for
 from gateway.waiting import ClientGone
 from shared import keys
-from shared.errors import InvalidRequest, MlxqError, ServiceUnavailable
-from shared.outage import REDIS
+from shared.errors import GatewayBusy, InvalidRequest, MlxqError, ServiceUnavailable
+from shared.outage import REDIS, pool_exhausted
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
+        if pool_exhausted(exc):
+            busy = GatewayBusy("Every Redis connection of this gateway is in use; retry shortly", retry_after_s=1)
+            return error_response(busy, request)
         REDIS.failed("answering a request", exc)
         return error_response(
             ServiceUnavailable("The job store (Redis) is unavailable", retry_after_s=REDIS_RETRY_AFTER_S), request

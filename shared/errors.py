@@ -187,6 +187,15 @@ class QueueFull(MlxqError):
     refusal = True
 
 
+class GatewayBusy(MlxqError):
+    """Every one of the gateway's Redis connections stayed in use for the pool's whole wait: the
+    gateway is saturated, Redis is not down."""
+
+    status_code = 503
+    code = "gateway_busy"
+    refusal = True
+
+
 class IdempotencyConflict(MlxqError):
     """The Idempotency-Key was already used with a different request."""
 

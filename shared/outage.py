@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,18 @@ T = TypeVar("T")
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 """What Redis being away looks like to redis-py (BusyLoadingError, while it reads its AOF, is one)."""
+
+POOL_WAIT_OVER = "No connection available."
+"""redis-py's BlockingConnectionPool gives up waiting for a free connection with a ConnectionError
+of this message: a pool too small for the load, which is not Redis being away."""
+
+
+def pool_exhausted(exc: BaseException) -> bool:
+    """Whether a ConnectionError is one of the process's own pool, not of Redis."""
+    if isinstance(exc, MaxConnectionsError):
+        return True
+    return isinstance(exc, RedisConnectionError) and str(exc) == POOL_WAIT_OVER
+
 
 RETRY_MAX_S = 1.0
 """Longest pause between two tries: once Redis is back, work resumes within about this long."""
@@ -40,12 +53,18 @@ class Outage:
         self.failures = 0
         self.back_at = float("-inf")
         """time.monotonic() when the last outage ended."""
+        self.pool_warned_at = float("-inf")
 
     @property
     def down(self) -> bool:
         return self.since is not None
 
     def failed(self, what: str, exc: BaseException) -> None:
+        if pool_exhausted(exc):
+            if time.monotonic() - self.pool_warned_at > 10:
+                self.pool_warned_at = time.monotonic()
+                logger.warning("no Redis connection free in this process's pool while %s; Redis is not down", what)
+            return
         with self._lock:
             self.failures += 1
             if self.since is not None:

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int = 11435
+    redis_connections: int = Field(
+        default=32,
+        ge=2,
+        description="async Redis connections per gateway process, however many streams are open (one reader "
+        "serves them all); a request that finds every one in use for 10 s is answered 503 gateway_busy",
+    )
 
     models_file: Path | None = Field(
         default=None, description="TOML file naming the models that may be requested; `demo` is always there"
