@@ -16,7 +16,8 @@
 -- KEYS[13] this client's batch-tier turns (list of its waiting job ids)
 -- KEYS[14] the wake list (an idle worker blocks on it)
 -- KEYS[15] open batches (set of batch ids)
--- KEYS[16..] every queue whose depth counts towards the limit
+-- KEYS[16] worker capacities (hash: worker -> "jobs_per_s at_ms"), written by workers
+-- KEYS[17..] every queue whose depth counts towards the limit
 --
 -- Limits are not arguments: Admission writes them into the script as constants
 -- (`{{name}}` below), one fewer thing to pack and send per request.
@@ -76,16 +77,33 @@ local function refuse(reason, retry_after, a, b)
   return {reason, math.max(1, math.ceil(retry_after)), tostring(a or ""), tostring(b or "")}
 end
 
--- Seconds until `excess` more jobs have drained, at the measured rate of the last window.
+-- Seconds until `excess` more jobs have drained: at the faster of the rate jobs ended lately (the
+-- last RECENT_ENDS of the window, so a burst is not diluted by a quiet hour) and what the workers
+-- say they can drain (their batch over their recent jobs' duration), which holds while jobs have
+-- only just started and none has ended yet.
+local RECENT_ENDS = 32
+local CAPACITY_FRESH_MS = 600000
 local function drain_eta(excess)
   redis.call("ZREMRANGEBYSCORE", KEYS[5], "-inf", now - drain_window)
-  local ended = redis.call("ZCOUNT", KEYS[5], "-inf", "+inf")
-  if ended == 0 then
+  local rate = 0
+  local recent = redis.call("ZRANGE", KEYS[5], -RECENT_ENDS, -1, "WITHSCORES")
+  if #recent > 0 then
+    local oldest = tonumber(recent[2])
+    rate = (#recent / 2) / math.max(1, (now - oldest) / 1000)
+  end
+  local capacity = 0
+  local reports = redis.call("HGETALL", KEYS[16])
+  for i = 2, #reports, 2 do
+    local per_s, at = string.match(reports[i], "^(%S+) (%d+)$")
+    if per_s and now - tonumber(at) <= CAPACITY_FRESH_MS then
+      capacity = capacity + tonumber(per_s)
+    end
+  end
+  rate = math.max(rate, capacity)
+  if rate <= 0 then
     return fallback_retry
   end
-  local oldest = tonumber(redis.call("ZRANGE", KEYS[5], 0, 0, "WITHSCORES")[2])
-  local span_s = math.max(1, (now - oldest) / 1000)
-  return math.min(3600, excess / (ended / span_s))
+  return math.min(3600, excess / rate)
 end
 
 -- 0. a repeated Idempotency-Key: the same request gets what it got the first time, before any
@@ -149,7 +167,7 @@ end
 
 -- Jobs waiting in each queue: the batch tier's queue is the last counted one.
 local depth, ahead = 0, 0
-for i = 16, #KEYS do
+for i = 17, #KEYS do
   local waiting = redis.call("LLEN", KEYS[i])
   depth = depth + waiting
   if i < #KEYS then ahead = ahead + waiting end

@@ -161,6 +161,7 @@ class Admission:
                 keys.batch_turns(client.tag),
                 keys.WAKE,
                 keys.OPEN_BATCHES,
+                keys.WORKER_CAPACITY,
                 *self._queue_keys,
             ],
             args=argv,

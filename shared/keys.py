@@ -58,6 +58,8 @@ WORKER_MEMORY = f"{PREFIX}:workers:memory"
 """Hash: worker name -> "used_percent at_ms" (Redis time), refreshed with each heartbeat."""
 
 JOB_ENDS = f"{PREFIX}:jobs:ended"
+WORKER_CAPACITY = f"{PREFIX}:workers:capacity"
+"""Hash: worker -> "jobs_per_s at_ms": what it can drain (its batch over its recent jobs' duration)."""
 """Sorted set: job id -> when it ended (ms, Redis time); the drain rate behind Retry-After."""
 
 REFUSALS = f"{PREFIX}:admission:refused"

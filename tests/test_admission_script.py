@@ -176,6 +176,23 @@ def test_queue_full_retry_after_follows_the_measured_drain_rate(scratch_redis_ur
     assert h.refusals()["queue_full"] == 2
 
 
+def test_retry_after_follows_what_the_workers_can_drain_before_any_job_ends(scratch_redis_url: str) -> None:
+    h = Harness(scratch_redis_url, rate_limit_requests=100, max_queued=2, queue_full_fallback_retry_after_s=42)
+    h.admit(ALICE)
+    h.admit(BOB)
+    now_ms = circuit.redis_now_ms(h.redis)
+    # A worker that drains 2 jobs a second (its batch over its jobs' duration), none ended lately.
+    h.redis.hset(keys.WORKER_CAPACITY, "w1", f"2.000 {now_ms}")
+    h.redis.hset(keys.WORKER_CAPACITY, "gone", f"50.000 {now_ms - 3_600_000}")  # stale: not counted
+    refusal = h.refusal(ALICE, count=3)
+    assert isinstance(refusal, QueueFull)
+    assert refusal.retry_after_s == 2  # ceil(3 / 2 per s)
+    # A few ends long ago say less than the capacity: the capacity holds.
+    h.redis.zadd(keys.JOB_ENDS, {f"done-{i}": now_ms - 200_000 + i for i in range(4)})
+    refusal = h.refusal(ALICE, count=3)
+    assert isinstance(refusal, QueueFull) and refusal.retry_after_s == 2
+
+
 def test_an_open_circuit_refuses_until_the_trial(harness: Harness) -> None:
     now_ms = circuit.redis_now_ms(harness.redis)
     circuit.write(harness.redis, CircuitRecord(CircuitState.OPEN, 5, now_ms, now_ms + 37_000))

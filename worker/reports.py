@@ -21,7 +21,11 @@ local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call("ZADD", KEYS[1], now, ARGV[1])
 redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now - tonumber(ARGV[2]))
+redis.call("HSET", KEYS[2], ARGV[3], ARGV[4] .. " " .. now)
 """
+
+SMOOTHING = 0.2
+"""Weight of the newest job in the running mean of job durations."""
 
 
 class Reports:
@@ -31,14 +35,23 @@ class Reports:
         self._drain_window_ms = drain_window_s * 1000
         self._memory = redis.register_script(_MEMORY)
         self._job_end = redis.register_script(_JOB_END)
+        self._mean_job_s: float | None = None
 
     def memory(self, used_percent: float) -> None:
         """This worker's memory use, read by admission's emergency check."""
         self._memory(keys=[keys.WORKER_MEMORY], args=[self._name, f"{used_percent:.1f}"])
 
-    def job_ended(self, job_id: str) -> None:
-        """A job left this worker (any outcome): the drain rate behind queue_full's Retry-After."""
-        self._job_end(keys=[keys.JOB_ENDS], args=[job_id, self._drain_window_ms])
+    def job_ended(self, job_id: str, took_s: float, batch: int) -> None:
+        """A job left this worker (any outcome) after `took_s`, with room for `batch` at a time: the
+        drain rate and the capacity behind the Retry-After of queue_full and too_many_inflight."""
+        took_s = max(took_s, 0.001)
+        mean = took_s if self._mean_job_s is None else self._mean_job_s + SMOOTHING * (took_s - self._mean_job_s)
+        self._mean_job_s = mean
+        self._job_end(
+            keys=[keys.JOB_ENDS, keys.WORKER_CAPACITY],
+            args=[job_id, self._drain_window_ms, self._name, f"{batch / mean:.3f}"],
+        )
 
     def withdraw(self) -> None:
         self._redis.hdel(keys.WORKER_MEMORY, self._name)
+        self._redis.hdel(keys.WORKER_CAPACITY, self._name)

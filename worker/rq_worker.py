@@ -134,6 +134,7 @@ class MlxqWorker(OutageTolerantWorker):
         quietly("writing the heartbeat", self.monitor.beat)  # /health lists the job now, not a beat later
 
     def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
+        began = time.monotonic()
         try:
             self.perform_job(job, queue, execution)
         finally:
@@ -145,7 +146,8 @@ class MlxqWorker(OutageTolerantWorker):
                 self._clear_suspect()
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
-            quietly("recording a job's end", lambda: self.reports.job_ended(job.id))
+            took_s, batch = time.monotonic() - began, self.engine.batch_limit
+            quietly("recording a job's end", lambda: self.reports.job_ended(job.id, took_s, batch))
             # A job may have loaded a model: say so now, not a heartbeat interval later.
             quietly("writing the heartbeat", self.monitor.beat)
             self._room.set()
