@@ -28,6 +28,7 @@ from gateway.metrics import registry_for
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
 from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, responses, system
+from gateway.slow_clients import SlowClientLimits
 from gateway.stream_hub import StreamHub
 from shared.models import ModelRegistry
 from shared.settings import Settings
@@ -102,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         on_refusal=lambda: count_refusal(app, "request_too_large"),
     )
+    app.add_middleware(SlowClientLimits, unread_s=settings.unread_limit_s, body_s=settings.body_read_limit_s)
     if settings.cors_origins:
         # Outermost, so that refusals (413, 401, 429) carry the CORS headers a browser needs to read them.
         app.add_middleware(

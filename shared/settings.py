@@ -58,6 +58,15 @@ class Settings(BaseSettings):
         default=[], description="browser origins allowed to call the API (e.g. https://chat.example); none by default"
     )
     max_body_bytes: int = 4 * 1024 * 1024
+    unread_limit_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a client that leaves its response unread this long (its socket full) is let go, and a "
+        "stream's job canceled as on a hang-up",
+    )
+    body_read_limit_s: float = Field(
+        default=30.0, gt=0, description="a request body that stops arriving this long is answered 408"
+    )
     rate_limit_requests: int = Field(default=30, ge=1, description="submissions per client per window")
     rate_limit_window_s: int = 60
     max_inflight_per_client: int = Field(

@@ -1,0 +1,95 @@
+"""Clients that stop reading, or stop sending, are let go after a limit.
+
+A response the client leaves unread (its socket full, never drained) would hold
+the stream, and the job behind it, for ever: uvicorn's write waits on the
+client. A body sent halfway and then left would hold its connection the same
+way. Past the limit, the first is cut (the route's own hang-up handling cancels
+its job) and the second is answered 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import MlxqError
+
+logger = logging.getLogger(__name__)
+
+
+class RequestTimeout(MlxqError):
+    """The body stopped arriving halfway."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class _Unread(Exception):
+    """The client left the response unread past the limit."""
+
+
+class SlowClientLimits:
+    """Pure ASGI middleware: a time limit on each write of the response and on each read of the body."""
+
+    def __init__(self, app: ASGIApp, unread_s: float, body_s: float) -> None:
+        self.app = app
+        self.unread_s = unread_s
+        self.body_s = body_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+        timed_out = False
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal timed_out, body_done
+            if body_done:
+                return await receive()  # past the body, receive only waits for a hang-up
+            try:
+                message = await asyncio.wait_for(receive(), self.body_s)
+            except TimeoutError:
+                timed_out = True
+                if not started:
+                    await _send_error(send, RequestTimeout(f"The request body stopped arriving for {self.body_s:g} s"))
+                return {"type": "http.disconnect"}
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def timed_send(message: Message) -> None:
+            nonlocal started
+            if timed_out:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            try:
+                await asyncio.wait_for(send(message), self.unread_s)
+            except TimeoutError:
+                raise _Unread() from None
+
+        try:
+            await self.app(scope, timed_receive, timed_send)
+        except Exception as exc:
+            if not _is_unread(exc):
+                raise
+            logger.info("a client left its response unread for %.0f s; letting it go", self.unread_s)
+
+
+def _is_unread(exc: BaseException) -> bool:
+    if isinstance(exc, _Unread):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_unread(inner) for inner in exc.exceptions)
+    return False
+
+
+async def _send_error(send: Send, error: MlxqError) -> None:
+    body = json.dumps(error.to_body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
