@@ -11,9 +11,14 @@ on a shared, noisy machine hits all of them alike):
 - fan-out: 16 requests at once sharing a `--prefix-tokens`-token system prompt.
 
 Per shape and server it reports tokens/s (all requests' generated tokens, from the
-usage each stream ends with, over the wall time), p50/p95 latency and p50 time to first token, as medians over the rounds,
-and the ratio mlxq / mlx_lm.server. With `--write`, BENCHMARKS.md gets the table,
-the machine, the versions and the command.
+usage each stream ends with, over the wall time), p50/p95 latency and p50 time to
+first token, as medians over the rounds, and the ratio mlxq / mlx_lm.server. With
+`--write`, BENCHMARKS.md gets the table, the machine, the versions and the command.
+
+`--streams N` runs the streams shape alone (scripts/benchmarks/streams.py): N
+streams waiting on one gateway, its Redis connections and memory per stream, and
+the delay from a token's publication to its client; `--write` puts it in its own
+section of BENCHMARKS.md, which the other shapes' `--write` keeps.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.admission import free_port  # noqa: E402
+from scripts.benchmarks.streams import report as streams_report  # noqa: E402
+from scripts.benchmarks.streams import run_streams  # noqa: E402
 from worker.demo_model import build_demo_model  # noqa: E402
 
 WORDS = "the sea the sky a ship sails north under a grey moon while gulls call".split()
@@ -142,8 +149,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prefill-batch", type=int, default=None, help="mlxq's MLXQ_PREFILL_BATCH_SIZE")
     parser.add_argument("--no-fan-out", action="store_true", help="skip the shared-prefix fan-out shape")
+    parser.add_argument("--streams", type=int, default=None, help="only the streams shape, with this many streams")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
+    if args.streams is not None:
+        result = run_streams(args.streams)
+        table = streams_report(result)
+        print(table)
+        if args.write:
+            write_section(STREAMS_HEADING, streams_section(table, args))
+        return
 
     workdir = Path(tempfile.mkdtemp(prefix="mlxq-bench-"))
     model_dir = build_demo_model(
@@ -262,7 +277,35 @@ run with interleaved rounds (medians over {args.rounds} rounds); absolute number
 
 {table}
 """
-    (ROOT / "BENCHMARKS.md").write_text(report)
+    old = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else ""
+    kept = old[old.index(STREAMS_HEADING) :] if STREAMS_HEADING in old else ""
+    (ROOT / "BENCHMARKS.md").write_text(report + ("\n" + kept if kept else ""))
+
+
+STREAMS_HEADING = "## Streams on one gateway"
+
+
+def streams_section(table: str, args: argparse.Namespace) -> str:
+    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    cpu = platform.processor() or platform.machine()
+    return f"""{STREAMS_HEADING}
+
+Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
+{cpu}, {os.cpu_count()} CPUs. mlxq alone (mlx_lm.server has no queue to wait in): one gateway, no worker while
+the streams open, so every one waits queued (`POST /v1/jobs`, then `GET /v1/jobs/{{id}}/events`); then a worker
+(demo model, `MLXQ_MAX_BATCH=64`) runs them, 4 tokens each. Connections: Redis's `connected_clients` with all
+open, less before (the gateway's fixed pool, `MLXQ_REDIS_CONNECTIONS`); memory: the gateway's RSS growth over
+the streams; delay: a text event's arrival at its client less its stream id (the Redis time its worker wrote it).
+
+{table}
+"""
+
+
+def write_section(heading: str, section: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    head = old[: old.index(heading)] if heading in old else old.rstrip() + "\n\n"
+    path.write_text(head + section)
 
 
 if __name__ == "__main__":
