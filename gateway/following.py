@@ -19,7 +19,11 @@ STREAM_ID = r"^\d{1,19}-\d{1,19}$"
 most keeps it below Redis's 64-bit limit, so no well-formed id makes Redis refuse."""
 
 BLOCK_MS = 1000
-"""How long one XREAD waits before the job's own status is looked at again."""
+"""How long a quiet follower first waits before it looks at the job's own status (in case the job
+ended without its stream saying so); each look that finds it still going doubles the wait, up to
+CHECK_MAX_S, so a thousand followers of queued jobs cost Redis little."""
+
+CHECK_MAX_S = 8.0
 
 PING_S = 5.0
 """A follower that asks for pings gets one after this long without an entry: an SSE comment keeps
@@ -84,22 +88,26 @@ async def _follow(
     redis, stream, last = streams.redis, sub.stream, sub.delivered
     shown = last
     """`last` is how far the stream was read; `shown`, the last entry sent on (they part at a gap)."""
-    quiet_since = time.monotonic()
+    quiet_since = checked_at = time.monotonic()
+    check_s = BLOCK_MS / 1000
     while True:
-        if pings and time.monotonic() - quiet_since >= PING_S:
-            quiet_since = time.monotonic()
+        now = time.monotonic()
+        if pings and now - quiet_since >= PING_S:
+            quiet_since = now
             yield Entry(shown, "ping", {})
-        block_ms = BLOCK_MS
+        wait_s = max(0.0, checked_at + check_s - now)
+        if pings:
+            wait_s = min(wait_s, PING_S - (now - quiet_since))
         if deadline is not None:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
+            if deadline - now <= 0:
                 raise WaitedTooLong(job_id)
-            block_ms = min(block_ms, left_ms)
-        raw = await sub.next(block_ms / 1000)
+            wait_s = min(wait_s, deadline - now)
+        raw = await sub.next(max(wait_s, 0.001))
         if sub.overflowed and not raw:
             raise FellBehind(job_id)
         if raw:
-            quiet_since = time.monotonic()
+            quiet_since = checked_at = time.monotonic()
+            check_s = BLOCK_MS / 1000
             for raw_id, fields in raw:
                 for kind, data in tally.take(*job_stream.decode(fields)):
                     # What fills a gap goes out under the last id shown: a client resuming from
@@ -111,12 +119,15 @@ async def _follow(
                 if not tally.gap:
                     shown = raw_id
             continue
+        if time.monotonic() < checked_at + check_s:
+            continue  # a ping or the deadline, not yet a look at the status
+        checked_at, check_s = time.monotonic(), min(check_s * 2, CHECK_MAX_S)
         try:
             status = await redis.hget(f"rq:job:{job_id}", "status")
         except UNREACHABLE as exc:
             # Redis is away: keep the client's connection and pick up where the stream was once it is back.
             REDIS.failed("following a job", exc)
-            await asyncio.sleep(min(block_ms / 1000, RETRY_MAX_S))
+            await asyncio.sleep(RETRY_MAX_S)
             continue
         REDIS.ok()
         ended = _ENDED.get(text(status)) if status is not None else "failed"
