@@ -1,3 +1,6 @@
+#!lua
+-- (`#!lua`, no flags: Redis 7 refuses the whole script up front when it cannot take writes, OOM,
+-- MISCONF or a read-only replica, rather than letting it stop halfway or write past maxmemory.)
 -- mlxq admission: the checks that need shared state, and the enqueue itself, in one
 -- atomic step, so any number of gateways together never admit past a limit.
 --

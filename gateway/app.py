@@ -25,11 +25,13 @@ from gateway.deps import Gateway, get_client
 from gateway.errors import count_refusal, install_error_handlers
 from gateway.jobs import JobFactory, finished_result
 from gateway.metrics import registry_for
+from gateway.pending_cancels import PendingCancels
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
 from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, responses, system
 from gateway.slow_clients import SlowClientLimits
 from gateway.stream_hub import StreamHub
+from shared.events import record_outages
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -44,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         # Before the first request: counting a prompt as the model sees it needs its chat template.
         await run_in_threadpool(app.state.limits.warm)
         app.state.redis = Redis.from_url(settings.redis_url)
+        record_outages(app.state.redis, "gateway")
         # A fixed pool: callers wait for a connection rather than open one more (streams hold none:
         # one reader serves them all).
         size = settings.redis_connections
@@ -64,7 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}
         app.state.gateway = Gateway(settings, app.state.limits, admission, queues, refusals, factories)
         app.state.metrics = registry_for(app.state.redis, list(queues.values()))
-        flusher = asyncio.create_task(_flush_every_second(refusals, app.state.aredis))
+        flusher = asyncio.create_task(_flush_every_second(app, refusals))
         try:
             yield
         finally:
@@ -81,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.cancels = PendingCancels()
     app.state.models = ModelRegistry.from_settings(settings)
     app.state.clients = ClientResolver(settings)
     app.state.limits = PromptLimits(app.state.models, settings)
@@ -123,7 +127,10 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _flush_every_second(refusals: RefusalCache, redis: AsyncRedis) -> None:
+async def _flush_every_second(app: FastAPI, refusals: RefusalCache) -> None:
+    """What a gateway keeps in memory until Redis takes it: refusal counts, cancels."""
     while True:
         await asyncio.sleep(1.0)
-        await refusals.flush(redis)
+        await refusals.flush(app.state.aredis)
+        if len(app.state.cancels):
+            await run_in_threadpool(app.state.cancels.flush, app.state.redis, app.state.settings.stream_ttl_s)

@@ -20,6 +20,7 @@ from gateway.waiting import ClientGone
 from shared import keys
 from shared.errors import GatewayBusy, InvalidRequest, MlxqError, ServiceUnavailable
 from shared.outage import REDIS, pool_exhausted
+from shared.redis_errors import condition_of
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +140,8 @@ def install_error_handlers(app: FastAPI) -> None:
             busy = GatewayBusy("Every Redis connection of this gateway is in use; retry shortly", retry_after_s=1)
             return error_response(busy, request)
         REDIS.failed("answering a request", exc)
-        return error_response(
-            ServiceUnavailable("The job store (Redis) is unavailable", retry_after_s=REDIS_RETRY_AFTER_S), request
-        )
+        down = ServiceUnavailable(f"The job store (Redis) is {condition_of(exc)}", retry_after_s=REDIS_RETRY_AFTER_S)
+        return error_response(down, request)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,9 +17,8 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway import jobs
 from gateway.following import WaitedTooLong, follow
-from shared.errors import JobFailed, JobWaitTimeout, MlxqError
+from shared.errors import JobFailed, JobWaitTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +89,7 @@ def failure(data: dict[str, Any]) -> JobFailed:
 
 
 def cancel_quietly(request: Request, job_id: str) -> None:
-    """Cancel the job of a client that went away; one that ended meanwhile is left as it is."""
-    try:
-        redis = request.app.state.redis
-        jobs.cancel(jobs.fetch(job_id, redis), redis, request.app.state.settings.stream_ttl_s)
-    except MlxqError:
-        pass
+    """Cancel the job of a client that went away; one that ended meanwhile is left as it is, and one
+    Redis cannot take now is kept until it can (gateway/pending_cancels.py)."""
+    state = request.app.state
+    state.cancels.cancel(job_id, state.redis, state.settings.stream_ttl_s)

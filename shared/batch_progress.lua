@@ -1,3 +1,6 @@
+#!lua
+-- (`#!lua`, no flags: Redis 7 refuses the whole script up front when it cannot take writes, OOM,
+-- MISCONF or a read-only replica, rather than letting it stop halfway or write past maxmemory.)
 -- A batch's progress: record one child's end (once), and when every child has ended, queue the
 -- synthesis (if it is still deferred) or mark the batch ended. Atomic, so however many processes
 -- record ends at once, each child's event is written once and the synthesis queued once.

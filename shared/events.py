@@ -9,6 +9,7 @@ from typing import Any, cast
 from redis import Redis
 
 from shared import keys
+from shared.outage import REDIS
 from shared.text import text
 
 KINDS = frozenset(
@@ -25,8 +26,20 @@ KINDS = frozenset(
         "job_quarantined",
         "job_handed_back",
         "model_swap",
+        "redis_degraded",
     }
 )
+
+
+def record_outages(redis: Redis, process: str) -> None:
+    """Each Redis outage this process lives through becomes a `redis_degraded` event once it is over
+    (during it, nothing can be written)."""
+
+    def record(condition: str, lasted_s: float, failures: int) -> None:
+        lasted_s = round(lasted_s, 1)
+        emit(redis, "redis_degraded", process=process, condition=condition, lasted_s=lasted_s, failures=failures)
+
+    REDIS.on_back(record)
 
 
 def emit(redis: Redis, kind: str, **data: Any) -> str:

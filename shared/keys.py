@@ -58,6 +58,9 @@ WORKER_MEMORY = f"{PREFIX}:workers:memory"
 """Hash: worker name -> "used_percent at_ms" (Redis time), refreshed with each heartbeat."""
 
 JOB_ENDS = f"{PREFIX}:jobs:ended"
+HEALTH_PROBE = f"{PREFIX}:health:probe"
+"""String /health and each watchdog tick write (with a short TTL) to learn whether Redis takes writes."""
+
 WORKER_CAPACITY = f"{PREFIX}:workers:capacity"
 """Hash: worker -> "jobs_per_s at_ms": what it can drain (its batch over its recent jobs' duration)."""
 """Sorted set: job id -> when it ended (ms, Redis time); the drain rate behind Retry-After."""

@@ -21,12 +21,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.redis_errors import condition_of
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
-"""What Redis being away looks like to redis-py (BusyLoadingError, while it reads its AOF, is one)."""
+"""What Redis being away looks like to redis-py (BusyLoadingError, while it reads its AOF, is one), and
+Redis refusing writes for now (MISCONF, READONLY, OOM, NOREPLICAS, BUSY: shared/redis_errors.py)."""
 
 POOL_WAIT_OVER = "No connection available."
 """redis-py's BlockingConnectionPool gives up waiting for a free connection with a ConnectionError
@@ -54,6 +57,15 @@ class Outage:
         self.back_at = float("-inf")
         """time.monotonic() when the last outage ended."""
         self.pool_warned_at = float("-inf")
+        self.condition: str | None = None
+        self._seen: set[str] = set()
+        """What this outage looks like (shared/redis_errors.py), while there is one."""
+        self._on_back: list[Callable[[str, float, int], None]] = []
+
+    def on_back(self, hook: Callable[[str, float, int], None]) -> None:
+        """Call `hook(condition, lasted_s, failures)` when an outage ends (to record it in Redis, which
+        could not be written during it). A hook's failure is logged, never raised."""
+        self._on_back.append(hook)
 
     @property
     def down(self) -> bool:
@@ -65,12 +77,16 @@ class Outage:
                 self.pool_warned_at = time.monotonic()
                 logger.warning("no Redis connection free in this process's pool while %s; Redis is not down", what)
             return
+        condition = condition_of(exc)
         with self._lock:
             self.failures += 1
-            if self.since is not None:
+            self.condition = condition
+            if self.since is not None and condition in self._seen:
                 return
-            self.since = time.monotonic()
-        logger.warning("Redis is unreachable (%s while %s); carrying on and retrying quietly", type(exc).__name__, what)
+            self._seen.add(condition)  # a new look of the same outage is logged, a repeat is not
+            self.since = self.since or time.monotonic()
+        kind = type(exc).__name__
+        logger.warning("Redis is %s (%s while %s); carrying on and retrying quietly", condition, kind, what)
 
     def ok(self) -> None:
         if self.since is None:
@@ -78,9 +94,15 @@ class Outage:
         with self._lock:
             if self.since is None:
                 return
-            lasted, failures = time.monotonic() - self.since, self.failures
-            self.since, self.failures, self.back_at = None, 0, time.monotonic()
-        logger.warning("Redis is back after %.1f s; %d operations failed meanwhile", lasted, failures)
+            lasted, failures, condition = time.monotonic() - self.since, self.failures, self.condition or ""
+            self.since, self.failures, self.back_at, self.condition = None, 0, time.monotonic(), None
+            self._seen = set()
+        logger.warning("Redis is back after %.1f s (%s); %d operations failed meanwhile", lasted, condition, failures)
+        for hook in self._on_back:
+            try:
+                hook(condition, lasted, failures)
+            except Exception as exc:
+                logger.warning("could not record the end of a Redis outage: %s", type(exc).__name__)
 
 
 REDIS = Outage()

@@ -1,3 +1,6 @@
+#!lua
+-- (`#!lua`, no flags: Redis 7 refuses the whole script up front when it cannot take writes, OOM,
+-- MISCONF or a read-only replica, rather than letting it stop halfway or write past maxmemory.)
 -- A worker claims its next job: by priority (the first queue with a job it may take), preferring
 -- jobs for the model it runs, with the batch tier (the last queue) served in turns by client
 -- (round robin), so one client's wide fan-out cannot starve another's that arrived later.

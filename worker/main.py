@@ -10,6 +10,7 @@ import mlx.core as mx
 from redis import Redis
 from rq.serializers import JSONSerializer
 
+from shared import events
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.settings import Settings
@@ -29,6 +30,7 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings)
     connection = Redis.from_url(settings.redis_url)
+    events.record_outages(connection, "worker")
     models = ModelRegistry.from_settings(settings)
     for spec in models.all():
         problem = spec.problem()

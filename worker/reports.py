@@ -10,13 +10,13 @@ from redis import Redis
 
 from shared import keys
 
-_MEMORY = """
+_MEMORY = """#!lua
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call("HSET", KEYS[1], ARGV[1], ARGV[2] .. " " .. now)
 """
 
-_JOB_END = """
+_JOB_END = """#!lua
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call("ZADD", KEYS[1], now, ARGV[1])

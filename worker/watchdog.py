@@ -96,6 +96,10 @@ class Watchdog:
         self.shutdown()
 
     def tick(self) -> None:
+        # A write first: a Redis that answers reads but refuses writes (a full disk, a replica) is an
+        # outage here too, and a worker whose heartbeat could not be written is not taken for hung.
+        self.redis.set(keys.HEALTH_PROBE, "1", px=10_000)
+        REDIS.ok()  # now, before any heartbeat is judged: one that expired meanwhile gets its grace
         record = self._circuit_now()
         for slot in self.slots:
             if slot.process is None:
@@ -364,7 +368,9 @@ def _stopped(pid: int) -> bool:
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
-    Watchdog(settings, Redis.from_url(settings.redis_url)).run()
+    redis = Redis.from_url(settings.redis_url)
+    events.record_outages(redis, "watchdog")
+    Watchdog(settings, redis).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""Redis refusing work, told apart from a bug: one classification for every process.
+
+A Redis that cannot write its AOF (a full disk) answers `MISCONF`; a replica
+promoted away, `READONLY`; one at `maxmemory`, `OOM`; one short of
+`min-replicas-to-write`, `NOREPLICAS`; one running a long script, `BUSY`; one
+replaying its AOF, `LOADING`. Each passes, as being unreachable does: the
+gateway answers 503 with a Retry-After, workers and the watchdog wait and retry.
+redis-py raises most of them as plain `ResponseError`s, which every `except`
+for an outage would miss (and RQ's loop would die of), so its own table of
+error codes (the one that already makes "max number of clients reached" a
+ConnectionError) maps them here to ConnectionErrors that keep their old class
+too (`ReadOnlyError`, `OutOfMemoryError`). Every other `ResponseError` is a bug
+and stays one.
+"""
+
+from __future__ import annotations
+
+from redis._parsers.base import BaseParser
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class RedisRefusing(RedisConnectionError):
+    """Redis answers, but refuses this for now."""
+
+    condition = "refusing commands"
+
+
+class RedisCannotPersist(RedisRefusing):
+    condition = "cannot persist (MISCONF)"
+
+
+class RedisReadOnly(RedisRefusing, ReadOnlyError):
+    condition = "read-only (READONLY)"
+
+
+class RedisOutOfMemory(RedisRefusing, OutOfMemoryError):
+    condition = "out of memory (OOM)"
+
+
+class RedisNoReplicas(RedisRefusing):
+    condition = "too few replicas (NOREPLICAS)"
+
+
+class RedisBusy(RedisRefusing):
+    condition = "busy running a script (BUSY)"
+
+
+class RedisMasterDown(RedisRefusing):
+    condition = "its master is down (MASTERDOWN)"
+
+
+
+
+_BY_CODE = {
+    "MISCONF": RedisCannotPersist,
+    "READONLY": RedisReadOnly,
+    "OOM": RedisOutOfMemory,
+    "NOREPLICAS": RedisNoReplicas,
+    "BUSY": RedisBusy,
+    "MASTERDOWN": RedisMasterDown,
+}
+BaseParser.EXCEPTION_CLASSES.update(_BY_CODE)
+
+
+def condition_of(exc: BaseException) -> str:
+    """What a Redis outage looks like, in words for logs and /health."""
+    if isinstance(exc, RedisRefusing):
+        return exc.condition
+    # A refusal re-raised as a plain ConnectionError (redis-py's retries, a pipeline) keeps its code
+    # in the message.
+    words = str(exc).replace(":", " ").split()
+    for code, refusal in _BY_CODE.items():
+        if code in words:
+            return refusal.condition
+    if isinstance(exc, BusyLoadingError):
+        return "loading its data (LOADING)"
+    if isinstance(exc, RedisTimeoutError):
+        return "not answering in time"
+    return "unreachable"
