@@ -9,12 +9,13 @@ protocol that claims its prefix in the app (`app.state.error_prefixes`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
+from gateway.strict_json import StrictJsonRequest
 from shared.errors import MlxqError
 
 ErrorBody = Callable[[MlxqError], dict[str, Any]]
@@ -31,10 +32,19 @@ def own_status(error: MlxqError) -> int:
 
 
 class ShapedRoute(APIRoute):
-    """A route whose errors take its protocol's shape (and status, where the protocol differs)."""
+    """A route whose errors take its protocol's shape (and status, where the protocol differs), and
+    whose body is read strictly (gateway/strict_json.py)."""
 
     error_body: ClassVar[ErrorBody] = staticmethod(openai_error)
     error_status: ClassVar[ErrorStatus] = staticmethod(own_status)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict
 
 
 def router_for(error_body: ErrorBody, error_status: ErrorStatus = own_status, **kwargs: Any) -> APIRouter:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from gateway.error_shapes import shape_for
+from gateway.strict_json import BodyRefused
 from gateway.waiting import ClientGone
 from shared import keys
 from shared.errors import GatewayBusy, InvalidRequest, MlxqError, ServiceUnavailable
@@ -83,6 +84,9 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
     """The first problem pydantic found, named by its field path, e.g. `messages.0.role`."""
     problems = exc.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    if tuple(first.get("loc", ())) == ("body",):
+        # No body, or one that is not JSON (text/plain, a form): nothing inside it to name.
+        return InvalidRequest("The body must be a JSON object, sent as application/json", param="body")
     # Not the request's names: where the error came from ("body", "query") and which member of a
     # union pydantic tried ("str", "list[str]", "function-after[...]").
     loc = [str(part) for part in first.get("loc", ()) if part not in _SOURCES and not _UNION_TAG.match(str(part))]
@@ -127,6 +131,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc, BodyRefused):
+            if _is_submission(request):
+                await count_refusal(app, exc.error.code)
+            return error_response(exc.error, request)
         return error_response(RouteError(exc), request)
 
     @app.exception_handler(ClientGone)

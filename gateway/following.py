@@ -48,7 +48,12 @@ class FellBehind(Exception):
 
 
 async def follow(
-    streams: StreamHub, job_id: str, after: str = "0-0", deadline: float | None = None, pings: bool = False
+    streams: StreamHub,
+    job_id: str,
+    after: str = "0-0",
+    deadline: float | None = None,
+    pings: bool = False,
+    exact: bool = True,
 ) -> AsyncIterator[Entry]:
     """Entries after `after`, as they come, up to and including the job's end.
 
@@ -57,11 +62,13 @@ async def follow(
     (time.monotonic()) it raises WaitedTooLong; each read blocks no longer than what is
     left, so no read has to be cancelled half-way. With `pings`, a `ping` entry comes after
     each PING_S without another. Entries come through the gateway's one stream reader; a
-    follower that falls too far behind raises FellBehind.
+    follower that falls too far behind raises FellBehind. Output comes exactly as the job's result
+    has it (gateway/stream_tally.py); `exact=False`, for one that only waits for the end, passes the
+    entries as they are.
     """
     stream = keys.job_stream(job_id)
-    tally = Tally()
-    if after != "0-0":
+    tally = Tally(exact=exact)
+    if exact and after != "0-0":
         # Resuming: what came up to `after` was sent on an earlier connection.
         for _, fields in await _before(streams, stream, after):
             tally.take(*job_stream.decode(fields))
@@ -133,11 +140,19 @@ async def _follow(
         ended = _ENDED.get(text(status)) if status is not None else "failed"
         if ended is not None:
             # One more look: the end may have been written just now (the reader brings it soon).
-            if await redis.xread({stream: last}, count=1) or not sub.queue.empty():
+            try:
+                if await redis.xread({stream: last}, count=1) or not sub.queue.empty():
+                    continue
+            except UNREACHABLE as exc:
+                REDIS.failed("following a job", exc)
                 continue
-            made_up: dict[str, Any] = {"status": ended, "error": {"message": f"the job ended as {ended}"}}
-            if ended == "finished" and (result := await streams.result_of(job_id)) is not None:
-                made_up = {"status": ended, "result": result}
+            result = await streams.result_of(job_id) if ended == "finished" else None
+            made_up: dict[str, Any] = {"status": "finished", "result": result}
+            if result is None:
+                message = f"the job ended as {ended}"
+                if ended == "finished":  # its result gone too (expired): nothing to answer with
+                    ended, message = "failed", "the job finished, but its result has expired"
+                made_up = {"status": ended, "error": {"message": message}}
             for kind, data in tally.take("end", made_up):
                 yield Entry(shown, kind, data)
             return

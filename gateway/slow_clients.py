@@ -4,7 +4,9 @@ A response the client leaves unread (its socket full, never drained) would hold
 the stream, and the job behind it, for ever: uvicorn's write waits on the
 client. A body sent halfway and then left would hold its connection the same
 way. Past the limit, the first is cut (the route's own hang-up handling cancels
-its job) and the second is answered 408.
+its job) and the second is answered 408. ASGI has no way to abort a connection:
+uvicorn closes the cut one once its buffer drains or the client goes, but the
+job is canceled at once.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class SlowClientLimits:
             if body_done:
                 return await receive()  # past the body, receive only waits for a hang-up
             try:
-                message = await asyncio.wait_for(receive(), self.body_s)
+                async with asyncio.timeout(self.body_s):  # no task of its own, unlike wait_for
+                    message = await receive()
             except TimeoutError:
                 timed_out = True
                 if not started:
@@ -68,7 +71,8 @@ class SlowClientLimits:
             if message["type"] == "http.response.start":
                 started = True
             try:
-                await asyncio.wait_for(send(message), self.unread_s)
+                async with asyncio.timeout(self.unread_s):
+                    await send(message)
             except TimeoutError:
                 raise _Unread() from None
 

@@ -44,10 +44,14 @@ class Tally:
     logprobs: int = 0
     gap: bool = False
     """An entry went missing: the output waits for the end, which brings the rest."""
+    exact: bool = True
+    """False for a follower that only waits for the end (its result is whole whatever the stream)."""
 
     def take(self, kind: str, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """What to send for this entry: nothing (seen, or after a gap), the entry itself, or at the
         end what was missing and then the end."""
+        if not self.exact:
+            return [(kind, data)]
         if kind == "end":
             return self._end(data)
         if kind not in OUTPUT or not isinstance(data.get("seq"), int):
@@ -59,7 +63,7 @@ class Tally:
             self.gap = True
             return []
         self.seq = seq
-        shown = {k: v for k, v in data.items() if k not in ("seq", "tokens")}
+        shown = {k: v for k, v in data.items() if k not in ("seq", "tokens", "final")}
         self._count(kind, shown)
         return [(kind, shown)]
 

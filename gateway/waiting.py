@@ -73,7 +73,7 @@ async def _until_disconnected(request: Request) -> None:
 
 async def _ended(request: Request, job_id: str, deadline: float) -> dict[str, Any]:
     """The job's result once it has ended; its error, as ours, if it did not finish."""
-    async for entry in follow(request.app.state.streams, job_id, deadline=deadline):
+    async for entry in follow(request.app.state.streams, job_id, deadline=deadline, exact=False):
         if entry.kind != "end":
             continue
         if entry.data["status"] == "finished":

@@ -9,7 +9,8 @@ Entries are `{"type": ..., "data": <json>}`:
   its arguments (JSON text, as it forms);
 - `end`: `{"status": "finished" | "failed" | "canceled", "result": {...} | "error": {...}}`.
 Output entries (the four kinds between) also carry `seq`, 1 for the job's first and one more for
-each after, across every attempt at the job, and `tokens`, the ids generated since the one before.
+each after, across every attempt at the job, and `tokens`, the ids generated since the one before;
+the last piece of a generation that ended also carries `final`, its finish reason.
 A follower drops an entry it has seen (a write retried, an attempt repeating itself) and knows a gap
 when it sees one (gateway/following.py); a job run again after its worker died continues from the
 tokens its stream holds (`resumed`), so the stream reads as one generation.
@@ -73,12 +74,18 @@ class Resumed:
     """The last output entry's `seq` (0: none yet)."""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    call_ids: dict[int, str] = field(default_factory=dict)
+    """The ids its tool calls were shown with, by index."""
+    finished: str | None = None
+    """How the earlier attempt ended, when its last pieces (marked `final`) are in: it only has to
+    be told again."""
 
 
 def resumed(redis: Redis, job_id: str) -> Resumed:
     """The output entries already in the job's stream, in order and without repeats, up to the first
     gap (what comes after a gap cannot be carried on from)."""
-    seq, tokens, logprobs = 0, list[int](), list[dict[str, Any]]()
+    seq, tokens, logprobs, call_ids = 0, list[int](), list[dict[str, Any]](), dict[int, str]()
+    finished = None
     for _, fields in redis.xrange(keys.job_stream(job_id)) or []:
         kind, data = decode(fields or {})
         if kind not in OUTPUT or not isinstance(data.get("seq"), int):
@@ -90,4 +97,7 @@ def resumed(redis: Redis, job_id: str) -> Resumed:
         seq = data["seq"]
         tokens += data.get("tokens", [])
         logprobs += data.get("logprobs") or []
-    return Resumed(seq, tokens, logprobs)
+        if kind == "call":
+            call_ids[int(data["index"])] = str(data["id"])
+        finished = data.get("final")
+    return Resumed(seq, tokens, logprobs, call_ids, finished)

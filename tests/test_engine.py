@@ -53,37 +53,80 @@ def test_streamed_pieces_add_up_to_the_final_text(engine: Engine, demo: ModelSpe
 LONG_STRING = {"type": "object", "properties": {"a": {"type": "string", "minLength": 60}}, "required": ["a"]}
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def resumed_from(sents: list[Sent]) -> Resumed:
+    """What shared/job_stream.py's `resumed` reads from a stream holding these pieces."""
+    ids = {sent.piece.index: sent.piece.id for sent in sents if sent.piece.kind == "call"}
+    tokens = [token for sent in sents for token in sent.tokens]
+    return Resumed(sents[-1].seq, tokens, [], ids, sents[-1].final)
+
+
+def generate(
+    engine: Engine, spec: ModelSpec, job_id: str, asked: dict[str, object], resume: Resumed | None = None
+) -> tuple[Outcome, list[Sent]]:
+    sents: list[Sent] = []
+    sub = submit(engine, spec, job_id, **asked)
+    sub.on_text, sub.resume = sents.append, resume
+    handle = engine.submit(sub)
+    assert handle.wait(30)
+    return handle.result(), sents
+
+
 @pytest.mark.parametrize(
     "asked",
     [
         {"max_tokens": 40, "ignore_eos": True, "temperature": 0},
+        {"max_tokens": 40, "ignore_eos": True, "temperature": 1.0, "seed": 7},
         {"max_tokens": 40, "temperature": 0, "json_schema": LONG_STRING},
+        {
+            "prompt": None,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "max_tokens": 40,
+            "temperature": 0,
+        },
     ],
-    ids=["text", "json-schema"],
+    ids=["text", "seeded", "json-schema", "tool-call"],
 )
 def test_a_resumed_generation_carries_on_where_its_stream_was(
     engine: Engine, demo: ModelSpec, asked: dict[str, object]
 ) -> None:
     """What a job run again after its worker died does (worker/tasks.py): from the tokens of the
-    first pieces, it makes the same text greedily, and sends only the pieces after them."""
-    whole: list[Sent] = []
-    first = submit(engine, demo, "whole", **asked)
-    first.on_text = whole.append
-    handle = engine.submit(first)
-    assert handle.wait(30)
-    expected = handle.result()
+    first pieces, it makes the same output (greedy, or with the same seed), its calls keep their
+    ids, and it sends only the pieces after those."""
+    expected, whole = generate(engine, demo, "whole", asked)
     assert len(whole) > 6
     kept = whole[:5]
-    again: list[Sent] = []
-    second = submit(engine, demo, "again", **asked)
-    second.on_text = again.append
-    second.resume = Resumed(5, [t for sent in kept for t in sent.tokens])
-    handle = engine.submit(second)
-    assert handle.wait(30)
-    outcome = handle.result()
+    outcome, again = generate(engine, demo, "again", asked, resumed_from(kept))
     assert (outcome.text, outcome.completion_tokens) == (expected.text, expected.completion_tokens)
+    assert outcome.tool_calls == expected.tool_calls
     assert [sent.seq for sent in again] == list(range(6, 6 + len(again)))
-    assert "".join(sent.piece.text for sent in kept + again) == "".join(sent.piece.text for sent in whole)
+    assert [sent.piece for sent in kept + again] == [sent.piece for sent in whole]
+
+
+def test_a_generation_that_had_ended_ends_again_without_generating(engine: Engine, demo: ModelSpec) -> None:
+    """Its worker died after its last pieces went out, before the job's end was recorded."""
+    plain = {"max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    text = generate(engine, demo, "plain", plain)[0].text
+    stopped = {**plain, "stop": [text[20:24]]}
+    expected, whole = generate(engine, demo, "stopped", stopped)
+    assert expected.finish_reason == "stop" and whole[-1].final == "stop"
+    outcome, again = generate(engine, demo, "again", stopped, resumed_from(whole))
+    assert (outcome.text, outcome.finish_reason, outcome.stop_sequence) == (
+        expected.text,
+        "stop",
+        expected.stop_sequence,
+    )
+    assert again == []
 
 
 def test_cancel_stops_between_tokens(engine: Engine, demo: ModelSpec) -> None:

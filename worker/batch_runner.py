@@ -103,6 +103,9 @@ class BatchRunner:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return False
         run.row = row
+        if row.ended_before is not None:
+            self._finish(run, row.outcome(row.ended_before), None)  # told again, nothing generated
+            return False
         prompt, window = len(row.prompt_ids), run.loaded.context_tokens
         if window is not None and prompt >= window:
             field = "prompt" if sub.request.prompt is not None else "messages"

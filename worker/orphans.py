@@ -130,6 +130,7 @@ def forget_worker(redis: Redis, worker_name: str) -> None:
         pipe.delete(keys.worker_heartbeat(worker_name))
         pipe.delete(keys.worker_commands(worker_name))
         pipe.hdel(keys.WORKER_MEMORY, worker_name)
+        pipe.hdel(keys.WORKER_CAPACITY, worker_name)
         pipe.delete(keys.worker_claimed(worker_name))
         pipe.delete(keys.worker_suspect(worker_name))
         pipe.srem(keys.CLAIMING_WORKERS, worker_name)

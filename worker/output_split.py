@@ -82,10 +82,21 @@ class OutputSplit:
     calls: list[dict[str, Any]] = field(default_factory=list)
     _pending: str = ""
     _call: _Call | None = None
+    _known_ids: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.forced:
             self._call = _Call(_call_id())
+
+    def keep_ids(self, ids: dict[int, str]) -> None:
+        """The ids an earlier attempt gave its calls, by index: the same calls made again (a job
+        carried on after a crash) keep them, as the stream already showed them."""
+        self._known_ids = dict(ids)
+        if self._call is not None and not self._call.announced:
+            self._call.id = self._id_for(len(self.calls))
+
+    def _id_for(self, index: int) -> str:
+        return self._known_ids.get(index) or _call_id()
 
     def feed(self, text: str) -> list[Piece]:
         """The pieces `text` (the output's next characters) completes."""
@@ -130,7 +141,7 @@ class OutputSplit:
             if marker == self._think_start():
                 self.thinking = True
             else:
-                self._call = _Call(_call_id())
+                self._call = _Call(self._id_for(len(self.calls)))
             return
         safe = len(self._pending) - _held(self._pending, starts)
         self._add("text", self._pending[:safe], pieces)
@@ -195,7 +206,7 @@ class OutputSplit:
             if len(self.calls) >= self.max_calls:
                 return  # parallel_tool_calls false: the first call only, streamed and not
             index = len(self.calls)
-            call_id = call.id if n == 0 else _call_id()
+            call_id = call.id if n == 0 else self._id_for(index)
             if n == 0 and call.announced:
                 if len(arguments) > call.sent:
                     pieces.append(Piece("arguments", arguments[call.sent :], index=index))

@@ -21,7 +21,9 @@ local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call("ZADD", KEYS[1], now, ARGV[1])
 redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", now - tonumber(ARGV[2]))
-redis.call("HSET", KEYS[2], ARGV[3], ARGV[4] .. " " .. now)
+if ARGV[4] ~= "" then
+  redis.call("HSET", KEYS[2], ARGV[3], ARGV[4] .. " " .. now)
+end
 """
 
 SMOOTHING = 0.2
@@ -41,15 +43,18 @@ class Reports:
         """This worker's memory use, read by admission's emergency check."""
         self._memory(keys=[keys.WORKER_MEMORY], args=[self._name, f"{used_percent:.1f}"])
 
-    def job_ended(self, job_id: str, took_s: float, batch: int) -> None:
-        """A job left this worker (any outcome) after `took_s`, with room for `batch` at a time: the
-        drain rate and the capacity behind the Retry-After of queue_full and too_many_inflight."""
-        took_s = max(took_s, 0.001)
-        mean = took_s if self._mean_job_s is None else self._mean_job_s + SMOOTHING * (took_s - self._mean_job_s)
-        self._mean_job_s = mean
+    def job_ended(self, job_id: str, took_s: float | None, batch: int) -> None:
+        """A job left this worker (any outcome; `took_s` for one that finished), with room for `batch`
+        at a time: the drain rate and the capacity behind the Retry-After of queue_full and
+        too_many_inflight."""
+        if took_s is not None:
+            took_s = max(took_s, 0.05)
+            last = self._mean_job_s
+            self._mean_job_s = took_s if last is None else last + SMOOTHING * (took_s - last)
+        capacity = "" if self._mean_job_s is None else f"{batch / self._mean_job_s:.3f}"
         self._job_end(
             keys=[keys.JOB_ENDS, keys.WORKER_CAPACITY],
-            args=[job_id, self._drain_window_ms, self._name, f"{batch / mean:.3f}"],
+            args=[job_id, self._drain_window_ms, self._name, capacity],
         )
 
     def withdraw(self) -> None:

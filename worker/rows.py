@@ -42,6 +42,8 @@ class Sent:
     """The token ids generated since the piece before: an attempt after a crash carries on from them."""
     logprobs: list[dict[str, Any]] | None = None
     """With `logprobs`: the entries of those tokens."""
+    final: FinishReason | None = None
+    """On the last piece of a generation that ended: how."""
 
 
 class TextSink(Protocol):
@@ -73,8 +75,9 @@ _SHARED: dict[tuple[float, float, float, int], Sampler] = {}
 batched call."""
 
 
-def sampler_for(request: GenerateRequest, vocab_size: int) -> Sampler:
-    """The request's sampler: shared by requests asking the same without a seed, its own with one."""
+def sampler_for(request: GenerateRequest, vocab_size: int, skip: int = 0) -> Sampler:
+    """The request's sampler: shared by requests asking the same without a seed, its own with one
+    (past `skip` steps: a job carried on after a crash samples as it would have)."""
     top_p = request.top_p if request.top_p < 1.0 else 0.0
     top_k = request.top_k if request.top_k < vocab_size else 0  # all of the vocabulary: no cut
     if request.seed is None or request.temperature == 0:
@@ -82,13 +85,15 @@ def sampler_for(request: GenerateRequest, vocab_size: int) -> Sampler:
         if key not in _SHARED:
             _SHARED[key] = make_sampler(temp=request.temperature, top_p=top_p, min_p=request.min_p, top_k=top_k)
         return _SHARED[key]
-    return _keyed(request.seed, request.temperature, top_p, request.min_p, top_k)
+    return _keyed(request.seed, request.temperature, top_p, request.min_p, top_k, skip)
 
 
-def _keyed(seed: int, temperature: float, top_p: float, min_p: float, top_k: int) -> Sampler:
+def _keyed(seed: int, temperature: float, top_p: float, min_p: float, top_k: int, skip: int = 0) -> Sampler:
     """A sampler with a random key of its own, split every step: the same seed gives the same text
     alone, in any batch, joining at any step (MLX's global seed is shared by every row)."""
     key = mx.random.key(seed)
+    for _ in range(skip):
+        key, _ = mx.random.split(key)
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
@@ -193,6 +198,8 @@ class Row:
     """Tokens an earlier attempt generated (`resume`): the batch prefills them after the prompt."""
     muted_until: int = 0
     """Pieces up to this number are already in the stream: a resumed row makes them again unsent."""
+    ended_before: FinishReason | None = None
+    """A resumed row whose earlier attempt had already ended: it ends so again, generating nothing."""
     matcher: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -252,8 +259,14 @@ class Row:
         steps, each seeing the context it saw then."""
         self.logprobs = list(done.logprobs)
         self.muted_until = done.seq
+        self.split.keep_ids(done.call_ids)
         for token in done.tokens:
-            self.take(token, None)
+            ended = self.take(token, None)
+            if ended is not None:  # a stop string it had met: its last pieces had gone out
+                self.ended_before = ended
+                break
+        if done.finished is not None and self.ended_before is None:
+            self.ended_before = "length" if done.finished == "length" else "stop"
         self.resumed_tokens = list(done.tokens)
         self.first_token_at = None
         steps = [self.prompt_ids[-1], *done.tokens[:-1]] if done.tokens else []
@@ -267,7 +280,7 @@ class Row:
         """What BatchGenerator.insert takes for this request (one-element lists)."""
         ignore_eos = self.request.ignore_eos
         return {
-            "samplers": [sampler_for(self.request, self.vocab_size)],
+            "samplers": [sampler_for(self.request, self.vocab_size, skip=len(self.resumed_tokens))],
             "logits_processors": [self.processors],
             "stop_sequences": [StopSequences(None if ignore_eos else [[t] for t in sorted(self.eos)])],
         }
@@ -299,15 +312,15 @@ class Row:
         self.stop_sequence = next((s for s in self.matcher.stops if self.text.startswith(s, cut)), None)
         self.text, self.cut_by_stop_string = self.text[:cut], True
 
-    def _send(self, pieces: list[Piece]) -> None:
-        for piece in pieces:
+    def _send(self, pieces: list[Piece], final: FinishReason | None = None) -> None:
+        for n, piece in enumerate(pieces, 1):
             self.seq += 1
             tokens, self.unsent_tokens = self.unsent_tokens, []
             logprobs = None
             if self.request.logprobs:
                 logprobs, self.unsent = self.logprobs[self.unsent :], len(self.logprobs)
             if self.on_text is not None and self.seq > self.muted_until:
-                self.on_text(Sent(piece, self.seq, tokens, logprobs))
+                self.on_text(Sent(piece, self.seq, tokens, logprobs, final if n == len(pieces) else None))
 
     def outcome(self, finish: FinishReason) -> Outcome:
         """The request's result; the detokenizer's last bytes (a multi-byte character) are flushed first."""
@@ -323,7 +336,7 @@ class Row:
         self.emitted = len(self.text)
         if self.request.logprobs and self.unsent < len(self.logprobs) and not pieces:
             pieces = [Piece("text")]  # the last tokens' logprobs, with no text of their own
-        self._send(pieces)
+        self._send(pieces, final=finish)
         calls = self.split.calls
         if calls and finish == "stop":
             finish = "tool_calls"

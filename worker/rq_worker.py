@@ -87,6 +87,7 @@ class MlxqWorker(OutageTolerantWorker):
         """Job id -> the thread that runs it and its RQ execution."""
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
+        self._suspect_lock = threading.Lock()
         self._suspect: str | None = None
         """A running job that was running when a worker died and has not yet generated
         SUSPECT_CLEARED_AFTER tokens here: nothing else is claimed until it has, and Redis names it
@@ -142,11 +143,12 @@ class MlxqWorker(OutageTolerantWorker):
             # did not end must not stay in the started registry as if the job still ran.
             quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self._running.pop(job.id, None)
-            if self._suspect == job.id:
-                self._clear_suspect()
+            self._clear_suspect(job.id)
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
-            took_s, batch = time.monotonic() - began, self.engine.batch_limit
+            # Only a finished job's time says what a job takes: a cancel or a failure is over at once.
+            took_s = time.monotonic() - began if job.get_status(refresh=False) == JobStatus.FINISHED else None
+            batch = self.engine.batch_limit
             quietly("recording a job's end", lambda: self.reports.job_ended(job.id, took_s, batch))
             # A job may have loaded a model: say so now, not a heartbeat interval later.
             quietly("writing the heartbeat", self.monitor.beat)
@@ -224,8 +226,11 @@ class MlxqWorker(OutageTolerantWorker):
         job = claimed[0]
         if int(job.meta.get("crash_attempts", 0)) == 0:
             return claimed
-        until_redis("naming a crash suspect", lambda: self.connection.set(keys.worker_suspect(self.name), job.id))
-        self._suspect = job.id
+        with self._suspect_lock:
+            self._suspect = job.id
+        if not self._running:
+            # Named only when it runs alone: beside others, a death might be theirs, and all count.
+            until_redis("naming a crash suspect", lambda: self.connection.set(keys.worker_suspect(self.name), job.id))
         return claimed
 
     def _suspected(self) -> bool:
@@ -235,12 +240,15 @@ class MlxqWorker(OutageTolerantWorker):
         if self.engine.generated(self._suspect) < SUSPECT_CLEARED_AFTER:
             return True
         logger.info("a crash suspect generated past its test; batching again", extra={"job_id": self._suspect})
-        self._clear_suspect()
+        self._clear_suspect(self._suspect)
         return False
 
-    def _clear_suspect(self) -> None:
-        self._suspect = None
-        quietly("clearing a crash suspect", lambda: self.connection.delete(keys.worker_suspect(self.name)))
+    def _clear_suspect(self, job_id: str) -> None:
+        with self._suspect_lock:
+            if self._suspect != job_id:
+                return  # cleared already, and maybe another named since
+            self._suspect = None
+            quietly("clearing a crash suspect", lambda: self.connection.delete(keys.worker_suspect(self.name)))
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGTERM/SIGINT: stop taking jobs, and hand back what runs instead of finishing it.
@@ -286,6 +294,9 @@ class MlxqWorker(OutageTolerantWorker):
                 pipe.execute()
             queue.enqueue_job(job, at_front=True)
 
+        # Its pieces first: the next attempt carries on from what its stream holds, and one still on
+        # its way from here would be written beside that attempt's own.
+        self.publisher.drain()
         until_redis("handing a job back", hand_back)
         self.endings.handed_back(job)
 

@@ -44,10 +44,16 @@ class StreamPublisher:
             self._in_flight += 1
         self._pending.put((job_id, sent))
 
-    def flush(self, timeout_s: float = 5.0) -> None:
-        """Wait until every queued piece is in Redis, so that what follows comes after it."""
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued piece is in Redis, so that what follows comes after it; False when
+        `timeout_s` passed first (Redis away: they are still kept)."""
         with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    def drain(self) -> None:
+        """Wait until every queued piece is in Redis, however long Redis is away."""
+        while not self.flush(1.0):
+            pass
 
     def _run(self) -> None:
         batch: list[tuple[str, Sent]] = []
@@ -115,4 +121,6 @@ def fields(sent: Sent) -> dict[str, Any]:
     if sent.logprobs is not None:
         data["logprobs"] = sent.logprobs
     data["seq"], data["tokens"] = sent.seq, sent.tokens
+    if sent.final is not None:
+        data["final"] = sent.final
     return data

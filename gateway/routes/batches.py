@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, status
+from fastapi import Header, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway import batches
 from gateway.batch_following import follow_batch
 from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
+from gateway.error_shapes import openai_error, router_for
 from gateway.following import STREAM_ID
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = router_for(openai_error, prefix="/v1/batches", tags=["batches"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)

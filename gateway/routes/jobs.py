@@ -6,15 +6,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import Header, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from gateway import jobs, submission
 from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
+from gateway.error_shapes import openai_error, router_for
 from gateway.following import STREAM_ID, follow
 from shared.schemas import GenerateRequest, JobView
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = router_for(openai_error, prefix="/v1/jobs", tags=["jobs"])
 
 
 class JobRequest(GenerateRequest):
