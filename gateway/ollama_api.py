@@ -22,7 +22,6 @@ from shared.schemas import ChatMessage, GenerateRequest, Tool, json_or_text
 VERSION = "0.13.5"
 """The Ollama API version these routes answer as: one with the Responses API beside /api/*, which is what
 clients that check it (Codex CLI's --oss) ask for."""
-"""The Ollama API version these routes follow (clients check it is recent enough)."""
 
 OPTIONS = {
     "num_predict": "max_tokens",
@@ -187,6 +186,16 @@ def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+OPTION_OF = {field: f"options.{option}" for option, field in OPTIONS.items()}
+"""mlxq's sampling field -> the Ollama option it came from, to name in errors."""
+
+
 def error_body(error: MlxqError) -> dict[str, Any]:
-    """Ollama's error shape: `{"error": "<message>"}`."""
-    return {"error": error.message}
+    """Ollama's error shape: `{"error": "<message>"}`, naming an option as the client sent it."""
+    message = error.message
+    if error.param in OPTION_OF:
+        named = OPTION_OF[error.param]
+        message = message.replace(f"{error.param}:", f"{named}:", 1).replace(f"`{error.param}`", f"`{named}`")
+        if named not in message:
+            message = f"{named}: {message}"
+    return {"error": message}

@@ -62,3 +62,34 @@ def test_no_generated_request_gets_a_server_error(fuzzed: Service) -> None:
         tried += 1
     assert tried >= 15, "the schema lost its routes"
     assert not failures, "\n\n".join(failures)
+
+
+RAW_SEEDS = [
+    b'{"model": "demo", "prompt": "x \\ud800", "messages": [{"role": "user", "content": "x \\udfff"}]}',
+    b'{"model": "demo", "temperature": NaN}',
+    b'{"model": "demo", "max_tokens": Infinity}',
+    b'{"model": "demo", "top_p": 1e999}',
+    b'{"model": "demo", "metadata": ' + b"[" * 700 + b"]" * 700 + b"}",
+    b"[" * 10_000 + b"]" * 10_000,
+    b'{"model": "demo", "x": "\xff\xfe"}',
+    b"null",
+    b"[]",
+    b'"text"',
+    b'{"model": ',
+]
+"""Bodies Python's JSON reader takes and nothing after it could hold (gateway/strict_json.py)."""
+
+
+def test_raw_seeds_get_a_4xx_on_every_route_that_takes_a_body(fuzzed: Service) -> None:
+    schema = fuzzed.http.get("/openapi.json").json()
+    posts = [path for path, methods in schema["paths"].items() if "post" in methods and "{" not in path]
+    assert len(posts) >= 10, posts
+    failures = []
+    for path in posts:
+        for seed in RAW_SEEDS:
+            for content_type in ("application/json", "text/plain"):
+                response = fuzzed.http.post(path, content=seed, headers={"content-type": content_type})
+                if not 400 <= response.status_code < 500:
+                    answer = f"{response.status_code} {response.text[:200]}"
+                    failures.append(f"{path} {content_type} {seed[:60]!r}: {answer}")
+    assert not failures, "\n".join(failures)

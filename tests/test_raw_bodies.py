@@ -103,3 +103,12 @@ def test_bodies_that_are_not_a_json_object_are_refused_naming_the_body(
     param, message = error_of(route, response)
     assert words in message, message
     assert param in (None, "body")
+
+
+@pytest.mark.parametrize("num_predict", [0, -7, "many"])
+def test_ollama_errors_name_its_own_option(service: Service, num_predict: object) -> None:
+    body = {"model": "demo", "prompt": "Hi", "stream": False, "options": {"num_predict": num_predict}}
+    response = service.http.post("/api/generate", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    message = response.json()["error"]
+    assert message.startswith("options.num_predict") and "max_tokens" not in message, message
