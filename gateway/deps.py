@@ -16,7 +16,7 @@ from gateway.jobs import JobFactory
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
 from gateway.stream_hub import StreamHub
-from shared.errors import AdminKeyRequired
+from shared.errors import AdminKeyRequired, MlxqError
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -70,6 +70,18 @@ async def require_admin(request: Request) -> Client:
     if resolver.auth_required and not client.admin:
         raise AdminKeyRequired("This route needs one of MLXQ_ADMIN_KEYS; an ordinary API key is not enough")
     return client
+
+
+def sees_everything(request: Request) -> bool:
+    """Whether the request may see every client's jobs: an admin key, or anyone while no keys are set
+    (an open route asks this of a request that may carry no key at all)."""
+    resolver: ClientResolver = request.app.state.clients
+    if not resolver.auth_required:
+        return True
+    try:
+        return resolver.resolve(request).admin
+    except MlxqError:
+        return False
 
 
 async def get_gateway(request: Request) -> Gateway:

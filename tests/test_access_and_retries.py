@@ -79,6 +79,27 @@ def test_admin_routes_need_an_admin_key(keyed: Service) -> None:
         assert admin.post("/v1/admin/models/demo/unload").status_code == 202
 
 
+def test_only_admin_keys_see_running_job_ids_and_events(keyed: Service) -> None:
+    with http(keyed, "key-a") as a, http(keyed, "key-admin") as admin:
+        job = a.post("/v1/jobs", json={"model": "demo", "prompt": "Hold", "max_tokens": 30_000, "ignore_eos": True})
+        job_id = job.json()["id"]
+        try:
+            deadline = time.monotonic() + 30
+            while a.get(f"/v1/jobs/{job_id}").json()["status"] != "started":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(1)  # the next heartbeat lists it
+            for client in (a, keyed.http):  # an ordinary key, and no key at all (/health is open)
+                workers = client.get("/health").json()["workers"]
+                assert workers and all("jobs" not in w for w in workers), workers
+                assert job_id not in client.get("/health").text
+            assert any(job_id in w["jobs"] for w in admin.get("/health").json()["workers"])
+            assert a.get("/v1/events").status_code == 403
+            assert admin.get("/v1/events").status_code == 200
+        finally:
+            a.delete(f"/v1/jobs/{job_id}")
+
+
 def test_the_openai_sdk_with_its_default_retries_makes_one_job_per_call(keyed: Service) -> None:
     client = openai.OpenAI(base_url=keyed.base_url + "/v1", api_key="key-a")  # default: 2 retries
     before = admitted(keyed)  # a call past its wait limit (504): tests/test_waiting.py

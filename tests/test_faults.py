@@ -126,6 +126,10 @@ def test_a_second_scripts_run_in_the_same_place_exits_and_the_first_keeps_servin
     first = ScriptRun(None, tmp_path / "data", tmp_path / "first.log", **QUICK)
     try:
         first.wait_healthy()
+        # Prompts are in Redis's AOF: nobody but the owner reads anything scripts/run writes.
+        for path in [tmp_path / "data", *(tmp_path / "data").rglob("*")]:
+            if not path.is_symlink():
+                assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
         second = ScriptRun(None, tmp_path / "data", tmp_path / "second.log", **QUICK)
         assert second.popen.wait(30) != 0
         message = (tmp_path / "second.log").read_text()

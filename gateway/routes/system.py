@@ -11,7 +11,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from gateway.deps import GatewayDep, RedisDep, SettingsDep
+from gateway.deps import GatewayDep, RedisDep, SettingsDep, sees_everything
 from gateway.workers import live_workers
 from shared import circuit, keys, memory
 from shared.outage import UNREACHABLE
@@ -20,13 +20,28 @@ from shared.text import text
 
 router = APIRouter(tags=["system"])
 
+WORKER_FIELDS = (
+    "name",
+    "host",
+    "pid",
+    "state",
+    "jobs",
+    "models",
+    "model_budget_bytes",
+    "model_held_bytes",
+    "memory",
+    "last_seen_s",
+)
+
 
 @router.get("/health")
-def health(redis: RedisDep, gw: GatewayDep, settings: SettingsDep) -> JSONResponse:
+def health(request: Request, redis: RedisDep, gw: GatewayDep, settings: SettingsDep) -> JSONResponse:
     """Memory status by the 85/95 % thresholds, live workers, queue depth, circuit and admission counts.
 
-    503 when no worker is alive.
+    503 when no worker is alive, or Redis refuses writes. With API keys set, the jobs each worker runs
+    are listed for admin keys only (the route itself is open).
     """
+    shown = WORKER_FIELDS if sees_everything(request) else tuple(f for f in WORKER_FIELDS if f != "jobs")
     try:
         workers = live_workers(redis)
     except RedisError as exc:
@@ -49,24 +64,7 @@ def health(redis: RedisDep, gw: GatewayDep, settings: SettingsDep) -> JSONRespon
     body: dict[str, Any] = {
         "status": status,
         "memory": mem,
-        "workers": [
-            {
-                k: w.get(k)
-                for k in (
-                    "name",
-                    "host",
-                    "pid",
-                    "state",
-                    "jobs",
-                    "models",
-                    "model_budget_bytes",
-                    "model_held_bytes",
-                    "memory",
-                    "last_seen_s",
-                )
-            }
-            for w in workers
-        ],
+        "workers": [{k: w.get(k) for k in shown} for w in workers],
         "redis": {"writable": True} if writes is None else {"writable": False, "condition": writes},
         "queues": {queue.name: queue.count for queue in gw.queues.values()},
         "circuit": {"state": breaker.state.value, "failures": breaker.failures},
