@@ -124,6 +124,18 @@ if idem_hash ~= "" then
   end
 end
 
+-- 1. a call made again by the client library (its connection broke after Redis ran it): the jobs are
+-- in already, and are not written twice
+if ARGV[8] ~= "" and redis.call("EXISTS", KEYS[10]) == 1 then
+  return {"duplicate", 0, ARGV[8], ""}
+end
+if ARGV[8] == "" and n > 0 then
+  local first = netstrings(ARGV[11])[1]
+  if redis.call("EXISTS", job_prefix .. first) == 1 then
+    return {"duplicate", 0, first, ""}
+  end
+end
+
 -- 3. circuit breaker
 local circuit = redis.call("HMGET", KEYS[1], "state", "next_trial_at_ms")
 if circuit[1] == "open" then

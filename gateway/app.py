@@ -12,6 +12,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis import Redis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -50,7 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
         # A fixed pool: callers wait for a connection rather than open one more (streams hold none:
         # one reader serves them all).
         size = settings.redis_connections
-        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=10)
+        # A connection Redis dropped (it restarted) is tried again once, so the first request after a
+        # restart is not refused for it (admission.lua knows a call made twice).
+        retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=size, timeout=10, retry=retry)
         app.state.aredis = AsyncRedis(connection_pool=pool)
         app.state.streams = StreamHub(app.state.aredis, lambda job_id: finished_result(job_id, app.state.redis))
         app.state.streams.start()

@@ -37,9 +37,12 @@ class Monitor:
         engine: Engine,
         canceled: set[str],
         running: Callable[[], list[str]],
+        registered: Callable[[], None] = lambda: None,
     ) -> None:
         self.connection = connection
         self.running = running
+        self.registered = registered
+        """Called with each beat: RQ's record of the worker is written again if Redis lost it."""
         """The ids of the jobs the worker holds (claimed and started, in the engine or about to be)."""
         self.name = name
         self.settings = settings
@@ -64,6 +67,7 @@ class Monitor:
                 self._honour_cancel_flags()
                 self._take_commands()
                 if time.monotonic() >= next_beat:
+                    self.registered()
                     self.beat()
                     next_beat = time.monotonic() + self.settings.heartbeat_interval_s
                 REDIS.ok()

@@ -96,13 +96,28 @@ class MlxqWorker(OutageTolerantWorker):
         self._canceled: set[str] = set()
         """Jobs asked to stop: they end in RQ's canceled registry, not the failed one."""
         self.monitor = Monitor(
-            self.connection, self.name, settings, engine, self._canceled, running=lambda: list(self._running)
+            self.connection,
+            self.name,
+            settings,
+            engine,
+            self._canceled,
+            running=lambda: list(self._running),
+            registered=self._registered,
         )
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
         self.monitor.beat()
         self.monitor.start()
+
+    def _registered(self) -> None:
+        """RQ's record of this worker, written again if Redis lost it (it came back empty, or another
+        instance took over): without it the worker is listed nowhere while it runs jobs."""
+        if self.connection.exists(self.key):
+            return
+        logger.warning("Redis had lost this worker's registration (it came back empty?); registering again")
+        self.register_birth()  # type: ignore[no-untyped-call]
+        self.set_state(WorkerStatus.BUSY if self._running else WorkerStatus.IDLE)
 
     def teardown(self) -> None:
         # Whatever ends the loop (a stop request, an error it could not survive), the jobs still

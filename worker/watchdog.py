@@ -182,8 +182,11 @@ class Watchdog:
                 self._hang(slot, f"not ready {self.settings.watchdog_start_timeout_s:.0f} s after start")
             return
         if beat is None:
-            if time.monotonic() - REDIS.back_at < self.settings.heartbeat_ttl_s:
+            ttl_s = self.settings.heartbeat_ttl_s
+            if time.monotonic() - REDIS.back_at < ttl_s:
                 return  # it expired while Redis was away: the worker gets a heartbeat TTL to beat again
+            if int(self.redis.info("server").get("uptime_in_seconds", ttl_s)) < ttl_s:
+                return  # Redis restarted (empty, or between two of our ticks): the same grace
             self._hang(slot, f"heartbeat silent for more than {self.settings.heartbeat_ttl_s} s")
             return
         if now >= slot.next_probe_at:
