@@ -158,7 +158,12 @@ class Settings(BaseSettings):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 9181
     dashboard_username: str = "mlxq"
-    dashboard_password: str | None = Field(default=None, description="when set, the dashboard asks for basic auth")
+    dashboard_password: str | None = Field(
+        default=None,
+        description="the dashboard's basic-auth password; unset, one is generated on first start and kept in "
+        "MLXQ_DATA_DIR/dashboard-password",
+    )
+    dashboard_auth: bool = Field(default=True, description="false: the dashboard asks no credential (a trusted host)")
     describe_prompts: bool = Field(
         default=False, description="put a job's first words in its description (shown by rq-dashboard and RQ logs)"
     )

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
 QUEUES = ("mlxq-interactive", "mlxq-jobs", "mlxq-batch")
 REGISTRIES = ("queued", "started", "finished", "failed", "deferred", "scheduled", "canceled")
 LONG = {"max_tokens": 30_000, "ignore_eos": True}
+MARKER = "zebra-quartz-prompt"
+"""In the prompts of the scene's running jobs: no dashboard page may show it."""
 
 
 class Scene:
@@ -30,6 +32,17 @@ class Scene:
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.base + path, timeout=10)
+
+
+def wait_answering(base: str, dashboard: Process) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(base + "/0/data/queues.json", timeout=2)
+            return
+        except httpx.TransportError:
+            assert dashboard.alive() and time.monotonic() < deadline, dashboard.tail()
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +66,7 @@ def scene(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.Te
     # An interactive job: a streamed OpenAI call, held open (a hang-up would cancel it).
     stream_client = httpx.Client(base_url=svc.base_url, timeout=60)
     stream = stream_client.stream(
-        "POST", "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "Hi"}],
+        "POST", "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": MARKER}],
                                              "stream": True, **LONG}
     )  # fmt: skip
     jobs["interactive"] = stream.__enter__().headers["x-mlxq-job-id"]
@@ -62,9 +75,9 @@ def scene(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.Te
         json={
             "model": "demo",
             "requests": [
-                {"custom_id": f"part-{i}", "messages": [{"role": "user", "content": "Hi"}], **LONG} for i in range(3)
+                {"custom_id": f"part-{i}", "messages": [{"role": "user", "content": MARKER}], **LONG} for i in range(3)
             ],
-            "synthesis": {"messages": [{"role": "user", "content": "Combine: {{results}}"}], "max_tokens": 4},
+            "synthesis": {"messages": [{"role": "user", "content": MARKER + " {{results}}"}], "max_tokens": 4},
         },
     )
     assert batch.status_code == 202, batch.text
@@ -79,17 +92,11 @@ def scene(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.Te
         svc.wait_for(job_id, {"started"})
 
     port = free_port()
-    env = {**service_env(url, data_dir), "MLXQ_DASHBOARD_PORT": str(port)}
+    # No credential here, explicitly, for the browser below (test_a_credential_is_asked_by_default).
+    env = {**service_env(url, data_dir), "MLXQ_DASHBOARD_PORT": str(port), "MLXQ_DASHBOARD_AUTH": "false"}
     dashboard = Process("scripts/dashboard", env, root / "dashboard.log", ["bash", "scripts/dashboard"])
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(base + "/0/data/queues.json", timeout=2)
-            break
-        except httpx.TransportError:
-            assert dashboard.alive() and time.monotonic() < deadline, dashboard.tail()
-            time.sleep(0.2)
+    wait_answering(base, dashboard)
     yield Scene(svc, base, jobs, created["id"], created["synthesis"]["id"])
     dashboard.stop()
     stream.__exit__(None, None, None)
@@ -194,3 +201,46 @@ def test_a_real_browser_shows_our_queues_the_busy_worker_and_the_synthesis_batch
     assert "busy" in workers and any(job_id in workers for job_id in running), workers[-3000:]
     job_page = rendered(browser, f"{scene.base}/0/view/job/{scene.synthesis_id}", tmp_path)
     assert scene.batch_id in job_page, job_page[-3000:]
+
+
+def test_no_dashboard_page_shows_prompt_text(scene: Scene) -> None:
+    pages = [scene.get("/0/data/workers.json").text]
+    for job_id in (*scene.jobs.values(), scene.synthesis_id):
+        pages.append(scene.get(f"/0/data/job/{job_id}.json").text)
+    for queue in QUEUES:
+        for registry in REGISTRIES:
+            pages.append(scene.get(f"/0/data/jobs/{queue}/{registry}/100/asc/1.json").text)
+    assert "generate(arguments hidden" in pages[0]  # the running job's call, without its prompt
+    assert not [page for page in pages if MARKER in page]
+
+
+def test_state_changes_come_only_from_the_dashboards_own_pages(scene: Scene) -> None:
+    job_id = scene.svc.submit(model="demo", prompt="Hi", priority="low", **LONG)["id"]
+    # Another site's form (no Origin, or its own) may not delete it, nor a link requeue everything.
+    for headers in ({}, {"Origin": "http://evil.example"}):
+        refused = httpx.post(f"{scene.base}/job/{job_id}/delete", headers=headers, timeout=10)
+        assert refused.status_code == 403, refused.text
+    assert scene.svc.job(job_id)["status"] == "queued"
+    assert httpx.get(f"{scene.base}/requeue/mlxq-jobs", timeout=10).status_code == 405
+    done = httpx.post(f"{scene.base}/job/{job_id}/delete", headers={"Origin": scene.base}, timeout=10)
+    assert done.status_code == 200, done.text
+    assert scene.svc.http.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_a_credential_is_asked_by_default_and_printed_once(scene: Scene, tmp_path: Path) -> None:
+    port = free_port()
+    url = scene.svc.env["MLXQ_REDIS_URL"]
+    env = {**service_env(url, tmp_path / "data"), "MLXQ_DASHBOARD_PORT": str(port)}
+    dashboard = Process("scripts/dashboard", env, tmp_path / "dashboard.log", ["bash", "scripts/dashboard"])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_answering(base, dashboard)
+        assert httpx.get(base + "/0/data/queues.json", timeout=10).status_code == 401
+        kept = tmp_path / "data" / "dashboard-password"
+        assert kept.stat().st_mode & 0o077 == 0
+        password = kept.read_text().strip()
+        assert password in (tmp_path / "dashboard.log").read_text()
+        allowed = httpx.get(base + "/0/data/queues.json", auth=("mlxq", password), timeout=10)
+        assert allowed.status_code == 200
+    finally:
+        dashboard.stop()
