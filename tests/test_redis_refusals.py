@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from redis import Redis
 from redis.exceptions import RedisError
@@ -75,6 +76,13 @@ def test_each_redis_refusal_is_a_503_naming_it_and_every_job_ends_once(
         worker_pid = svc.worker_pid()
         long = svc.submit(model="demo", prompt="Long", max_tokens=12_000, ignore_eos=True)["id"]
         svc.wait_for(long, {"started"})
+        # A streaming client that will hang up while Redis refuses writes: its cancel must not be lost.
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Go"}], "stream": True}
+        body.update(max_tokens=30_000, ignore_eos=True)
+        streamer = httpx.Client(base_url=svc.base_url, timeout=60)
+        stream = streamer.stream("POST", "/v1/chat/completions", json=body)
+        hung_up = stream.__enter__().headers["x-mlxq-job-id"]
+        svc.wait_for(hung_up, {"started"})
         conditions: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
             ("out of memory", lambda: direct.config_set("maxmemory", 1), lambda: direct.config_set("maxmemory", 0)),
             (
@@ -93,6 +101,9 @@ def test_each_redis_refusal_is_a_503_naming_it_and_every_job_ends_once(
             assert refused.headers["Retry-After"] and words in refused.json()["error"]["message"], refused.text
             health = svc.http.get("/health")
             assert health.status_code == 503 and words in health.json()["redis"]["condition"], health.text
+            if words == "out of memory":
+                stream.__exit__(None, None, None)  # the client goes; Redis cannot take the cancel now
+                streamer.close()
             time.sleep(1.5)  # the worker generates on meanwhile; what it cannot write waits
             end()
             wait_writable(svc)
@@ -100,6 +111,8 @@ def test_each_redis_refusal_is_a_503_naming_it_and_every_job_ends_once(
         for job_id in [long, *short]:
             assert svc.wait_for(job_id, {"finished", "failed"}, timeout_s=120)["status"] == "finished", job_id
             assert len(results_of(direct, job_id)) == 1, job_id
+        # The cancel was kept by the gateway and written once Redis took writes again.
+        assert svc.wait_for(hung_up, {"canceled", "finished", "failed"}, timeout_s=60)["status"] == "canceled"
         assert started_registry_is_empty(direct)
         assert svc.worker.alive() and svc.gateway.alive() and svc.worker_pid() == worker_pid
         assert svc.events("worker_died") == []
