@@ -81,7 +81,8 @@ def test_a_streamed_function_call_arrives_as_argument_deltas(client: openai.Open
     )
     deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     [done] = [e for e in events if e.type == "response.output_item.done" and e.item.type == "function_call"]
-    assert deltas == done.item.arguments and json.loads(deltas)["city"]
+    # The demo model samples: the city may be any string, even empty; the schema makes it present.
+    assert deltas == done.item.arguments and isinstance(json.loads(deltas)["city"], str)
 
 
 def test_stored_responses_are_kept_read_and_deleted_and_unstored_ones_are_not(client: openai.OpenAI) -> None:
