@@ -7,7 +7,7 @@ import pytest
 from redis import Redis
 
 from tests.scripted_model import CALLER, THINKER, build_scripted_model
-from tests.support import RedisServer, Service
+from tests.support import PersistentRedis, RedisServer, Service
 
 MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
 
@@ -35,6 +35,15 @@ def scratch_redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    """A redis-server with AOF (fsync always) of the test's own, to kill and start again."""
+    (tmp_path / "redis").mkdir()
+    server = PersistentRedis(tmp_path / "redis")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

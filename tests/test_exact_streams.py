@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,14 +105,6 @@ ROUTES: list[tuple[str, Callable[[httpx.Client, Streamed], None]]] = [
 ] * 3
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    (tmp_path / "redis").mkdir()
-    server = PersistentRedis(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
 def streams_through(svc: Service, fault: Callable[[], None]) -> list[Streamed]:
     """Open a stream on each route, wait until each has shown some text, bring on the fault, and read
     every stream to its end."""
@@ -149,9 +141,9 @@ def assert_exact(svc: Service, outs: list[Streamed]) -> list[dict[str, Any]]:
 
 
 def test_streams_through_a_worker_sigkill_repeat_nothing_and_miss_nothing(
-    redis: PersistentRedis, data_dir: Path, tmp_path: Path
+    persistent_redis: PersistentRedis, data_dir: Path, tmp_path: Path
 ) -> None:
-    svc = Service(redis.url, data_dir, tmp_path, supervised=True, **FAST)
+    svc = Service(persistent_redis.url, data_dir, tmp_path, supervised=True, **FAST)
     try:
         outs = streams_through(svc, lambda: os.kill(svc.worker_pid(), signal.SIGKILL))
         views = assert_exact(svc, outs)
@@ -167,14 +159,16 @@ def test_streams_through_a_worker_sigkill_repeat_nothing_and_miss_nothing(
         svc.stop()
 
 
-def test_streams_through_a_redis_restart_lose_nothing(redis: PersistentRedis, data_dir: Path, tmp_path: Path) -> None:
-    svc = Service(redis.url, data_dir, tmp_path, supervised=True, **FAST)
+def test_streams_through_a_redis_restart_lose_nothing(
+    persistent_redis: PersistentRedis, data_dir: Path, tmp_path: Path
+) -> None:
+    svc = Service(persistent_redis.url, data_dir, tmp_path, supervised=True, **FAST)
     try:
 
         def restart() -> None:
-            redis.kill()
+            persistent_redis.kill()
             time.sleep(3)
-            redis.start()
+            persistent_redis.start()
 
         assert_exact(svc, streams_through(svc, restart))
     finally:

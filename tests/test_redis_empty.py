@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,15 @@ from tests.test_watchdog import FAST
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    (tmp_path / "redis").mkdir()
-    server = PersistentRedis(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
 def test_a_redis_that_comes_back_empty_is_noticed_and_served_again(
-    redis: PersistentRedis, data_dir: Path, tmp_path: Path
+    persistent_redis: PersistentRedis, data_dir: Path, tmp_path: Path
 ) -> None:
-    svc = Service(redis.url, data_dir, tmp_path, supervised=True, **FAST)
+    svc = Service(persistent_redis.url, data_dir, tmp_path, supervised=True, **FAST)
     try:
         worker_pid = svc.worker_pid()
-        redis.kill()
-        shutil.rmtree(redis.directory / "appendonlydir", ignore_errors=True)
-        redis.start()
+        persistent_redis.kill()
+        shutil.rmtree(persistent_redis.directory / "appendonlydir", ignore_errors=True)
+        persistent_redis.start()
         first = svc.http.post("/v1/jobs", json={"model": "demo", "prompt": "Again", "max_tokens": 4})
         assert first.status_code == 202, first.text
         deadline = time.monotonic() + 30

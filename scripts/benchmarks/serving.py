@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.admission import free_port  # noqa: E402
 from scripts.benchmarks.streams import report as streams_report  # noqa: E402
-from scripts.benchmarks.streams import run_streams  # noqa: E402
+from scripts.benchmarks.streams import run_streams, stop_all  # noqa: E402
 from worker.demo_model import build_demo_model  # noqa: E402
 
 WORDS = "the sea the sky a ship sails north under a grey moon while gulls call".split()
@@ -224,13 +224,7 @@ def main() -> None:
                     )
                     print(f"round {round_index + 1} {shape:8} {name:14} {results[(shape, name)][-1]}", flush=True)
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()  # nothing it runs may outlive the benchmark and skew the next one
+        stop_all(processes)
         shutil.rmtree(workdir, ignore_errors=True)
 
     def med(shape: str, name: str, key: str) -> float:

@@ -124,19 +124,24 @@ def run_streams(count: int, max_tokens: int = 4, max_batch: int = 64) -> dict[st
 
         result = asyncio.run(_run(base, count, max_tokens, with_all_open))
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         shutil.rmtree(workdir, ignore_errors=True)
     delays = sorted(result.pop("delays"))
     result["p50_delay_ms"] = statistics.median(delays) if delays else float("nan")
     result["p99_delay_ms"] = delays[min(len(delays) - 1, round(0.99 * (len(delays) - 1)))] if delays else float("nan")
     result["streams"] = count
     return result
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Stop what a benchmark started, the last started first; nothing may outlive it and skew the next."""
+    for process in reversed(processes):
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _wait_answering(base: str) -> None:
