@@ -84,7 +84,7 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
     """The first problem pydantic found, named by its field path, e.g. `messages.0.role`."""
     problems = exc.errors()
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
-    if tuple(first.get("loc", ())) == ("body",):
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
         # No body, or one that is not JSON (text/plain, a form): nothing inside it to name.
         return InvalidRequest("The body must be a JSON object, sent as application/json", param="body")
     # Not the request's names: where the error came from ("body", "query") and which member of a
@@ -105,6 +105,8 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> InvalidR
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+_NOT_AN_OBJECT = {"missing", "model_attributes_type", "model_type", "dict_type"}
+"""pydantic's error types for a body that is no JSON object at all (a rule across fields is not one)."""
 _SOURCES = {"body", "query", "path", "header"}
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[a-z_-]+\[.*\])$")
 _NAMED = re.compile(r"`([A-Za-z_][A-Za-z0-9_.]*)`")

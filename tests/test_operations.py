@@ -137,7 +137,8 @@ def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_on
 
         shutil.rmtree(ops.root / "later")  # type: ignore[attr-defined]
         build_demo_model(ops.root / "later")  # type: ignore[attr-defined]  # the fix: now the model exists
-        requeued = httpx.post(f"{base}/job/{failed['id']}/requeue", auth=auth)
+        # As the dashboard's own page sends it (its Origin: another site's form is refused).
+        requeued = httpx.post(f"{base}/job/{failed['id']}/requeue", auth=auth, headers={"Origin": base})
         assert requeued.status_code == 200 and requeued.json()["status"] == "OK"
         again = ops.wait_for(failed["id"], {"finished", "failed"}, timeout_s=30)
         while again["status"] == "failed" and again["ended_at"] == failed["ended_at"]:
