@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from gateway.app import create_app
+from gateway.slow_clients import patient_h11
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -20,6 +21,7 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         proxy_headers=False,
+        http=patient_h11(settings.body_read_limit_s),
         # uvicorn's loggers through ours: its own formatter would print exception messages.
         log_config=None,
     )

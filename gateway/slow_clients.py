@@ -3,8 +3,10 @@
 A response the client leaves unread (its socket full, never drained) would hold
 the stream, and the job behind it, for ever: uvicorn's write waits on the
 client. A body sent halfway and then left would hold its connection the same
-way. Past the limit, the first is cut (the route's own hang-up handling cancels
-its job) and the second is answered 408. ASGI has no way to abort a connection:
+way, and so would a connection that never sends a whole request head. Past the
+limit, the first is cut (the route's own hang-up handling cancels its job), the
+second is answered 408, the third closed (`PatientH11`, uvicorn's own protocol
+class with a timer uvicorn does not have). ASGI has no way to abort a connection:
 uvicorn closes the cut one once its buffer drains or the client goes, but the
 job is canceled at once.
 """
@@ -15,7 +17,9 @@ import asyncio
 import json
 import logging
 
+import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from shared.errors import MlxqError
 
@@ -97,3 +101,29 @@ async def _send_error(send: Send, error: MlxqError) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class PatientH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a limit on how long a new connection may take to send a whole
+    request head: uvicorn's own keep-alive timer starts only after a first response, so a client that
+    opens connections and sends half a head (or nothing) would hold each one for ever."""
+
+    head_limit_s: float = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_limit_s, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        if self.cycle is None and self.conn.their_state is h11.IDLE:
+            logger.info("a client sent no whole request head in %.0f s; closing its connection", self.head_limit_s)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+def patient_h11(head_limit_s: float) -> type[PatientH11]:
+    """The protocol class for uvicorn's `http=`, with this limit."""
+    return type("PatientH11", (PatientH11,), {"head_limit_s": head_limit_s})

@@ -88,3 +88,12 @@ def test_a_body_that_stops_halfway_is_answered_408(strict: Service) -> None:
         sock.close()
     assert reply.startswith("HTTP/1.1 408"), reply
     assert "request_timeout" in reply
+
+
+def test_a_connection_that_never_sends_a_whole_request_head_is_closed(strict: Service) -> None:
+    sock = raw_request(strict, "GET /health HTTP/1.1\r\nHost: x\r\n", b"")  # no blank line: the head never ends
+    sock.settimeout(30)
+    try:
+        assert sock.recv(4096) == b""  # closed by the gateway, after its limit and well before ours
+    finally:
+        sock.close()
