@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -111,15 +112,27 @@ def one_call(base: str, model: str, messages: list[dict[str, str]], max_tokens: 
     return first, time.perf_counter() - started, tokens or chunks
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes have used so far (their threads included)."""
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def run_shape(
-    base: str, model: str, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int
+    base: str, model: str, prompts: list[list[dict[str, str]]], concurrency: int, max_tokens: int, pids: list[int]
 ) -> dict[str, float]:
+    cpu_before = cpu_seconds(pids)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         calls = list(pool.map(lambda messages: one_call(base, model, messages, max_tokens), prompts))
     wall = time.perf_counter() - started
     latencies = sorted(c[1] for c in calls)
+    tokens = sum(c[2] for c in calls)
     return {
+        "cpu_ms_per_token": 1000 * (cpu_seconds(pids) - cpu_before) / max(1, tokens),
         "tok_s": sum(c[2] for c in calls) / wall,
         "p50_s": statistics.median(latencies),
         "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
@@ -183,6 +196,8 @@ def main() -> None:
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
     processes = [subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "", "--dir", str(workdir)], **quiet)]
     servers: dict[str, tuple[str, str]] = {}
+    pids: dict[str, list[int]] = {}
+    """Each server's processes, for its CPU time: mlxq's worker, gateway and its share of Redis."""
     for name, batch, db in (("mlxq", 16, 0), ("mlxq batch=1", 1, 1)):
         port = free_port()
         env = {**base_env, "MLXQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{db}", "MLXQ_PORT": str(port)}
@@ -190,6 +205,7 @@ def main() -> None:
         processes.append(subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet))
         processes.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=env, **quiet))
         servers[name] = (f"http://127.0.0.1:{port}", "bench")
+        pids[name] = [processes[0].pid, processes[-2].pid, processes[-1].pid]
     peer_port = free_port()
     processes.append(
         subprocess.Popen(
@@ -199,6 +215,7 @@ def main() -> None:
         )
     )
     servers["mlx_lm.server"] = (f"http://127.0.0.1:{peer_port}", str(model_dir))
+    pids["mlx_lm.server"] = [processes[-1].pid]
 
     levels = [int(c) for c in args.concurrency.split(",")]
     shapes = [(f"c={c}", c, max(16, c)) for c in levels] + ([] if args.no_fan_out else [("fan-out", 16, 16)])
@@ -220,7 +237,7 @@ def main() -> None:
                 for name in names:
                     base, model = servers[name]
                     results.setdefault((shape, name), []).append(
-                        run_shape(base, model, prompts, concurrency, args.max_tokens)
+                        run_shape(base, model, prompts, concurrency, args.max_tokens, pids[name])
                     )
                     print(f"round {round_index + 1} {shape:8} {name:14} {results[(shape, name)][-1]}", flush=True)
     finally:
@@ -232,15 +249,16 @@ def main() -> None:
 
     lines = [
         "| shape | mlxq tok/s | mlx_lm.server tok/s | throughput ratio | p50 latency ratio | p95 latency ratio "
-        "| TTFT ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| TTFT ratio | CPU ms/token mlxq | CPU ms/token mlx_lm.server |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, _, _ in shapes:
         ours, peer = (med(shape, "mlxq", "tok_s"), med(shape, "mlx_lm.server", "tok_s"))
         ratios = [med(shape, "mlxq", key) / med(shape, "mlx_lm.server", key) for key in ("p50_s", "p95_s", "ttft_s")]
+        cpu = [med(shape, name, "cpu_ms_per_token") for name in ("mlxq", "mlx_lm.server")]
         lines.append(
             f"| {shape} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f}× | {ratios[0]:.2f}× | {ratios[1]:.2f}× "
-            f"| {ratios[2]:.2f}× |"
+            f"| {ratios[2]:.2f}× | {cpu[0]:.0f} | {cpu[1]:.0f} |"
         )
     lines.append("")
     if not args.no_fan_out:
