@@ -141,6 +141,7 @@ def test_a_fan_out_larger_than_a_limit_is_refused_for_good_naming_the_limit(
     assert "MLXQ_MAX_QUEUED allows 50" in refused.json()["error"]["message"]
 
 
+@pytest.mark.timeout(400)  # it waits out real Retry-Afters, longer on a loaded machine
 def test_every_retry_after_comes_true_for_the_identical_request(
     redis_server: RedisServer, data_dir: Path, tmp_path: Path
 ) -> None:
