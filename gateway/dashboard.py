@@ -38,14 +38,16 @@ def credential(settings: Settings) -> tuple[str, str] | None:
     if not settings.dashboard_auth:
         return None
     path = settings.data_dir.expanduser() / "dashboard-password"
-    if path.exists():
-        password = path.read_text().strip()
-    else:
+    password = path.read_text().strip() if path.exists() else ""
+    if not password:  # none yet, or an empty file a crash left: an empty password would let anyone in
         path.parent.mkdir(parents=True, exist_ok=True)
         password = secrets.token_urlsafe(18)
-        # Owner-only from its first byte: created 0600, not chmod-ed after.
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        # Owner-only from its first byte (created 0600 under another name, not chmod-ed after), and
+        # whole when it takes its name.
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
             out.write(password + "\n")
+        os.replace(draft, path)
     print(f"rq-dashboard: user {settings.dashboard_username}, password {password} (kept in {path})", flush=True)
     return settings.dashboard_username, password
 

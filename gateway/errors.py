@@ -21,7 +21,7 @@ from gateway.waiting import ClientGone
 from shared import keys
 from shared.errors import GatewayBusy, InvalidRequest, MlxqError, ServiceUnavailable
 from shared.outage import REDIS, pool_exhausted
-from shared.redis_errors import condition_of
+from shared.redis_errors import RedisRefusing, condition_of
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
+    @app.exception_handler(RedisRefusing)
     async def on_redis_down(request: Request, exc: Exception) -> JSONResponse:
         if pool_exhausted(exc):
             busy = GatewayBusy("Every Redis connection of this gateway is in use; retry shortly", retry_after_s=1)

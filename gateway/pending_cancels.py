@@ -29,8 +29,9 @@ class PendingCancels:
     def __len__(self) -> int:
         return len(self._job_ids)
 
-    def cancel(self, job_id: str, redis: Redis, stream_ttl_s: int) -> None:
-        """Cancel the job now, or keep the cancel for when Redis takes it. One that has ended is left."""
+    def cancel(self, job_id: str, redis: Redis, stream_ttl_s: int) -> bool:
+        """Cancel the job now, or keep the cancel for when Redis takes it (False). One that has ended
+        is left."""
         try:
             jobs.cancel(jobs.fetch(job_id, redis), redis, stream_ttl_s)
         except MlxqError:
@@ -39,12 +40,22 @@ class PendingCancels:
             REDIS.failed("canceling the job of a client that went away", exc)
             with self._lock:
                 self._job_ids.add(job_id)
+            return False
+        return True
 
     def flush(self, redis: Redis, stream_ttl_s: int) -> None:
-        """Try again every kept cancel (any thread)."""
+        """Try the kept cancels again (any thread), until Redis refuses one: the rest wait for the next
+        try. Whatever goes wrong, none is dropped."""
         with self._lock:
             waiting, self._job_ids = self._job_ids, set()
-        for job_id in waiting:
-            self.cancel(job_id, redis, stream_ttl_s)
-        if waiting and not self._job_ids:
+        left = list(waiting)
+        try:
+            while left and self.cancel(left[0], redis, stream_ttl_s):
+                left.pop(0)
+        except Exception:
+            logger.exception("writing kept cancels failed")
+        finally:
+            with self._lock:
+                self._job_ids.update(left)
+        if waiting and not left:
             logger.info("wrote %d cancels kept through a Redis outage", len(waiting))

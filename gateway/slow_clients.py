@@ -114,8 +114,16 @@ class PatientH11(H11Protocol):
         super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.head_limit_s, self._head_overdue)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next request on this connection gets the same limit (uvicorn cancels its keep-alive
+        # timer at the first byte of it).
+        self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_limit_s, self._head_overdue)
+
     def _head_overdue(self) -> None:
-        if self.cycle is None and self.conn.their_state is h11.IDLE:
+        between = self.cycle is None or self.cycle.response_complete
+        if between and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             logger.info("a client sent no whole request head in %.0f s; closing its connection", self.head_limit_s)
             self.transport.close()
 

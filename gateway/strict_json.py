@@ -59,6 +59,8 @@ def decode(raw: bytes) -> Any:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         raise _refused("body", f"The body is not valid JSON: {exc.msg} ({where})") from None
+    except ValueError:  # an integer past Python's 4,300 digits
+        raise _refused("body", "The body has a number too long to read") from None
     _check(value)
     if not isinstance(value, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from typing import Any, cast
 
@@ -11,6 +13,8 @@ from redis import Redis
 from shared import keys
 from shared.outage import REDIS
 from shared.text import text
+
+logger = logging.getLogger(__name__)
 
 KINDS = frozenset(
     {
@@ -35,9 +39,16 @@ def record_outages(redis: Redis, process: str) -> None:
     """Each Redis outage this process lives through becomes a `redis_degraded` event once it is over
     (during it, nothing can be written)."""
 
+    def write(condition: str, lasted_s: float, failures: int) -> None:
+        try:
+            emit(redis, "redis_degraded", process=process, condition=condition, lasted_s=lasted_s, failures=failures)
+        except Exception as exc:
+            logger.warning("could not record the end of a Redis outage: %s", type(exc).__name__)
+
     def record(condition: str, lasted_s: float, failures: int) -> None:
-        lasted_s = round(lasted_s, 1)
-        emit(redis, "redis_degraded", process=process, condition=condition, lasted_s=lasted_s, failures=failures)
+        # On a thread of its own: the outage may end on the gateway's event loop, which must not wait.
+        args = (condition, round(lasted_s, 1), failures)
+        threading.Thread(target=write, args=args, name="mlxq-outage-event", daemon=True).start()
 
     REDIS.on_back(record)
 

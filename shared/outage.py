@@ -21,13 +21,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.redis_errors import condition_of
+from shared.redis_errors import RedisRefusing, condition_of
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisRefusing)
 """What Redis being away looks like to redis-py (BusyLoadingError, while it reads its AOF, is one), and
 Redis refusing writes for now (MISCONF, READONLY, OOM, NOREPLICAS, BUSY: shared/redis_errors.py)."""
 

@@ -7,21 +7,23 @@ replaying its AOF, `LOADING`. Each passes, as being unreachable does: the
 gateway answers 503 with a Retry-After, workers and the watchdog wait and retry.
 redis-py raises most of them as plain `ResponseError`s, which every `except`
 for an outage would miss (and RQ's loop would die of), so its own table of
-error codes (the one that already makes "max number of clients reached" a
-ConnectionError) maps them here to ConnectionErrors that keep their old class
-too (`ReadOnlyError`, `OutOfMemoryError`). Every other `ResponseError` is a bug
-and stays one.
+error codes maps them here to `RedisRefusing` (keeping their old class too:
+`ReadOnlyError`, `OutOfMemoryError`), which shared/outage.py's UNREACHABLE
+includes. They stay ResponseErrors, not ConnectionErrors: redis-py would retry
+a ConnectionError itself, reconnecting ten times per command (seconds per
+refusal, a pipeline run again whole), and turn one met under WATCH into a
+WatchError that RQ retries at once, for ever. LOADING is redis-py's own
+ConnectionError already. Every other `ResponseError` is a bug and stays one.
 """
 
 from __future__ import annotations
 
 from redis._parsers.base import BaseParser
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-class RedisRefusing(RedisConnectionError):
+class RedisRefusing(ResponseError):
     """Redis answers, but refuses this for now."""
 
     condition = "refusing commands"
@@ -68,12 +70,6 @@ def condition_of(exc: BaseException) -> str:
     """What a Redis outage looks like, in words for logs and /health."""
     if isinstance(exc, RedisRefusing):
         return exc.condition
-    # A refusal re-raised as a plain ConnectionError (redis-py's retries, a pipeline) keeps its code
-    # in the message.
-    words = str(exc).replace(":", " ").split()
-    for code, refusal in _BY_CODE.items():
-        if code in words:
-            return refusal.condition
     if isinstance(exc, BusyLoadingError):
         return "loading its data (LOADING)"
     if isinstance(exc, RedisTimeoutError):

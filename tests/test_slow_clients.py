@@ -100,3 +100,19 @@ def test_a_connection_that_never_sends_a_whole_request_head_is_closed(strict: Se
         assert sock.recv(4096) == b""  # closed by the gateway, after its limit and well before ours
     finally:
         sock.close()
+
+
+def test_a_second_request_head_left_half_sent_is_closed_too(strict: Service) -> None:
+    sock = raw_request(strict, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"")
+    sock.settimeout(30)
+    try:
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 ")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # the next request on the kept-alive connection stops
+        rest = b""
+        while chunk := sock.recv(4096):  # the rest of the first answer, then the close
+            rest += chunk
+    finally:
+        sock.close()

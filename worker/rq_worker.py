@@ -113,9 +113,11 @@ class MlxqWorker(OutageTolerantWorker):
     def _registered(self) -> None:
         """RQ's record of this worker, written again if Redis lost it (it came back empty, or another
         instance took over): without it the worker is listed nowhere while it runs jobs."""
-        if self.connection.exists(self.key):
+        if self.connection.sismember(self.redis_workers_keys, self.key):
             return
         logger.warning("Redis had lost this worker's registration (it came back empty?); registering again")
+        # RQ's own heartbeat may have written a partial record since: birth refuses a record it finds.
+        self.connection.delete(self.key)
         self.register_birth()  # type: ignore[no-untyped-call]
         self.set_state(WorkerStatus.BUSY if self._running else WorkerStatus.IDLE)
 

@@ -1,16 +1,20 @@
-"""A gateway whose Redis pool is in use to the last connection is busy, not facing a Redis outage:
-redis-py's own errors for it, against a real redis-server, are told apart from Redis being away."""
+"""How Redis's troubles look to each process, against a real redis-server: a gateway whose pool is in
+use to the last connection is busy, not facing an outage; a refusal (OOM here) is an outage that fails
+at once, without redis-py's reconnecting retries."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
+from redis import Redis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared.outage import Outage, pool_exhausted
+from shared.outage import UNREACHABLE, Outage, pool_exhausted
+from shared.redis_errors import RedisOutOfMemory, condition_of
 from tests.support import RedisServer, free_port
 
 
@@ -49,3 +53,21 @@ def test_redis_away_is_an_outage() -> None:
     outage = Outage()
     outage.failed("answering a request", error)
     assert outage.down
+
+
+def test_a_refusal_fails_at_once_on_its_connection_without_redis_py_retrying_it(tmp_path: Path) -> None:
+    """A refusal is no ConnectionError to redis-py: it neither reconnects nor runs a pipeline again."""
+    server = RedisServer(tmp_path)
+    try:
+        redis = Redis.from_url(server.url)
+        redis.rpush("items", *range(5))
+        redis.config_set("maxmemory", 1)
+        before = int(redis.info("stats")["total_connections_received"])
+        with pytest.raises(RedisOutOfMemory) as caught:
+            redis.pipeline(transaction=False).lpop("items").set("grow", "x" * 1000).execute()
+        assert isinstance(caught.value, UNREACHABLE) and "out of memory" in condition_of(caught.value)
+        assert int(redis.info("stats")["total_connections_received"]) == before  # no reconnection
+        redis.config_set("maxmemory", 0)
+        assert redis.llen("items") == 4  # the pipeline ran once
+    finally:
+        server.stop()
