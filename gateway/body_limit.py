@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import RequestTooLarge
+from shared.errors import MlxqError, RequestTooLarge
 
 
 class BodySizeLimit:
@@ -57,16 +57,13 @@ class BodySizeLimit:
 
     async def _refuse(self, send: Send, size: int) -> None:
         error = RequestTooLarge(f"The request body has at least {size} bytes; the limit is {self.max_bytes}")
-        body = json.dumps(error.to_body()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": error.status_code,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, error)
         await self.on_refusal()
+
+
+async def send_error(send: Send, error: MlxqError) -> None:
+    """An error answered from ASGI middleware, before any route (so in mlxq's own shape)."""
+    body = json.dumps(error.to_body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -14,13 +14,13 @@ job is canceled at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from gateway.body_limit import send_error
 from shared.errors import MlxqError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class SlowClientLimits:
             except TimeoutError:
                 timed_out = True
                 if not started:
-                    await _send_error(send, RequestTimeout(f"The request body stopped arriving for {self.body_s:g} s"))
+                    await send_error(send, RequestTimeout(f"The request body stopped arriving for {self.body_s:g} s"))
                 return {"type": "http.disconnect"}
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
@@ -94,13 +94,6 @@ def _is_unread(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_unread(inner) for inner in exc.exceptions)
     return False
-
-
-async def _send_error(send: Send, error: MlxqError) -> None:
-    body = json.dumps(error.to_body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class PatientH11(H11Protocol):
