@@ -88,11 +88,14 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(default=16, ge=1, description="jobs a worker runs together in one batch")
     prefill_step_size: int = Field(
-        default=256, ge=16, description="prompt tokens prefilled between two decode steps of a running batch"
+        default=2048, ge=16, description="most tokens of one prompt in one piece of prefill (pieces are sized by time)"
     )
-    prefill_batch_size: int = Field(
-        default=1, ge=1, description="prompts prefilled together (more wastes work on padding when lengths differ)"
+    prefill_pause_steps: float = Field(
+        default=3.0,
+        gt=0,
+        description="a piece of prefill between two decode steps takes at most this many decode steps' time",
     )
+    prefill_batch_size: int = Field(default=8, ge=1, description="prompts arriving together, prefilled together")
     prefix_cache_fraction: float = Field(
         default=0.1,
         ge=0,

@@ -246,3 +246,39 @@ def test_logit_bias_forces_its_token_and_an_unknown_token_is_refused(demo: Model
     assert forced.completion_tokens == 6
     piece = forced.text[: len(forced.text) // 6]
     assert piece and forced.text == piece * 6  # the same token six times
+
+
+def steps_beside_a_long_prompt(demo: ModelSpec, pause_steps: float) -> tuple[int, int]:
+    """(decode steps a running row took while a long prompt was prefilled beside it, that prompt's
+    tokens), on an engine whose prefill pieces take at most `pause_steps` decode steps' time."""
+    running = build_engine(Settings(prefill_pause_steps=pause_steps), 10**10, prefix_cache_bytes=0)
+    running.start()
+    try:
+        tokens: list[int] = []
+        beside = submit(running, demo, "beside", max_tokens=30_000, ignore_eos=True)
+        beside.on_text = lambda sent: tokens.extend(sent.tokens)
+        handle = running.submit(beside)
+        while len(tokens) < 20:  # decoding, its step measured
+            time.sleep(0.01)
+        first: list[int] = []
+        long = submit(running, demo, "long", prompt="the sea " * 1500, max_tokens=2, ignore_eos=True)
+        long.on_text = lambda sent: first.append(len(tokens)) if not first else None
+        at = len(tokens)
+        done = running.submit(long)
+        assert done.wait(120)
+        running.cancel("beside")
+        assert handle.wait(10)
+        return first[0] - at, done.result().prompt_tokens
+    finally:
+        running.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps_beside_it(demo: ModelSpec) -> None:
+    """Each piece of a prompt's prefill takes at most MLXQ_PREFILL_PAUSE_STEPS decode steps' time
+    (worker/prefill_pace.py): a running row decodes between pieces, and a smaller share means more,
+    smaller pieces. A fixed size in tokens would give the same count of pieces for both."""
+    fine, prompt_tokens = steps_beside_a_long_prompt(demo, pause_steps=1)
+    coarse, _ = steps_beside_a_long_prompt(demo, pause_steps=16)
+    assert prompt_tokens > 3000
+    assert coarse >= 2  # even coarse pieces leave the running row decoding between them
+    assert fine >= 3 * coarse, (fine, coarse)

@@ -7,6 +7,7 @@ from shared.settings import Settings
 from worker.engine import Engine
 from worker.ledger import MemoryLedger
 from worker.model_cache import MemoryProbe, ModelCache, system_memory_percent
+from worker.prefill_pace import PrefillPace
 from worker.prefixes import Prefixes
 from worker.scheduler import Scheduler
 
@@ -36,6 +37,6 @@ def build_engine(
         prefixes,
         scheduler,
         settings.maintenance_interval_s,
-        prefill_step_size=settings.prefill_step_size,
-        prefill_batch_size=settings.prefill_batch_size,
+        PrefillPace(settings.prefill_pause_steps, settings.prefill_step_size),
+        settings.prefill_batch_size,
     )

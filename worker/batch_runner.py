@@ -28,6 +28,7 @@ from shared.errors import (
 )
 from worker.generation import Generation
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
+from worker.prefill_pace import PrefillPace
 from worker.prefixes import Prefixes, shareable
 from worker.rows import Outcome, Row
 from worker.scheduler import Scheduler, Seed, Ticket
@@ -55,7 +56,7 @@ class BatchRunner:
         prefixes: Prefixes,
         scheduler: Scheduler,
         finished: Callable[[Generation, Outcome | None, BaseException | None], None],
-        prefill_step_size: int,
+        pace: PrefillPace,
         prefill_batch_size: int,
         on_progress: Callable[[str | None], None],
     ) -> None:
@@ -66,9 +67,10 @@ class BatchRunner:
         self.scheduler = scheduler
         self._finished = finished
         self._progress = on_progress
-        # Prompt chunks between decode steps: a long prompt stalls the running rows one chunk at a time.
-        self.prefill_step_size = prefill_step_size
-        self.prefill_batch_size = prefill_batch_size
+        # Prompts are prefilled in pieces between decode steps, each sized by time (worker/prefill_pace.py);
+        # those arriving together are prefilled together, up to prefill_batch_size.
+        self.pace = pace
+        self.prefill_batch_size = min(prefill_batch_size, scheduler.max_batch)
         self.runs: dict[Ticket, Run] = {}
         """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
@@ -132,7 +134,8 @@ class BatchRunner:
             loaded.model,
             completion_batch_size=self.scheduler.max_batch,
             prefill_batch_size=self.prefill_batch_size,
-            prefill_step_size=self.prefill_step_size,
+            # The ceiling: its prompt batch prefills what each step is given (`_next_piece`) in one call.
+            prefill_step_size=self.pace.max_tokens,
         )
         return shareable(make_prompt_cache(loaded.model))
 
@@ -184,8 +187,10 @@ class BatchRunner:
     def step(self) -> None:
         """One decode step (and maybe one prefill chunk) of the batch; rows that end leave."""
         scheduler = self.scheduler
+        self.generator.prefill_step_size = self._next_piece()
         try:
-            _, responses = self.generator.next()
+            with self.generator.stats() as done:
+                _, responses = self.generator.next()
         except Exception as exc:
             # The step is shared: every member fails with it (and the process lives on). Their
             # hold on the model goes first, so that a memory cleanup can unload it.
@@ -199,7 +204,8 @@ class BatchRunner:
             for gone in failed:
                 self._finish(gone, None, error)
             return
-        self._progress(None)
+        self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, done.decode_time)
+        self._progress(None)  # after every piece of prefill too: the watchdog sees a long prompt advance
         for response in responses:
             run = self._uids.get(response.uid)
             if run is None:
@@ -225,6 +231,14 @@ class BatchRunner:
                 self.leave(uid, None, JobTimedOut(f"The generation passed its deadline after {tokens} tokens"), True)
         if not self._uids:
             scheduler.close(self)  # its KV caches and its hold on the model go now, before any unload
+
+    def _next_piece(self) -> int:
+        """Prompt tokens of each prefilling row the next step takes, sized so that the rows decoding
+        beside them pause for no more than the pace allows."""
+        batch = self.scheduler.batch
+        members = list(batch.members.values()) if batch is not None else []
+        prefilling = min(self.prefill_batch_size, sum(not member.prefilled for member in members))
+        return self.pace.piece(decoding=any(member.prefilled for member in members), rows=prefilling)
 
     def _keep_for_later(self, run: Run, cache: list[Any]) -> None:
         """A finished row's cache (its prompt and what it generated): the next turn of the same chat

@@ -22,6 +22,7 @@ from shared.errors import GenerationFailed
 from worker.batch_runner import BatchRunner
 from worker.generation import Generation, Submission
 from worker.model_cache import ModelCache
+from worker.prefill_pace import PrefillPace
 from worker.prefixes import Prefixes
 from worker.rows import Outcome
 from worker.scheduler import Scheduler
@@ -45,8 +46,8 @@ class Engine:
         prefixes: Prefixes,
         scheduler: Scheduler,
         maintenance_interval_s: float = 1.0,
-        prefill_step_size: int = 256,
-        prefill_batch_size: int = 1,
+        pace: PrefillPace | None = None,
+        prefill_batch_size: int = 8,
     ) -> None:
         if scheduler.ledger is not cache.ledger:
             raise ValueError("the scheduler and the model cache must share one memory ledger")
@@ -54,7 +55,13 @@ class Engine:
         self.scheduler = scheduler
         self.maintenance_interval_s = maintenance_interval_s
         self.runner = BatchRunner(
-            cache, prefixes, scheduler, self._ended, prefill_step_size, prefill_batch_size, self._alive_sign
+            cache,
+            prefixes,
+            scheduler,
+            self._ended,
+            pace or PrefillPace(pause_steps=3.0, max_tokens=2048),
+            prefill_batch_size,
+            self._alive_sign,
         )
         self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
         self.state = "idle"
