@@ -1,19 +1,25 @@
-"""mlxq beside mlx-lm's own server (`mlx_lm.server`) on the same random-weight model, same run.
+"""mlxq beside mlx-lm's own server (`mlx_lm.server`) and vllm-mlx on the same random-weight model, same run.
 
 Starts a redis-server, mlxq (worker + gateway) at MLXQ_MAX_BATCH=16, a second
-mlxq at MLXQ_MAX_BATCH=1 (for the batching ratio), and mlx_lm.server, all on one
-random-weight qwen2 model built offline. Then fires the same OpenAI-style load at
-each, in interleaved rounds (the servers take turns within every round, so drift
-on a shared, noisy machine hits all of them alike):
+mlxq at MLXQ_MAX_BATCH=1 (for the batching ratio), mlx_lm.server and vllm-mlx (in
+a virtualenv of its own: scripts/benchmarks/peers.py), all on one random-weight
+qwen2 model built offline. Then fires the same OpenAI-style load at each, in
+interleaved rounds (the servers take turns within every round, so drift on a
+shared, noisy machine hits all of them alike):
 
 - concurrency C in 1, 8, 16, 32: max(16, C) streamed greedy chat completions of
-  `--max-tokens` tokens, C in flight at a time;
-- fan-out: 16 requests at once sharing a `--prefix-tokens`-token system prompt.
+  `--max-tokens` tokens, C in flight at a time; beside them the engine's ceiling,
+  mlx-lm's `batch_generate` in-process on the same prompts (scripts/benchmarks/ceiling.py);
+- fan-out: 16 requests at once sharing a `--prefix-tokens`-token system prompt;
+- stall: 4 streams running while a long prompt arrives (scripts/benchmarks/stall.py).
 
-Per shape and server it reports tokens/s (all requests' generated tokens, from the
-usage each stream ends with, over the wall time), p50/p95 latency and p50 time to
-first token, as medians over the rounds, and the ratio mlxq / mlx_lm.server. With
-`--write`, BENCHMARKS.md gets the table, the machine, the versions and the command.
+Every round's prompts are new (they start with the round's number), so no server
+answers one from what an earlier round left in its prompt cache. Per shape and
+server it reports tokens/s (all requests' generated tokens, from the usage each
+stream ends with, over the wall time), p50/p95 latency, p50 time to first token
+and CPU time per token, as medians over the rounds, and mlxq's ratios to the
+better peer. With `--write`, BENCHMARKS.md gets the tables, the machine, the
+versions and the command.
 
 `--streams N` runs the streams shape alone (scripts/benchmarks/streams.py): N
 streams waiting on one gateway, its Redis connections and memory per stream, and
@@ -45,31 +51,38 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.admission import free_port  # noqa: E402
+from scripts.benchmarks.ceiling import ceiling_tok_s  # noqa: E402
+from scripts.benchmarks.peers import start_mlx_lm, start_vllm_mlx, vllm_mlx_executable  # noqa: E402
+from scripts.benchmarks.stall import WORDS, run_stall  # noqa: E402
 from scripts.benchmarks.streams import report as streams_report  # noqa: E402
 from scripts.benchmarks.streams import run_streams, stop_all  # noqa: E402
 from worker.demo_model import build_demo_model  # noqa: E402
 
-WORDS = "the sea the sky a ship sails north under a grey moon while gulls call".split()
-
 
 def never_ending(model_dir: Path) -> None:
-    """Zero the end-of-text token's (tied) embedding row: its logit is then 0 while the others spread
-    around 0, so greedy decoding never picks it and every request, on both servers, generates all of
-    `--max-tokens` (neither can be told to ignore EOS in the same way)."""
+    """Zero the (tied) embedding rows of the end-of-text token and of every token that is not whole
+    text on its own (a byte of a multi-byte character): their logits are then 0 while the others
+    spread around 0, so greedy decoding never picks them. Every request, on every server, generates
+    all of `--max-tokens` (none can be told to ignore EOS in the same way), and every token shows as
+    text when it is made (a run of partial characters is held back by every server until it
+    completes: the stall shape would take it for a pause)."""
     import mlx.core as mx
+    from tokenizers import Tokenizer
 
     config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     path = model_dir / "model.safetensors"
     weights = mx.load(str(path))
     assert isinstance(weights, dict)
     table = weights["model.embed_tokens.weight"]
-    eos = config["eos_token_id"]
-    keep = mx.arange(table.shape[0])[:, None] != eos
-    weights["model.embed_tokens.weight"] = mx.where(keep, table, mx.zeros_like(table))
+    banned = [config["eos_token_id"]]
+    banned += [i for i in range(tokenizer.get_vocab_size()) if "\ufffd" in tokenizer.decode([i])]
+    keep = mx.logical_not(mx.any(mx.arange(table.shape[0])[:, None] == mx.array(banned)[None, :], axis=1))
+    weights["model.embed_tokens.weight"] = mx.where(keep[:, None], table, mx.zeros_like(table))
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
 
 
-def wait_until(url: str, timeout_s: float = 120) -> None:
+def wait_until(url: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -84,8 +97,9 @@ def wait_until(url: str, timeout_s: float = 120) -> None:
 
 def one_call(base: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first text, seconds in all, tokens generated) of one streamed greedy chat
-    completion; tokens from the usage both servers send at the end (text chunks are no measure:
-    a random model's tokens are often partial characters, held back until they complete)."""
+    completion, tokens 0 when it failed; tokens from the usage every server sends at the end (text
+    chunks are no measure: a random model's tokens are often partial characters, held back until
+    they complete)."""
     body = {
         "model": model,
         "messages": messages,
@@ -96,20 +110,20 @@ def one_call(base: str, model: str, messages: list[dict[str, str]], max_tokens: 
     }
     started = time.perf_counter()
     first = 0.0
-    chunks = 0
     tokens = 0
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=3600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-            for choice in chunk.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    chunks += 1
+    try:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=3600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+                if any(choice.get("delta", {}).get("content") for choice in chunk.get("choices", [])):
                     first = first or time.perf_counter() - started
-    return first, time.perf_counter() - started, tokens or chunks
+    except httpx.HTTPError:
+        return 0.0, time.perf_counter() - started, 0
+    return first, time.perf_counter() - started, tokens
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -129,26 +143,41 @@ def run_shape(
     with ThreadPoolExecutor(concurrency) as pool:
         calls = list(pool.map(lambda messages: one_call(base, model, messages, max_tokens), prompts))
     wall = time.perf_counter() - started
-    latencies = sorted(c[1] for c in calls)
+    done = [c for c in calls if c[2] > 0] or calls
+    latencies = sorted(c[1] for c in done)
     tokens = sum(c[2] for c in calls)
     return {
         "cpu_ms_per_token": 1000 * (cpu_seconds(pids) - cpu_before) / max(1, tokens),
-        "tok_s": sum(c[2] for c in calls) / wall,
+        "tok_s": tokens / wall,
         "p50_s": statistics.median(latencies),
         "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
-        "ttft_s": statistics.median(c[0] for c in calls),
+        "ttft_s": statistics.median(c[0] for c in done),
         "wall_s": wall,
+        "failed": sum(1 for c in calls if c[2] == 0),
     }
 
 
-def prompts_for(shape: str, count: int, prefix_tokens: int) -> list[list[dict[str, str]]]:
+def prompts_for(shape: str, count: int, prefix_tokens: int, round_index: int) -> list[list[dict[str, str]]]:
+    """The shape's chats for one round, all of it new to every server's prompt cache."""
+    tag = f"Round {round_index + 1}, {shape}."
     if shape == "fan-out":
-        shared = " ".join(WORDS[i % len(WORDS)] for i in range(prefix_tokens))
+        shared = tag + " " + " ".join(WORDS[i % len(WORDS)] for i in range(prefix_tokens))
         return [
             [{"role": "system", "content": shared}, {"role": "user", "content": f"Part {i}: go on."}]
             for i in range(count)
         ]
-    return [[{"role": "user", "content": f"Request {i}: {' '.join(WORDS[: 8 + i % 5])}"}] for i in range(count)]
+    return [[{"role": "user", "content": f"{tag} Request {i}: {' '.join(WORDS[: 8 + i % 5])}"}] for i in range(count)]
+
+
+def start_mlxq(
+    name: str, batch: int, db: int, redis_port: int, base_env: dict[str, str], quiet: dict[str, Any]
+) -> tuple[list[subprocess.Popen[bytes]], tuple[str, str, list[int]]]:
+    port = free_port()
+    env = {**base_env, "MLXQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{db}", "MLXQ_PORT": str(port)}
+    env["MLXQ_MAX_BATCH"] = str(batch)
+    worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet)
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, **quiet)
+    return [worker, gateway], (f"http://127.0.0.1:{port}", "bench", [worker.pid, gateway.pid])
 
 
 def main() -> None:
@@ -157,11 +186,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,16,32")
     parser.add_argument("--prefix-tokens", type=int, default=1000)
+    parser.add_argument("--long-prompt-words", type=int, default=480, help="the stall's long prompt (~1,400 tokens)")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random-weight model")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prefill-batch", type=int, default=None, help="mlxq's MLXQ_PREFILL_BATCH_SIZE")
     parser.add_argument("--no-fan-out", action="store_true", help="skip the shared-prefix fan-out shape")
+    parser.add_argument("--no-stall", action="store_true", help="skip the stall shape")
+    parser.add_argument("--no-vllm-mlx", action="store_true", help="leave vllm-mlx out")
     parser.add_argument("--streams", type=int, default=None, help="only the streams shape, with this many streams")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
@@ -194,92 +226,133 @@ def main() -> None:
     if args.prefill_batch is not None:
         base_env["MLXQ_PREFILL_BATCH_SIZE"] = str(args.prefill_batch)
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
+    vllm_mlx = None if args.no_vllm_mlx else vllm_mlx_executable(ROOT, os.environ.get("MLXQ_MLX_EXTRA", "cpu"))
     processes = [subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "", "--dir", str(workdir)], **quiet)]
-    servers: dict[str, tuple[str, str]] = {}
-    pids: dict[str, list[int]] = {}
-    """Each server's processes, for its CPU time: mlxq's worker, gateway and its share of Redis."""
+    servers: dict[str, tuple[str, str, list[int]]] = {}
+    """Each server's base URL, model name and processes (for its CPU time; Redis is mlxq's)."""
+    ready: list[str] = []
     for name, batch, db in (("mlxq", 16, 0), ("mlxq batch=1", 1, 1)):
-        port = free_port()
-        env = {**base_env, "MLXQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{db}", "MLXQ_PORT": str(port)}
-        env["MLXQ_MAX_BATCH"] = str(batch)
-        processes.append(subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet))
-        processes.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=env, **quiet))
-        servers[name] = (f"http://127.0.0.1:{port}", "bench")
-        pids[name] = [processes[0].pid, processes[-2].pid, processes[-1].pid]
-    peer_port = free_port()
-    processes.append(
-        subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", str(peer_port)],
-            env=base_env,
-            **quiet,
-        )
-    )
-    servers["mlx_lm.server"] = (f"http://127.0.0.1:{peer_port}", str(model_dir))
-    pids["mlx_lm.server"] = [processes[-1].pid]
+        started, servers[name] = start_mlxq(name, batch, db, redis_port, base_env, quiet)
+        processes += started
+        servers[name][2].append(processes[0].pid)
+        ready.append(servers[name][0] + "/health")
+    peers = [start_mlx_lm(model_dir, free_port(), base_env, quiet)]
+    if vllm_mlx is not None:
+        peers.append(start_vllm_mlx(vllm_mlx, model_dir, free_port(), base_env, quiet, workdir / "vllm-home"))
+    for peer in peers:
+        processes.append(peer.process)
+        servers[peer.name] = (peer.base, peer.model, [peer.process.pid])
+        ready.append(peer.base + peer.ready_path)
+    peer_names = [peer.name for peer in peers]
 
     levels = [int(c) for c in args.concurrency.split(",")]
     shapes = [(f"c={c}", c, max(16, c)) for c in levels] + ([] if args.no_fan_out else [("fan-out", 16, 16)])
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     try:
-        wait_until(servers["mlxq"][0] + "/health")
-        wait_until(servers["mlxq batch=1"][0] + "/health")
-        wait_until(servers["mlx_lm.server"][0] + "/v1/models")
-        for base, model in servers.values():
+        for url in ready:
+            wait_until(url)
+        for base, model, _ in servers.values():
             one_call(base, model, [{"role": "user", "content": "warm up"}], 4)  # loads the model
         for round_index in range(args.rounds):
             for shape, concurrency, count in shapes:
-                names = ["mlxq", "mlx_lm.server"]
-                if shape == "c=16":
-                    names.append("mlxq batch=1")
-                if round_index % 2:
-                    names.reverse()
-                prompts = prompts_for(shape, count, args.prefix_tokens)
+                names = ["mlxq", *peer_names] + (["mlxq batch=1"] if shape == "c=16" else [])
+                names = names[round_index % len(names) :] + names[: round_index % len(names)]
+                prompts = prompts_for(shape, count, args.prefix_tokens, round_index)
                 for name in names:
-                    base, model = servers[name]
-                    results.setdefault((shape, name), []).append(
-                        run_shape(base, model, prompts, concurrency, args.max_tokens, pids[name])
-                    )
-                    print(f"round {round_index + 1} {shape:8} {name:14} {results[(shape, name)][-1]}", flush=True)
+                    base, model, pids = servers[name]
+                    measured = run_shape(base, model, prompts, concurrency, args.max_tokens, pids)
+                    results.setdefault((shape, name), []).append(measured)
+                    print(f"round {round_index + 1} {shape:8} {name:14} {measured}", flush=True)
+                if shape != "fan-out" and concurrency >= 8:
+                    ceiling = {"tok_s": ceiling_tok_s(model_dir, prompts, args.max_tokens, concurrency)}
+                    results.setdefault((shape, "ceiling"), []).append(ceiling)
+                    print(f"round {round_index + 1} {shape:8} ceiling        {ceiling}", flush=True)
+            if not args.no_stall:
+                for name in ["mlxq", *peer_names]:
+                    base, model, _ = servers[name]
+                    stalled = run_stall(base, model, long_words=args.long_prompt_words, tag=f"Round {round_index}")
+                    results.setdefault(("stall", name), []).append(stalled)
+                    print(f"round {round_index + 1} stall    {name:14} {stalled}", flush=True)
     finally:
         stop_all(processes)
         shutil.rmtree(workdir, ignore_errors=True)
 
+    tables = report(results, shapes, peer_names, args)
+    print(tables)
+    if args.write:
+        write_report(tables, args, peer_names)
+
+
+def report(
+    results: dict[tuple[str, str], list[dict[str, float]]],
+    shapes: list[tuple[str, int, int]],
+    peers: list[str],
+    args: argparse.Namespace,
+) -> str:
     def med(shape: str, name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[(shape, name)])
 
+    columns = ["mlxq", *peers]
     lines = [
-        "| shape | mlxq tok/s | mlx_lm.server tok/s | throughput ratio | p50 latency ratio | p95 latency ratio "
-        "| TTFT ratio | CPU ms/token mlxq | CPU ms/token mlx_lm.server |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | " + " | ".join(f"{n} tok/s" for n in columns) + " | ceiling tok/s | mlxq / best peer "
+        "| mlxq / ceiling | p50 latency mlxq / best | TTFT mlxq / best | CPU ms/token " + " / ".join(columns) + " |",
+        "|---" * (len(columns) + 7) + "|",
     ]
+    failures = []
     for shape, _, _ in shapes:
-        ours, peer = (med(shape, "mlxq", "tok_s"), med(shape, "mlx_lm.server", "tok_s"))
-        ratios = [med(shape, "mlxq", key) / med(shape, "mlx_lm.server", key) for key in ("p50_s", "p95_s", "ttft_s")]
-        cpu = [med(shape, name, "cpu_ms_per_token") for name in ("mlxq", "mlx_lm.server")]
+        rates = [med(shape, name, "tok_s") for name in columns]
+        best_p50 = min(med(shape, name, "p50_s") for name in peers)
+        best_ttft = min(med(shape, name, "ttft_s") for name in peers)
+        has_ceiling = (shape, "ceiling") in results
+        ceiling = med(shape, "ceiling", "tok_s") if has_ceiling else 0.0
+        cpu = " / ".join(f"{med(shape, name, 'cpu_ms_per_token'):.0f}" for name in columns)
         lines.append(
-            f"| {shape} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f}× | {ratios[0]:.2f}× | {ratios[1]:.2f}× "
-            f"| {ratios[2]:.2f}× | {cpu[0]:.0f} | {cpu[1]:.0f} |"
+            f"| {shape} | " + " | ".join(f"{rate:.1f}" for rate in rates)
+            + (f" | {ceiling:.1f} " if has_ceiling else " | ")
+            + f"| {rates[0] / max(rates[1:]):.2f}× | "
+            + (f"{rates[0] / ceiling:.2f}×" if has_ceiling else "")
+            + f" | {med(shape, 'mlxq', 'p50_s') / best_p50:.2f}× | {med(shape, 'mlxq', 'ttft_s') / best_ttft:.2f}× "
+            f"| {cpu} |"
         )
+        failures += [
+            f"{name} at {shape}: {int(sum(r['failed'] for r in results[(shape, name)]))} requests failed"
+            for name in columns
+            if any(r["failed"] for r in results[(shape, name)])
+        ]
     lines.append("")
+    lines += [f"- {failure}" for failure in failures]
     if not args.no_fan_out:
-        fan_out = med("fan-out", "mlxq", "wall_s") / med("fan-out", "mlx_lm.server", "wall_s")
-        lines.append(f"- fan-out total time, mlxq / mlx_lm.server: {fan_out:.2f}×")
+        fan_out = [med("fan-out", "mlxq", "wall_s") / med("fan-out", name, "wall_s") for name in peers]
+        lines.append(f"- fan-out total time, mlxq / the better peer: {min(fan_out):.2f}×")
     if ("c=16", "mlxq batch=1") in results:
         batching = med("c=16", "mlxq", "tok_s") / med("c=16", "mlxq batch=1", "tok_s")
         lines.append(f"- mlxq MLXQ_MAX_BATCH=16 / MLXQ_MAX_BATCH=1 throughput at concurrency 16: {batching:.2f}×")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_report(table, args)
+    if ("stall", "mlxq") in results:
+        lines += [
+            "",
+            f"Stall: 4 streams running, then a {args.long_prompt_words}-word prompt arrives.",
+            "",
+            "| server | median gap | longest pause | pause / median gap | long prompt's TTFT |",
+            "|---|---|---|---|---|",
+        ]
+        for name in columns:
+            gap, pause = med("stall", name, "median_gap_s"), med("stall", name, "longest_pause_s")
+            lines.append(
+                f"| {name} | {gap:.3f} s | {pause:.2f} s | {med('stall', name, 'pause_in_gaps'):.1f} "
+                f"| {med('stall', name, 'long_ttft_s'):.1f} s |"
+            )
+    return "\n".join(lines)
 
 
-def write_report(table: str, args: argparse.Namespace) -> None:
+def write_report(table: str, args: argparse.Namespace, peers: list[str]) -> None:
     command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
     cpu = platform.processor() or platform.machine()
     report = f"""# Benchmarks
 
-Written by `scripts/bench --write` ({time.strftime("%Y-%m-%d")}). Ratios are mlxq / mlx_lm.server from one
-run with interleaved rounds (medians over {args.rounds} rounds); absolute numbers move with the machine's load.
+Written by `scripts/bench --write` ({time.strftime("%Y-%m-%d")}). Ratios are mlxq over the better of
+{" and ".join(peers)} from one run with interleaved rounds (medians over {args.rounds} rounds); absolute
+numbers move with the machine's load. The ceiling is mlx-lm's `batch_generate` in-process on the same
+prompts at the same batch size: the decode step every server here runs, with nothing around it.
 
 - command: `{command.strip()}`
 - machine: {platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs
