@@ -75,6 +75,8 @@ class BatchRunner:
         """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
         self._uids: dict[int, Run] = {}
+        self._paced_model = ""
+        """The model the pace's measurements are of."""
 
     def add(self, handle: Generation) -> None:
         sub = handle.submission
@@ -130,6 +132,9 @@ class BatchRunner:
     def open_batch(self, ticket: Ticket) -> bool:
         loaded = self.runs[ticket].loaded
         assert loaded is not None
+        if ticket.model != self._paced_model:
+            self.pace.reset()
+            self._paced_model = ticket.model
         self.generator = BatchGenerator(
             loaded.model,
             completion_batch_size=self.scheduler.max_batch,
@@ -190,7 +195,7 @@ class BatchRunner:
         self.generator.prefill_step_size = self._next_piece()
         try:
             with self.generator.stats() as done:
-                _, responses = self.generator.next()
+                prompted, responses = self.generator.next()
         except Exception as exc:
             # The step is shared: every member fails with it (and the process lives on). Their
             # hold on the model goes first, so that a memory cleanup can unload it.
@@ -206,6 +211,9 @@ class BatchRunner:
             return
         self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, done.decode_time)
         self._progress(None)  # after every piece of prefill too: the watchdog sees a long prompt advance
+        for prompt in prompted:
+            if prompt.end_of_prompt and prompt.uid in self._uids:
+                self._uids[prompt.uid].ticket.prefilled = True  # its prompt is in its cache; it decodes
         for response in responses:
             run = self._uids.get(response.uid)
             if run is None:

@@ -44,6 +44,7 @@ class PrefillPace:
     """The running mean of a decode step's time."""
     _tokens: float = 0.0
     _seconds: float = 0.0
+    _after_piece: bool = False
 
     @property
     def rate(self) -> float | None:
@@ -51,18 +52,36 @@ class PrefillPace:
         return self._tokens / self._seconds if self._seconds > 0 else None
 
     def piece(self, decoding: bool, rows: int) -> int:
-        """Tokens of each of `rows` prompts the next piece takes, while rows are `decoding` or not."""
+        """Tokens of each of `rows` prompts the next piece takes, while rows are `decoding` or not;
+        `max_tokens` bounds the piece as a whole (its activations grow with all of its rows)."""
+        rows = max(1, rows)
+        ceiling = max(MIN_TOKENS, self.max_tokens // rows)
         rate = self.rate
         if rate is None:
-            return min(self.max_tokens, FIRST_TOKENS)
+            return min(ceiling, FIRST_TOKENS)
         budget_s = self.pause_steps * self.step_s if decoding and self.step_s is not None else self.alone_s
-        return max(MIN_TOKENS, min(self.max_tokens, int(rate * budget_s / max(1, rows))))
+        return max(MIN_TOKENS, min(ceiling, int(rate * budget_s / rows)))
 
     def measured(self, prompt_tokens: int, prompt_s: float, steps: int, decode_s: float) -> None:
-        """What one turn of the generator did: a piece of prefill, decode steps, or both."""
-        if prompt_tokens > 0 and prompt_s > 0:
-            self._tokens = KEEP * self._tokens + prompt_tokens
-            self._seconds = KEEP * self._seconds + prompt_s
-        if steps > 0 and decode_s > 0:
+        """What one turn of the generator did: a piece of prefill, decode steps, or both.
+
+        A decode step is evaluated asynchronously: a turn waits for the step before, while the next
+        one is computed. So a piece's evaluation also waits for the step launched just before it
+        (that step's time is taken off the piece's), and the first step after a piece finds its
+        work done already (its time is no measure of a step)."""
+        if prompt_tokens > 0:
+            piece_s = prompt_s - (self.step_s or 0.0 if steps > 0 else 0.0)
+            if piece_s > 0:
+                self._tokens = KEEP * self._tokens + prompt_tokens
+                self._seconds = KEEP * self._seconds + piece_s
+            self._after_piece = True
+        elif steps > 0 and decode_s > 0:
+            if self._after_piece:
+                self._after_piece = False
+                return
             step = decode_s / steps
             self.step_s = step if self.step_s is None else STEP_KEEP * self.step_s + (1 - STEP_KEEP) * step
+
+    def reset(self) -> None:
+        """Forget what was measured: another model prefills and decodes at rates of its own."""
+        self.step_s, self._tokens, self._seconds, self._after_piece = None, 0.0, 0.0, False

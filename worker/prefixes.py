@@ -21,7 +21,10 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, LRUPromptCache
 
-from worker.scheduler import MIN_SHARED_TOKENS
+MIN_REUSED_TOKENS = 8
+"""A kept prefix this long is worth its copy: copying it is a slice of memory, computing it a pass over
+all of the model's weights (a chat template's opening alone is about 20 tokens). Waiting for a member to
+compute a shared prefix is another matter (worker/scheduler.py's MIN_SHARED_TOKENS)."""
 
 
 def shareable(cache: Sequence[Any]) -> bool:
@@ -57,11 +60,11 @@ class Prefixes:
         """A copy of the cache of the longest kept prefix of `ids` and its length (None, 0 when
         nothing worth reusing is kept). At least the last token is left to compute: generation
         starts from it."""
-        if self.budget_bytes <= 0 or len(ids) <= MIN_SHARED_TOKENS:
+        if self.budget_bytes <= 0 or len(ids) <= MIN_REUSED_TOKENS:
             return None, 0
         cache, rest = self._lru.fetch_nearest_cache(model, list(ids))
         reused = len(ids) - len(rest)
-        if cache is None or reused < MIN_SHARED_TOKENS:
+        if cache is None or reused < MIN_REUSED_TOKENS:
             return None, 0
         if reused == len(ids):
             reused -= 1  # the last token is computed: generation starts from its logits
@@ -75,7 +78,7 @@ class Prefixes:
     def keep(self, model: str, ids: Sequence[int], cache: Sequence[Any]) -> bool:
         """Keep a copy of the first `len(ids)` positions of `cache`, which holds the tokens `ids`
         (and maybe more); older entries go past the budget. False when it is not kept."""
-        if not self.enabled or len(ids) < MIN_SHARED_TOKENS or not shareable(cache):
+        if not self.enabled or len(ids) < MIN_REUSED_TOKENS or not shareable(cache):
             return False
         if cache[0].offset < len(ids):
             return False

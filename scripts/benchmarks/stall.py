@@ -40,6 +40,7 @@ def _stream(base: str, body: dict[str, Any], arrivals: list[float], stop: thread
 
 
 def run_stall(base: str, model: str, streams: int = 4, long_words: int = 480, tag: str = "") -> dict[str, float]:
+    """The shape's measures on one server; `failed` 1 (and nothing else) when it could not be measured."""
     def body(content: str, max_tokens: int) -> dict[str, Any]:
         return {
             "model": model,
@@ -57,7 +58,12 @@ def run_stall(base: str, model: str, streams: int = 4, long_words: int = 480, ta
     ]
     for thread in threads:
         thread.start()
+    failed = {"failed": 1.0}
+    deadline = time.perf_counter() + 600
     while min(len(a) for a in arrivals) < 12:  # every stream under way, its rhythm set
+        if not all(thread.is_alive() for thread in threads) or time.perf_counter() > deadline:
+            stop.set()
+            return failed
         time.sleep(0.05)
     sent = time.perf_counter()
     first: list[float] = []
@@ -65,16 +71,26 @@ def run_stall(base: str, model: str, streams: int = 4, long_words: int = 480, ta
     long = threading.Thread(target=_stream, args=(base, body(long_text, 4), first, threading.Event()))
     long.start()
     long.join()
-    answered = first[0] if first else time.perf_counter()
     time.sleep(0.5)
     stop.set()
     for thread in threads:
         thread.join()
+    if not first or not all(times and times[-1] > first[0] for times in arrivals):
+        return failed  # the long prompt got no answer, or a stream ended before it did
+    answered = first[0]
     before = [b - a for times in arrivals for a, b in zip(times, times[1:], strict=False) if b <= sent]
     # A pause is a time when no stream gets anything: one stream alone can go quiet for a few tokens
-    # (a random model's partial characters are held back until they complete) while the others run.
-    merged = sorted([*(t for times in arrivals for t in times if t < answered), answered])
-    during = [b - a for a, b in zip(merged, merged[1:], strict=False) if b > sent]
-    gap = statistics.median(before)
-    pause = max(during, default=0.0)
-    return {"median_gap_s": gap, "longest_pause_s": pause, "pause_in_gaps": pause / gap, "long_ttft_s": answered - sent}
+    # while the others run. The window is from the long prompt's sending to the first chunk any
+    # stream gets after its answer.
+    merged = sorted(t for times in arrivals for t in times)
+    end = next(t for t in merged if t > answered)
+    window = [sent, *(t for t in merged if sent < t < end), end]
+    pause = max(b - a for a, b in zip(window, window[1:], strict=False))
+    gap = statistics.median(before) if before else float("nan")
+    return {
+        "failed": 0.0,
+        "median_gap_s": gap,
+        "longest_pause_s": pause,
+        "pause_in_gaps": pause / gap if gap > 0 else float("nan"),
+        "long_ttft_s": answered - sent,
+    }
