@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         default=2048, ge=16, description="most tokens of one prompt in one piece of prefill (pieces are sized by time)"
     )
     prefill_pause_steps: float = Field(
-        default=2.5,
+        default=2.0,
         gt=0,
         description="a piece of prefill between two decode steps takes at most this many decode steps' time",
     )

@@ -59,7 +59,7 @@ class Engine:
             prefixes,
             scheduler,
             self._ended,
-            pace or PrefillPace(pause_steps=2.5, max_tokens=2048),
+            pace or PrefillPace(pause_steps=2.0, max_tokens=2048),
             prefill_batch_size,
             self._alive_sign,
         )

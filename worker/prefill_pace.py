@@ -7,7 +7,8 @@ reads that attribute at every step). A fixed count of tokens is the wrong unit:
 streams smooth on one machine stalls them for seconds on another. Here a piece
 takes at most `pause_steps` decode steps' worth of time, so a running stream's
 longest pause stays near `pause_steps + 1` of its normal gaps on any machine
-(measured: 4.7 gaps at 3 on a 2-core CPU, where the smallest piece sets a floor).
+(measured on a 2-core CPU as the longest time no stream got anything: 5.3 gaps at 2.5 and 4.2 at 2,
+since a turn also carries the decode step and each row's own work; hence the default of 2).
 Both rates are running means of what this worker measured (the generator's own
 counters), so they follow the machine, the model and the batch as they change.
 """
