@@ -11,7 +11,7 @@ from typing import Any, cast
 from redis import Redis
 
 from shared import keys
-from shared.outage import REDIS
+from shared.outage import REDIS, UNREACHABLE
 from shared.text import text
 
 logger = logging.getLogger(__name__)
@@ -35,15 +35,28 @@ KINDS = frozenset(
 )
 
 
+WRITE_ATTEMPTS = 300
+"""Seconds an outage's event waits for Redis to take it, on a thread of its own."""
+
+
 def record_outages(redis: Redis, process: str) -> None:
     """Each Redis outage this process lives through becomes a `redis_degraded` event once it is over
     (during it, nothing can be written)."""
 
     def write(condition: str, lasted_s: float, failures: int) -> None:
-        try:
-            emit(redis, "redis_degraded", process=process, condition=condition, lasted_s=lasted_s, failures=failures)
-        except Exception as exc:
-            logger.warning("could not record the end of a Redis outage: %s", type(exc).__name__)
+        # A read can succeed while writes are still refused (a full memory, a full disk), and end the
+        # outage for this process before Redis takes the event: it is tried again until it does.
+        for _ in range(WRITE_ATTEMPTS):
+            try:
+                data = {"process": process, "condition": condition, "lasted_s": lasted_s, "failures": failures}
+                emit(redis, "redis_degraded", **data)
+                return
+            except UNREACHABLE:
+                time.sleep(1.0)
+            except Exception as exc:
+                logger.warning("could not record the end of a Redis outage: %s", type(exc).__name__)
+                return
+        logger.warning("could not record the end of a Redis outage: Redis refused it for %d s", WRITE_ATTEMPTS)
 
     def record(condition: str, lasted_s: float, failures: int) -> None:
         # On a thread of its own: the outage may end on the gateway's event loop, which must not wait.
