@@ -46,9 +46,9 @@ def record_outages(redis: Redis, process: str) -> None:
     def write(condition: str, lasted_s: float, failures: int) -> None:
         # A read can succeed while writes are still refused (a full memory, a full disk), and end the
         # outage for this process before Redis takes the event: it is tried again until it does.
+        data = {"process": process, "condition": condition, "lasted_s": lasted_s, "failures": failures}
         for _ in range(WRITE_ATTEMPTS):
             try:
-                data = {"process": process, "condition": condition, "lasted_s": lasted_s, "failures": failures}
                 emit(redis, "redis_degraded", **data)
                 return
             except UNREACHABLE:

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(default=16, ge=1, description="jobs a worker runs together in one batch")
     prefill_step_size: int = Field(
-        default=2048, ge=16, description="most tokens of one prompt in one piece of prefill (pieces are sized by time)"
+        default=2048, ge=16, description="most prompt tokens in one piece of prefill, all of its rows together"
     )
     prefill_pause_steps: float = Field(
         default=2.0,

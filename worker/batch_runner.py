@@ -75,8 +75,6 @@ class BatchRunner:
         """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
         self._uids: dict[int, Run] = {}
-        self._paced_model = ""
-        """The model the pace's measurements are of."""
 
     def add(self, handle: Generation) -> None:
         sub = handle.submission
@@ -132,9 +130,7 @@ class BatchRunner:
     def open_batch(self, ticket: Ticket) -> bool:
         loaded = self.runs[ticket].loaded
         assert loaded is not None
-        if ticket.model != self._paced_model:
-            self.pace.reset()
-            self._paced_model = ticket.model
+        self.pace.serving(ticket.model)
         self.generator = BatchGenerator(
             loaded.model,
             completion_batch_size=self.scheduler.max_batch,

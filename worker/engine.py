@@ -45,9 +45,9 @@ class Engine:
         cache: ModelCache,
         prefixes: Prefixes,
         scheduler: Scheduler,
-        maintenance_interval_s: float = 1.0,
-        pace: PrefillPace | None = None,
-        prefill_batch_size: int = 8,
+        maintenance_interval_s: float,
+        pace: PrefillPace,
+        prefill_batch_size: int,
     ) -> None:
         if scheduler.ledger is not cache.ledger:
             raise ValueError("the scheduler and the model cache must share one memory ledger")
@@ -59,7 +59,7 @@ class Engine:
             prefixes,
             scheduler,
             self._ended,
-            pace or PrefillPace(pause_steps=2.0, max_tokens=2048),
+            pace,
             prefill_batch_size,
             self._alive_sign,
         )

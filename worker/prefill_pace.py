@@ -37,7 +37,7 @@ class PrefillPace:
     pause_steps: float
     """A piece takes at most this many decode steps' time (MLXQ_PREFILL_PAUSE_STEPS)."""
     max_tokens: int
-    """The most a piece takes of one prompt (MLXQ_PREFILL_STEP_SIZE)."""
+    """The most prompt tokens one piece takes, all of its rows together (MLXQ_PREFILL_STEP_SIZE)."""
     alone_s: float = 1.0
     """A piece's time while no row decodes: no stream waits on it, but a new arrival waits to join
     and the watchdog waits for a sign of life, both between pieces."""
@@ -46,6 +46,7 @@ class PrefillPace:
     _tokens: float = 0.0
     _seconds: float = 0.0
     _after_piece: bool = False
+    _model: str = ""
 
     @property
     def rate(self) -> float | None:
@@ -82,6 +83,12 @@ class PrefillPace:
                 return
             step = decode_s / steps
             self.step_s = step if self.step_s is None else STEP_KEEP * self.step_s + (1 - STEP_KEEP) * step
+
+    def serving(self, model: str) -> None:
+        """The batch about to open runs `model`: measurements of another model are forgotten."""
+        if model != self._model:
+            self.reset()
+            self._model = model
 
     def reset(self) -> None:
         """Forget what was measured: another model prefills and decodes at rates of its own."""

@@ -177,14 +177,20 @@ def prompts_for(shape: str, count: int, prefix_tokens: int, round_index: int) ->
 
 
 def start_mlxq(
-    name: str, batch: int, db: int, redis_port: int, base_env: dict[str, str], quiet: dict[str, Any]
+    batch: int,
+    db: int,
+    redis: subprocess.Popen[bytes],
+    redis_port: int,
+    base_env: dict[str, str],
+    quiet: dict[str, Any],
 ) -> tuple[list[subprocess.Popen[bytes]], tuple[str, str, list[int]]]:
+    """A worker and a gateway on database `db` of the bench's Redis, whose CPU time counts as theirs."""
     port = free_port()
     env = {**base_env, "MLXQ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{db}", "MLXQ_PORT": str(port)}
     env["MLXQ_MAX_BATCH"] = str(batch)
     worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet)
     gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, **quiet)
-    return [worker, gateway], (f"http://127.0.0.1:{port}", "bench", [worker.pid, gateway.pid])
+    return [worker, gateway], (f"http://127.0.0.1:{port}", "bench", [worker.pid, gateway.pid, redis.pid])
 
 
 def main() -> None:
@@ -239,9 +245,8 @@ def main() -> None:
     """Each server's base URL, model name and processes (for its CPU time; Redis is mlxq's)."""
     ready: list[str] = []
     for name, batch, db in (("mlxq", 16, 0), ("mlxq batch=1", 1, 1)):
-        started, servers[name] = start_mlxq(name, batch, db, redis_port, base_env, quiet)
+        started, servers[name] = start_mlxq(batch, db, processes[0], redis_port, base_env, quiet)
         processes += started
-        servers[name][2].append(processes[0].pid)
         ready.append(servers[name][0] + "/health")
     peers = [start_mlx_lm(model_dir, free_port(), base_env, quiet)]
     if vllm_mlx is not None:
