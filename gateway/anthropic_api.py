@@ -124,9 +124,10 @@ class MessagesRequest(BaseModel):
             "model": self.model,
             "messages": messages,
             "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
             "stop": self.stop_sequences or None,
         }
+        if "temperature" in self.model_fields_set:  # else the model's default (shared/models.py)
+            fields["temperature"] = self.temperature
         if self.top_p is not None:
             fields["top_p"] = self.top_p
         if self.top_k:

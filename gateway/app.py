@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,7 +20,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from gateway import ollama_api, openapi_schema
+from gateway import model_admin, ollama_api, openapi_schema
 from gateway.admission import Admission
 from gateway.body_limit import BodySizeLimit
 from gateway.clients import ClientResolver
@@ -30,10 +31,11 @@ from gateway.metrics import registry_for
 from gateway.pending_cancels import PendingCancels
 from gateway.prompt_limits import PromptLimits
 from gateway.refusal_cache import RefusalCache
-from gateway.routes import anthropic, batches, events, jobs, models, ollama, openai, responses, system
+from gateway.routes import admin, anthropic, batches, events, jobs, models, ollama, openai, responses, system
 from gateway.slow_clients import SlowClientLimits
 from gateway.stream_hub import StreamHub
 from shared.events import record_outages
+from shared.live_models import LiveModels
 from shared.models import ModelRegistry
 from shared.settings import Settings
 
@@ -70,12 +72,15 @@ def create_app(settings: Settings) -> FastAPI:
         admission = Admission(app.state.aredis, settings, list(queues.values()))
         refusals = RefusalCache(settings.refusal_hold_s)
         factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}
-        app.state.gateway = Gateway(settings, app.state.limits, admission, queues, refusals, factories)
+        live = LiveModels(settings, app.state.redis, app.state.models).start()
+        pull_missing = partial(model_admin.ensure_pulled, app.state.redis, app.state.models)
+        app.state.gateway = Gateway(settings, app.state.limits, admission, queues, refusals, factories, pull_missing)
         app.state.metrics = registry_for(app.state.redis, list(queues.values()))
         flusher = asyncio.create_task(_flush_every_second(app, refusals))
         try:
             yield
         finally:
+            live.stop()
             flusher.cancel()
             await app.state.streams.stop()
             await refusals.flush(app.state.aredis)
@@ -102,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router, dependencies=authenticated)
     app.include_router(batches.router, dependencies=authenticated)
     app.include_router(models.router, dependencies=authenticated)
+    app.include_router(admin.router, dependencies=authenticated)
     app.include_router(events.router, dependencies=authenticated)
     app.include_router(ollama.router, dependencies=authenticated)
     app.include_router(anthropic.router, dependencies=authenticated)

@@ -10,7 +10,7 @@ from typing import Any
 from redis import Redis
 
 from gateway.workers import live_workers
-from shared import sizing
+from shared import pulls, sizing
 from shared.models import ModelRegistry
 from shared.tokenizing import context_length
 
@@ -22,6 +22,7 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
         for model in worker.get("models", []):
             held.setdefault(model["name"], []).append({**model, "worker": worker["name"]})
     data = []
+    pending = {record["name"]: record for record in pulls.every(redis)}
     for spec in models.all():
         copies = [m for m in held.get(spec.name, []) if m.get("state") == "loaded"]
         directory = spec.local_files()
@@ -44,10 +45,30 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
                 "last_used": max((m["last_used"] for m in copies), default=None),
                 "active_requests": sum(m["active_requests"] for m in copies),
                 "workers": [m["worker"] for m in copies],
+                # Unloaded when idle at this time (epoch seconds); None: serving, pinned or kept for ever.
+                "expires_at": _soonest([m.get("expires_at") for m in copies]),
                 "problem": spec.problem(),
+                "aliases": sorted(alias for alias, name in models.aliases.items() if name == spec.name),
+                "pin": spec.pin,
+                "warm": spec.warm,
+                "defaults": dict(spec.defaults),
+                "keep_alive_s": spec.keep_alive_s,
+                "downloaded": spec.repo is None or directory is not None,
+                "pull": _pull_view(pending.get(spec.name)),
             }
         )
     return data
+
+
+def _soonest(times: list[Any]) -> float | None:
+    known = [float(t) for t in times if t is not None]
+    return min(known) if known else None
+
+
+def _pull_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {k: record.get(k) for k in ("state", "done_bytes", "total_bytes", "percent", "error")}
 
 
 def entry(models: ModelRegistry, redis: Redis, name: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -33,6 +34,8 @@ class Gateway:
     refusals: RefusalCache
     jobs: dict[str, JobFactory]
     """A job template per priority (each queue's jobs differ in their origin)."""
+    pull_missing: Callable[[str], None]
+    """Starts the pull of a hub model not yet here, by name (its jobs then wait for it)."""
 
 
 async def get_settings(request: Request) -> Settings:

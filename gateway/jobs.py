@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from gateway.clients import Client
-from shared import batch_progress, keys, stats, task_names
+from shared import batch_progress, keys, pulls, stats, task_names
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
@@ -208,9 +208,21 @@ def view(job: Job, redis: Redis) -> JobView:
         ended_at=job.ended_at,
         position=_position(job, redis) if status == "queued" else None,
         attempts=int(job.meta.get("crash_attempts", 0)),
+        waiting_for=_waiting_for(job, redis) if status == "queued" else None,
         result=result,
         error=error if status == "failed" else None,
     )
+
+
+def _waiting_for(job: Job, redis: Redis) -> dict[str, Any] | None:
+    """The download a queued job's model still waits for (claim.lua leaves the job where it is)."""
+    model = job.meta.get("model")
+    if not isinstance(model, str) or not redis.sismember(keys.PULLING, model):
+        return None
+    record = pulls.read(redis, model)
+    if record is None:
+        return None
+    return {"pull": {k: record.get(k) for k in ("state", "repo", "done_bytes", "total_bytes", "percent")}}
 
 
 def _position(job: Job, redis: Redis) -> int | None:

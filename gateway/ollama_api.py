@@ -11,6 +11,7 @@ not acted on; any other option is refused with its name, never ignored.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -101,6 +102,11 @@ class _Common(BaseModel):
                 raise ValueError(f"option `{name}` is not supported by mlxq; it is refused rather than ignored")
         return self
 
+    def keep_alive_s(self) -> float | None:
+        """Ollama's keep_alive in seconds: a number of seconds or a duration ("5m", "1h30m"); 0 unloads
+        once idle, a negative one keeps the model for ever."""
+        return None if self.keep_alive is None else duration_s(self.keep_alive, "keep_alive")
+
     def _generate(self, **prompt: Any) -> GenerateRequest:
         fields: dict[str, Any] = {OPTIONS[k]: v for k, v in (self.options or {}).items() if k in OPTIONS}
         if isinstance(fields.get("stop"), list) and not fields["stop"]:
@@ -114,6 +120,8 @@ class _Common(BaseModel):
             schema = self.format
         if self.think is not None:
             fields["chat_template_kwargs"] = {"enable_thinking": self.think}
+        if self.keep_alive is not None:
+            fields["keep_alive"] = self.keep_alive_s()
         return GenerateRequest.model_validate({"model": self.model, "json_schema": schema, **fields, **prompt})
 
 
@@ -155,6 +163,58 @@ class GenerateBody(_Common):
 class ShowRequest(BaseModel):
     model: Annotated[str, Field(min_length=1)] | None = None
     name: Annotated[str, Field(min_length=1)] | None = None
+
+
+class PullRequest(BaseModel):
+    """`/api/pull`: a hub repo (`owner/name`, or `hf.co/owner/name` as Ollama writes it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    insecure: bool = False
+    stream: bool = True
+
+    def repo(self) -> str:
+        given = self.model or self.name
+        if not given:
+            raise InvalidRequest("`model` names the repo to pull (owner/name)", param="model")
+        for prefix in ("https://", "hf.co/", "huggingface.co/"):
+            given = given.removeprefix(prefix)
+        return given.removesuffix(":latest")
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1)] | None = None
+    name: Annotated[str, Field(min_length=1)] | None = None
+
+
+class CopyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Annotated[str, Field(min_length=1)]
+    destination: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def duration_s(value: str | int | float, field: str) -> float:
+    """A number of seconds, or a Go duration as Ollama takes it ("5m", "1h30m", "-1s", "300ms")."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise InvalidRequest(f"`{field}` must be seconds or a duration such as 5m or 1h30m (got {text!r})", param=field)
+    return sum(float(number) * units[unit] for number, unit in parts)
 
 
 def now() -> str:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.models import DEFAULT_FIELDS
 from shared.schemas import ChatMessage, GenerateRequest, Seed, Tool, ToolChoice
 
 Positive = Annotated[int, Field(ge=1)]
@@ -78,20 +79,15 @@ class _Common(BaseModel):
         return self
 
     def _generate(self, **prompt: Any) -> GenerateRequest:
+        # Sampling fields only as the request sets them: the rest is the model's default (shared/models.py).
+        chosen = {name: getattr(self, name) for name in DEFAULT_FIELDS if name in self.model_fields_set}
         return GenerateRequest(
             model=self.model,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
             stop=self.stop,
             seed=self.seed,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
             logit_bias=self.logit_bias,
             ignore_eos=self.ignore_eos,
+            **chosen,
             **prompt,
         )
 

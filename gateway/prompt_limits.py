@@ -70,6 +70,9 @@ class PromptLimits:
             # The model's defaults, under what the request says.
             kwargs = {**dict(spec.chat_template_kwargs), **(request.chat_template_kwargs or {})}
             request = request.model_copy(update={"chat_template_kwargs": kwargs})
+        unset = {name: value for name, value in spec.defaults if name not in request.model_fields_set}
+        if unset:  # the model's sampling defaults, for what the request leaves out
+            request = request.model_copy(update=unset)
         field = "prompt" if request.prompt is not None else "messages"
         char_limit = spec.max_prompt_chars or settings.max_prompt_chars
         chars = request.prompt_chars()

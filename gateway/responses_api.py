@@ -126,11 +126,12 @@ class ResponsesRequest(BaseModel):
         fields: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
-            "max_tokens": self.max_output_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls,
         }
+        # Only what the request sets: the rest is the model's default (shared/models.py), then mlxq's.
+        for ours, theirs in (("max_tokens", "max_output_tokens"), ("temperature", "temperature"), ("top_p", "top_p")):
+            if theirs in self.model_fields_set and getattr(self, theirs) is not None:
+                fields[ours] = getattr(self, theirs)
         tools = function_tools(self.tools or [])
         if tools:
             fields["tools"] = tools

@@ -90,6 +90,10 @@ async def accept(
     # Rendering a long prompt's chat template takes a while: off the event loop.
     fitted = await run_in_threadpool(lambda: [gw.limits.check(request) for request in requests])
     requests = [fit.request for fit in fitted]
+    # A hub model not here yet starts its pull before its jobs exist, so that none is claimed before
+    # claim.lua knows to leave it waiting.
+    for model in sorted({request.model for request in requests}):
+        await run_in_threadpool(gw.pull_missing, model)
     tier: Tier = "batch" if priority == "low" else "single"
     gw.admission.check_size(len(requests), tier)
     held = gw.refusals.check(client.id, tier, len(requests))

@@ -311,3 +311,31 @@ class ServiceUnavailable(MlxqError):
 
     status_code = 503
     code = "service_unavailable"
+
+
+class ModelTooLarge(MlxqError):
+    """A model to pull would not fit this machine (its weights over the model budget, or the disk):
+    refused before any byte is fetched."""
+
+    final = True
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "model_too_large"
+
+
+class ModelConflict(MlxqError):
+    """The change asked for conflicts with the registry (a name taken, a model the models file defines)."""
+
+    final = True
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "model_conflict"
+
+
+class HubUnavailable(MlxqError):
+    """The model hub could not be reached or failed; nothing was changed."""
+
+    status_code = 502
+    code = "hub_unavailable"

@@ -156,3 +156,26 @@ def stats_histogram(name: str) -> str:
 def response(response_id: str) -> str:
     """A stored Responses API response (`store: true`): its items, its job, its last known state."""
     return f"{PREFIX}:response:{response_id}"
+
+
+MODELS = f"{PREFIX}:models"
+"""Hash: model name -> JSON entry the admin API wrote (models added, pulled, copied, pinned); laid
+over the models file's entry of the same name (shared/live_models.py)."""
+
+MODELS_VERSION = f"{PREFIX}:models:version"
+"""Counter moved with every change to MODELS: registries re-read when it moves."""
+
+
+def pull(name: str) -> str:
+    """Hash: one model's download (shared/pulls.py): state, repo, bytes done and in all, error, who."""
+    return f"{PREFIX}:pull:{name}"
+
+
+PULLS = f"{PREFIX}:pulls"
+"""Set of model names with a pull record (any state)."""
+
+PULLING = f"{PREFIX}:pulls:pending"
+"""Set of model names whose download is queued or running: claim.lua leaves their jobs waiting."""
+
+PULL_TTL_S = 7 * 24 * 3600
+"""A finished or failed pull's record is kept this long (for `mlxq pull`'s status and /api/pull)."""

@@ -197,6 +197,11 @@ class GenerateRequest(BaseModel):
         int, Field(ge=0, le=20, description="with `logprobs`, also the likeliest alternatives at each token")
     ] = 0
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
+    keep_alive: float | None = Field(
+        default=None,
+        description="seconds the model stays loaded once idle after this request (0: unloaded once idle;"
+        " negative: for ever); default: the model's keep_alive_s",
+    )
     reasoning_budget: (
         Annotated[int, Field(ge=1, description="most tokens the reasoning may take; then the model is made to end it")]
         | None
@@ -322,5 +327,8 @@ class JobView(BaseModel):
     ended_at: datetime | None = None
     position: int | None = Field(default=None, description="0-based place in the queue while queued")
     attempts: int = Field(default=0, description="times this job was running when its worker died")
+    waiting_for: dict[str, Any] | None = Field(
+        default=None, description="what a queued job waits for besides its turn: {'pull': its model's download}"
+    )
     result: GenerationResult | None = None
     error: dict[str, Any] | None = None

@@ -119,10 +119,11 @@ class Process:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def service_env(redis_url: str, data_dir: Path, **overrides: Any) -> dict[str, str]:
-    """The environment of a gateway or worker under test: nothing inherited from MLXQ_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
-    env.update(
+def service_env(redis_url: str, data_dir: Path, env: dict[str, str] | None = None, **overrides: Any) -> dict[str, str]:
+    """The environment of a gateway or worker under test: nothing inherited from MLXQ_*; `env` is laid
+    over it as it is (e.g. HF_ENDPOINT for a fake hub), `overrides` as MLXQ_<NAME>."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
+    environ.update(
         MLXQ_REDIS_URL=redis_url,
         MLXQ_DATA_DIR=str(data_dir),
         HF_HUB_OFFLINE="1",
@@ -131,11 +132,12 @@ def service_env(redis_url: str, data_dir: Path, **overrides: Any) -> dict[str, s
         # tests that send none want short answers. test_context_limits.py checks the real default.
         MLXQ_DEFAULT_MAX_TOKENS="256",
     )
-    env.update({f"MLXQ_{k.upper()}": str(v) for k, v in overrides.items() if v is not None})
+    environ.update(env or {})
+    environ.update({f"MLXQ_{k.upper()}": str(v) for k, v in overrides.items() if v is not None})
     for k, v in overrides.items():
         if v is None:
-            env.pop(f"MLXQ_{k.upper()}", None)
-    return env
+            environ.pop(f"MLXQ_{k.upper()}", None)
+    return environ
 
 
 class Gateway:
@@ -178,11 +180,12 @@ class Service:
         supervised: bool = False,
         wait: bool = True,
         worker_only: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
         **overrides: Any,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = service_env(redis_url, data_dir, port=self.port, **overrides)
+        self.env = service_env(redis_url, data_dir, env, port=self.port, **overrides)
         worker_env = {**self.env, **{f"MLXQ_{k.upper()}": str(v) for k, v in (worker_only or {}).items()}}
         self.worker = Process("worker.watchdog" if supervised else "worker", worker_env, logs / "worker.log")
         self.gateway = Process("gateway", self.env, logs / "gateway.log")

@@ -3,6 +3,7 @@ handed to the model cache and the scheduler, which both ask it."""
 
 from __future__ import annotations
 
+from shared.models import ModelRegistry
 from shared.settings import Settings
 from worker.engine import Engine
 from worker.ledger import MemoryLedger
@@ -17,9 +18,11 @@ def build_engine(
     budget_bytes: int,
     probe: MemoryProbe = system_memory_percent,
     prefix_cache_bytes: int | None = None,
+    registry: ModelRegistry | None = None,
 ) -> Engine:
     """An engine (not started) under `budget_bytes`; kept prefixes get `prefix_cache_bytes` of it
-    (MLXQ_PREFIX_CACHE_FRACTION of the budget unless given)."""
+    (MLXQ_PREFIX_CACHE_FRACTION of the budget unless given). `registry` (the live one) says which
+    models are pinned."""
     if prefix_cache_bytes is None:
         prefix_cache_bytes = int(budget_bytes * settings.prefix_cache_fraction)
     prefixes = Prefixes(prefix_cache_bytes)
@@ -33,7 +36,7 @@ def build_engine(
         share_prefixes=prefixes.enabled,
     )
     return Engine(
-        ModelCache(settings, ledger, probe),
+        ModelCache(settings, ledger, probe, registry),
         prefixes,
         scheduler,
         settings.maintenance_interval_s,

@@ -75,6 +75,8 @@ class BatchRunner:
         """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
         self._uids: dict[int, Run] = {}
+        self.tokens_generated = 0
+        """Tokens this process generated so far (the heartbeat's, for tokens per second)."""
 
     def add(self, handle: Generation) -> None:
         sub = handle.submission
@@ -91,7 +93,7 @@ class BatchRunner:
         context = ticket.max_tokens + math.ceil(sub.request.prompt_chars() / 3)
         self._progress("loading")
         try:
-            run.loaded, run.handle.load_s = self.cache.acquire(sub.spec, context)
+            run.loaded, run.handle.load_s = self.cache.acquire(sub.spec, context, sub.request.keep_alive)
         except Exception as exc:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return False
@@ -206,6 +208,7 @@ class BatchRunner:
                 self._finish(gone, None, error)
             return
         self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, done.decode_time)
+        self.tokens_generated += len(responses)
         self._progress(None)  # after every piece of prefill too: the watchdog sees a long prompt advance
         for prompt in prompted:
             if prompt.end_of_prompt and prompt.uid in self._uids:

@@ -34,6 +34,8 @@
 -- ARGV[8]  prefix of RQ's job hashes
 -- ARGV[9], ARGV[10]  prefix and suffix of a worker's heartbeat key
 -- ARGV[11] how many jobs of a queue to look at
+-- ARGV[12] the set of models still downloading (shared/pulls.py): their jobs wait where they are,
+--          passed over without holding back anything below them
 --
 -- Returns {queue key, job id}; "wait" when jobs wait that this worker may take later (another
 -- model's, not yet overdue); nil when there is nothing.
@@ -86,6 +88,7 @@ end
 local passed_over = false
 local function verdict(id)
   local model, waited = about(id)
+  if model ~= nil and redis.call("SISMEMBER", ARGV[12], model) == 1 then return nil, model end
   if model == nil or mine == "" or model == mine then return "now", model end
   if waited >= swap_after and may_swap then return "now", model end
   if busy or runs_elsewhere(model) then

@@ -105,6 +105,7 @@ class TurnTakingQueue(Queue):
                     job_prefix,
                     *keys.HEARTBEAT_AFFIXES,
                     SCAN,
+                    keys.PULLING,
                 ]
                 reply = claim(keys=script_keys, args=args)
                 if reply == b"wait":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from shared.errors import GenerationFailed
+from shared.models import ModelSpec
 from worker.batch_runner import BatchRunner
 from worker.generation import Generation, Submission
 from worker.model_cache import ModelCache
@@ -35,6 +36,13 @@ class Unload:
     """Asks the engine thread to unload a model (the admin endpoint's request)."""
 
     model: str
+
+
+@dataclass(frozen=True)
+class Load:
+    """Asks the engine thread to load a model before any request needs it (warm, or `mlxq load`)."""
+
+    spec: ModelSpec
 
 
 class Engine:
@@ -63,7 +71,9 @@ class Engine:
             prefill_batch_size,
             self._alive_sign,
         )
-        self._inbox: queue.Queue[Generation | Unload | None] = queue.Queue()
+        self._inbox: queue.Queue[Generation | Unload | Load | None] = queue.Queue()
+        self._warming: list[ModelSpec] = []
+        """Models to load once no batch runs (a load would stall its streams)."""
         self.state = "idle"
         """idle, loading or generating: what the watchdog's probe tolerates differs."""
         self.progress_at = time.monotonic()
@@ -102,6 +112,10 @@ class Engine:
     def request_unload(self, model: str) -> None:
         """Unload `model` once it is idle; MLX memory is only ever touched on the engine thread."""
         self._inbox.put(Unload(model))
+
+    def request_load(self, spec: ModelSpec) -> None:
+        """Load `spec` once no batch runs, unless it is loaded already."""
+        self._inbox.put(Load(spec))
 
     def cancel(self, job_id: str) -> bool:
         """Ask a submitted generation to stop; False when the engine does not hold it."""
@@ -146,6 +160,8 @@ class Engine:
                 if isinstance(item, Unload):
                     if not self.cache.unload(item.model, "asked to by an operator"):
                         logger.info("not unloading %s: it is not loaded or is serving", item.model)
+                elif isinstance(item, Load):
+                    self._warming.append(item.spec)
                 elif item is not None:
                     self.runner.add(item)
             if None in arrived:
@@ -159,11 +175,26 @@ class Engine:
                 self.runner.step()
             elif scheduler.batch is not None:
                 scheduler.close(self.runner)
+            if scheduler.batch is None and self._warming:
+                self._warm(self._warming.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"
 
-    def _arrivals(self, wait: bool) -> list[Generation | Unload | None]:
+    def _warm(self, spec: ModelSpec) -> None:
+        if spec.name in self.cache.loaded_names():
+            return
+        self._alive_sign("loading")
+        try:
+            self.cache.acquire(spec, 0)
+            self.cache.release(spec.name)
+            logger.info("loaded model %s ahead of its requests", spec.name)
+        except Exception as exc:
+            logger.warning("could not load model %s ahead of its requests: %s", spec.name, exc)
+        finally:
+            self._alive_sign("idle")
+
+    def _arrivals(self, wait: bool) -> list[Generation | Unload | Load | None]:
         """Everything in the inbox; when idle, wait up to the maintenance interval for something."""
-        arrived: list[Generation | Unload | None] = []
+        arrived: list[Generation | Unload | Load | None] = []
         try:
             if wait:
                 arrived.append(self._inbox.get(timeout=self.maintenance_interval_s))

@@ -11,6 +11,7 @@ from redis import Redis
 from rq.serializers import JSONSerializer
 
 from shared import events
+from shared.live_models import LiveModels
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.settings import Settings
@@ -19,6 +20,8 @@ from worker import tasks
 from worker.assembly import build_engine
 from worker.claiming import TurnTakingQueue
 from worker.demo_model import build_demo_model
+from worker.downloads import Downloads
+from worker.engine import Engine
 from worker.model_cache import device_memory_bytes
 from worker.rq_worker import MlxqWorker
 from worker.streaming import StreamPublisher
@@ -31,7 +34,8 @@ def main() -> None:
     configure_logging(settings)
     connection = Redis.from_url(settings.redis_url)
     events.record_outages(connection, "worker")
-    models = ModelRegistry.from_settings(settings)
+    live = LiveModels(settings, connection)
+    models = live.registry
     for spec in models.all():
         problem = spec.problem()
         if problem:
@@ -42,14 +46,18 @@ def main() -> None:
 
     budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
     logger.info("model budget: %s", format_bytes(budget))
-    engine = build_engine(settings, budget)
+    engine = build_engine(settings, budget, registry=models)
     engine.start()
+    live.on_change = lambda: warm(engine, models)
+    warm(engine, models)
+    live.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,
     # the batch tier, in turns by client).
     queues = [TurnTakingQueue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names]
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
     publisher = StreamPublisher(connection)
     worker = MlxqWorker(queues, settings=settings, engine=engine, publisher=publisher, connection=connection, name=name)
+    Downloads(connection, name, budget).start()
     tasks.bind(
         tasks.Runtime(
             engine=engine, models=models, settings=settings, keep_alive=worker.keep_alive, publisher=publisher
@@ -58,8 +66,17 @@ def main() -> None:
     try:
         worker.work(logging_level=settings.log_level, with_scheduler=False)
     finally:
+        live.stop()
         engine.stop()
         mx.clear_streams()  # before interpreter teardown; see Engine._run
+
+
+def warm(engine: Engine, models: ModelRegistry) -> None:
+    """Models marked `warm` are loaded now (once no batch runs), before their first request."""
+    loaded = set(engine.cache.loaded_names())
+    for spec in models.all():
+        if spec.warm and spec.name not in loaded and spec.problem() is None and spec.local_files() is not None:
+            engine.request_load(spec)
 
 
 if __name__ == "__main__":

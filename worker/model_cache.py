@@ -28,7 +28,7 @@ from mlx_lm import load
 
 from shared import sizing
 from shared.errors import ExceedsMemoryBudget, InsufficientMemory, ModelUnavailable
-from shared.models import ModelSpec
+from shared.models import ModelRegistry, ModelSpec
 from shared.settings import Settings
 from shared.sizing import format_bytes
 from shared.tokenizing import context_length
@@ -67,23 +67,37 @@ class LoadedModel:
     loaded_at: float
     last_used: float
     active: int = 0
+    keep_alive_s: float | None = None
+    """The last request's keep_alive (Ollama's): seconds idle before unloading, < 0 for ever; None:
+    the model's or the service's."""
 
 
 class ModelCache:
     """LRU cache of loaded models, its bytes written in the worker's memory ledger."""
 
-    def __init__(self, settings: Settings, ledger: MemoryLedger, probe: MemoryProbe = system_memory_percent) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: MemoryLedger,
+        probe: MemoryProbe = system_memory_percent,
+        registry: ModelRegistry | None = None,
+    ) -> None:
+        """`registry`, the live one, says which models are pinned now (an entry may change while loaded)."""
         self.settings = settings
         self.ledger = ledger
         self.probe = probe
+        self.registry = registry
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: set[str] = set()
         self._lock = threading.Lock()
 
     # -- what the engine calls -------------------------------------------------
 
-    def acquire(self, spec: ModelSpec, context_tokens: int) -> tuple[LoadedModel, float]:
-        """The model, loaded if need be, marked as serving; and the seconds spent loading it."""
+    def acquire(
+        self, spec: ModelSpec, context_tokens: int, keep_alive_s: float | None = None
+    ) -> tuple[LoadedModel, float]:
+        """The model, loaded if need be, marked as serving; and the seconds spent loading it. A
+        `keep_alive_s` (the request's) is how long it stays loaded once idle, from now on."""
         entry = self._loaded.get(spec.name)
         spent = 0.0
         if entry is None:
@@ -93,7 +107,32 @@ class ModelCache:
         with self._lock:
             entry.active += 1
             entry.last_used = time.time()
+            if keep_alive_s is not None:
+                entry.keep_alive_s = keep_alive_s
         return entry, spent
+
+    def pinned(self, name: str) -> bool:
+        """Whether the model is pinned (never unloaded for idleness or room), as its entry says now."""
+        spec = self.registry.find(name) if self.registry is not None else None
+        if spec is None:
+            entry = self._loaded.get(name)
+            spec = entry.spec if entry is not None else None
+        return spec is not None and spec.pin
+
+    def keep_alive_of(self, entry: LoadedModel) -> float:
+        """Seconds the model may sit idle before it is unloaded (< 0: for ever)."""
+        if entry.keep_alive_s is not None:
+            return entry.keep_alive_s
+        spec = self.registry.find(entry.spec.name) if self.registry is not None else None
+        return (spec or entry.spec).keep_alive_s or self.settings.keep_alive_s
+
+    def expires_at(self, entry: LoadedModel) -> float | None:
+        """When an idle model will be unloaded (epoch seconds); None: not while it serves, is pinned
+        or is kept for ever."""
+        keep_alive = self.keep_alive_of(entry)
+        if entry.active > 0 or keep_alive < 0 or self.pinned(entry.spec.name):
+            return None
+        return entry.last_used + keep_alive
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -106,9 +145,10 @@ class ModelCache:
         """Unload idle models past their keep-alive, and evict by the memory thresholds."""
         now = time.time()
         for entry in list(self._loaded.values()):
-            keep_alive = entry.spec.keep_alive_s or self.settings.keep_alive_s
-            if entry.active == 0 and now - entry.last_used > keep_alive:
-                self.unload(entry.spec.name, f"idle for {now - entry.last_used:.0f} s (keep_alive {keep_alive} s)")
+            expires = self.expires_at(entry)
+            if expires is not None and now >= expires:
+                idle, keep_alive = now - entry.last_used, self.keep_alive_of(entry)
+                self.unload(entry.spec.name, f"idle for {idle:.0f} s (keep_alive {keep_alive:g} s)")
         used = self.probe()
         if used >= self.settings.memory_warning_percent and self.ledger.kept_bytes > 0:
             # Kept prefixes are the cheapest memory to give back: they go before any model.
@@ -161,6 +201,7 @@ class ModelCache:
         while not fits():
             with self._lock:
                 idle = [e for e in self._loaded.values() if e.active == 0 and e.spec.name not in (spare or ())]
+            idle = [e for e in idle if not self.pinned(e.spec.name)]  # pinned: never evicted
             if not idle:
                 return False
             victim = min(idle, key=lambda e: e.last_used).spec.name
@@ -198,6 +239,8 @@ class ModelCache:
                     "last_used": e.last_used,
                     "active_requests": e.active,
                     "state": "loaded",
+                    "pinned": self.pinned(e.spec.name),
+                    "expires_at": self.expires_at(e),
                 }
                 for e in self._loaded.values()
             ]
@@ -300,7 +343,9 @@ class ModelCache:
             raise _unavailable(spec, exc) from exc
 
     def _files(self, spec: ModelSpec) -> Path:
-        """The local directory of the model's files, built or downloaded if need be."""
+        """The local directory of the model's files (the demo's built if need be). A hub model is
+        never downloaded here, inside a job: a pull does that (worker/downloads.py), and the job waits
+        for it in its queue."""
         problem = spec.problem()
         if problem is not None:
             raise ModelUnavailable(problem, param="model")
@@ -308,16 +353,14 @@ class ModelCache:
             if spec.builtin:
                 build_demo_model(spec.path)
             return spec.path
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(
-                snapshot_download(
-                    str(spec.repo), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-                )
+        directory = spec.local_files()
+        if directory is None:
+            raise ModelUnavailable(
+                f"Model '{spec.name}' ({spec.repo}) is not on this machine: pull it first"
+                f" (`mlxq pull {spec.repo} --name {spec.name}`, or POST /v1/admin/models/pull)",
+                param="model",
             )
-        except Exception as exc:
-            raise _unavailable(spec, exc) from exc
+        return directory
 
     def _held_description(self) -> str:
         held = [

@@ -101,9 +101,18 @@ class Monitor:
         raw = self.connection.lpop(keys.worker_commands(self.name), 16)
         for item in raw if isinstance(raw, list) else []:
             command = json.loads(item)
-            if command.get("command") == "unload" and isinstance(command.get("model"), str):
-                logger.info("asked to unload model %s", command["model"])
-                self.engine.request_unload(command["model"])
+            model = command.get("model")
+            if command.get("command") == "unload" and isinstance(model, str):
+                logger.info("asked to unload model %s", model)
+                self.engine.request_unload(model)
+            elif command.get("command") == "load" and isinstance(model, str):
+                registry = self.engine.cache.registry
+                spec = registry.find(model) if registry is not None else None
+                if spec is None:
+                    logger.warning("asked to load model %s, which is not in the registry here", model)
+                else:
+                    logger.info("asked to load model %s", model)
+                    self.engine.request_load(spec)
             else:
                 logger.warning("ignoring unknown worker command %r", command)
 
@@ -126,6 +135,7 @@ class Monitor:
             "kv_cache_bytes": ledger.kv_bytes,
             "prefix_cache_bytes": ledger.kept_bytes,
             "batch_limit": self.engine.batch_limit,
+            "tokens_generated": self.engine.runner.tokens_generated,
             "memory": snapshot,
             "at": time.time(),
         }

@@ -30,7 +30,7 @@ async def submit_job(body: JobRequest, request: Request, client: ClientDep, gw: 
 
     An `Idempotency-Key` header makes a retry of the same request return the same job."""
     priority = submission.allowed_priority(body.priority, "normal")
-    generate = GenerateRequest.model_validate(body.model_dump(exclude={"priority"}))
+    generate = GenerateRequest.model_validate(body.model_dump(exclude={"priority"}, exclude_unset=True))
     idem = submission.idempotency(request, body.model_dump_json(), "")
     done = await submission.accept(gw, client, [generate], priority, idem)
     job_id = done.ids[0]

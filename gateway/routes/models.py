@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, status
 
-from gateway import catalog
+from gateway import catalog, model_admin
 from gateway.deps import AdminDep, ModelsDep, RedisDep
-from gateway.workers import live_workers
-from shared import keys
 
 router = APIRouter(tags=["models"])
 
@@ -27,16 +24,8 @@ def retrieve_model(name: str, models: ModelsDep, redis: RedisDep) -> dict[str, A
     return catalog.entry(models, redis, name)
 
 
-@router.post("/v1/admin/models/{name}/unload", status_code=status.HTTP_202_ACCEPTED)
+@router.post("/v1/admin/models/{name:path}/unload", status_code=status.HTTP_202_ACCEPTED)
 def unload_model(name: str, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
     """Ask every worker holding the model to unload it as soon as it is idle (needs an admin key when
     keys are set)."""
-    models.get(name)
-    asked = [w["name"] for w in live_workers(redis) if any(m["name"] == name for m in w.get("models", []))]
-    command = json.dumps({"command": "unload", "model": name})
-    with redis.pipeline(transaction=False) as pipe:
-        for worker in asked:
-            pipe.rpush(keys.worker_commands(worker), command)
-            pipe.expire(keys.worker_commands(worker), keys.WORKER_COMMANDS_TTL_S)
-        pipe.execute()
-    return {"model": name, "workers": asked}
+    return model_admin.unload(redis, models, name)

@@ -10,28 +10,38 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway import catalog, submission, waiting
-from gateway.deps import ClientDep, GatewayDep, ModelsDep, RedisDep
+from gateway import catalog, model_admin, submission, waiting
+from gateway.deps import AdminDep, ClientDep, GatewayDep, ModelsDep, RedisDep, SettingsDep
 from gateway.error_shapes import router_for
 from gateway.following import follow
 from gateway.ollama_api import (
     VERSION,
     ChatRequest,
+    CopyRequest,
+    DeleteRequest,
     GenerateBody,
+    PullRequest,
     ShowRequest,
     done_fields,
     error_body,
     now,
     tool_calls,
 )
+from gateway.routes.admin import progress_lines
+from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
 
 router = router_for(error_body, tags=["ollama"])
+
+FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
+"""What Ollama shows as a kept-for-ever model's expiry."""
 
 
 @router.get("/api/version")
@@ -58,9 +68,67 @@ def tags(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
 
 @router.get("/api/ps")
 def running(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
-    """The models a worker holds now."""
+    """The models a worker holds now, and when each will be unloaded if it stays idle."""
     loaded = [m for m in catalog.listing(models, redis) if m["loaded"]]
-    return {"models": [{**_model_entry(m), "size_vram": m["size_bytes"] or 0, "expires_at": now()} for m in loaded]}
+    return {
+        "models": [
+            {**_model_entry(m), "size_vram": m["size_bytes"] or 0, "expires_at": _expiry(m["expires_at"])}
+            for m in loaded
+        ]
+    }
+
+
+def _expiry(at: float | None) -> str:
+    """Ollama's expires_at; a model serving, pinned or kept for ever shows Ollama's far future."""
+    when = datetime.fromtimestamp(at, UTC) if at is not None else FOREVER
+    return when.isoformat().replace("+00:00", "Z")
+
+
+@router.post("/api/pull")
+async def pull(body: PullRequest, models: ModelsDep, redis: RedisDep, settings: SettingsDep, _admin: AdminDep) -> Any:
+    """Download a hub repo as a model, with Ollama's progress lines (its name here: as given)."""
+    name = body.model or body.name or ""
+    record = await run_in_threadpool(model_admin.pull, redis, settings, models, body.repo(), name, {})
+    lines = _pull_lines(redis, models, record["name"], body.repo())
+    if body.stream:
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    last: dict[str, Any] = {}
+    async for line in lines:
+        last = json.loads(line)
+    if "error" in last:
+        return JSONResponse(last, status_code=502)
+    return last
+
+
+async def _pull_lines(redis: Any, models: ModelRegistry, name: str, repo: str) -> AsyncIterator[str]:
+    yield json.dumps({"status": "pulling manifest"}) + "\n"
+    async for line in progress_lines(redis, models, name):
+        record = json.loads(line)
+        if record["state"] == "failed":
+            yield json.dumps({"error": f"pull of {repo} failed: {record.get('error')}"}) + "\n"
+            return
+        if record.get("total_bytes"):
+            progress = {"total": record["total_bytes"], "completed": min(record["done_bytes"], record["total_bytes"])}
+            yield json.dumps({"status": f"pulling {repo}", "digest": repo, **progress}) + "\n"
+    for status in ("verifying sha256 digest", "writing manifest", "success"):
+        yield json.dumps({"status": status}) + "\n"
+
+
+@router.delete("/api/delete")
+def delete(body: DeleteRequest, models: ModelsDep, redis: RedisDep, settings: SettingsDep, _admin: AdminDep) -> Any:
+    name = body.model or body.name or ""
+    if models.find(name) is None:
+        return JSONResponse({"error": f"model '{name}' not found"}, status_code=404)
+    model_admin.remove(redis, settings, models, name)
+    return Response(status_code=200)
+
+
+@router.post("/api/copy")
+def copy(body: CopyRequest, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> Any:
+    if models.find(body.source) is None:
+        return JSONResponse({"error": f"model '{body.source}' not found"}, status_code=404)
+    model_admin.copy(redis, models, body.source, body.destination)
+    return Response(status_code=200)
 
 
 @router.post("/api/show")
@@ -97,8 +165,15 @@ async def chat(body: ChatRequest, request: Request, client: ClientDep, gw: Gatew
 
 @router.post("/api/generate")
 async def generate(body: GenerateBody, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
-    if not body.prompt:  # Ollama's way to load a model: nothing to generate
-        return JSONResponse({"model": body.model, "created_at": now(), "response": "", "done": True})
+    if not body.prompt:  # Ollama's way to load a model (or with keep_alive 0, to unload it)
+        redis = request.app.state.redis
+        unload = body.keep_alive_s() == 0
+        if unload:
+            await run_in_threadpool(model_admin.unload, redis, request.app.state.models, body.model)
+        else:
+            await run_in_threadpool(model_admin.load, redis, request.app.state.models, body.model)
+        done = {"done": True, "done_reason": "unload" if unload else "load"}
+        return JSONResponse({"model": body.model, "created_at": now(), "response": "", **done})
     return await _call(body.to_generate(), body.stream, request, client, gw, chat=False)
 
 

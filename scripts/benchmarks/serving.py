@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prefill-batch", type=int, default=None, help="mlxq's MLXQ_PREFILL_BATCH_SIZE")
+    parser.add_argument("--prefill-pause", type=float, default=None, help="mlxq's MLXQ_PREFILL_PAUSE_STEPS")
     parser.add_argument("--no-fan-out", action="store_true", help="skip the shared-prefix fan-out shape")
     parser.add_argument("--no-stall", action="store_true", help="skip the stall shape")
     parser.add_argument("--no-vllm-mlx", action="store_true", help="leave vllm-mlx out")
@@ -238,6 +239,8 @@ def main() -> None:
     base_env.update(MLXQ_LOG_LEVEL="warning", MLXQ_RATE_LIMIT_REQUESTS="1000000", MLXQ_MAX_INFLIGHT_PER_CLIENT="1000")
     if args.prefill_batch is not None:
         base_env["MLXQ_PREFILL_BATCH_SIZE"] = str(args.prefill_batch)
+    if args.prefill_pause is not None:
+        base_env["MLXQ_PREFILL_PAUSE_STEPS"] = str(args.prefill_pause)
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
     vllm_mlx = None if args.no_vllm_mlx else vllm_mlx_executable(ROOT, os.environ.get("MLXQ_MLX_EXTRA", "cpu"))
     processes = [subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "", "--dir", str(workdir)], **quiet)]

@@ -1,0 +1,140 @@
+"""A model's download as a record in Redis: asked for by a gateway, done by a worker's download thread.
+
+The record (one hash per model name) holds the state (`queued`, `downloading`,
+`done`, `failed`), the repo, bytes done and in all, the error, and which worker
+holds it with its last sign of life. While a pull is queued or downloading its
+model's name is in `keys.PULLING`, and claim.lua leaves that model's jobs in their
+queue, so a job waits for its model without taking a worker's batch slot. A
+worker that dies mid-download stops beating; after `STALE_S` another (or the
+restarted one) takes the pull over and huggingface_hub resumes the partial file.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis import Redis
+
+from shared import keys
+from shared.live_models import store
+
+STALE_S = 10.0
+"""A downloading pull whose worker has not beaten for this long is taken over (it died)."""
+
+BEAT_S = 1.0
+"""How often a download's progress (and its worker's sign of life) is written."""
+
+PENDING = ("queued", "downloading")
+
+_CLAIM = """
+local state = redis.call("HGET", KEYS[1], "state")
+local beat = tonumber(redis.call("HGET", KEYS[1], "beat_at") or "0")
+if state == "queued" or (state == "downloading" and tonumber(ARGV[2]) - beat > tonumber(ARGV[3])) then
+  redis.call("HSET", KEYS[1], "state", "downloading", "worker", ARGV[1], "beat_at", ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def read(redis: Redis, name: str) -> dict[str, Any] | None:
+    """The pull of model `name` as the API shows it, or None when there is none."""
+    raw = redis.hgetall(keys.pull(name))
+    if not raw:
+        return None
+    record: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+    for field in ("total_bytes", "done_bytes"):
+        record[field] = int(record.get(field) or 0)
+    for field in ("created_at", "beat_at", "finished_at"):
+        if field in record:
+            record[field] = float(record[field])
+    total = record["total_bytes"]
+    record["percent"] = round(100 * min(record["done_bytes"], total) / total, 1) if total else None
+    return record
+
+
+def every(redis: Redis) -> list[dict[str, Any]]:
+    names = sorted(_text(n) for n in redis.smembers(keys.PULLS))
+    found = [read(redis, name) for name in names]
+    return [record for record in found if record is not None]
+
+
+def start(redis: Redis, name: str, repo: str, revision: str | None, total_bytes: int, entry: dict[str, Any]) -> bool:
+    """Queue the download of `repo` as model `name` (registered as `entry` once it is here); False
+    when that model's pull is already queued or running (then it goes on as it is)."""
+    key = keys.pull(name)
+    current = redis.hget(key, "state")
+    if current is not None and _text(current) in PENDING:
+        return False
+    now = time.time()
+    record = {
+        "name": name,
+        "repo": repo,
+        "revision": revision or "",
+        "state": "queued",
+        "total_bytes": total_bytes,
+        "done_bytes": 0,
+        "error": "",
+        "worker": "",
+        "entry": _json(entry),
+        "created_at": now,
+        "beat_at": 0,
+    }
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.hset(key, mapping=record)  # type: ignore[arg-type]
+        pipe.sadd(keys.PULLS, name)
+        pipe.sadd(keys.PULLING, name)
+        pipe.execute()
+    return True
+
+
+def claim(redis: Redis, name: str, worker: str) -> bool:
+    """Take the pull for this worker: a queued one, or one whose worker stopped beating."""
+    return bool(redis.eval(_CLAIM, 1, keys.pull(name), worker, repr(time.time()), repr(STALE_S)))
+
+
+def progress(redis: Redis, name: str, done_bytes: int) -> None:
+    redis.hset(keys.pull(name), mapping={"done_bytes": done_bytes, "beat_at": repr(time.time())})
+
+
+def finish(redis: Redis, name: str, entry: dict[str, Any], done_bytes: int) -> None:
+    """The files are here: the model is registered, and the jobs waiting for it may be claimed."""
+    store(redis, name, entry)
+    _end(redis, name, {"state": "done", "done_bytes": done_bytes})
+
+
+def fail(redis: Redis, name: str, error: str) -> None:
+    """The pull cannot be done; the jobs waiting for the model are claimed and end with its error."""
+    _end(redis, name, {"state": "failed", "error": error})
+
+
+def _end(redis: Redis, name: str, fields: dict[str, Any]) -> None:
+    key = keys.pull(name)
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping={**fields, "finished_at": repr(time.time())})  # type: ignore[dict-item]
+        pipe.expire(key, keys.PULL_TTL_S)
+        pipe.srem(keys.PULLING, name)
+        pipe.rpush(keys.WAKE, 1)  # an idle worker wakes and claims what waited
+        pipe.ltrim(keys.WAKE, -keys.WAKE_MAX, -1)
+        pipe.execute()
+
+
+def forget(redis: Redis, name: str) -> None:
+    """Drop the pull's record (the model was removed); a running download ends as failed."""
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.pull(name))
+        pipe.srem(keys.PULLS, name)
+        pipe.srem(keys.PULLING, name)
+        pipe.execute()
+
+
+def _json(entry: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(entry)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
