@@ -53,7 +53,7 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
                 "warm": spec.warm,
                 "defaults": dict(spec.defaults),
                 "keep_alive_s": spec.keep_alive_s,
-                "downloaded": spec.repo is None or directory is not None,
+                "downloaded": spec.repo is None or spec.pulled or directory is not None,
                 "pull": _pull_view(pending.get(spec.name)),
             }
         )

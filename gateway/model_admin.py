@@ -129,12 +129,13 @@ def ensure_pulled(redis: Redis, models: ModelRegistry, name: str) -> None:
     """A hub model not yet on this machine starts its pull on its first request (as Ollama's run
     does); the request's job waits in its queue until the files are here."""
     spec = models.find(name)
-    if spec is None or spec.repo is None or spec.local_files() is not None:
+    # `pulled` is the worker's word (its files may be on another machine than this gateway's)
+    if spec is None or spec.repo is None or spec.pulled or spec.local_files() is not None:
         return
     record = pulls.read(redis, spec.name)
     if record is not None and record["state"] in pulls.PENDING:
         return
-    pulls.start(redis, spec.name, spec.repo, None, 0, spec_entry(spec) | {"pulled": True})
+    pulls.start(redis, spec.name, spec.repo, None, 0, {"pulled": True})
 
 
 def load(redis: Redis, models: ModelRegistry, name: str) -> dict[str, Any]:

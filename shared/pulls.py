@@ -17,7 +17,7 @@ from typing import Any
 from redis import Redis
 
 from shared import keys
-from shared.live_models import store
+from shared.live_models import store, stored_entries
 
 STALE_S = 10.0
 """A downloading pull whose worker has not beaten for this long is taken over (it died)."""
@@ -100,8 +100,9 @@ def progress(redis: Redis, name: str, done_bytes: int) -> None:
 
 
 def finish(redis: Redis, name: str, entry: dict[str, Any], done_bytes: int) -> None:
-    """The files are here: the model is registered, and the jobs waiting for it may be claimed."""
-    store(redis, name, entry)
+    """The files are here: the model is registered (over what its entry says now: a pin set while it
+    downloaded stays), and the jobs waiting for it may be claimed."""
+    store(redis, name, {**stored_entries(redis).get(name, {}), **entry})
     _end(redis, name, {"state": "done", "done_bytes": done_bytes})
 
 

@@ -78,3 +78,68 @@ def test_reasoning_markers_and_template_arguments_per_model(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="reasoning"):
         registry(tmp_path, '[models.bad]\nrepo = "x/b"\nreasoning = "yes"\n')
 
+
+
+def test_a_model_carries_its_aliases_defaults_pin_and_warm(tmp_path: Path) -> None:
+    models = registry(
+        tmp_path,
+        '[models.coder]\nrepo = "team/coder"\naliases = ["gpt-4.1", "claude-x"]\npin = true\nwarm = true\n'
+        "defaults = {temperature = 0.6, max_tokens = 4096}\n",
+    )
+    spec = models.get("gpt-4.1")
+    assert spec.name == "coder" and spec.pin and spec.warm
+    assert dict(spec.defaults) == {"temperature": 0.6, "max_tokens": 4096}
+    assert models.get("claude-x") is spec
+
+
+@pytest.mark.parametrize(
+    ("entry", "complaint"),
+    [
+        ("defaults = {temperature = 3.0}", "defaults.temperature` must be between"),
+        ("defaults = {max_tokens = 1.5}", "defaults.max_tokens` must be a whole number"),
+        ("defaults = {mirostat = 1}", "`defaults` takes"),
+        ('pin = "yes"', "`pin` must be true or false"),
+        ("aliases = [1]", "`aliases` must be a list of names"),
+        ('repo = "no-owner"', "owner/name"),
+    ],
+)
+def test_a_models_new_fields_are_checked_like_a_requests(tmp_path: Path, entry: str, complaint: str) -> None:
+    source = "" if entry.startswith("repo") else 'repo = "team/x"\n'
+    with pytest.raises(ValueError, match=complaint):
+        registry(tmp_path, f"[models.x]\n{source}{entry}\n")
+
+
+def test_stored_entries_lie_over_the_files_and_a_broken_one_is_skipped(tmp_path: Path) -> None:
+    models_file = tmp_path / "models.toml"
+    models_file.write_text('[models.coder]\nrepo = "team/coder"\nnotes = "from the file"\n')
+    stored = {"coder": {"pin": True}, "added": {"path": str(tmp_path)}, "broken": {"pin": "no", "repo": "a/b"}}
+    models = ModelRegistry.from_settings(Settings(models_file=models_file, data_dir=tmp_path / "d"), stored)
+    coder = models.get("coder")
+    assert coder.pin and coder.notes == "from the file" and coder.repo == "team/coder"
+    assert models.get("added").path == tmp_path
+    assert models.find("broken") is None
+
+
+def test_a_registry_replaced_in_place_is_seen_by_whoever_holds_it(tmp_path: Path) -> None:
+    held = registry(tmp_path, "")
+    held.replace(registry(tmp_path, '[models.new]\nrepo = "team/new"\naliases = ["n"]\n'))
+    assert held.get("n").name == "new"
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [(300, 300.0), ("300", 300.0), ("5m", 300.0), ("1h30m", 5400.0), ("-1", -1.0), ("250ms", 0.25), (0, 0.0)],
+)
+def test_ollama_keep_alive_takes_seconds_or_a_duration(given: str | int, seconds: float) -> None:
+    from gateway.ollama_api import duration_s
+
+    assert duration_s(given, "keep_alive") == seconds
+
+
+def test_a_keep_alive_that_is_no_duration_names_the_field() -> None:
+    from gateway.ollama_api import duration_s
+    from shared.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="keep_alive") as caught:
+        duration_s("soon", "keep_alive")
+    assert caught.value.param == "keep_alive"

@@ -94,7 +94,7 @@ class Downloads:
             return
         beating.set()
         beater.join()
-        entry = json.loads(str(record.get("entry") or "{}")) or {"repo": repo}
+        entry = json.loads(str(record.get("entry") or "{}")) or {"pulled": True}
         pulls.finish(self.connection, name, entry, hub.bytes_here(repo))
         logger.info("pulled %s as model %s", repo, name)
 
