@@ -32,7 +32,9 @@ def budget_bytes(redis: Redis, settings: Settings) -> int:
     return settings.model_budget_bytes or int(psutil.virtual_memory().total * settings.model_budget_fraction)
 
 
-def put(redis: Redis, models: ModelRegistry, name: str, fields: dict[str, Any], merge: bool) -> dict[str, Any]:
+def put(
+    redis: Redis, settings: Settings, models: ModelRegistry, name: str, fields: dict[str, Any], merge: bool
+) -> dict[str, Any]:
     """Store a model's entry (with `merge`, the fields laid over what it has); returns the entry.
     Checked as a models-file entry is; an error names the field."""
     stored = stored_entries(redis)
@@ -44,7 +46,7 @@ def put(redis: Redis, models: ModelRegistry, name: str, fields: dict[str, Any], 
     if merge and existing is None:
         raise ModelNotFound(f"The model '{name}' does not exist or is not configured here", param="model")
     entry = {**stored.get(name, {}), **fields} if merge else dict(fields)
-    _check(models, name, entry, in_file=existing is not None and name not in stored)
+    _check(settings, models, name, entry)
     store(redis, name, entry)
     models.catch_up()
     return entry
@@ -58,19 +60,21 @@ def remove(redis: Redis, settings: Settings, models: ModelRegistry, name: str) -
     if spec.name not in stored:
         where = "is built in" if spec.builtin else "is defined in the models file; remove it there"
         raise ModelConflict(f"Model '{spec.name}' {where}", param="model")
+    pending = pulls.read(redis, spec.name)
     store(redis, spec.name, None)
-    pulls.forget(redis, spec.name)
+    pulls.forget(redis, spec.name)  # a download running for it stops at its next beat
     models.catch_up()
-    from_file = spec.name in _file_entries(settings)
+    from_file = _file_entry(settings, spec.name) is not None
     freed = 0
     others = [s for s in models.all() if s.name != spec.name and s.repo == spec.repo]
-    if spec.repo and spec.pulled and not from_file and not others:
+    fetched = spec.pulled or (pending is not None and pending["state"] in pulls.PENDING)
+    if spec.repo and fetched and not from_file and not others:
         freed = hub.remove(spec.repo)
     _unload(redis, spec.name)
     return {"model": spec.name, "removed": True, "freed_bytes": freed, "still_in_models_file": from_file}
 
 
-def copy(redis: Redis, models: ModelRegistry, source: str, destination: str) -> dict[str, Any]:
+def copy(redis: Redis, settings: Settings, models: ModelRegistry, source: str, destination: str) -> dict[str, Any]:
     """A new model `destination` with the entry of `source` (Ollama's copy): same files, its own settings."""
     spec = models.get(source)
     if models.find(destination) is not None:
@@ -78,7 +82,7 @@ def copy(redis: Redis, models: ModelRegistry, source: str, destination: str) -> 
     if spec.builtin:
         raise ModelConflict(f"'{spec.name}' is built in and cannot be copied", param="source")
     entry = spec_entry(spec)
-    _check(models, destination, entry, in_file=False, param="destination")
+    _check(settings, models, destination, entry, param="destination")
     store(redis, destination, entry)
     models.catch_up()
     return {"model": destination, "source": spec.name}
@@ -96,10 +100,10 @@ def pull(
     if existing is not None and existing.repo != repo:
         raise ModelConflict(f"Model '{name}' exists already, from {existing.source}", param="name")
     stored = stored_entries(redis)
-    in_file = existing is not None and name not in stored
     # A models file's model gets only what was asked laid over it; a new one is all in its entry.
+    in_file = _file_entry(settings, name) is not None
     entry = {**stored.get(name, {}), **fields, "pulled": True} | ({} if in_file else {"repo": repo})
-    _check(models, name, entry, in_file)
+    _check(settings, models, name, entry)
     record = pulls.read(redis, name)
     if record is not None and record["state"] in pulls.PENDING:
         return record
@@ -115,6 +119,7 @@ def pull(
     if problem is not None:
         raise ModelTooLarge(problem, param="model")
     if plan.missing_bytes == 0:
+        pulls.forget(redis, name)  # an earlier failure's record would tell the wrong story
         store(redis, name, entry)
         models.catch_up()
         done = {"state": "done", "total_bytes": plan.total_bytes, "done_bytes": plan.total_bytes, "percent": 100.0}
@@ -173,34 +178,33 @@ def spec_entry(spec: Any) -> dict[str, Any]:
     return entry | {k: v for k, v in optional.items() if v not in (None, "")}
 
 
-def _check(models: ModelRegistry, name: str, entry: dict[str, Any], in_file: bool, param: str = "name") -> None:
-    """The entry as a models file's would be checked; a field's error names the field."""
-    fields = dict(entry)
-    for alias in fields.get("aliases") or []:
+def _check(settings: Settings, models: ModelRegistry, name: str, entry: dict[str, Any], param: str = "name") -> None:
+    """The entry as the registry will read it (laid over the models file's entry of that name),
+    checked as a models file's would be; a field's error names the field."""
+    for alias in entry.get("aliases") or []:
         other = models.find(alias)
         if isinstance(alias, str) and other is not None and other.name != name:
             raise ModelConflict(f"'{alias}' already names model '{other.name}'", param="aliases")
-    if in_file:
-        spec = models.find(name)
-        assert spec is not None
-        fields = spec_entry(spec) | fields
+    fields = {**(_file_entry(settings, name) or {}), **entry}
+    base = settings.models_file.expanduser().parent if settings.models_file is not None else None
     try:
-        parse_entry(name, fields, f"model '{name}'")
+        parse_entry(name, fields, f"model '{name}'", base)
     except ValueError as exc:
         message = str(exc)
         field = next((k for k in sorted(fields, key=len, reverse=True) if f"`{k}" in message), param)
         raise InvalidRequest(message, param=field) from exc
 
 
-def _file_entries(settings: Settings) -> set[str]:
+def _file_entry(settings: Settings, name: str) -> dict[str, Any] | None:
+    """The models file's own entry for `name`, as written."""
     from shared.models import read_models_file
 
     if settings.models_file is None:
-        return set()
+        return None
     try:
-        return set(read_models_file(settings.models_file.expanduser())[0])
+        return read_models_file(settings.models_file.expanduser())[0].get(name)
     except (OSError, ValueError):
-        return set()
+        return None
 
 
 def _ask_workers(redis: Redis, command: dict[str, Any], workers: list[str] | None = None) -> list[str]:

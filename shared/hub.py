@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,9 @@ def fit_problem(plan: Plan, budget_bytes: int) -> str | None:
     return None
 
 
-def download(plan: Plan) -> Path:
+def download(plan: Plan, stop: Callable[[], bool] = lambda: False) -> Path:
     """Fetch the plan's files into the repo's directory, each resumed from what an earlier attempt
-    left (an HTTP Range), and mark the directory complete; raises HubError."""
+    left (an HTTP Range), and mark the directory complete; raises HubError (also once `stop()`)."""
     import httpx
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils._headers import build_hf_headers
@@ -102,10 +103,12 @@ def download(plan: Plan) -> Path:
         with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0), headers=headers) as client:
             for name, size in plan.files:
                 target = folder / name
+                if not target.resolve().is_relative_to(folder.resolve()):
+                    raise HubError(f"the hub listed a file outside the repo ({name!r}); nothing more is fetched")
                 if _size(target) == size:
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _fetch(client, hf_hub_url(plan.repo, name, revision=plan.commit), target, size)
+                _fetch(client, hf_hub_url(plan.repo, name, revision=plan.commit), target, size, stop)
     except httpx.HTTPError as exc:
         said = f"the download of '{plan.repo}' broke off ({type(exc).__name__}: {exc}); pull again to resume"
         raise HubError(said) from exc
@@ -113,9 +116,12 @@ def download(plan: Plan) -> Path:
     return folder
 
 
-def _fetch(client: Any, url: str, target: Path, size: int) -> None:
+def _fetch(client: Any, url: str, target: Path, size: int, stop: Callable[[], bool]) -> None:
     part = target.with_name(target.name + ".part")
     have = _size(part)
+    if have > size:  # not this file's beginning (another writer, or the file changed): start again
+        part.unlink()
+        have = 0
     ranged = {"Range": f"bytes={have}-"} if 0 < have < size else {}
     with client.stream("GET", url, headers=ranged) as response:
         if response.status_code == 416:  # what is here is all there is
@@ -128,6 +134,8 @@ def _fetch(client: Any, url: str, target: Path, size: int) -> None:
             with part.open("ab" if have else "wb") as out:
                 for piece in response.iter_bytes():  # as it arrives: a kill loses only the last piece
                     out.write(piece)
+                    if stop():
+                        raise HubError(f"the pull of {target.name} was stopped", "stopped")
     if _size(part) != size:
         raise HubError(f"{target.name} came to {_size(part)} bytes, not {size}; pull again to resume")
     part.replace(target)

@@ -12,8 +12,11 @@ path = "~/models/llama-3.1-8b-4bit"                       # a local directory
 Exactly one of `path` (local directory, never looked up on a hub) or `repo`
 (hub id) per model, and optionally `context_tokens`, `max_prompt_chars` and
 `keep_alive_s` to override the model's context length, the service's prompt
-limit and how long the model may sit idle before it is unloaded. `demo` is
-built in: a tiny random-weight model built offline.
+limit and how long the model may sit idle before it is unloaded; `aliases`,
+sampling `defaults`, `pin`, `warm`, `reasoning` and `chat_template_kwargs`.
+The admin API's entries (kept in Redis, shared/live_models.py) are checked by
+the same `parse_entry` and laid over the file's. `demo` is built in: a tiny
+random-weight model built offline.
 """
 
 from __future__ import annotations

@@ -90,25 +90,44 @@ def start(redis: Redis, name: str, repo: str, revision: str | None, total_bytes:
     return True
 
 
+_MINE = """
+if redis.call("HGET", KEYS[1], "worker") ~= ARGV[1] or redis.call("HGET", KEYS[1], "state") ~= "downloading" then
+  return 0
+end
+if ARGV[2] ~= "" then
+  redis.call("HSET", KEYS[1], "done_bytes", ARGV[2], "beat_at", ARGV[3])
+end
+return 1
+"""
+
+
 def claim(redis: Redis, name: str, worker: str) -> bool:
     """Take the pull for this worker: a queued one, or one whose worker stopped beating."""
     return bool(redis.eval(_CLAIM, 1, keys.pull(name), worker, repr(time.time()), repr(STALE_S)))
 
 
-def progress(redis: Redis, name: str, done_bytes: int) -> None:
-    redis.hset(keys.pull(name), mapping={"done_bytes": done_bytes, "beat_at": repr(time.time())})
+def progress(redis: Redis, name: str, worker: str, done_bytes: int) -> bool:
+    """Write the bytes done and the worker's sign of life; False when the pull is no longer this
+    worker's (removed, or taken over after a silence): then its download stops."""
+    return bool(redis.eval(_MINE, 1, keys.pull(name), worker, str(done_bytes), repr(time.time())))
 
 
-def finish(redis: Redis, name: str, entry: dict[str, Any], done_bytes: int) -> None:
+def finish(redis: Redis, name: str, worker: str, entry: dict[str, Any], done_bytes: int) -> bool:
     """The files are here: the model is registered (over what its entry says now: a pin set while it
-    downloaded stays), and the jobs waiting for it may be claimed."""
+    downloaded stays), and the jobs waiting for it may be claimed. False, and nothing written, when
+    the pull is no longer this worker's (the model was removed meanwhile)."""
+    if not redis.eval(_MINE, 1, keys.pull(name), worker, "", ""):
+        return False
     store(redis, name, {**stored_entries(redis).get(name, {}), **entry})
     _end(redis, name, {"state": "done", "done_bytes": done_bytes})
+    return True
 
 
-def fail(redis: Redis, name: str, error: str) -> None:
-    """The pull cannot be done; the jobs waiting for the model are claimed and end with its error."""
-    _end(redis, name, {"state": "failed", "error": error})
+def fail(redis: Redis, name: str, worker: str, error: str) -> None:
+    """The pull cannot be done; the jobs waiting for the model are claimed, and fail as a hub model
+    that is not here does (naming `mlxq pull`)."""
+    if redis.eval(_MINE, 1, keys.pull(name), worker, "", ""):
+        _end(redis, name, {"state": "failed", "error": error})
 
 
 def _end(redis: Redis, name: str, fields: dict[str, Any]) -> None:

@@ -197,7 +197,7 @@ class GenerateRequest(BaseModel):
         int, Field(ge=0, le=20, description="with `logprobs`, also the likeliest alternatives at each token")
     ] = 0
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
-    keep_alive: float | None = Field(
+    keep_alive: Annotated[float, Field(ge=-1.0e9, le=1.0e9, allow_inf_nan=False)] | None = Field(
         default=None,
         description="seconds the model stays loaded once idle after this request (0: unloaded once idle;"
         " negative: for ever); default: the model's keep_alive_s",

@@ -206,6 +206,9 @@ def test_the_registry_is_live_for_the_file_and_the_api(stack: tuple[Service, Pat
     service, models_file, _ = stack
     models_file.write_text(f'[models.from-file]\npath = "{model_dir}"\nnotes = "added while running"\n')
     wait_until("the file's model is listed", lambda: "from-file" in names(service), timeout_s=15)
+    for pin in (True, False):  # a file's model is changed through the API too, as often as wanted
+        patched = service.http.patch("/v1/admin/models/from-file", json={"pin": pin})
+        assert patched.status_code == 200 and patched.json()["entry"] == {"pin": pin}, patched.text
     put = service.http.put(
         "/v1/admin/models/from-api",
         json={"path": str(model_dir), "aliases": ["gpt-x"], "defaults": {"max_tokens": 5}},
@@ -219,7 +222,11 @@ def test_the_registry_is_live_for_the_file_and_the_api(stack: tuple[Service, Pat
     assert result["result"]["usage"]["completion_tokens"] == 5
     bad = service.http.put("/v1/admin/models/bad", json={"path": str(model_dir), "defaults": {"temperature": 9}})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "defaults", bad.text
-    # a file's model is edited in the file, not removed through the API
+    # removing a file's model through the API takes away only what the API laid over it (the pin)...
+    undone = service.http.delete("/v1/admin/models/from-file")
+    assert undone.status_code == 200 and undone.json()["still_in_models_file"] is True, undone.text
+    assert "from-file" in names(service)
+    # ...and the file's model itself is edited in the file
     refused = service.http.delete("/v1/admin/models/from-file")
     assert refused.status_code == 409 and "models file" in refused.json()["error"]["message"]
     removed = service.http.delete("/v1/admin/models/from-api")
@@ -260,6 +267,9 @@ def test_ollama_copy_delete_and_keep_alive(stack: tuple[Service, Path, Path], mo
     # keep_alive 0: unloaded as soon as it is idle
     client.generate(model="copied", prompt="x", options={"num_predict": 2}, keep_alive=0)
     wait_until("unloaded once idle", lambda: "copied" not in loaded(service), timeout_s=20)
+    with pytest.raises(ollama.ResponseError) as refused:  # beyond any sane time: refused, not a broken /api/ps
+        client.generate(model="copied", prompt="x", options={"num_predict": 2}, keep_alive=1e12)
+    assert 400 <= refused.value.status_code < 500
     client.delete("copied")
     wait_until("the copy is gone", lambda: "copied" not in names(service), timeout_s=15)
     with pytest.raises(ollama.ResponseError) as caught:

@@ -76,31 +76,36 @@ class Downloads:
             self.connection.hset(keys.pull(name), "total_bytes", plan.total_bytes)
             for attempt in range(1, ATTEMPTS + 1):
                 try:
-                    hub.download(plan)
+                    hub.download(plan, stop=beating.is_set)
                     break
                 except hub.HubError as exc:  # each attempt goes on from the bytes already here
-                    if attempt == ATTEMPTS or self._stop.wait(2.0 * attempt):
+                    if exc.kind == "stopped" or attempt == ATTEMPTS or self._stop.wait(2.0 * attempt):
                         raise
                     logger.warning("pull of %s: attempt %d failed, trying again: %s", repo, attempt, exc)
         except hub.HubError as exc:
             beating.set()
             logger.warning("pull of %s failed: %s", repo, exc)
-            pulls.fail(self.connection, name, str(exc))
+            pulls.fail(self.connection, name, self.worker_name, str(exc))
             return
         except Exception as exc:
             beating.set()
             logger.exception("pull of %s failed", repo)
-            pulls.fail(self.connection, name, f"{type(exc).__name__}: {exc}")
+            pulls.fail(self.connection, name, self.worker_name, f"{type(exc).__name__}: {exc}")
             return
         beating.set()
         beater.join()
         entry = json.loads(str(record.get("entry") or "{}")) or {"pulled": True}
-        pulls.finish(self.connection, name, entry, hub.bytes_here(repo))
-        logger.info("pulled %s as model %s", repo, name)
+        if pulls.finish(self.connection, name, self.worker_name, entry, hub.bytes_here(repo)):
+            logger.info("pulled %s as model %s", repo, name)
+        else:
+            logger.info("pull of %s done, but model %s was removed or taken over meanwhile", repo, name)
 
     def _beat(self, name: str, repo: str, done: threading.Event) -> None:
+        """Progress and sign of life each second; a pull no longer this worker's is stopped (`done`)."""
         while not done.wait(pulls.BEAT_S):
             try:
-                pulls.progress(self.connection, name, hub.bytes_here(repo))
+                if not pulls.progress(self.connection, name, self.worker_name, hub.bytes_here(repo)):
+                    logger.info("pull of %s is no longer this worker's; stopping it", repo)
+                    done.set()
             except UNREACHABLE as exc:
                 REDIS.failed("writing a download's progress", exc)

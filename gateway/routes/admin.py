@@ -106,16 +106,21 @@ def get_pull(name: str, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
 
 
 @router.put("/v1/admin/models/{name:path}")
-def put_model(name: str, body: Entry, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
+def put_model(
+    name: str, body: Entry, models: ModelsDep, redis: RedisDep, settings: SettingsDep, _admin: AdminDep
+) -> dict[str, Any]:
     """Add a model (or replace the entry the API gave it): every gateway and worker sees it within a second."""
-    return {"model": name, "entry": model_admin.put(redis, models, name, body.fields(), merge=False)}
+    return {"model": name, "entry": model_admin.put(redis, settings, models, name, body.fields(), merge=False)}
 
 
 @router.patch("/v1/admin/models/{name:path}")
-def patch_model(name: str, body: Entry, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
+def patch_model(
+    name: str, body: Entry, models: ModelsDep, redis: RedisDep, settings: SettingsDep, _admin: AdminDep
+) -> dict[str, Any]:
     """Change some fields of a model's entry (pin, warm, defaults...); a models file's model too."""
     spec = models.get(name)
-    return {"model": spec.name, "entry": model_admin.put(redis, models, spec.name, body.fields(), merge=True)}
+    entry = model_admin.put(redis, settings, models, spec.name, body.fields(), merge=True)
+    return {"model": spec.name, "entry": entry}
 
 
 @router.delete("/v1/admin/models/{name:path}")

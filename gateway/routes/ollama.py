@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway import catalog, model_admin, submission, waiting
-from gateway.deps import AdminDep, ClientDep, GatewayDep, ModelsDep, RedisDep, SettingsDep
+from gateway.deps import AdminDep, ClientDep, GatewayDep, ModelsDep, RedisDep, SettingsDep, sees_everything
 from gateway.error_shapes import router_for
 from gateway.following import follow
 from gateway.ollama_api import (
@@ -80,7 +80,7 @@ def running(models: ModelsDep, redis: RedisDep) -> dict[str, Any]:
 
 def _expiry(at: float | None) -> str:
     """Ollama's expires_at; a model serving, pinned or kept for ever shows Ollama's far future."""
-    when = datetime.fromtimestamp(at, UTC) if at is not None else FOREVER
+    when = datetime.fromtimestamp(min(at, FOREVER.timestamp()), UTC) if at is not None else FOREVER
     return when.isoformat().replace("+00:00", "Z")
 
 
@@ -124,10 +124,10 @@ def delete(body: DeleteRequest, models: ModelsDep, redis: RedisDep, settings: Se
 
 
 @router.post("/api/copy")
-def copy(body: CopyRequest, models: ModelsDep, redis: RedisDep, _admin: AdminDep) -> Any:
+def copy(body: CopyRequest, models: ModelsDep, redis: RedisDep, settings: SettingsDep, _admin: AdminDep) -> Any:
     if models.find(body.source) is None:
         return JSONResponse({"error": f"model '{body.source}' not found"}, status_code=404)
-    model_admin.copy(redis, models, body.source, body.destination)
+    model_admin.copy(redis, settings, models, body.source, body.destination)
     return Response(status_code=200)
 
 
@@ -166,12 +166,14 @@ async def chat(body: ChatRequest, request: Request, client: ClientDep, gw: Gatew
 @router.post("/api/generate")
 async def generate(body: GenerateBody, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
     if not body.prompt:  # Ollama's way to load a model (or with keep_alive 0, to unload it)
-        redis = request.app.state.redis
+        redis, models = request.app.state.redis, request.app.state.models
         unload = body.keep_alive_s() == 0
-        if unload:
-            await run_in_threadpool(model_admin.unload, redis, request.app.state.models, body.model)
+        # What the admin routes do, only for whoever may call them; for others it is the answer alone.
+        act = model_admin.unload if unload else model_admin.load
+        if sees_everything(request):
+            await run_in_threadpool(act, redis, models, body.model)
         else:
-            await run_in_threadpool(model_admin.load, redis, request.app.state.models, body.model)
+            models.get(body.model)
         done = {"done": True, "done_reason": "unload" if unload else "load"}
         return JSONResponse({"model": body.model, "created_at": now(), "response": "", **done})
     return await _call(body.to_generate(), body.stream, request, client, gw, chat=False)
