@@ -162,7 +162,7 @@ def _unload(redis: Redis, name: str) -> list[str]:
 
 
 def spec_entry(spec: Any) -> dict[str, Any]:
-    """A spec as a stored entry (what `copy` and a first request's pull store)."""
+    """A spec as a stored entry (what `copy` stores for its new name)."""
     entry: dict[str, Any] = {"repo": spec.repo} if spec.repo else {"path": str(spec.path)}
     optional = {
         "notes": spec.notes,

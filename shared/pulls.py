@@ -63,10 +63,6 @@ def every(redis: Redis) -> list[dict[str, Any]]:
 def start(redis: Redis, name: str, repo: str, revision: str | None, total_bytes: int, entry: dict[str, Any]) -> bool:
     """Queue the download of `repo` as model `name` (registered as `entry` once it is here); False
     when that model's pull is already queued or running (then it goes on as it is)."""
-    key = keys.pull(name)
-    current = redis.hget(key, "state")
-    if current is not None and _text(current) in PENDING:
-        return False
     now = time.time()
     record = {
         "name": name,
@@ -81,14 +77,20 @@ def start(redis: Redis, name: str, repo: str, revision: str | None, total_bytes:
         "created_at": now,
         "beat_at": 0,
     }
-    with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(key)
-        pipe.hset(key, mapping=record)  # type: ignore[arg-type]
-        pipe.sadd(keys.PULLS, name)
-        pipe.sadd(keys.PULLING, name)
-        pipe.execute()
-    return True
+    fields = [str(part) for pair in record.items() for part in pair]
+    # One step: two gateways starting the same pull at once must not reset one a worker holds.
+    return bool(redis.eval(_START, 3, keys.pull(name), keys.PULLS, keys.PULLING, name, *fields))
 
+
+_START = """
+local state = redis.call("HGET", KEYS[1], "state")
+if state == "queued" or state == "downloading" then return 0 end
+redis.call("DEL", KEYS[1])
+redis.call("HSET", KEYS[1], unpack(ARGV, 2))
+redis.call("SADD", KEYS[2], ARGV[1])
+redis.call("SADD", KEYS[3], ARGV[1])
+return 1
+"""
 
 _MINE = """
 if redis.call("HGET", KEYS[1], "worker") ~= ARGV[1] or redis.call("HGET", KEYS[1], "state") ~= "downloading" then

@@ -88,10 +88,13 @@ class ModelTexts:
     """`ModelText` per model, read once (and again later while a model's files are missing)."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[ModelText, float]] = {}
+        self._cache: dict[tuple[str, str, int | None], tuple[ModelText, float]] = {}
 
     def get(self, spec: ModelSpec) -> ModelText:
-        cached = self._cache.get(spec.name)
+        # By where its files are and its context limit too: a name given another model (the live
+        # registry) is read afresh.
+        key = (spec.name, spec.source, spec.context_tokens)
+        cached = self._cache.get(key)
         if cached is not None and (cached[0].tokenizer is not None or not self._may_have_appeared(spec, cached[1])):
             return cached[0]
         directory = spec.local_files()
@@ -108,7 +111,7 @@ class ModelTexts:
                 except Exception as exc:  # a broken file costs the token count, not the request
                     logger.warning("cannot read tokenizer of %s: %s", spec.name, exc)
         found = ModelText(tokenizer, context, directory)
-        self._cache[spec.name] = (found, time.monotonic())
+        self._cache[key] = (found, time.monotonic())
         return found
 
     @staticmethod

@@ -99,6 +99,11 @@ class ModelCache:
         """The model, loaded if need be, marked as serving; and the seconds spent loading it. A
         `keep_alive_s` (the request's) is how long it stays loaded once idle, from now on."""
         entry = self._loaded.get(spec.name)
+        if entry is not None and (entry.spec.source, entry.spec.context_tokens) != (spec.source, spec.context_tokens):
+            # The name now means other files (the live registry): the old ones go once idle; until
+            # then the jobs that hold them finish on them.
+            if self.unload(spec.name, f"its entry now names {spec.source}"):
+                entry = None
         spent = 0.0
         if entry is None:
             started = time.perf_counter()
