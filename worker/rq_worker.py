@@ -318,10 +318,23 @@ class MlxqWorker(OutageTolerantWorker):
         self.endings.handed_back(job)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        until_redis(
-            "recording a finished job",
-            lambda: super(MlxqWorker, self).handle_job_success(job, queue, started_job_registry, execution),
-        )
+        tried = False
+
+        def record() -> None:
+            nonlocal tried
+            # RQ records a success in one MULTI/EXEC. Redis can die after the EXEC and before its
+            # reply: the success is then recorded (the AOF has it) and a second try would add a
+            # second result. So a retry first asks whether the first try went through.
+            if tried:
+                try:
+                    if job.get_status(refresh=True) == JobStatus.FINISHED:
+                        return
+                except NoSuchJobError:
+                    return  # only RQ's success (with no result kept) removes the hash
+            tried = True
+            super(MlxqWorker, self).handle_job_success(job, queue, started_job_registry, execution)
+
+        until_redis("recording a finished job", record)
         self.endings.finished(job, job._result)
 
     def _record_canceled(self, job: Job, execution: Any) -> None:
