@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rq import Queue
@@ -296,9 +296,9 @@ class MlxqWorker(OutageTolerantWorker):
                 until_redis("recording a canceled job", lambda: self._record_canceled(job, execution))
             else:
                 record = super().handle_job_failure
-                until_redis(
-                    "recording a failed job", lambda: record(job, queue, started_job_registry, exc_string, execution)
-                )
+                registry = started_job_registry
+                failed = once(job, JobStatus.FAILED, lambda: record(job, queue, registry, exc_string, execution))
+                until_redis("recording a failed job", failed)
             self._canceled.discard(job.id)
             self.endings.failed(job, error, canceled)
             return
@@ -309,32 +309,20 @@ class MlxqWorker(OutageTolerantWorker):
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
-            queue.enqueue_job(job, at_front=True)
+            queue.enqueue_job(job, at_front=True)  # status and push in one transaction
 
         # Its pieces first: the next attempt carries on from what its stream holds, and one still on
         # its way from here would be written beside that attempt's own.
         self.publisher.drain()
-        until_redis("handing a job back", hand_back)
+        until_redis("handing a job back", once(job, JobStatus.QUEUED, hand_back))
         self.endings.handed_back(job)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        tried = False
-
-        def record() -> None:
-            nonlocal tried
-            # RQ records a success in one MULTI/EXEC. Redis can die after the EXEC and before its
-            # reply: the success is then recorded (the AOF has it) and a second try would add a
-            # second result. So a retry first asks whether the first try went through.
-            if tried:
-                try:
-                    if job.get_status(refresh=True) == JobStatus.FINISHED:
-                        return
-                except NoSuchJobError:
-                    return  # only RQ's success (with no result kept) removes the hash
-            tried = True
-            super(MlxqWorker, self).handle_job_success(job, queue, started_job_registry, execution)
-
-        until_redis("recording a finished job", record)
+        record = super().handle_job_success
+        until_redis(
+            "recording a finished job",
+            once(job, JobStatus.FINISHED, lambda: record(job, queue, started_job_registry, execution)),
+        )
         self.endings.finished(job, job._result)
 
     def _record_canceled(self, job: Job, execution: Any) -> None:
@@ -371,3 +359,23 @@ class MlxqWorker(OutageTolerantWorker):
         if execution is not None:
             quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
 
+
+def once(job: Job, done: JobStatus, write: Callable[[], None]) -> Callable[[], None]:
+    """`write` (a job's end or hand-back, in one MULTI/EXEC) for until_redis, made safe to retry: Redis
+    can die after the EXEC and before its reply, so the write is in (the AOF has it) while this side
+    saw an error; a second write would add a second result or push the job twice. A retry first asks
+    whether the job already shows `done` (or is gone: only RQ's own end removes its hash)."""
+    tried = False
+
+    def attempt() -> None:
+        nonlocal tried
+        if tried:
+            try:
+                if job.get_status(refresh=True) == done:
+                    return
+            except NoSuchJobError:
+                return
+        tried = True
+        write()
+
+    return attempt
