@@ -20,7 +20,7 @@ from gateway.workers import live_workers
 from shared import hub, keys, pulls
 from shared.errors import HubUnavailable, InvalidRequest, ModelConflict, ModelNotFound, ModelTooLarge
 from shared.live_models import store, stored_entries
-from shared.models import DEMO_MODEL, ModelRegistry, parse_entry
+from shared.models import DEMO_MODEL, ModelRegistry, ModelSpec, parse_entry, read_models_file
 from shared.settings import Settings
 
 
@@ -161,7 +161,7 @@ def _unload(redis: Redis, name: str) -> list[str]:
     return _ask_workers(redis, {"command": "unload", "model": name}, holding)
 
 
-def spec_entry(spec: Any) -> dict[str, Any]:
+def spec_entry(spec: ModelSpec) -> dict[str, Any]:
     """A spec as a stored entry (what `copy` stores for its new name)."""
     entry: dict[str, Any] = {"repo": spec.repo} if spec.repo else {"path": str(spec.path)}
     optional = {
@@ -197,8 +197,6 @@ def _check(settings: Settings, models: ModelRegistry, name: str, entry: dict[str
 
 def _file_entry(settings: Settings, name: str) -> dict[str, Any] | None:
     """The models file's own entry for `name`, as written."""
-    from shared.models import read_models_file
-
     if settings.models_file is None:
         return None
     try:

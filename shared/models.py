@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import hub
 from shared.errors import ModelNotFound
 from shared.settings import Settings
 
@@ -105,8 +106,6 @@ class ModelSpec:
         a hub model's pull (shared/hub.py), else huggingface_hub's cache (another tool's download)."""
         if self.path is not None:
             return self.path if self.path.is_dir() else None
-        from shared import hub
-
         if hub.complete(str(self.repo)):
             return hub.pulled_dir(str(self.repo))
         try:

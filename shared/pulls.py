@@ -11,6 +11,7 @@ restarted one) takes the pull over and huggingface_hub resumes the partial file.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -55,9 +56,15 @@ def read(redis: Redis, name: str) -> dict[str, Any] | None:
 
 
 def every(redis: Redis) -> list[dict[str, Any]]:
-    names = sorted(_text(n) for n in redis.smembers(keys.PULLS))
-    found = [read(redis, name) for name in names]
-    return [record for record in found if record is not None]
+    """Every pull with a record; names whose record expired leave the set."""
+    found = []
+    for name in sorted(_text(n) for n in redis.smembers(keys.PULLS)):
+        record = read(redis, name)
+        if record is None:
+            redis.srem(keys.PULLS, name)
+        else:
+            found.append(record)
+    return found
 
 
 def start(redis: Redis, name: str, repo: str, revision: str | None, total_bytes: int, entry: dict[str, Any]) -> bool:
@@ -73,7 +80,7 @@ def start(redis: Redis, name: str, repo: str, revision: str | None, total_bytes:
         "done_bytes": 0,
         "error": "",
         "worker": "",
-        "entry": _json(entry),
+        "entry": json.dumps(entry),
         "created_at": now,
         "beat_at": 0,
     }
@@ -150,12 +157,6 @@ def forget(redis: Redis, name: str) -> None:
         pipe.srem(keys.PULLS, name)
         pipe.srem(keys.PULLING, name)
         pipe.execute()
-
-
-def _json(entry: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(entry)
 
 
 def _text(value: bytes | str) -> str:

@@ -82,7 +82,6 @@ def stack(
         rate_limit_requests=100_000,
         max_inflight_per_client=10_000,
     )
-    service.http.delete("/v1/admin/models/leftover")  # nothing; the database is this module's
     yield service, models_file, home
     service.stop()
 
@@ -93,7 +92,9 @@ def ndjson(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line) for line in response.text.splitlines() if line.strip()]
 
 
-def test_a_pull_streams_ollama_progress_then_the_model_answers_a_chat(stack: tuple[Service, Path, Path]) -> None:
+def test_a_pull_streams_ollama_progress_then_the_model_answers_a_chat(
+    stack: tuple[Service, Path, Path], model_dir: Path
+) -> None:
     service, _, home = stack
     client = ollama.Client(host=service.base_url)
     progress = list(client.pull("hf.co/team/tiny", stream=True))
@@ -105,18 +106,11 @@ def test_a_pull_streams_ollama_progress_then_the_model_answers_a_chat(stack: tup
     names = [m.model for m in client.list().models]
     assert "hf.co/team/tiny" in names
     pulled = home / "hub" / "mlxq-pulls" / "team--tiny"
-    assert filecmp.cmp(pulled / "model.safetensors", stack_model(service), shallow=False)
+    assert filecmp.cmp(pulled / "model.safetensors", model_dir / "model.safetensors", shallow=False)
     answer = client.chat(
         model="hf.co/team/tiny", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 4}
     )
     assert answer.done and answer.eval_count and answer.eval_count <= 4
-
-
-def stack_model(service: Service) -> Path:
-    # the demo model every test process builds is the very model the hub serves
-    directory = Path(service.env["MLXQ_DATA_DIR"]) / "demo-copy"
-    build_demo_model(directory)
-    return directory / "model.safetensors"
 
 
 def test_a_model_too_big_for_the_budget_is_refused_before_any_byte(
@@ -140,7 +134,7 @@ def test_a_model_too_big_for_the_budget_is_refused_before_any_byte(
 
 
 def test_an_interrupted_pull_resumes_where_it_stopped(
-    stack: tuple[Service, Path, Path], hub: FakeHub, redis_server: Any, tmp_path: Path
+    stack: tuple[Service, Path, Path], hub: FakeHub, model_dir: Path, tmp_path: Path
 ) -> None:
     service, _, home = stack
     hub.throttle["model.safetensors"] = 1.0  # a second per 64 KiB: about 7 s for the weights
@@ -167,7 +161,7 @@ def test_an_interrupted_pull_resumes_where_it_stopped(
     resumed_from = int(ranges[-1].removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_from <= had, (ranges, had)
     weights = home / "hub" / "mlxq-pulls" / "team--resumed" / "model.safetensors"
-    assert filecmp.cmp(weights, stack_model(service), shallow=False)
+    assert filecmp.cmp(weights, model_dir / "model.safetensors", shallow=False)
     answered = service.http.post(
         "/v1/chat/completions", json={"model": "team/resumed", "messages": [{"role": "user", "content": "x"}],
                                       "max_tokens": 3}, timeout=60

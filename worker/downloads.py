@@ -11,6 +11,7 @@ download is limited by the network, not by this machine.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -60,8 +61,6 @@ class Downloads:
         return False
 
     def _run(self, record: dict[str, object]) -> None:
-        import json
-
         name, repo = str(record["name"]), str(record["repo"])
         revision = str(record.get("revision") or "") or None
         logger.info("pulling %s as model %s", repo, name)

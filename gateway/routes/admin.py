@@ -19,6 +19,7 @@ from gateway import model_admin
 from gateway.deps import AdminDep, GatewayDep, ModelsDep, RedisDep, SettingsDep
 from gateway.workers import live_workers
 from shared import pulls, stats
+from shared.errors import ModelNotFound
 from shared.keys import STATS_COUNTERS
 from shared.models import NAME, ModelRegistry
 
@@ -99,8 +100,6 @@ def list_pulls(redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
 def get_pull(name: str, redis: RedisDep, _admin: AdminDep) -> dict[str, Any]:
     record = pulls.read(redis, name)
     if record is None:
-        from shared.errors import ModelNotFound
-
         raise ModelNotFound(f"No pull of model '{name}' is known here", param="name")
     return record
 
