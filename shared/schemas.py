@@ -23,9 +23,13 @@ class TextPart(BaseModel):
     text: str
 
 
+TOOL_NAME_MAX = 64
+"""The longest function name a tool or a call may carry (OpenAI's limit)."""
+
+
 class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: Annotated[str, Field(min_length=1, max_length=64)]
+    name: Annotated[str, Field(min_length=1, max_length=TOOL_NAME_MAX)]
     arguments: str = Field(description="the arguments as a JSON string, as OpenAI sends them")
 
 
@@ -91,7 +95,7 @@ def json_or_text(text: str) -> Any:
 
 class FunctionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: Annotated[str, Field(min_length=1, max_length=TOOL_NAME_MAX, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None

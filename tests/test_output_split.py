@@ -71,6 +71,34 @@ def test_a_forced_call_that_ends_keeps_the_models_own_argument_text() -> None:
     json.loads(split.calls[0]["function"]["arguments"])
 
 
+TWO_TOOLS = [*TOOLS, {"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+
+
+@pytest.mark.parametrize(
+    ("written", "tools", "name"),
+    [
+        ('{"name":"get_w', TWO_TOOLS, "get_weather"),  # one offered name begins so: that one
+        ('{"name":"get_', TWO_TOOLS, None),  # either could follow: no call
+        ('{"na', TOOLS, "get_weather"),  # nothing of the name yet, one tool: that one
+    ],
+)
+def test_a_forced_call_cut_inside_its_name_is_named_only_where_the_tools_say_which(
+    written: str, tools: list[dict[str, object]], name: str | None
+) -> None:
+    split = OutputSplit(MARKERS, forced=True, tools=tools)
+    feed_by_char(split, written, cut=True)
+    assert [c["function"]["name"] for c in split.calls] == ([name] if name else [])
+    assert not split.content  # the forced JSON's start is not an answer either
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65])
+def test_a_call_whose_name_no_call_can_carry_stays_text(name: str) -> None:
+    split = OutputSplit(Markers(call=("<tool_call>", "</tool_call>")), tools=TOOLS)
+    written = f'<tool_call>{{"name": "{name}", "arguments": {{}}}}</tool_call>'
+    feed_by_char(split, written)
+    assert not split.calls and split.content == written
+
+
 def test_markup_that_is_not_a_call_stays_text() -> None:
     split = OutputSplit(MARKERS, tools=TOOLS)
     feed_by_char(split, "<tool_call>not json</tool_call> ok")

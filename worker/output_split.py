@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import uuid4
 
+from shared.schemas import TOOL_NAME_MAX
+
 PieceKind = Literal["text", "reasoning", "call", "arguments"]
 
 _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -179,9 +181,9 @@ class OutputSplit:
             return
         if call.name is None:
             head = _NAME.match(call.body)
-            if head is None:
+            if head is None or not _usable_name(name := json.loads(f'"{head.group(1)}"')):
                 return
-            call.name, call.args_at, call.announced = json.loads(f'"{head.group(1)}"'), head.end(), True
+            call.name, call.args_at, call.announced = name, head.end(), True
             pieces.append(Piece("call", index=len(self.calls), id=call.id, name=call.name))
         grown = call.body[call.args_at :].lstrip().rstrip(_TAIL)
         if len(grown) > call.sent:
@@ -196,7 +198,10 @@ class OutputSplit:
         if parsed is None and (self.forced or call.announced):
             # Already shown as a call (or forced to be one): it stays one, with its arguments as
             # written, even where they do not parse (OpenAI's arguments need not either).
-            parsed = [(call.name or self.forced_name or _partial_name(call.body), self._raw_arguments(call))]
+            name = call.name or self.forced_name or self._completed_name(_partial_name(call.body))
+            if not name:
+                return  # a forced call cut before it named anything: there is no call to show
+            parsed = [(name, self._raw_arguments(call))]
         if parsed is None:
             # Not a call after all (or not one we can read): it stays text, markers included.
             start, end = self.markers.call or ("", "")
@@ -214,6 +219,14 @@ class OutputSplit:
                 pieces.append(Piece("call", index=index, id=call_id, name=name))
                 pieces.append(Piece("arguments", arguments, index=index))
             self.calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+
+    def _completed_name(self, start: str) -> str:
+        """The offered function a call cut inside its name was naming: constrained decoding writes
+        only offered names, so a start that one name alone begins is that name. "" when the start
+        could be more than one (or nothing was written): such a call names nothing, and is dropped."""
+        names = [t["function"]["name"] for t in self.tools if t.get("type") == "function"]
+        matching = [name for name in names if name.startswith(start)]
+        return matching[0] if len(matching) == 1 else ""
 
     @staticmethod
     def _raw_arguments(call: _Call) -> str:
@@ -234,13 +247,15 @@ class OutputSplit:
             out = [
                 (one["name"], _arguments(one.get("arguments", {})))
                 for one in (found if isinstance(found, list) else [found])
-                if isinstance(one, dict) and isinstance(one.get("name"), str)
+                if isinstance(one, dict) and _usable_name(one.get("name"))
             ]
             return out or None
         head = _NAME.match(call.body)
         if head is None:
             return None
         name, body = json.loads(f'"{head.group(1)}"'), call.body[head.end() :].strip(" \t\r\n")
+        if not _usable_name(name):
+            return None
         inner = body[:-1].rstrip(" \t\r\n") if body.endswith("}") else None  # less the wrapper's own brace
         if inner is not None and _parses(inner):
             return [(name, inner)]
@@ -286,6 +301,11 @@ def _held(text: str, markers: Sequence[str | None]) -> int:
                 held = max(held, size)
                 break
     return held
+
+
+def _usable_name(name: object) -> bool:
+    """A name a call can carry (shared/schemas.py FunctionCall): what a model wrote may be neither."""
+    return isinstance(name, str) and 0 < len(name) <= TOOL_NAME_MAX
 
 
 def _partial_name(body: str) -> str:
