@@ -10,6 +10,7 @@ from functools import partial
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
@@ -49,11 +50,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Before the first request: counting a prompt as the model sees it needs its chat template.
         await run_in_threadpool(app.state.limits.warm)
-        app.state.redis = Redis.from_url(settings.redis_url)
-        record_outages(app.state.redis, "gateway")
-        # A fixed pool: callers wait for a connection rather than open one more (streams hold none:
-        # one reader serves them all).
+        # Fixed pools, one for the calls made from threads and one for the async ones: callers wait
+        # for a connection rather than open one more (streams hold none: one reader serves them all),
+        # so a burst of requests cannot open as many connections as the thread pool has threads.
         size = settings.redis_connections
+        threads_pool = SyncBlockingPool.from_url(settings.redis_url, max_connections=size, timeout=10)
+        app.state.redis = Redis(connection_pool=threads_pool)
+        record_outages(app.state.redis, "gateway")
         # A connection Redis dropped (it restarted) is tried again once, so the first request after a
         # restart is not refused for it (admission.lua knows a call made twice).
         retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2)

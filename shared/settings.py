@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     redis_connections: int = Field(
         default=32,
         ge=2,
-        description="async Redis connections per gateway process, however many streams are open (one reader "
+        description="Redis connections per gateway process for its async calls, and as many again for its "
+        "threaded ones, however many streams are open (one reader "
         "serves them all); a request that finds every one in use for 10 s is answered 503 gateway_busy",
     )
 
