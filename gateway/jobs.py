@@ -267,5 +267,14 @@ def _error_from_traceback(job: Job) -> dict[str, Any]:
     """For failures our task did not describe (a crash in RQ itself): the exception's last line."""
     result = job.latest_result()
     text = (result.exc_string or "") if result else ""
-    last = text.strip().splitlines()[-1] if text.strip() else "the job failed without an error message"
-    return {"message": last, "type": "server_error", "code": "job_failed", "param": None}
+    return {"message": _exception_line(text), "type": "server_error", "code": "job_failed", "param": None}
+
+
+def _exception_line(traceback_text: str) -> str:
+    """The line naming the exception: the first unindented one after the last frame (a traceback's
+    last line can be a note, as pydantic's "For further information visit ..." is)."""
+    lines = traceback_text.strip().splitlines()
+    frames = [n for n, line in enumerate(lines) if line.startswith("  File ")]
+    after = lines[frames[-1] + 1 :] if frames else lines
+    named = [line for line in after if line and not line[0].isspace()]
+    return named[0] if named else (lines[-1] if lines else "the job failed without an error message")
