@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlx_lm.utils import load_tokenizer
 
 from shared.errors import GenerationCanceled, InvalidRequest, JobTimedOut, ModelUnavailable
 from shared.job_stream import Resumed
@@ -282,3 +283,46 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps_beside_i
     assert prompt_tokens > 3000
     assert coarse >= 2  # even coarse pieces leave the running row decoding between them
     assert fine >= 3 * coarse, (fine, coarse)
+
+
+OPENING = "You are a careful assistant."
+"""Short (under MIN_SHARED_TOKENS of the demo's tokens, under half the question): not worth waiting for."""
+
+
+def test_a_request_beginning_like_one_still_prefilling_copies_the_part_already_computed(demo: ModelSpec) -> None:
+    """Requests that arrive together and begin alike (a template's opening, a system prompt) compute
+    that beginning once, however short: the later one copies it out of the member still prefilling
+    (its cache is left-padded between pieces), and its text is what it is alone."""
+    question = dict(prompt=f"{OPENING} Question: what colour is the sky on a clear day at noon?", max_tokens=12, temperature=0)
+    alone_engine = build_engine(Settings(), 10**10, prefix_cache_bytes=0)
+    alone_engine.start()
+    try:
+        [alone] = run_all(alone_engine, [submit(alone_engine, demo, "alone", **question)])
+    finally:
+        alone_engine.stop()
+
+    running = build_engine(Settings(prefill_pause_steps=1), 10**10, prefix_cache_bytes=10**8)
+    running.start()
+    try:
+        tokens: list[int] = []
+        beside = submit(running, demo, "beside", max_tokens=30_000, ignore_eos=True)
+        beside.on_text = lambda sent: tokens.extend(sent.tokens)
+        running.submit(beside)
+        while len(tokens) < 5:
+            time.sleep(0.01)
+        long = running.submit(submit(running, demo, "long", prompt=f"{OPENING} {'the sea ' * 1500}", max_tokens=2))
+        at = len(tokens)
+        while len(tokens) < at + 10:  # ten pieces of the long prompt's prefill at least 8 tokens each
+            time.sleep(0.01)
+        assert not long.wait(0)  # still prefilling: 3,000 tokens in pieces of a decode step's time
+        [copied] = run_all(running, [submit(running, demo, "copied", **question)])
+        running.cancel("beside")
+        assert long.wait(120)
+    finally:
+        running.stop()
+    assert demo.path is not None
+    tokenizer = load_tokenizer(demo.path)
+    opening, whole = tokenizer.encode(OPENING), tokenizer.encode(question["prompt"])
+    begins_alike = next(n for n, (a, b) in enumerate(zip(opening + [-1], whole, strict=False)) if a != b)
+    assert copied.cached_tokens == begins_alike >= 8, (begins_alike, copied.cached_tokens)
+    assert copied.text == alone.text

@@ -199,6 +199,24 @@ def test_a_short_shared_prefix_is_not_worth_waiting_for() -> None:
     assert run.joined == [("first", Seed()), ("second", Seed())]
 
 
+def test_a_short_shared_opening_already_computed_is_copied_not_computed_again() -> None:
+    """Requests arriving together that begin alike (a chat template's opening and the same first
+    words): the later ones copy what a member has computed of it, however short, and never wait."""
+    sched, run = scheduler(10**9)
+    opening = list(range(20))
+    run.prompts = {f"r{i}": opening + list(range(100 * i, 100 * i + 30)) for i in range(1, 4)}
+    sched.add(ticket("r1", 5))
+    sched.fill(run)
+    sched.add(ticket("r2", 5))
+    sched.fill(run)  # r1 has computed nothing yet: r2 starts on its own rather than wait
+    assert run.joined == [("r1", Seed()), ("r2", Seed())]
+    assert sched.batch is not None
+    sched.batch.members[0].in_cache = 25  # r1's prefill is past the opening, not yet done
+    sched.add(ticket("r3", 5))
+    sched.fill(run)
+    assert run.joined[-1] == ("r3", Seed(uid=0, tokens=20))
+
+
 def test_without_shareable_caches_every_row_starts_fresh() -> None:
     sched, run = scheduler(10**9)
     run.shareable = False

@@ -45,6 +45,8 @@ class Run:
     loaded: LoadedModel | None = None
     row: Row | None = None
     generated: list[int] = field(default_factory=list)
+    reused: int = 0
+    """Prompt tokens its KV cache started with (a kept prefix, or a copy of a member's)."""
 
 
 class BatchRunner:
@@ -167,6 +169,7 @@ class BatchRunner:
             self._finish(run, None, self._translated(exc, ticket.job_id))
             return None
         run.row.cached_tokens = min(reused, len(run.row.prompt_ids))
+        run.reused = ticket.in_cache = reused
         self._uids[uid] = run
         return int(uid)
 
@@ -177,7 +180,10 @@ class BatchRunner:
         cache, reused = self.prefixes.nearest(model, ids)
         if seed.uid is None or reused >= seed.tokens:
             return cache, reused
-        [(source, _)] = self.generator.extract_cache([seed.uid]).values()
+        [(source, held)] = self.generator.extract_cache([seed.uid]).values()
+        # A member still prefilling holds only what it has computed so far: it must hold the prefix.
+        if list(held or ())[: seed.tokens] != list(ids[: seed.tokens]):
+            return cache, reused
         if not self.prefixes.keep(model, ids[: seed.tokens], source):
             return cache, reused
         return self.prefixes.nearest(model, ids)
@@ -211,8 +217,13 @@ class BatchRunner:
         self.tokens_generated += len(responses)
         self._progress(None)  # after every piece of prefill too: the watchdog sees a long prompt advance
         for prompt in prompted:
-            if prompt.end_of_prompt and prompt.uid in self._uids:
-                self._uids[prompt.uid].ticket.prefilled = True  # its prompt is in its cache; it decodes
+            prefilling = self._uids.get(prompt.uid)
+            if prefilling is None:
+                continue
+            # What others beginning alike may copy from now (worker/scheduler.py seed_for).
+            prefilling.ticket.in_cache = prefilling.reused + int(prompt.progress[0])
+            if prompt.end_of_prompt:
+                prefilling.ticket.prefilled = True  # its prompt is in its cache; it decodes
         for response in responses:
             run = self._uids.get(response.uid)
             if run is None:

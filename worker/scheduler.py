@@ -33,7 +33,13 @@ from worker.ledger import MemoryLedger
 logger = logging.getLogger(__name__)
 
 MIN_SHARED_TOKENS = 32
-"""Below this, computing the tokens again costs less than copying a cache."""
+"""Below this, a shared prefix still to be computed is not worth waiting for: computing it again costs
+less than a step's wait."""
+
+MIN_COPIED_TOKENS = 8
+"""A shared prefix already in a member's cache is copied from this long (as worker/prefixes.py reuses a
+kept one): copying is a slice of memory, computing it a pass over all of the model's weights. Requests
+that arrive together and begin alike (a chat template's opening, a system prompt) compute it once."""
 
 StopReason = Literal["canceled", "timeout"]
 
@@ -55,6 +61,8 @@ class Ticket:
     """(uid, tokens): the member whose prompt starts like this one's, and for how many tokens."""
     prefilled: bool = False
     """In the batch, with its whole prompt in its KV cache (it has produced a token)."""
+    in_cache: int = 0
+    """Tokens of its prompt in its KV cache so far: a member's grow as its prefill goes."""
 
     @property
     def prepared(self) -> bool:
@@ -254,13 +262,15 @@ class Scheduler:
             ticket.sharer = sharer(batch.members, ids)
         uid, shared = ticket.sharer
         member = batch.members.get(uid)
-        # Worth waiting for, or copying out of a member, when the shared part is most of this prompt;
-        # a short shared system prompt is not worth a long prompt's prefill or a row's copy.
-        if member is None or 2 * shared < len(ids) or (member.prompt or [])[:shared] != ids[:shared]:
+        if member is None or (member.prompt or [])[:shared] != ids[:shared]:
             return Seed()
-        if not member.prefilled:
+        if member.prefilled or member.in_cache >= shared:
+            return Seed(uid=uid, tokens=shared)  # computed already: copied, not computed again
+        # Still being computed: worth waiting for when it is most of this prompt (a fan-out's
+        # children); a short shared opening is not worth holding a long prompt back.
+        if shared >= MIN_SHARED_TOKENS and 2 * shared >= len(ids):
             return None
-        return Seed(uid=uid, tokens=shared)
+        return Seed()
 
     # -- leaving ------------------------------------------------------------------------
 
@@ -327,11 +337,11 @@ def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 def sharer(members: dict[int, Ticket], ids: Sequence[int]) -> tuple[int, int]:
     """The member whose prompt shares the longest prefix with `ids`, and its length (at least
-    MIN_SHARED_TOKENS, else (-1, 0)); the last token of each prompt is never shared."""
+    MIN_COPIED_TOKENS, else (-1, 0)); the last token of each prompt is never shared."""
     best = (-1, 0)
     for uid, member in members.items():
         other = member.prompt or []
         shared = min(shared_length(ids, other), len(ids) - 1, len(other) - 1)
-        if shared >= MIN_SHARED_TOKENS and shared > best[1]:
+        if shared >= MIN_COPIED_TOKENS and shared > best[1]:
             best = (uid, shared)
     return best
