@@ -293,7 +293,8 @@ def test_a_request_beginning_like_one_still_prefilling_copies_the_part_already_c
     """Requests that arrive together and begin alike (a template's opening, a system prompt) compute
     that beginning once, however short: the later one copies it out of the member still prefilling
     (its cache is left-padded between pieces), and its text is what it is alone."""
-    question = dict(prompt=f"{OPENING} Question: what colour is the sky on a clear day at noon?", max_tokens=12, temperature=0)
+    asked = f"{OPENING} Question: what colour is the sky on a clear day at noon?"
+    question = dict(prompt=asked, max_tokens=12, temperature=0)
     alone_engine = build_engine(Settings(), 10**10, prefix_cache_bytes=0)
     alone_engine.start()
     try:

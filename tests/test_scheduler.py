@@ -8,7 +8,7 @@ import pytest
 
 from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
 from worker.ledger import MemoryLedger
-from worker.scheduler import FRESH, Scheduler, Seed, Ticket, padded_kv_bytes
+from worker.scheduler import COPY_SLACK_TOKENS, FRESH, Scheduler, Seed, Ticket, padded_kv_bytes
 
 PER_TOKEN = 10
 WEIGHTS = 1_000
@@ -184,7 +184,7 @@ def test_a_child_waits_for_the_member_computing_its_prefix_and_lets_others_by() 
     assert sched.has_room(held=0, arriving=0)  # waiting for a prefix is not waiting for room
 
     assert sched.batch is not None
-    sched.batch.members[0].prefilled = True
+    sched.batch.members[0].prefilled, sched.batch.members[0].in_cache = True, 101
     sched.fill(run)
     assert run.joined[-1] == ("second", Seed(uid=0, tokens=100))
 
@@ -215,6 +215,14 @@ def test_a_short_shared_opening_already_computed_is_copied_not_computed_again() 
     sched.add(ticket("r3", 5))
     sched.fill(run)
     assert run.joined[-1] == ("r3", Seed(uid=0, tokens=20))
+    # Long past the opening (a long generation): its whole cache would be copied for 20 tokens.
+    sched.batch.members[0].in_cache = 20 + COPY_SLACK_TOKENS + 1
+    sched.batch.members[1].in_cache = 0
+    sched.batch.members[2].in_cache = 0
+    sched.add(ticket("r4", 5))
+    run.prompts["r4"] = opening + [9]
+    sched.fill(run)
+    assert run.joined[-1] == ("r4", Seed())
 
 
 def test_without_shareable_caches_every_row_starts_fresh() -> None:

@@ -231,6 +231,7 @@ class BatchRunner:
             assert run.row is not None
             run.ticket.prefilled = True
             run.generated.append(response.token)
+            run.ticket.in_cache = len(run.ticket.prompt or ()) + len(run.generated)
             run.handle.generated = len(run.generated)
             if response.finish_reason is not None and response.prompt_cache is not None:
                 self._keep_for_later(run, response.prompt_cache)

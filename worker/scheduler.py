@@ -36,6 +36,10 @@ MIN_SHARED_TOKENS = 32
 """Below this, a shared prefix still to be computed is not worth waiting for: computing it again costs
 less than a step's wait."""
 
+COPY_SLACK_TOKENS = 1024
+"""How far past a shared part a member's cache may reach and still be copied from: mlx-lm extracts a
+row's whole cache before it is cut to the shared part, memory held for a moment beside the batch."""
+
 MIN_COPIED_TOKENS = 8
 """A shared prefix already in a member's cache is copied from this long (as worker/prefixes.py reuses a
 kept one): copying is a slice of memory, computing it a pass over all of the model's weights. Requests
@@ -62,7 +66,7 @@ class Ticket:
     prefilled: bool = False
     """In the batch, with its whole prompt in its KV cache (it has produced a token)."""
     in_cache: int = 0
-    """Tokens of its prompt in its KV cache so far: a member's grow as its prefill goes."""
+    """Tokens in its KV cache so far: a member's grow as its prefill goes, then as it generates."""
 
     @property
     def prepared(self) -> bool:
@@ -264,8 +268,13 @@ class Scheduler:
         member = batch.members.get(uid)
         if member is None or (member.prompt or [])[:shared] != ids[:shared]:
             return Seed()
-        if member.prefilled or member.in_cache >= shared:
-            return Seed(uid=uid, tokens=shared)  # computed already: copied, not computed again
+        if member.in_cache >= shared:
+            # Computed already: copied, not computed again. The copy goes through the member's whole
+            # cache, so a member far past the shared part (a long generation) is copied from only
+            # where the shared part is worth as much.
+            if member.in_cache - shared <= max(shared, COPY_SLACK_TOKENS):
+                return Seed(uid=uid, tokens=shared)
+            return Seed()
         # Still being computed: worth waiting for when it is most of this prompt (a fan-out's
         # children); a short shared opening is not worth holding a long prompt back.
         if shared >= MIN_SHARED_TOKENS and 2 * shared >= len(ids):
