@@ -180,10 +180,9 @@ class BatchRunner:
         cache, reused = self.prefixes.nearest(model, ids)
         if seed.uid is None or reused >= seed.tokens:
             return cache, reused
-        [(source, held)] = self.generator.extract_cache([seed.uid]).values()
-        # A member still prefilling holds only what it has computed so far: it must hold the prefix.
-        if list(held or ())[: seed.tokens] != list(ids[: seed.tokens]):
-            return cache, reused
+        # The scheduler copies only from a member that holds the prefix (its in_cache); `keep` checks
+        # the length of what was extracted.
+        [(source, _)] = self.generator.extract_cache([seed.uid]).values()
         if not self.prefixes.keep(model, ids[: seed.tokens], source):
             return cache, reused
         return self.prefixes.nearest(model, ids)

@@ -222,8 +222,9 @@ class OutputSplit:
 
     def _completed_name(self, start: str) -> str:
         """The offered function a call cut inside its name was naming: constrained decoding writes
-        only offered names, so a start that one name alone begins is that name. "" when the start
-        could be more than one (or nothing was written): such a call names nothing, and is dropped."""
+        only offered names, so a start that one name alone begins is that name (with one tool
+        offered, even an empty start). "" when the start could be more than one: such a call names
+        nothing, and is dropped."""
         names = [t["function"]["name"] for t in self.tools if t.get("type") == "function"]
         matching = [name for name in names if name.startswith(start)]
         return matching[0] if len(matching) == 1 else ""
