@@ -225,6 +225,18 @@ def test_a_short_shared_opening_already_computed_is_copied_not_computed_again() 
     assert run.joined[-1] == ("r4", Seed())
 
 
+def test_no_ticket_waits_for_a_prefix_it_could_not_then_copy() -> None:
+    """A member whose own prompt reaches far past the shared part is never copied from (its whole
+    cache would be): waiting for it to compute that part would only delay a prompt computed anyway."""
+    sched, run = scheduler(10**9)
+    shared = list(range(100))
+    run.prompts = {"long": shared + list(range(1000, 1000 + COPY_SLACK_TOKENS + 1)), "short": shared + [7]}
+    sched.add(ticket("long", 5))
+    sched.add(ticket("short", 5))
+    sched.fill(run)
+    assert run.joined == [("long", Seed()), ("short", Seed())]
+
+
 def test_without_shareable_caches_every_row_starts_fresh() -> None:
     sched, run = scheduler(10**9)
     run.shareable = False

@@ -268,16 +268,17 @@ class Scheduler:
         member = batch.members.get(uid)
         if member is None or (member.prompt or [])[:shared] != ids[:shared]:
             return Seed()
+        # The copy goes through the member's whole cache: a member far past the shared part (a long
+        # prompt or generation of its own) is copied from only where the shared part is worth as much.
+        def copyable(held: int) -> bool:
+            return held - shared <= max(shared, COPY_SLACK_TOKENS)
+
         if member.in_cache >= shared:
-            # Computed already: copied, not computed again. The copy goes through the member's whole
-            # cache, so a member far past the shared part (a long generation) is copied from only
-            # where the shared part is worth as much.
-            if member.in_cache - shared <= max(shared, COPY_SLACK_TOKENS):
-                return Seed(uid=uid, tokens=shared)
-            return Seed()
+            return Seed(uid=uid, tokens=shared) if copyable(member.in_cache) else Seed()
         # Still being computed: worth waiting for when it is most of this prompt (a fan-out's
-        # children); a short shared opening is not worth holding a long prompt back.
-        if shared >= MIN_SHARED_TOKENS and 2 * shared >= len(ids):
+        # children) and can be copied once the member's prompt is in; a short shared opening is not
+        # worth holding a long prompt back.
+        if shared >= MIN_SHARED_TOKENS and 2 * shared >= len(ids) and copyable(len(member.prompt or ())):
             return None
         return Seed()
 
