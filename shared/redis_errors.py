@@ -3,7 +3,8 @@
 A Redis that cannot write its AOF (a full disk) answers `MISCONF`; a replica
 promoted away, `READONLY`; one at `maxmemory`, `OOM`; one short of
 `min-replicas-to-write`, `NOREPLICAS`; one running a long script, `BUSY`; one
-replaying its AOF, `LOADING`. Each passes, as being unreachable does: the
+replaying its AOF, `LOADING`; one made a replica while a client blocks in BLPOP
+answers that client `UNBLOCKED`. Each passes, as being unreachable does: the
 gateway answers 503 with a Retry-After, workers and the watchdog wait and retry.
 redis-py raises most of them as plain `ResponseError`s, which every `except`
 for an outage would miss (and RQ's loop would die of), so its own table of
@@ -53,6 +54,13 @@ class RedisMasterDown(RedisRefusing):
     condition = "its master is down (MASTERDOWN)"
 
 
+class RedisUnblocked(RedisRefusing):
+    """A blocking command (the worker's BLPOP for new jobs) cut short: the instance turned replica
+    under it, or a client unblocked it. Waited out and tried again, as the others are."""
+
+    condition = "changing role (UNBLOCKED)"
+
+
 
 
 _BY_CODE = {
@@ -62,6 +70,7 @@ _BY_CODE = {
     "NOREPLICAS": RedisNoReplicas,
     "BUSY": RedisBusy,
     "MASTERDOWN": RedisMasterDown,
+    "UNBLOCKED": RedisUnblocked,
 }
 BaseParser.EXCEPTION_CLASSES.update(_BY_CODE)
 

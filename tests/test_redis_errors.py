@@ -5,6 +5,8 @@ at once, without redis-py's reconnecting retries."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.outage import UNREACHABLE, Outage, pool_exhausted
-from shared.redis_errors import RedisOutOfMemory, condition_of
+from shared.redis_errors import RedisOutOfMemory, RedisUnblocked, condition_of
 from tests.support import RedisServer, free_port
 
 
@@ -69,5 +71,33 @@ def test_a_refusal_fails_at_once_on_its_connection_without_redis_py_retrying_it(
         assert int(redis.info("stats")["total_connections_received"]) == before  # no reconnection
         redis.config_set("maxmemory", 0)
         assert redis.llen("items") == 4  # the pipeline ran once
+    finally:
+        server.stop()
+
+
+def test_a_blocking_pop_cut_short_by_a_role_change_is_a_refusal_waited_out(tmp_path: Path) -> None:
+    """The worker waits for jobs in BLPOP; Redis made a replica meanwhile answers it UNBLOCKED, which
+    killed RQ's loop (the worker restarted, test_redis_refusals caught it) until it was an outage."""
+    server = RedisServer(tmp_path)
+    try:
+        blocked, admin = Redis.from_url(server.url), Redis.from_url(server.url)
+        caught: list[BaseException] = []
+
+        def wait_for_jobs() -> None:
+            try:
+                blocked.blpop(["wake"], 30)
+            except Exception as exc:
+                caught.append(exc)
+
+        waiter = threading.Thread(target=wait_for_jobs)
+        waiter.start()
+        while int(admin.info("clients")["blocked_clients"]) < 1:
+            time.sleep(0.01)
+        admin.replicaof("127.0.0.1", free_port())
+        waiter.join(10)
+        admin.replicaof("NO", "ONE")
+        [error] = caught
+        assert isinstance(error, RedisUnblocked) and isinstance(error, UNREACHABLE)
+        assert "UNBLOCKED" in condition_of(error)
     finally:
         server.stop()
