@@ -92,9 +92,10 @@ class Settings(BaseSettings):
         default=2048, ge=16, description="most prompt tokens in one piece of prefill, all of its rows together"
     )
     prefill_pause_steps: float = Field(
-        default=2.0,
-        gt=0,
-        description="a piece of prefill between two decode steps takes at most this many decode steps' time",
+        default=3.5,
+        gt=1,
+        description="a turn that prefills a piece of a prompt takes at most this many decode turns' time: "
+        "the longest pause a running stream sees, in its normal gaps (measured by the worker)",
     )
     prefill_batch_size: int = Field(default=8, ge=1, description="prompts arriving together, prefilled together")
     prefix_cache_fraction: float = Field(

@@ -251,7 +251,7 @@ def test_logit_bias_forces_its_token_and_an_unknown_token_is_refused(demo: Model
 
 def steps_beside_a_long_prompt(demo: ModelSpec, pause_steps: float) -> tuple[int, int]:
     """(decode steps a running row took while a long prompt was prefilled beside it, that prompt's
-    tokens), on an engine whose prefill pieces take at most `pause_steps` decode steps' time."""
+    tokens), on an engine whose turns with a piece of prefill take at most `pause_steps` normal turns."""
     running = build_engine(Settings(prefill_pause_steps=pause_steps), 10**10, prefix_cache_bytes=0)
     running.start()
     try:
@@ -275,10 +275,10 @@ def steps_beside_a_long_prompt(demo: ModelSpec, pause_steps: float) -> tuple[int
 
 
 def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps_beside_it(demo: ModelSpec) -> None:
-    """Each piece of a prompt's prefill takes at most MLXQ_PREFILL_PAUSE_STEPS decode steps' time
-    (worker/prefill_pace.py): a running row decodes between pieces, and a smaller share means more,
+    """A turn carrying a piece of a prompt's prefill takes at most MLXQ_PREFILL_PAUSE_STEPS normal turns
+    (worker/prefill_pace.py): a running row decodes between pieces, and a shorter pause means more,
     smaller pieces. A fixed size in tokens would give the same count of pieces for both."""
-    fine, prompt_tokens = steps_beside_a_long_prompt(demo, pause_steps=1)
+    fine, prompt_tokens = steps_beside_a_long_prompt(demo, pause_steps=1.5)
     coarse, _ = steps_beside_a_long_prompt(demo, pause_steps=16)
     assert prompt_tokens > 3000
     assert coarse >= 2  # even coarse pieces leave the running row decoding between them
@@ -302,7 +302,7 @@ def test_a_request_beginning_like_one_still_prefilling_copies_the_part_already_c
     finally:
         alone_engine.stop()
 
-    running = build_engine(Settings(prefill_pause_steps=1), 10**10, prefix_cache_bytes=10**8)
+    running = build_engine(Settings(prefill_pause_steps=1.5), 10**10, prefix_cache_bytes=10**8)
     running.start()
     try:
         tokens: list[int] = []

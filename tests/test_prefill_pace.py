@@ -5,11 +5,11 @@ from __future__ import annotations
 from worker.prefill_pace import FIRST_TOKENS, MIN_TOKENS, PrefillPace
 
 
-def run(pace: PrefillPace, tokens_per_s: float, step_s: float) -> None:
-    """A second of prefill alone, then decode steps alone (the first after a piece is no measure)."""
-    pace.measured(prompt_tokens=round(tokens_per_s), prompt_s=1.0, steps=0, decode_s=0.0)
-    for _ in range(2):
-        pace.measured(prompt_tokens=0, prompt_s=0.0, steps=10, decode_s=10 * step_s)
+def run(pace: PrefillPace, tokens_per_s: float, gap_s: float) -> None:
+    """A second of prefill alone, then turns that only decode (the first after a piece is no measure)."""
+    pace.measured(prompt_tokens=round(tokens_per_s), prompt_s=1.0, steps=0, turn_s=None)
+    for _ in range(20):
+        pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=gap_s)
 
 
 def test_before_any_measurement_a_piece_is_small() -> None:
@@ -17,18 +17,25 @@ def test_before_any_measurement_a_piece_is_small() -> None:
     assert PrefillPace(pause_steps=3, max_tokens=32).piece(decoding=False, rows=1) == 32
 
 
-def test_a_piece_beside_decoding_rows_takes_the_set_share_of_their_step() -> None:
+def test_a_turn_with_a_piece_takes_the_set_number_of_normal_turns() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=4096)
-    run(pace, tokens_per_s=1000, step_s=0.05)
-    assert pace.piece(decoding=True, rows=1) == 150  # 3 steps of 50 ms at 1,000 tokens/s
-    assert pace.piece(decoding=True, rows=3) == 50  # the piece's time is shared by its rows
+    run(pace, tokens_per_s=1000, gap_s=0.05)
+    # Until a turn with a piece is measured, the turn is taken to carry one normal turn beside it.
+    assert pace.piece(decoding=True, rows=1) == 100  # (3 - 1) turns of 50 ms at 1,000 tokens/s
+    assert pace.piece(decoding=True, rows=3) == 33  # the piece's time is shared by its rows
     assert pace.piece(decoding=False, rows=1) == 1000  # nobody waits: a second's worth
+    # Turns with 100-token pieces took 0.2 s: 0.1 s of the prefill, 0.1 s beside it (the step and
+    # whatever a piece costs however small), which the next pieces leave room for.
+    for _ in range(3):
+        pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=0.2)
+    assert pace.beside_s is not None and abs(pace.beside_s - 0.1) < 1e-9
+    assert pace.piece(decoding=True, rows=1) == 50  # 3 x 50 ms - 100 ms, at 1,000 tokens/s
 
 
 def test_the_same_pause_is_a_few_tokens_on_a_slow_machine_and_many_on_a_fast_one() -> None:
-    slow, fast = PrefillPace(pause_steps=3, max_tokens=2048), PrefillPace(pause_steps=3, max_tokens=2048)
-    run(slow, tokens_per_s=64, step_s=0.08)  # a 2-core CPU
-    run(fast, tokens_per_s=5120, step_s=0.012)  # a GPU
+    slow, fast = PrefillPace(pause_steps=4, max_tokens=2048), PrefillPace(pause_steps=4, max_tokens=2048)
+    run(slow, tokens_per_s=64, gap_s=0.08)  # a 2-core CPU
+    run(fast, tokens_per_s=5120, gap_s=0.012)  # a GPU
     assert slow.piece(decoding=True, rows=1) == 15  # 64 tokens/s x 0.24 s
     assert slow.piece(decoding=True, rows=4) == MIN_TOKENS  # and never less than the smallest piece
     assert fast.piece(decoding=True, rows=1) == 184  # 5,120 tokens/s x 36 ms
@@ -37,39 +44,58 @@ def test_the_same_pause_is_a_few_tokens_on_a_slow_machine_and_many_on_a_fast_one
 
 def test_the_rates_follow_the_machine_as_it_changes() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=100_000)
-    run(pace, tokens_per_s=1000, step_s=0.05)
+    run(pace, tokens_per_s=1000, gap_s=0.05)
     before = pace.piece(decoding=True, rows=1)
     for _ in range(40):  # the machine got four times slower at both
-        run(pace, tokens_per_s=250, step_s=0.2)
+        run(pace, tokens_per_s=250, gap_s=0.2)
     assert pace.rate is not None and abs(pace.rate - 250) < 1
-    assert pace.step_s is not None and abs(pace.step_s - 0.2) < 0.001
-    assert before == 150
-    assert abs(pace.piece(decoding=True, rows=1) - before) <= 1  # slower steps, slower prefill: same share
+    assert pace.gap_s == 0.2
+    assert before == 100
+    assert abs(pace.piece(decoding=True, rows=1) - before) <= 1  # slower turns, slower prefill: same share
 
 
-def test_a_piece_beside_a_step_is_measured_without_that_step() -> None:
-    """A piece's evaluation waits for the decode step launched before it, and the step after a piece
-    finds its work done: neither may make the rates look slower or the steps shorter than they are."""
+def test_the_turn_after_a_piece_is_no_measure_of_a_normal_one() -> None:
+    """A decode step is evaluated while the next turn runs: the one launched beside a piece is
+    computed during it, and the turn after finds its work done."""
     pace = PrefillPace(pause_steps=3, max_tokens=4096)
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.1)
-    pace.measured(prompt_tokens=100, prompt_s=0.2, steps=1, decode_s=0.1)  # 0.1 s of it is the step
-    assert pace.rate == 1000
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.001)  # computed during the piece
-    assert pace.step_s == 0.1
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.1)
-    assert pace.step_s == 0.1
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=0.1)
+    pace.measured(prompt_tokens=100, prompt_s=0.2, steps=1, turn_s=0.3)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=0.001)
+    assert pace.gap_s == 0.1
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=0.1)
+    assert pace.gap_s == 0.1
+
+
+def test_a_turn_that_also_did_something_slow_does_not_size_the_pieces_after_it() -> None:
+    """A turn may also have loaded a new prompt's model or probed memory: medians leave it out."""
+    pace = PrefillPace(pause_steps=3, max_tokens=4096)
+    run(pace, tokens_per_s=1000, gap_s=0.05)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=5.0)
+    for _ in range(3):
+        pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=0.2)
+    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=8.0)
+    assert pace.gap_s == 0.05
+    assert pace.piece(decoding=True, rows=1) == 50
+
+
+def test_the_first_turn_of_a_batch_measures_no_gap() -> None:
+    pace = PrefillPace(pause_steps=3, max_tokens=4096)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=None)
+    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=None)
+    assert (pace.gap_s, pace.beside_s) == (None, None)
 
 
 def test_the_ceiling_bounds_a_piece_with_all_of_its_rows() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=2048)
-    pace.measured(prompt_tokens=100_000, prompt_s=1.0, steps=0, decode_s=0.0)
+    pace.measured(prompt_tokens=100_000, prompt_s=1.0, steps=0, turn_s=None)
     assert pace.piece(decoding=False, rows=1) == 2048
     assert pace.piece(decoding=False, rows=8) == 256
 
 
 def test_another_model_starts_from_nothing_measured() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=2048)
-    pace.measured(prompt_tokens=100_000, prompt_s=1.0, steps=1, decode_s=0.01)
+    run(pace, tokens_per_s=100_000, gap_s=0.01)
+    pace.measured(prompt_tokens=100, prompt_s=0.01, steps=1, turn_s=0.02)
     pace.reset()
-    assert (pace.rate, pace.step_s) == (None, None)
+    assert (pace.rate, pace.gap_s, pace.beside_s) == (None, None, None)
     assert pace.piece(decoding=True, rows=1) == FIRST_TOKENS

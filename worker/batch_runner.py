@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,8 @@ class BatchRunner:
         """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
         self._uids: dict[int, Run] = {}
+        self._turn_ended: float | None = None
+        """When the batch's last turn ended: a running stream's gap is the time from one to the next."""
         self.tokens_generated = 0
         """Tokens this process generated so far (the heartbeat's, for tokens per second)."""
 
@@ -135,6 +138,7 @@ class BatchRunner:
         loaded = self.runs[ticket].loaded
         assert loaded is not None
         self.pace.serving(ticket.model)
+        self._turn_ended = None
         self.generator = BatchGenerator(
             loaded.model,
             completion_batch_size=self.scheduler.max_batch,
@@ -212,7 +216,10 @@ class BatchRunner:
             for gone in failed:
                 self._finish(gone, None, error)
             return
-        self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, done.decode_time)
+        ended = time.perf_counter()
+        turn_s = None if self._turn_ended is None else ended - self._turn_ended
+        self._turn_ended = ended
+        self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, turn_s)
         self.tokens_generated += len(responses)
         self._progress(None)  # after every piece of prefill too: the watchdog sees a long prompt advance
         for prompt in prompted:

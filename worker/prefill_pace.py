@@ -1,27 +1,36 @@
-"""How many prompt tokens the next piece of prefill takes: sized by time, from this worker's own rates.
+"""How many prompt tokens the next piece of prefill takes: sized by time, from this worker's own turns.
 
 A prompt joining a running batch is prefilled in pieces between decode steps
 (mlx-lm's BatchGenerator takes `prefill_step_size` tokens of it per step, and
 reads that attribute at every step). A fixed count of tokens is the wrong unit:
 256 tokens take 50 ms on a GPU and 5 s on a laptop's CPU, so a count that keeps
-streams smooth on one machine stalls them for seconds on another. Here a piece
-takes at most `pause_steps` decode steps' worth of time, so a running stream's
-longest pause stays near `pause_steps + 1` of its normal gaps on any machine
-(measured on a 2-core CPU as the longest time no stream got anything: 5.3 gaps at 2.5 and 4.2 at 2,
-since a turn also carries the decode step and each row's own work; hence the default of 2).
-Both rates are running means of what this worker measured (the generator's own
-counters), so they follow the machine, the model and the batch as they change.
+streams smooth on one machine stalls them for seconds on another.
+
+What a running stream sees is the engine's turns: one token per turn, so its
+normal gap is a turn without prefill, and its pause while a prompt is prefilled
+beside it is a turn that carries a piece. Both are measured here as the engine's
+wall time from one turn's end to the next (everything a stream waits through:
+the decode step, the piece, the tokens handed out, the loop between turns), and
+a piece is sized so that its turn takes `pause_steps` normal turns. The turn's
+time beside the piece (the decode step, and whatever the piece costs however few
+its tokens) is measured too, as what a turn with a piece took beyond its tokens
+at the measured prefill rate; that rate is the piece's own time, the wait for the
+step it shares a stream with included, so it errs slow, and a slow rate only
+makes the next piece smaller. Recent medians, not means: a turn that also loaded
+a prompt's model or probed memory must not size the pieces after it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
 
 KEEP = 0.7
 """Weight of the prefill rate measured so far against a new piece (a running mean weighted by time)."""
 
-STEP_KEEP = 0.8
-"""Weight of the decode step's time measured so far against a new step."""
+RECENT = 15
+"""Turns a median is taken over: the batch's rhythm as it is now, outliers left out."""
 
 MIN_TOKENS = 8
 """The smallest piece: below it the per-piece cost (an evaluation, a cache clear) dominates."""
@@ -32,17 +41,18 @@ FIRST_TOKENS = 64
 
 @dataclass
 class PrefillPace:
-    """The next piece's size (per row) from the measured decode step and prefill rate."""
+    """The next piece's size (per row) from the measured turns and prefill rate."""
 
     pause_steps: float
-    """A piece takes at most this many decode steps' time (MLXQ_PREFILL_PAUSE_STEPS)."""
+    """A turn carrying a piece takes at most this many normal turns: the longest pause a running
+    stream sees, in its own normal gaps (MLXQ_PREFILL_PAUSE_STEPS)."""
     max_tokens: int
     """The most prompt tokens one piece takes, all of its rows together (MLXQ_PREFILL_STEP_SIZE)."""
     alone_s: float = 1.0
     """A piece's time while no row decodes: no stream waits on it, but a new arrival waits to join
     and the watchdog waits for a sign of life, both between pieces."""
-    step_s: float | None = None
-    """The running mean of a decode step's time."""
+    _gaps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    _beside: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     _tokens: float = 0.0
     _seconds: float = 0.0
     _after_piece: bool = False
@@ -53,36 +63,50 @@ class PrefillPace:
         """Prompt tokens prefilled per second (all rows of a piece together); None before any."""
         return self._tokens / self._seconds if self._seconds > 0 else None
 
+    @property
+    def gap_s(self) -> float | None:
+        """A normal turn's time while rows decode (a stream's gap between two tokens); None before any."""
+        return statistics.median(self._gaps) if self._gaps else None
+
+    @property
+    def beside_s(self) -> float | None:
+        """What a turn carrying a piece takes beyond the piece's tokens; None before any was measured."""
+        return statistics.median(self._beside) if self._beside else None
+
     def piece(self, decoding: bool, rows: int) -> int:
         """Tokens of each of `rows` prompts the next piece takes, while rows are `decoding` or not;
         `max_tokens` bounds the piece as a whole (its activations grow with all of its rows)."""
         rows = max(1, rows)
         ceiling = max(MIN_TOKENS, self.max_tokens // rows)
-        rate = self.rate
+        rate, gap = self.rate, self.gap_s
         if rate is None:
             return min(ceiling, FIRST_TOKENS)
-        budget_s = self.pause_steps * self.step_s if decoding and self.step_s is not None else self.alone_s
-        return max(MIN_TOKENS, min(ceiling, int(rate * budget_s / rows)))
+        if not decoding or gap is None:
+            budget_s = self.alone_s
+        else:
+            beside = self.beside_s
+            budget_s = self.pause_steps * gap - (gap if beside is None else beside)
+        return max(MIN_TOKENS, min(ceiling, round(rate * budget_s / rows)))
 
-    def measured(self, prompt_tokens: int, prompt_s: float, steps: int, decode_s: float) -> None:
-        """What one turn of the generator did: a piece of prefill, decode steps, or both.
+    def measured(self, prompt_tokens: int, prompt_s: float, steps: int, turn_s: float | None) -> None:
+        """What one turn of the generator did: `prompt_tokens` prefilled in `prompt_s` and `steps`
+        decode steps, in `turn_s` from the previous turn's end (None for a batch's first turn).
 
-        A decode step is evaluated asynchronously: a turn waits for the step before, while the next
-        one is computed. So a piece's evaluation also waits for the step launched just before it
-        (that step's time is taken off the piece's), and the first step after a piece finds its
-        work done already (its time is no measure of a step)."""
+        A decode step is evaluated asynchronously, while the turn after it runs: so the first turn
+        after a piece finds its step computed during the piece, and is no measure of a normal one."""
         if prompt_tokens > 0:
-            piece_s = prompt_s - (self.step_s or 0.0 if steps > 0 else 0.0)
-            if piece_s > 0:
+            if prompt_s > 0:
                 self._tokens = KEEP * self._tokens + prompt_tokens
-                self._seconds = KEEP * self._seconds + piece_s
+                self._seconds = KEEP * self._seconds + prompt_s
+            rate = self.rate
+            if steps > 0 and turn_s is not None and rate is not None:
+                self._beside.append(max(0.0, turn_s - prompt_tokens / rate))
             self._after_piece = True
-        elif steps > 0 and decode_s > 0:
+        elif steps > 0 and turn_s is not None:
             if self._after_piece:
                 self._after_piece = False
                 return
-            step = decode_s / steps
-            self.step_s = step if self.step_s is None else STEP_KEEP * self.step_s + (1 - STEP_KEEP) * step
+            self._gaps.append(turn_s)
 
     def serving(self, model: str) -> None:
         """The batch about to open runs `model`: measurements of another model are forgotten."""
@@ -92,4 +116,6 @@ class PrefillPace:
 
     def reset(self) -> None:
         """Forget what was measured: another model prefills and decodes at rates of its own."""
-        self.step_s, self._tokens, self._seconds, self._after_piece = None, 0.0, 0.0, False
+        self._gaps.clear()
+        self._beside.clear()
+        self._tokens, self._seconds, self._after_piece = 0.0, 0.0, False
