@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -90,6 +91,16 @@ def failure(data: dict[str, Any]) -> JobFailed:
 
 def cancel_quietly(request: Request, job_id: str) -> None:
     """Cancel the job of a client that went away; one that ended meanwhile is left as it is, and one
-    Redis cannot take now is kept until it can (gateway/pending_cancels.py)."""
+    Redis cannot take now is kept until it can (gateway/pending_cancels.py).
+
+    On a thread, not awaited: it is called where the client's task is being canceled (a stream's
+    `finally`), where an await would be canceled too, and a call made on the event loop would hold
+    every other request while Redis answers or a connection of the pool comes free."""
     state = request.app.state
-    state.cancels.cancel(job_id, state.redis, state.settings.stream_ttl_s)
+    cancel = partial(state.cancels.cancel, job_id, state.redis, state.settings.stream_ttl_s)
+    asyncio.get_running_loop().run_in_executor(None, cancel).add_done_callback(_log_failure)
+
+
+def _log_failure(done: asyncio.Future[bool]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        logger.error("canceling the job of a client that went away failed", exc_info=done.exception())

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from fastapi import Header, Request, Response, status
 from fastapi.responses import StreamingResponse
+from redis import Redis
+from starlette.concurrency import run_in_threadpool
 
 from gateway import jobs, submission
 from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
@@ -36,7 +38,7 @@ async def submit_job(body: JobRequest, request: Request, client: ClientDep, gw: 
     job_id = done.ids[0]
     view = JobView(id=job_id, status="queued", model=generate.model, created_at=done.created_at)
     if done.duplicate:
-        view = jobs.view(jobs.fetch(job_id, request.app.state.redis), request.app.state.redis)
+        view = await run_in_threadpool(_view, job_id, request.app.state.redis)
     # A response of our own: FastAPI would otherwise validate the model it was just handed again.
     return Response(
         view.model_dump_json(),
@@ -44,6 +46,10 @@ async def submit_job(body: JobRequest, request: Request, client: ClientDep, gw: 
         media_type="application/json",
         headers={**done.headers(), "Location": f"/v1/jobs/{job_id}"},
     )
+
+
+def _view(job_id: str, redis: Redis) -> JobView:
+    return jobs.view(jobs.fetch(job_id, redis), redis)
 
 
 @router.get("/{job_id}", response_model=JobView)
@@ -73,7 +79,8 @@ async def job_events(
     """Server-sent events: the job's status changes and its text as it is generated, then how it ended.
 
     Send `Last-Event-ID` to resume after the last event received."""
-    snapshot = jobs.view(jobs.fetch_for(client, job_id, redis), redis)
+    # On a thread: the event loop serves every other request meanwhile (redis is the sync client).
+    snapshot = await run_in_threadpool(lambda: jobs.view(jobs.fetch_for(client, job_id, redis), redis))
 
     async def events() -> AsyncIterator[str]:
         if last_event_id is None:
