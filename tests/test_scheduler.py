@@ -307,3 +307,30 @@ def test_the_scheduler_and_the_ledger_import_no_mlx() -> None:
     code = "import sys, worker.scheduler, worker.ledger; print(sorted(m for m in sys.modules if m.startswith('mlx')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_prefix_held_now_is_copied_when_the_longest_sharer_cannot_be() -> None:
+    """The member sharing most with a prompt may have computed too little of it (and a short part
+    is not worth waiting for) or be too far past it to copy from: the longest start another member
+    holds now is copied instead, and the most the longest sharer holds already counts too."""
+    sched, run = scheduler(10**9)
+    opening, longer = list(range(20)), list(range(20, 40))
+    run.prompts = {
+        "holder": opening + [500, 501],
+        "sharer": opening + longer + [600],
+        "asker": opening + longer + [700, 701] + list(range(800, 850)),
+    }
+    sched.add(ticket("holder", 5))
+    sched.add(ticket("sharer", 5))
+    sched.fill(run)
+    assert sched.batch is not None
+    holder, longest = sched.batch.members[0], sched.batch.members[1]
+    holder.in_cache, longest.in_cache = 22, 10  # the sharer's prefill is under way
+    sched.add(ticket("asker", 5))
+    sched.fill(run)
+    assert run.joined[-1] == ("asker", Seed(uid=0, tokens=20))  # not worth waiting for 40 of 92
+    longest.in_cache = 30
+    sched.add(ticket("again", 5))
+    run.prompts["again"] = opening + longer + list(range(900, 960))
+    sched.fill(run)
+    assert run.joined[-1] == ("again", Seed(uid=1, tokens=30))

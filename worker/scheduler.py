@@ -265,22 +265,21 @@ class Scheduler:
         if ticket.sharer is None or ticket.sharer[0] not in batch.members:
             ticket.sharer = sharer(batch.members, ids)
         uid, shared = ticket.sharer
-        member = batch.members.get(uid)
-        if member is None or (member.prompt or [])[:shared] != ids[:shared]:
-            return Seed()
-        # The copy goes through the member's whole cache: a member far past the shared part (a long
-        # prompt or generation of its own) is copied from only where the shared part is worth as much.
-        def copyable(held: int) -> bool:
-            return held - shared <= max(shared, COPY_SLACK_TOKENS)
-
-        if member.in_cache >= shared:
-            return Seed(uid=uid, tokens=shared) if copyable(member.in_cache) else Seed()
+        if uid < 0:
+            return Seed()  # no member begins like it
+        member = batch.members[uid]
+        if (member.prompt or [])[:shared] != ids[:shared]:
+            return held_now(batch.members, ids)  # never met: uids are not reused within a batch
+        if member.in_cache >= shared and copyable(member.in_cache, shared):
+            return Seed(uid=uid, tokens=shared)
         # Still being computed: worth waiting for when it is most of this prompt (a fan-out's
         # children) and can be copied once the member's prompt is in; a short shared opening is not
         # worth holding a long prompt back.
-        if shared >= MIN_SHARED_TOKENS and 2 * shared >= len(ids) and copyable(len(member.prompt or ())):
+        waits = shared >= MIN_SHARED_TOKENS and 2 * shared >= len(ids)
+        if member.in_cache < shared and waits and copyable(len(member.prompt or ()), shared):
             return None
-        return Seed()
+        # The longest sharer cannot be copied from now: the most that any member holds now can.
+        return held_now(batch.members, ids)
 
     # -- leaving ------------------------------------------------------------------------
 
@@ -343,6 +342,25 @@ def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def copyable(held: int, shared: int) -> bool:
+    """Whether `shared` tokens are copied from a member holding `held`: the copy goes through the
+    member's whole cache, so a member far past the shared part (a long prompt or generation of its
+    own) is copied from only where the shared part is worth as much."""
+    return held - shared <= max(shared, COPY_SLACK_TOKENS)
+
+
+def held_now(members: dict[int, Ticket], ids: Sequence[int]) -> Seed:
+    """A copy of the longest start of `ids` that a member's cache holds now (at least
+    MIN_COPIED_TOKENS, and copyable), else a fresh start."""
+    best = Seed()
+    for uid, member in members.items():
+        other = member.prompt or []
+        held = min(shared_length(ids, other), len(ids) - 1, len(other) - 1, member.in_cache)
+        if held >= MIN_COPIED_TOKENS and held > best.tokens and copyable(member.in_cache, held):
+            best = Seed(uid=uid, tokens=held)
+    return best
 
 
 def sharer(members: dict[int, Ticket], ids: Sequence[int]) -> tuple[int, int]:
