@@ -80,7 +80,9 @@ async def create(body: BatchRequest, request: Request, client: Client, gw: Gatew
     children = [item.for_batch(body.model) for item in body.requests]
     synthesis = body.synthesis.for_batch(body.model) if body.synthesis else None
     if synthesis is not None:
-        synthesis = gw.limits.check(synthesis).request
+        # On a thread, as accept checks the children: its chat template is rendered, and a model
+        # name not known yet is looked up in Redis.
+        synthesis = (await run_in_threadpool(gw.limits.check, synthesis)).request
 
     batch_id = "batch_" + uuid.uuid4().hex
     job_ids = [str(uuid.uuid4()) for _ in children]

@@ -173,7 +173,7 @@ async def generate(body: GenerateBody, request: Request, client: ClientDep, gw: 
         if sees_everything(request):
             await run_in_threadpool(act, redis, models, body.model)
         else:
-            models.get(body.model)
+            await run_in_threadpool(models.get, body.model)  # a name not known yet is looked up in Redis
         done = {"done": True, "done_reason": "unload" if unload else "load"}
         return JSONResponse({"model": body.model, "created_at": now(), "response": "", **done})
     return await _call(body.to_generate(), body.stream, request, client, gw, chat=False)
