@@ -7,9 +7,9 @@ from worker.prefill_pace import FIRST_TOKENS, MIN_TOKENS, PrefillPace
 
 def run(pace: PrefillPace, tokens_per_s: float, gap_s: float) -> None:
     """A second of prefill alone, then turns that only decode (the first after a piece is no measure)."""
-    pace.measured(prompt_tokens=round(tokens_per_s), prompt_s=1.0, steps=0, turn_s=None)
+    pace.measured(prompt_tokens=round(tokens_per_s), prompt_s=1.0, steps=0, decode_s=0.0, turn_s=None)
     for _ in range(20):
-        pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=gap_s)
+        pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=gap_s)
 
 
 def test_before_any_measurement_a_piece_is_small() -> None:
@@ -27,7 +27,7 @@ def test_a_turn_with_a_piece_takes_the_set_number_of_normal_turns() -> None:
     # Turns with 100-token pieces took 0.2 s: 0.1 s of the prefill, 0.1 s beside it (the step and
     # whatever a piece costs however small), which the next pieces leave room for.
     for _ in range(3):
-        pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=0.2)
+        pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, decode_s=0.0, turn_s=0.2)
     assert pace.beside_s is not None and abs(pace.beside_s - 0.1) < 1e-9
     assert pace.piece(decoding=True, rows=1) == 50  # 3 x 50 ms - 100 ms, at 1,000 tokens/s
 
@@ -58,11 +58,11 @@ def test_the_turn_after_a_piece_is_no_measure_of_a_normal_one() -> None:
     """A decode step is evaluated while the next turn runs: the one launched beside a piece is
     computed during it, and the turn after finds its work done."""
     pace = PrefillPace(pause_steps=3, max_tokens=4096)
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=0.1)
-    pace.measured(prompt_tokens=100, prompt_s=0.2, steps=1, turn_s=0.3)
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=0.001)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.1)
+    pace.measured(prompt_tokens=100, prompt_s=0.2, steps=1, decode_s=0.0, turn_s=0.3)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.001)
     assert pace.gap_s == 0.1
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=0.1)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.1)
     assert pace.gap_s == 0.1
 
 
@@ -70,24 +70,39 @@ def test_a_turn_that_also_did_something_slow_does_not_size_the_pieces_after_it()
     """A turn may also have loaded a new prompt's model or probed memory: medians leave it out."""
     pace = PrefillPace(pause_steps=3, max_tokens=4096)
     run(pace, tokens_per_s=1000, gap_s=0.05)
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=5.0)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=5.0)
     for _ in range(3):
-        pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=0.2)
-    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=8.0)
+        pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, decode_s=0.0, turn_s=0.2)
+    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, decode_s=0.0, turn_s=8.0)
     assert pace.gap_s == 0.05
     assert pace.piece(decoding=True, rows=1) == 50
 
 
 def test_the_first_turn_of_a_batch_measures_no_gap() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=4096)
-    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, turn_s=None)
-    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, turn_s=None)
+    pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=None)
+    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, decode_s=0.0, turn_s=None)
     assert (pace.gap_s, pace.beside_s) == (None, None)
+
+
+def test_rows_that_began_decoding_while_others_prefill_pause_for_a_share_of_their_step() -> None:
+    """The first prompts of a burst are prefilled, begin decoding, and the rest are prefilled beside
+    them: every turn carries a piece, so no turn without one is measured, and the decode steps of
+    those turns stand in for a stream's gap (not the second a piece takes while nobody decodes)."""
+    pace = PrefillPace(pause_steps=3, max_tokens=4096)
+    pace.measured(prompt_tokens=1000, prompt_s=1.0, steps=0, decode_s=0.0, turn_s=None)
+    pace.measured(prompt_tokens=1000, prompt_s=1.0, steps=0, decode_s=0.0, turn_s=1.0)
+    assert pace.piece(decoding=False, rows=1) == 1000
+    pace.measured(prompt_tokens=1000, prompt_s=1.0, steps=1, decode_s=0.05, turn_s=1.05)
+    assert pace.gap_s == 0.05
+    assert pace.piece(decoding=True, rows=1) == 100  # 3 x 50 ms, less the 50 ms beside the piece
+    pace.measured(prompt_tokens=100, prompt_s=0.1, steps=1, decode_s=0.05, turn_s=0.15)
+    assert pace.piece(decoding=True, rows=1) == 100
 
 
 def test_the_ceiling_bounds_a_piece_with_all_of_its_rows() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=2048)
-    pace.measured(prompt_tokens=100_000, prompt_s=1.0, steps=0, turn_s=None)
+    pace.measured(prompt_tokens=100_000, prompt_s=1.0, steps=0, decode_s=0.0, turn_s=None)
     assert pace.piece(decoding=False, rows=1) == 2048
     assert pace.piece(decoding=False, rows=8) == 256
 
@@ -95,7 +110,7 @@ def test_the_ceiling_bounds_a_piece_with_all_of_its_rows() -> None:
 def test_another_model_starts_from_nothing_measured() -> None:
     pace = PrefillPace(pause_steps=3, max_tokens=2048)
     run(pace, tokens_per_s=100_000, gap_s=0.01)
-    pace.measured(prompt_tokens=100, prompt_s=0.01, steps=1, turn_s=0.02)
+    pace.measured(prompt_tokens=100, prompt_s=0.01, steps=1, decode_s=0.0, turn_s=0.02)
     pace.reset()
     assert (pace.rate, pace.gap_s, pace.beside_s) == (None, None, None)
     assert pace.piece(decoding=True, rows=1) == FIRST_TOKENS

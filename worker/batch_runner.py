@@ -219,7 +219,7 @@ class BatchRunner:
         ended = time.perf_counter()
         turn_s = None if self._turn_ended is None else ended - self._turn_ended
         self._turn_ended = ended
-        self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, turn_s)
+        self.pace.measured(done.prompt_tokens, done.prompt_time, done.generation_steps, done.decode_time, turn_s)
         self.tokens_generated += len(responses)
         self._progress(None)  # after every piece of prefill too: the watchdog sees a long prompt advance
         for prompt in prompted:

@@ -52,6 +52,7 @@ class PrefillPace:
     """A piece's time while no row decodes: no stream waits on it, but a new arrival waits to join
     and the watchdog waits for a sign of life, both between pieces."""
     _gaps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    _steps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     _beside: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     _tokens: float = 0.0
     _seconds: float = 0.0
@@ -65,8 +66,12 @@ class PrefillPace:
 
     @property
     def gap_s(self) -> float | None:
-        """A normal turn's time while rows decode (a stream's gap between two tokens); None before any."""
-        return statistics.median(self._gaps) if self._gaps else None
+        """A normal turn's time while rows decode (a stream's gap between two tokens); None before any.
+        Until a turn without prefill is measured (rows that began decoding while others still prefill,
+        every turn carrying a piece), the decode steps of the turns with pieces stand in for it."""
+        if self._gaps:
+            return statistics.median(self._gaps)
+        return statistics.median(self._steps) if self._steps else None
 
     @property
     def beside_s(self) -> float | None:
@@ -88,13 +93,16 @@ class PrefillPace:
             budget_s = self.pause_steps * gap - (gap if beside is None else beside)
         return max(MIN_TOKENS, min(ceiling, round(rate * budget_s / rows)))
 
-    def measured(self, prompt_tokens: int, prompt_s: float, steps: int, turn_s: float | None) -> None:
+    def measured(self, prompt_tokens: int, prompt_s: float, steps: int, decode_s: float, turn_s: float | None) -> None:
         """What one turn of the generator did: `prompt_tokens` prefilled in `prompt_s` and `steps`
-        decode steps, in `turn_s` from the previous turn's end (None for a batch's first turn).
+        decode steps in `decode_s`, in `turn_s` from the previous turn's end (None for a batch's
+        first turn).
 
         A decode step is evaluated asynchronously, while the turn after it runs: so the first turn
         after a piece finds its step computed during the piece, and is no measure of a normal one."""
         if prompt_tokens > 0:
+            if steps > 0 and decode_s > 0:
+                self._steps.append(decode_s / steps)
             if prompt_s > 0:
                 self._tokens = KEEP * self._tokens + prompt_tokens
                 self._seconds = KEEP * self._seconds + prompt_s
@@ -117,5 +125,6 @@ class PrefillPace:
     def reset(self) -> None:
         """Forget what was measured: another model prefills and decodes at rates of its own."""
         self._gaps.clear()
+        self._steps.clear()
         self._beside.clear()
         self._tokens, self._seconds, self._after_piece = 0.0, 0.0, False
