@@ -98,9 +98,15 @@ def cancel_quietly(request: Request, job_id: str) -> None:
     every other request while Redis answers or a connection of the pool comes free."""
     state = request.app.state
     cancel = partial(state.cancels.cancel, job_id, state.redis, state.settings.stream_ttl_s)
-    asyncio.get_running_loop().run_in_executor(None, cancel).add_done_callback(_log_failure)
+    try:
+        running = asyncio.get_running_loop().run_in_executor(None, cancel)
+    except RuntimeError:  # the gateway is shutting down, its threads with it: nobody else waits now
+        cancel()
+        return
+    running.add_done_callback(partial(_log_failure, job_id))
 
 
-def _log_failure(done: asyncio.Future[bool]) -> None:
+def _log_failure(job_id: str, done: asyncio.Future[bool]) -> None:
     if not done.cancelled() and done.exception() is not None:
-        logger.error("canceling the job of a client that went away failed", exc_info=done.exception())
+        failure = done.exception()
+        logger.error("canceling the job of a client that went away failed", exc_info=failure, extra={"job_id": job_id})
