@@ -34,6 +34,7 @@ from shared.settings import Settings
 from shared.text import text
 from worker.affinity import ModelAffinity
 from worker.claiming import IDLE_POLL_S, TurnTakingQueue
+from worker.crash_suspect import CrashSuspect
 from worker.endings import JobEndings, job_fields
 from worker.engine import Engine
 from worker.monitor import Monitor
@@ -43,10 +44,6 @@ from worker.rq_outages import OutageTolerantWorker
 from worker.streaming import StreamPublisher
 
 logger = logging.getLogger(__name__)
-
-SUSPECT_CLEARED_AFTER = 16
-"""Tokens a crash suspect generates here (past where its stream was when the worker died: it carries
-on from there) before it counts as not the cause, and other jobs are claimed beside it again."""
 
 
 class NoDeathPenalty(BaseDeathPenalty):
@@ -87,12 +84,7 @@ class MlxqWorker(OutageTolerantWorker):
         """Job id -> the thread that runs it and its RQ execution."""
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
-        self._suspect_lock = threading.Lock()
-        self._suspect: str | None = None
-        """A running job that was running when a worker died and has not yet generated
-        SUSPECT_CLEARED_AFTER tokens here: nothing else is claimed until it has, and Redis names it
-        (keys.worker_suspect), so that if it kills this worker too only it is counted, never the
-        jobs beside it. Once past that, it is batched as any other."""
+        self.suspect = CrashSuspect(self.connection, self.name, engine.generated)
         self._canceled: set[str] = set()
         """Jobs asked to stop: they end in RQ's canceled registry, not the failed one."""
         self.monitor = Monitor(
@@ -160,7 +152,7 @@ class MlxqWorker(OutageTolerantWorker):
             # did not end must not stay in the started registry as if the job still ran.
             quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self._running.pop(job.id, None)
-            self._clear_suspect(job.id)
+            self.suspect.clear(job.id)
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
             # Only a finished job's time says what a job takes: a cancel or a failure is over at once.
@@ -209,14 +201,14 @@ class MlxqWorker(OutageTolerantWorker):
         while True:
             if self._stop_requested:
                 raise StopRequested()
-            if self._suspected() or not self.engine.has_room(len(self._running)):
+            if self.suspect.holds_claims() or not self.engine.has_room(len(self._running)):
                 self._wait_for_room()
                 continue
             self.heartbeat()
             leftover = quietly("looking at claimed jobs", self._unstarted_claim)
             if isinstance(leftover, tuple):
                 self.affinity.claimed(leftover[0])
-                return self._alone_if_suspect(leftover)
+                return self.suspect.claimed(leftover, alone=not self._running)
             try:
                 found = self.queue_class.dequeue_any(
                     self._ordered_queues,
@@ -231,41 +223,11 @@ class MlxqWorker(OutageTolerantWorker):
             if found is not None:
                 self.log.info("Worker %s: %s: %s", self.name, found[1].name, found[0].id)
                 self.affinity.claimed(found[0])
-                return self._alone_if_suspect(found)
+                return self.suspect.claimed(found, alone=not self._running)
 
     def _wait_for_room(self) -> None:
-        self._room.wait(0.1 if self._suspect else IDLE_POLL_S)
+        self._room.wait(0.1 if self.suspect.present else IDLE_POLL_S)
         self._room.clear()
-
-    def _alone_if_suspect(self, claimed: tuple[Job, Queue]) -> tuple[Job, Queue]:
-        """A crash suspect is named in Redis before it starts: from then on a death of this worker
-        is counted for it alone."""
-        job = claimed[0]
-        if int(job.meta.get("crash_attempts", 0)) == 0:
-            return claimed
-        with self._suspect_lock:
-            self._suspect = job.id
-        if not self._running:
-            # Named only when it runs alone: beside others, a death might be theirs, and all count.
-            until_redis("naming a crash suspect", lambda: self.connection.set(keys.worker_suspect(self.name), job.id))
-        return claimed
-
-    def _suspected(self) -> bool:
-        """Whether a suspect still holds the claims back; one that got far enough is cleared."""
-        if self._suspect is None:
-            return False
-        if self.engine.generated(self._suspect) < SUSPECT_CLEARED_AFTER:
-            return True
-        logger.info("a crash suspect generated past its test; batching again", extra={"job_id": self._suspect})
-        self._clear_suspect(self._suspect)
-        return False
-
-    def _clear_suspect(self, job_id: str) -> None:
-        with self._suspect_lock:
-            if self._suspect != job_id:
-                return  # cleared already, and maybe another named since
-            self._suspect = None
-            quietly("clearing a crash suspect", lambda: self.connection.delete(keys.worker_suspect(self.name)))
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGTERM/SIGINT: stop taking jobs, and hand back what runs instead of finishing it.
