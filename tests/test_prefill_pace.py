@@ -67,7 +67,7 @@ def test_the_turn_after_a_piece_is_no_measure_of_a_normal_one() -> None:
 
 
 def test_a_turn_that_also_did_something_slow_does_not_size_the_pieces_after_it() -> None:
-    """A turn may also have loaded a new prompt's model or probed memory: medians leave it out."""
+    """A turn may also have encoded a long arriving prompt or probed memory: medians leave it out."""
     pace = PrefillPace(pause_steps=3, max_tokens=4096)
     run(pace, tokens_per_s=1000, gap_s=0.05)
     pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=5.0)

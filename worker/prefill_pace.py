@@ -16,8 +16,8 @@ time beside the piece (the decode step, and whatever the piece costs however few
 its tokens) is measured too, as what a turn with a piece took beyond its tokens
 at the measured prefill rate; that rate is the piece's own time, the wait for the
 step it shares a stream with included, so it errs slow, and a slow rate only
-makes the next piece smaller. Recent medians, not means: a turn that also loaded
-a prompt's model or probed memory must not size the pieces after it.
+makes the next piece smaller. Recent medians, not means: a turn that also encoded
+a long arriving prompt or probed memory must not size the pieces after it.
 """
 
 from __future__ import annotations
