@@ -60,12 +60,7 @@ def main() -> None:
     Downloads(connection, name, budget).start()
     tasks.bind(
         tasks.Runtime(
-            engine=engine,
-            models=models,
-            settings=settings,
-            keep_alive=worker.keep_alive,
-            publisher=publisher,
-            announce=worker.monitor.beat,
+            engine=engine, models=models, settings=settings, keep_alive=worker.keep_alive, publisher=publisher
         )
     )
     try:

@@ -280,6 +280,10 @@ class MlxqWorker(OutageTolerantWorker):
         self.endings.handed_back(job)
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        # Before the result, not only once the job has left (_perform): a client that has its answer
+        # and then lists the loaded models (ollama ps) sees the model this job loaded, idle, its
+        # keep-alive counting from now; written after the result, it raced the client's next request.
+        quietly("writing the heartbeat", self.monitor.beat)
         record = super().handle_job_success
         until_redis(
             "recording a finished job",

@@ -267,9 +267,7 @@ class Scheduler:
         uid, shared = ticket.sharer
         if uid < 0:
             return Seed()  # no member begins like it
-        member = batch.members[uid]
-        if (member.prompt or [])[:shared] != ids[:shared]:
-            return held_now(batch.members, ids)  # never met: uids are not reused within a batch
+        member = batch.members[uid]  # the same ticket as when the sharer was found: uids are not reused
         if member.in_cache >= shared and copyable(member.in_cache, shared):
             return Seed(uid=uid, tokens=shared)
         # Still being computed: worth waiting for when it is most of this prompt (a fan-out's

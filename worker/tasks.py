@@ -42,8 +42,6 @@ class Runtime:
     keep_alive: Callable[[Job], None]
     """Refreshes RQ's heartbeats for a job while RQ's main thread waits on the engine."""
     publisher: StreamPublisher
-    announce: Callable[[], None]
-    """Writes this worker's heartbeat record now: what /api/ps and the status show of its models."""
     texts: ModelTexts = field(default_factory=ModelTexts)
     """Tokenizers and context lengths, for sizing a batch's synthesis prompt."""
 
@@ -116,13 +114,6 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
         finally:
             # Whatever interrupted the wait (RQ's timeout, shutdown), the engine must let go too.
             handle.cancel()
-        # Before the result, not only after it (worker/rq_worker.py _perform): a client that has its
-        # answer and then lists the loaded models (ollama ps) sees the model this job loaded, idle,
-        # its keep-alive counting from now; after the result, it raced the client's next request.
-        try:
-            quietly("writing the worker's heartbeat", runtime.announce)
-        except Exception:
-            logger.exception("writing the worker's heartbeat failed")  # the job's result still goes out
     except MlxqError as exc:
         _record_error(job, exc)
         raise
