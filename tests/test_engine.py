@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,6 +284,40 @@ def test_a_long_prompt_is_prefilled_in_pieces_sized_by_the_decode_steps_beside_i
     assert prompt_tokens > 3000
     assert coarse >= 2  # even coarse pieces leave the running row decoding between them
     assert fine >= 3 * coarse, (fine, coarse)
+
+
+def test_the_engine_shows_progress_after_every_piece_of_a_long_prefill(engine: Engine, demo: ModelSpec) -> None:
+    """The watchdog's hang check reads the engine's last sign of life (the heartbeat's progress_age_s):
+    a prompt prefilled alone marks progress after each piece, so a prefill longer than the hang
+    timeout is no hang. One prefill in a single call would leave one gap as long as all of it."""
+    warm = engine.submit(submit(engine, demo, "warm", max_tokens=2))
+    assert warm.wait(120)
+    engine.runner.pace.alone_s = 0.1  # pieces of a tenth of a second, where no row decodes beside them
+    marks: list[float] = []
+    watching = True
+
+    def watch() -> None:
+        while watching:
+            if not marks or engine.progress_at != marks[-1]:
+                marks.append(engine.progress_at)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    first: list[float] = []
+    long = submit(engine, demo, "long", prompt="the sea " * 4500, max_tokens=2, ignore_eos=True)
+    long.on_text = lambda sent: first.append(time.monotonic()) if not first else None
+    started = time.monotonic()
+    done = engine.submit(long)
+    assert done.wait(120)
+    watching = False
+    watcher.join()
+    assert done.result().prompt_tokens > 8000
+    prefill_s = first[0] - started
+    during = [m for m in marks if started <= m <= first[0]]
+    gaps = [b - a for a, b in zip([started, *during], [*during, first[0]], strict=True)]
+    assert len(during) >= 8, (prefill_s, gaps)
+    assert max(gaps) <= prefill_s / 3, (prefill_s, gaps)
 
 
 OPENING = "You are a careful assistant."
