@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.utils import load_tokenizer
 
 from shared.errors import GenerationCanceled, InvalidRequest, JobTimedOut, ModelUnavailable
@@ -318,6 +319,46 @@ def test_the_engine_shows_progress_after_every_piece_of_a_long_prefill(engine: E
     gaps = [b - a for a, b in zip([started, *during], [*during, first[0]], strict=True)]
     assert len(during) >= 8, (prefill_s, gaps)
     assert max(gaps) <= prefill_s / 3, (prefill_s, gaps)
+
+
+SHORT_PROMPTS = [
+    f"{word} is the word for today, number {i}." for i, word in enumerate("sun moon rain snow wind fog hail".split())
+]
+
+
+def test_short_prompts_beside_a_long_one_are_not_padded_to_its_pieces(
+    demo: ModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlx-lm pads every row of a piece of prefill to the longest: seven chats arriving with a long
+    document would be computed as seven more documents' worth of pieces. Pieces are cut so that at
+    most a third of what they compute is padding (worker/prefill_pace.py `unpadded`), and the texts
+    are those of each prompt alone."""
+    computed: list[tuple[int, int]] = []
+    prompt = PromptProcessingBatch.prompt
+
+    def counted(self: PromptProcessingBatch, tokens: list[list[int]]) -> None:
+        if tokens:
+            computed.append((len(tokens) * max(len(t) for t in tokens), sum(len(t) for t in tokens)))
+        prompt(self, tokens)
+
+    def subs(tag: str) -> list[Submission]:
+        long = submit(engine, demo, f"{tag}-long", prompt="the sea " * 2000, max_tokens=4, temperature=0)
+        return [long] + [
+            submit(engine, demo, f"{tag}-{i}", prompt=text, max_tokens=8, temperature=0)
+            for i, text in enumerate(SHORT_PROMPTS)
+        ]
+
+    engine = build_engine(Settings(), 10**10, prefix_cache_bytes=0)
+    engine.start()
+    try:
+        alone = [run_all(engine, [sub])[0] for sub in subs("alone")]
+        monkeypatch.setattr(PromptProcessingBatch, "prompt", counted)
+        together = run_all(engine, subs("together"))
+    finally:
+        engine.stop()
+    assert together[0].prompt_tokens > 4000
+    assert [o.text for o in together] == [o.text for o in alone]
+    assert all(positions - tokens <= positions / 3 for positions, tokens in computed), computed
 
 
 OPENING = "You are a careful assistant."

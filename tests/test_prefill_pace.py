@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.prefill_pace import FIRST_TOKENS, MIN_TOKENS, PrefillPace
+from worker.prefill_pace import FIRST_TOKENS, MIN_TOKENS, PrefillPace, unpadded
 
 
 def run(pace: PrefillPace, tokens_per_s: float, gap_s: float) -> None:
@@ -114,3 +114,34 @@ def test_another_model_starts_from_nothing_measured() -> None:
     pace.reset()
     assert (pace.rate, pace.gap_s, pace.beside_s) == (None, None, None)
     assert pace.piece(decoding=True, rows=1) == FIRST_TOKENS
+
+
+def padding(piece: int, remaining: list[int]) -> float:
+    """The share of a piece's computed positions that are padding: every row is padded to the longest."""
+    taken = [min(left, piece) for left in remaining if left > 0]
+    return 1 - sum(taken) / (len(taken) * max(taken))
+
+
+def test_short_prompts_beside_a_long_one_take_a_piece_of_their_own_length() -> None:
+    # Seven chats of 50 tokens beside a 4,000-token document: 256 tokens each would compute 1,442
+    # positions of padding beside 606 of prompt; 50 each computes none, and they are done.
+    remaining = [4000, 50, 50, 50, 50, 50, 50, 50]
+    assert padding(256, remaining) > 0.7
+    assert unpadded(256, remaining) == 50
+    assert unpadded(256, [4000]) == 256  # alone, the long one takes the whole piece again
+
+
+def test_padding_stays_under_a_third_of_what_a_piece_computes() -> None:
+    assert unpadded(256, [300, 280, 400]) == 256  # all longer than the piece: nothing is padded
+    assert unpadded(256, [60, 70, 64]) == 256  # the piece covers them all: mlx-lm takes what each has
+    assert unpadded(256, [4000, 200]) == 256  # 56 positions of 512: it is worth the long one's progress
+    assert unpadded(256, [4000, 3000, 20]) == 256  # one short row of three wastes under a third
+    assert unpadded(256, [4000, 20]) == 20
+    for remaining in ([4000, 50, 120, 900, 8], [9, 13, 500, 500, 500, 500], [1000, 1, 1, 1]):
+        piece = unpadded(256, remaining)
+        assert padding(piece, remaining) <= 1 / 3, (remaining, piece)
+
+
+def test_rows_done_with_their_prompts_pad_nothing() -> None:
+    assert unpadded(256, [0, 4000]) == 256  # a row whose prompt is in: it decodes next
+    assert unpadded(256, []) == 256

@@ -29,7 +29,7 @@ from shared.errors import (
 )
 from worker.generation import Generation
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
-from worker.prefill_pace import PrefillPace
+from worker.prefill_pace import PrefillPace, unpadded
 from worker.prefixes import Prefixes, shareable
 from worker.rows import Outcome, Row
 from worker.scheduler import Scheduler, Seed, Ticket
@@ -261,9 +261,12 @@ class BatchRunner:
         """Prompt tokens of each prefilling row the next step takes, sized so that the rows decoding
         beside them pause for no more than the pace allows."""
         batch = self.scheduler.batch
-        members = list(batch.members.values()) if batch is not None else []
-        prefilling = min(self.prefill_batch_size, sum(not member.prefilled for member in members))
-        return self.pace.piece(decoding=any(member.prefilled for member in members), rows=prefilling)
+        members = [batch.members[uid] for uid in sorted(batch.members)] if batch is not None else []
+        # The generator prefills the first rows inserted, as many as its prompt batch holds.
+        prefilling = [m for m in members if not m.prefilled][: self.prefill_batch_size]
+        piece = self.pace.piece(decoding=any(m.prefilled for m in members), rows=len(prefilling))
+        # The prompt's last token is not prefilled: it is the row's first decode input.
+        return unpadded(piece, [len(m.prompt or ()) - 1 - m.in_cache for m in prefilling])
 
     def _keep_for_later(self, run: Run, cache: list[Any]) -> None:
         """A finished row's cache (its prompt and what it generated): the next turn of the same chat

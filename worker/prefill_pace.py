@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 KEEP = 0.7
@@ -37,6 +38,9 @@ MIN_TOKENS = 8
 
 FIRST_TOKENS = 64
 """A piece before any prefill was measured: small, so that its measurement comes soon."""
+
+MAX_PADDING = 1 / 3
+"""The share of a piece's computed positions that may be padding (see `unpadded`)."""
 
 
 @dataclass
@@ -128,3 +132,18 @@ class PrefillPace:
         self._steps.clear()
         self._beside.clear()
         self._tokens, self._seconds, self._after_piece = 0.0, 0.0, False
+
+
+def unpadded(piece: int, remaining: Sequence[int]) -> int:
+    """The piece each prefilling row takes, at most `piece`, given the prompt tokens each of them has
+    left: mlx-lm pads every row of a piece to its longest, so beside a long prompt a short one's
+    last piece is computed as long as the long one's. `piece` itself where at most MAX_PADDING of
+    what it computes is padding, else the largest shorter piece where that holds (the shortest
+    row's length pads nothing)."""
+    lefts = [left for left in remaining if left > 0]
+    # The largest candidate computes as `piece` does: no row has more than it left, or it is `piece`.
+    for rank, candidate in enumerate(sorted({min(left, piece) for left in lefts}, reverse=True)):
+        real = sum(min(left, candidate) for left in lefts)
+        if len(lefts) * candidate - real <= MAX_PADDING * len(lefts) * candidate:
+            return piece if rank == 0 else candidate
+    return piece
