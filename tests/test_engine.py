@@ -293,7 +293,8 @@ def test_the_engine_shows_progress_after_every_piece_of_a_long_prefill(engine: E
     timeout is no hang. One prefill in a single call would leave one gap as long as all of it."""
     warm = engine.submit(submit(engine, demo, "warm", max_tokens=2))
     assert warm.wait(120)
-    engine.runner.pace.alone_s = 0.1  # pieces of a tenth of a second, where no row decodes beside them
+    # Pieces of a tenth of a second where no row decodes beside them, and many even on a fast machine.
+    engine.runner.pace.alone_s, engine.runner.pace.max_tokens = 0.1, 512
     marks: list[float] = []
     watching = True
 
@@ -318,7 +319,7 @@ def test_the_engine_shows_progress_after_every_piece_of_a_long_prefill(engine: E
     during = [m for m in marks if started <= m <= first[0]]
     gaps = [b - a for a, b in zip([started, *during], [*during, first[0]], strict=True)]
     assert len(during) >= 8, (prefill_s, gaps)
-    assert max(gaps) <= prefill_s / 3, (prefill_s, gaps)
+    assert max(gaps) <= prefill_s / 2, (prefill_s, gaps)
 
 
 SHORT_PROMPTS = [
@@ -333,12 +334,12 @@ def test_short_prompts_beside_a_long_one_are_not_padded_to_its_pieces(
     document would be computed as seven more documents' worth of pieces. Pieces are cut so that at
     most a third of what they compute is padding (worker/prefill_pace.py `unpadded`), and the texts
     are those of each prompt alone."""
-    computed: list[tuple[int, int]] = []
+    computed: list[tuple[int, int, int]] = []
     prompt = PromptProcessingBatch.prompt
 
     def counted(self: PromptProcessingBatch, tokens: list[list[int]]) -> None:
         if tokens:
-            computed.append((len(tokens) * max(len(t) for t in tokens), sum(len(t) for t in tokens)))
+            computed.append((len(tokens), len(tokens) * max(len(t) for t in tokens), sum(len(t) for t in tokens)))
         prompt(self, tokens)
 
     def subs(tag: str) -> list[Submission]:
@@ -358,7 +359,8 @@ def test_short_prompts_beside_a_long_one_are_not_padded_to_its_pieces(
         engine.stop()
     assert together[0].prompt_tokens > 4000
     assert [o.text for o in together] == [o.text for o in alone]
-    assert all(positions - tokens <= positions / 3 for positions, tokens in computed), computed
+    assert any(rows > 1 for rows, _, _ in computed), computed  # prefilled together
+    assert all(positions - tokens <= positions / 3 for _, positions, tokens in computed), computed
 
 
 OPENING = "You are a careful assistant."

@@ -133,13 +133,18 @@ def test_short_prompts_beside_a_long_one_take_a_piece_of_their_own_length() -> N
 
 def test_padding_stays_under_a_third_of_what_a_piece_computes() -> None:
     assert unpadded(256, [300, 280, 400]) == 256  # all longer than the piece: nothing is padded
-    assert unpadded(256, [60, 70, 64]) == 256  # the piece covers them all: mlx-lm takes what each has
+    assert unpadded(256, [60, 70, 64]) == 70  # the piece covers them all: the longest pads the rest
     assert unpadded(256, [4000, 200]) == 256  # 56 positions of 512: it is worth the long one's progress
     assert unpadded(256, [4000, 3000, 20]) == 256  # one short row of three wastes under a third
     assert unpadded(256, [4000, 20]) == 20
-    for remaining in ([4000, 50, 120, 900, 8], [9, 13, 500, 500, 500, 500], [1000, 1, 1, 1]):
+    for remaining in ([4000, 50, 120, 900, 8], [9, 13, 500, 500, 500, 500], [1000, 30, 30, 30]):
         piece = unpadded(256, remaining)
         assert padding(piece, remaining) <= 1 / 3, (remaining, piece)
+
+
+def test_a_row_with_a_token_or_two_left_is_cut_no_shorter_than_the_smallest_piece() -> None:
+    assert unpadded(256, [4000, 1]) == MIN_TOKENS
+    assert unpadded(4, [4000, 1]) == 4
 
 
 def test_rows_done_with_their_prompts_pad_nothing() -> None:

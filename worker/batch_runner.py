@@ -259,14 +259,16 @@ class BatchRunner:
 
     def _next_piece(self) -> int:
         """Prompt tokens of each prefilling row the next step takes, sized so that the rows decoding
-        beside them pause for no more than the pace allows."""
+        beside them pause for no more than the pace allows, and cut so that short prompts are not
+        padded to a long one's piece."""
         batch = self.scheduler.batch
-        members = [batch.members[uid] for uid in sorted(batch.members)] if batch is not None else []
-        # The generator prefills the first rows inserted, as many as its prompt batch holds.
+        members = list(batch.members.values()) if batch is not None else []  # in uid order: as inserted
+        # The generator prefills the first rows inserted, as many as its prompt batch holds; a prompt's
+        # last token is not prefilled (it is the row's first decode input).
         prefilling = [m for m in members if not m.prefilled][: self.prefill_batch_size]
-        piece = self.pace.piece(decoding=any(m.prefilled for m in members), rows=len(prefilling))
-        # The prompt's last token is not prefilled: it is the row's first decode input.
-        return unpadded(piece, [len(m.prompt or ()) - 1 - m.in_cache for m in prefilling])
+        remaining = [len(m.prompt or ()) - 1 - m.in_cache for m in prefilling]
+        piece = self.pace.piece(decoding=any(m.prefilled for m in members), rows=sum(r > 0 for r in remaining))
+        return unpadded(piece, remaining)
 
     def _keep_for_later(self, run: Run, cache: list[Any]) -> None:
         """A finished row's cache (its prompt and what it generated): the next turn of the same chat

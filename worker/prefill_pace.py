@@ -137,13 +137,12 @@ class PrefillPace:
 def unpadded(piece: int, remaining: Sequence[int]) -> int:
     """The piece each prefilling row takes, at most `piece`, given the prompt tokens each of them has
     left: mlx-lm pads every row of a piece to its longest, so beside a long prompt a short one's
-    last piece is computed as long as the long one's. `piece` itself where at most MAX_PADDING of
-    what it computes is padding, else the largest shorter piece where that holds (the shortest
-    row's length pads nothing)."""
+    last piece is computed as long as the long one's. The largest piece of which at most
+    MAX_PADDING is padding (the shortest row's length pads nothing), and no less than MIN_TOKENS:
+    a row with a token or two left is not worth a turn of its own."""
     lefts = [left for left in remaining if left > 0]
-    # The largest candidate computes as `piece` does: no row has more than it left, or it is `piece`.
-    for rank, candidate in enumerate(sorted({min(left, piece) for left in lefts}, reverse=True)):
+    for candidate in sorted({min(left, piece) for left in lefts}, reverse=True):
         real = sum(min(left, candidate) for left in lefts)
         if len(lefts) * candidate - real <= MAX_PADDING * len(lefts) * candidate:
-            return piece if rank == 0 else candidate
+            return max(candidate, min(piece, MIN_TOKENS))
     return piece
