@@ -283,7 +283,10 @@ class MlxqWorker(OutageTolerantWorker):
         # Before the result, not only once the job has left (_perform): a client that has its answer
         # and then lists the loaded models (ollama ps) sees the model this job loaded, idle, its
         # keep-alive counting from now; written after the result, it raced the client's next request.
-        quietly("writing the heartbeat", self.monitor.beat)
+        try:
+            quietly("writing the heartbeat", self.monitor.beat)
+        except Exception:
+            logger.exception("writing the heartbeat failed")  # the job's result is recorded all the same
         record = super().handle_job_success
         until_redis(
             "recording a finished job",
