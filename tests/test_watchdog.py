@@ -229,3 +229,26 @@ def test_sigterm_to_the_watchdog_stops_everything_in_grace_and_hands_the_job_bac
         assert [e for e in svc.events("worker_died") if not e.get("stopping")] == []
     finally:
         svc.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_prefill_longer_than_the_hang_check_is_no_hang(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    """The watchdog's hang check wants a sign of life every probe interval: a prompt prefilled in
+    pieces (each about a second where no row decodes beside it) gives one after every piece, so a
+    prefill several intervals long finishes on the worker it started on."""
+    probe_s = 3
+    svc = supervised(own_redis, data_dir, tmp_path, watchdog_probe_interval_s=probe_s)
+    try:
+        pid = svc.worker_pid()
+        started = time.monotonic()
+        job = svc.submit(model="demo", prompt="the sea " * 8_000, max_tokens=2, ignore_eos=True)
+        done = svc.wait_for(job["id"], {"finished", "failed"}, timeout_s=240)
+        took = time.monotonic() - started
+        assert done["status"] == "finished", done
+        assert done["result"]["usage"]["prompt_tokens"] > 15_000
+        assert took > 3 * probe_s, took  # the check ran several times during it
+        assert svc.events("worker_hung") == [] and svc.worker_pid() == pid
+    finally:
+        svc.stop()
