@@ -248,7 +248,8 @@ def test_a_prefill_longer_than_the_hang_check_is_no_hang(
         took = time.monotonic() - started
         assert done["status"] == "finished", done
         assert done["result"]["usage"]["prompt_tokens"] > 15_000
-        assert took > 3 * probe_s, took  # the check ran several times during it
         assert svc.events("worker_hung") == [] and svc.worker_pid() == pid
+        if took <= 3 * probe_s:  # a fast machine: the check did not run often enough to tell
+            pytest.skip(f"the prefill took {took:.1f} s, too short beside a {probe_s} s hang check")
     finally:
         svc.stop()
