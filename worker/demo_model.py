@@ -103,13 +103,16 @@ def _write_tokenizer(directory: Path) -> None:
 
 
 def _write_weights(directory: Path, config: dict[str, Any]) -> None:
+    """Random weights for mlx-lm's own class of the config's `model_type`, saved as it loads them."""
+    import importlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen2
 
+    architecture = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(SEED)
-    args = qwen2.ModelArgs.from_dict(config)  # type: ignore[no-untyped-call]
-    model = qwen2.Model(args)
+    args = architecture.ModelArgs.from_dict(config)
+    model = architecture.Model(args)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
 
@@ -118,7 +121,8 @@ def build_demo_model(directory: Path, **config_overrides: Any) -> Path:
     """Build the demo model into `directory` unless it is already there; return it.
 
     `config_overrides` (e.g. `hidden_size=256`) make other tiny models of known,
-    different sizes with the same tokenizer; the built-in demo uses none.
+    different sizes with the same tokenizer; the built-in demo uses none. With a
+    `model_type` among them, another architecture of mlx-lm's (worker/tiny_families.py).
     """
     if (directory / "model.safetensors").exists():
         return directory
