@@ -27,6 +27,25 @@ class SizeEstimate:
         return self.weights_bytes + self.kv_bytes_per_token * context_tokens
 
 
+@dataclass(frozen=True)
+class KvShape:
+    """The cache one row of a batch holds, by kind of layer: full attention (and a latent attention's
+    latent) grows with every token, a sliding window stops at its size, a recurrent state (gated delta
+    net, Mamba) is the same at any length. Measured from a loaded model (worker/cache_shape.py)."""
+
+    per_token: int
+    """Bytes per token of the layers that keep every position."""
+    windows: tuple[tuple[int, int], ...] = ()
+    """(bytes per token, window size in tokens) of each windowed layer."""
+    per_row: int = 0
+    """Bytes of the states that do not grow."""
+
+    def bytes_for(self, tokens: int) -> int:
+        """Bytes of one row's cache holding `tokens` tokens."""
+        windowed = sum(per_token * min(tokens, size) for per_token, size in self.windows)
+        return self.per_token * tokens + windowed + (self.per_row if tokens > 0 else 0)
+
+
 def estimate(directory: Path) -> SizeEstimate:
     """Estimate for a model directory holding config.json and *.safetensors."""
     weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))

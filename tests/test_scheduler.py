@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
+from shared.sizing import KvShape
 from worker.ledger import MemoryLedger
-from worker.scheduler import COPY_SLACK_TOKENS, FRESH, Scheduler, Seed, Ticket, padded_kv_bytes
+from worker.scheduler import COPY_SLACK_TOKENS, Scheduler, Seed, Ticket, padded_kv_bytes
 
 PER_TOKEN = 10
 WEIGHTS = 1_000
@@ -42,7 +43,7 @@ class Executor:
 
     def prepare(self, ticket: Ticket) -> bool:
         ticket.prompt = self.prompts.get(ticket.job_id, [1, 2, 3])
-        ticket.kv_bytes_per_token, ticket.weights_bytes = PER_TOKEN, WEIGHTS
+        ticket.kv, ticket.weights_bytes = KvShape(PER_TOKEN), WEIGHTS
         return True
 
     def open_batch(self, ticket: Ticket) -> bool:
@@ -80,8 +81,8 @@ def joined(run: Executor) -> list[str]:
 
 
 def test_rows_are_counted_padded_to_the_longest_context() -> None:
-    assert padded_kv_bytes(PER_TOKEN, [10, 300, 50]) == PER_TOKEN * 300 * 3
-    assert padded_kv_bytes(PER_TOKEN, []) == 0
+    assert padded_kv_bytes(KvShape(PER_TOKEN), [10, 300, 50]) == PER_TOKEN * 300 * 3
+    assert padded_kv_bytes(KvShape(PER_TOKEN), []) == 0
 
 
 def test_a_context_that_could_never_fit_fails_at_once_naming_max_tokens() -> None:
@@ -237,14 +238,16 @@ def test_no_ticket_waits_for_a_prefix_it_could_not_then_copy() -> None:
     assert run.joined == [("long", Seed()), ("short", Seed())]
 
 
-def test_without_shareable_caches_every_row_starts_fresh() -> None:
+def test_caches_that_cannot_be_cut_start_from_kept_states_never_from_a_member() -> None:
+    """A recurrent state or a wrapped window cannot be cut back to a shared part: the second waits for
+    no member and copies none, and both look for kept states."""
     sched, run = scheduler(10**9)
     run.shareable = False
     run.prompts = {"first": list(range(100)), "second": list(range(100))}
     sched.add(ticket("first", 5))
     sched.add(ticket("second", 5))
     sched.fill(run)
-    assert run.joined == [("first", FRESH), ("second", FRESH)]
+    assert run.joined == [("first", Seed()), ("second", Seed())]
 
 
 def test_memory_past_its_thresholds_lowers_the_batch_limit() -> None:

@@ -26,11 +26,13 @@ from shared.errors import (
     InsufficientMemory,
     JobTimedOut,
     MlxqError,
+    ModelUnavailable,
 )
+from worker.cache_shape import cuttable, recurrent
 from worker.generation import Generation
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
 from worker.prefill_pace import PrefillPace, unpadded
-from worker.prefixes import Prefixes, shareable
+from worker.prefixes import Prefixes
 from worker.rows import Outcome, Row
 from worker.scheduler import Scheduler, Seed, Ticket
 
@@ -77,6 +79,9 @@ class BatchRunner:
         self.runs: dict[Ticket, Run] = {}
         """By ticket, not job id: a job handed back and claimed again may meet its old run here."""
         self.generator: Any = None
+        self._keeps_states = False
+        """The batch's model has caches that cannot be cut at any token: states are kept where later
+        prompts extend them (the ends of the system messages and of the prompt), not cut from longer ones."""
         self._uids: dict[int, Run] = {}
         self._turn_ended: float | None = None
         """When the batch's last turn ended: a running stream's gap is the time from one to the next."""
@@ -130,13 +135,20 @@ class BatchRunner:
             self._finish(run, row.outcome("length"), None)  # the earlier attempt got to the end
             return False
         ticket.prompt = row.context_ids
-        ticket.kv_bytes_per_token = run.loaded.kv_bytes_per_token
+        ticket.kv = run.loaded.kv
         ticket.weights_bytes = run.loaded.size_bytes
         return True
 
     def open_batch(self, ticket: Ticket) -> bool:
         loaded = self.runs[ticket].loaded
         assert loaded is not None
+        fresh = make_prompt_cache(loaded.model)
+        unbatched = sorted({type(layer).__name__ for layer in fresh if not hasattr(layer, "merge")})
+        if unbatched:
+            raise ModelUnavailable(
+                f"Model '{ticket.model}' keeps a cache mlx-lm cannot batch ({', '.join(unbatched)}); "
+                "mlxq serves every model through mlx-lm's BatchGenerator"
+            )
         self.pace.serving(ticket.model)
         self._turn_ended = None
         self.generator = BatchGenerator(
@@ -146,7 +158,12 @@ class BatchRunner:
             # The ceiling: its prompt batch prefills what each step is given (`_next_piece`) in one call.
             prefill_step_size=self.pace.max_tokens,
         )
-        return shareable(make_prompt_cache(loaded.model))
+        if recurrent(fresh):
+            # mlx-lm pads the rows of a prompt batch to the longest, and its batched Mamba layers are not
+            # exact over that padding (a row's answer would depend on its neighbours): one row at a time.
+            self.generator.prefill_batch_size = 1
+        self._keeps_states = not cuttable(fresh)
+        return not self._keeps_states
 
     def close_batch(self) -> None:
         if self.generator is not None:
@@ -162,8 +179,8 @@ class BatchRunner:
         ids = run.row.context_ids
         try:
             cache, reused = self._seeded(ticket.model, ids, seed)
-            [uid] = self.generator.insert(
-                [ids[reused:]],
+            [uid] = self.generator.insert_segments(
+                [self._segments(run.row, reused)],
                 max_tokens=[ticket.max_tokens],
                 caches=[cache],
                 all_tokens=[ids[:reused]],
@@ -186,10 +203,18 @@ class BatchRunner:
             return cache, reused
         # The scheduler copies only from a member that holds the prefix (its in_cache); `keep` checks
         # the length of what was extracted.
-        [(source, _)] = self.generator.extract_cache([seed.uid]).values()
-        if not self.prefixes.keep(model, ids[: seed.tokens], source):
+        [(source, held)] = self.generator.extract_cache([seed.uid]).values()
+        if not self.prefixes.keep(model, ids[: seed.tokens], source, len(held)):
             return cache, reused
         return self.prefixes.nearest(model, ids)
+
+    def _segments(self, row: Row, reused: int) -> list[list[int]]:
+        """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,
+        where the state of a cache that cannot be cut is kept (the end of the system messages)."""
+        ids = row.context_ids
+        cuts = [b for b in (row.system_end(),) if self._keeps_states and b is not None and reused < b < len(ids) - 1]
+        bounds = [reused, *cuts, len(ids)]
+        return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def end(self, ticket: Ticket, error: BaseException) -> None:
         self._finish(self.runs[ticket], None, self._translated(error, ticket.job_id))
@@ -204,17 +229,7 @@ class BatchRunner:
             with self.generator.stats() as done:
                 prompted, responses = self.generator.next()
         except Exception as exc:
-            # The step is shared: every member fails with it (and the process lives on). Their
-            # hold on the model goes first, so that a memory cleanup can unload it.
-            failed = list(self._uids.values())
-            for uid, gone in list(self._uids.items()):
-                del self._uids[uid]
-                scheduler.leave(uid)
-                self._release(gone)
-            scheduler.close(self)
-            error = self._translated(exc, ",".join(gone.ticket.job_id for gone in failed))
-            for gone in failed:
-                self._finish(gone, None, error)
+            self.fail_running(exc)  # the step is shared: every member fails with it
             return
         ended = time.perf_counter()
         turn_s = None if self._turn_ended is None else ended - self._turn_ended
@@ -230,6 +245,8 @@ class BatchRunner:
             prefilling.ticket.in_cache = prefilling.reused + int(prompt.progress[0])
             if prompt.end_of_prompt:
                 prefilling.ticket.prefilled = True  # its prompt is in its cache; it decodes
+            elif prompt.end_of_segment and self._keeps_states:
+                self._keep_state(prefilling, prompt.uid)
         for response in responses:
             run = self._uids.get(response.uid)
             if run is None:
@@ -240,7 +257,7 @@ class BatchRunner:
             run.ticket.in_cache = len(run.ticket.prompt or ()) + len(run.generated)
             run.handle.generated = len(run.generated)
             if response.finish_reason is not None and response.prompt_cache is not None:
-                self._keep_for_later(run, response.prompt_cache)
+                self._keep_for_later(run, response.prompt_cache, response.all_tokens)
             finish = run.row.take(response.token, response.finish_reason, response.logprobs)
             if finish is None and response.finish_reason is not None:
                 finish = "stop"
@@ -265,22 +282,32 @@ class BatchRunner:
         members = list(batch.members.values()) if batch is not None else []  # in uid order: as inserted
         # The generator prefills the first rows inserted, as many as its prompt batch holds; a prompt's
         # last token is not prefilled (it is the row's first decode input).
-        prefilling = [m for m in members if not m.prefilled][: self.prefill_batch_size]
+        prefilling = [m for m in members if not m.prefilled][: self.generator.prefill_batch_size]
         remaining = [len(m.prompt or ()) - 1 - m.in_cache for m in prefilling]
         piece = self.pace.piece(decoding=any(m.prefilled for m in members), rows=sum(r > 0 for r in remaining))
         return unpadded(piece, remaining)
 
-    def _keep_for_later(self, run: Run, cache: list[Any]) -> None:
-        """A finished row's cache (its prompt and what it generated): the next turn of the same chat
-        starts from it."""
+    def _keep_for_later(self, run: Run, cache: list[Any], tokens: list[int]) -> None:
+        """A finished row's cache (its prompt and what it generated, `tokens`): the next turn of the
+        same chat starts from it."""
         if not cache or not self.prefixes.enabled:
             return
-        assert run.row is not None
-        tokens = (run.row.context_ids + run.generated)[: cache[0].offset]
         try:
-            self.prefixes.keep(run.ticket.model, tokens, cache)
+            self.prefixes.keep(run.ticket.model, tokens, cache, len(tokens))
         except Exception:
-            logger.exception("could not keep a finished prompt's cache")
+            logger.exception("could not keep a finished prompt's cache", extra={"job_id": run.ticket.job_id})
+
+    def _keep_state(self, run: Run, uid: int) -> None:
+        """The state of a row whose prefill reached the end of a segment (the end of the system
+        messages, or all of the prompt but its last token): what a later prompt extending it resumes
+        from, since this cache cannot be cut back to here later."""
+        if not self.prefixes.enabled:
+            return
+        try:
+            for cache, tokens in self.generator.extract_cache([uid]).values():
+                self.prefixes.keep(run.ticket.model, tokens, cache, len(tokens))
+        except Exception:
+            logger.exception("could not keep a prompt's state", extra={"job_id": run.ticket.job_id})
 
     def leave(self, uid: int, outcome: Outcome | None, error: BaseException | None, remove: bool) -> None:
         """A member leaves the batch (the generator drops rows it ended itself; others are removed)."""
@@ -289,6 +316,22 @@ class BatchRunner:
             self.generator.remove([uid])
         self.scheduler.leave(uid)
         self._finish(run, outcome, error)
+
+    def fail_running(self, exc: BaseException) -> None:
+        """Every member of the batch, and any ticket taken from the line but not yet in it, ends with
+        `exc` (translated); the batch closes and the process lives on. Their hold on the model goes
+        first, so that a memory cleanup can unload it."""
+        waiting = set(self.scheduler.line)
+        failed = [run for ticket, run in self.runs.items() if ticket not in waiting]
+        for uid in list(self._uids):
+            del self._uids[uid]
+            self.scheduler.leave(uid)
+        for run in failed:
+            self._release(run)
+        self.scheduler.close(self)
+        error = self._translated(exc, ",".join(run.ticket.job_id for run in failed))
+        for run in failed:
+            self._finish(run, None, error)
 
     def end_everything(self, error: MlxqError) -> None:
         """The engine stops: every member and every waiting ticket ends with `error`."""

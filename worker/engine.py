@@ -169,12 +169,18 @@ class Engine:
             running = scheduler.batch is not None and bool(scheduler.batch.members)
             if not running or time.monotonic() - self._maintained_at >= self.maintenance_interval_s:
                 self._maintain()
-            scheduler.fill(self.runner)
-            if scheduler.batch is not None and scheduler.batch.members:
-                self.state = "generating"
-                self.runner.step()
-            elif scheduler.batch is not None:
-                scheduler.close(self.runner)
+            try:
+                scheduler.fill(self.runner)
+                if scheduler.batch is not None and scheduler.batch.members:
+                    self.state = "generating"
+                    self.runner.step()
+                elif scheduler.batch is not None:
+                    scheduler.close(self.runner)
+            except Exception as exc:
+                # Whatever a model or its cache does, the batch's jobs fail with it and the engine
+                # serves the rest: a dead engine would take every model down until a restart.
+                logger.exception("an engine turn failed; its batch's jobs fail, the engine goes on")
+                self.runner.fail_running(exc)
             if scheduler.batch is None and self._warming:
                 self._warm(self._warming.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"

@@ -30,8 +30,9 @@ from shared import sizing
 from shared.errors import ExceedsMemoryBudget, InsufficientMemory, ModelUnavailable
 from shared.models import ModelRegistry, ModelSpec
 from shared.settings import Settings
-from shared.sizing import format_bytes
+from shared.sizing import KvShape, format_bytes
 from shared.tokenizing import context_length
+from worker import cache_shape
 from worker.demo_model import build_demo_model
 from worker.ledger import MemoryLedger
 
@@ -61,7 +62,9 @@ class LoadedModel:
     """Estimated from the files before loading."""
     measured_bytes: int
     """MLX active memory that the load added."""
-    kv_bytes_per_token: int
+    kv: KvShape
+    """What a row's cache holds, measured once loaded (the estimate before loading counts every layer
+    as full attention)."""
     context_tokens: int | None
     """Its context length (the models file's, else its config.json's), when known."""
     loaded_at: float
@@ -315,7 +318,7 @@ class ModelCache:
             tokenizer=tokenizer,
             size_bytes=estimate.weights_bytes,
             measured_bytes=measured,
-            kv_bytes_per_token=estimate.kv_bytes_per_token,
+            kv=self._kv_shape(model, estimate),
             context_tokens=spec.context_tokens or context_length(directory / "config.json"),
             loaded_at=now,
             last_used=now,
@@ -333,6 +336,14 @@ class ModelCache:
             format_bytes(budget),
         )
         return entry
+
+    @staticmethod
+    def _kv_shape(model: Any, estimate: sizing.SizeEstimate) -> KvShape:
+        try:
+            return cache_shape.measure(model)
+        except Exception:
+            logger.warning("could not measure the model's cache; counting every layer as full attention")
+            return KvShape(per_token=estimate.kv_bytes_per_token)
 
     def _read(self, spec: ModelSpec, directory: Path, what: str) -> tuple[Any, Any]:
         """The model and its tokenizer from `directory`, mlx-lm's errors translated."""

@@ -8,9 +8,13 @@ starts like an earlier one (the next turn of a chat, a repeated system prompt)
 starts from the cache the earlier one left.
 
 mlx-lm's LRUPromptCache holds the caches (a token trie per model, byte budget,
-copies handed out, longer entries trimmed to a shared prefix). Only plain
-`KVCache` layers are shared: a rotating window or a recurrent state cannot be cut
-at an arbitrary token.
+copies handed out, longer entries trimmed to a shared prefix). The code asks each
+cache what it can do rather than listing types: a cache that can be trimmed
+(plain KV) is cut at any token; one that cannot (a sliding window that has
+wrapped, the recurrent state of a gated delta net or a Mamba layer) is kept at
+exactly the tokens it holds, and serves only prompts that extend them. The batch
+runner keeps such states where a later prompt extends them: the end of the
+system messages, the end of the prompt and the end of the generation.
 """
 
 from __future__ import annotations
@@ -18,31 +22,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import mlx.core as mx
-from mlx_lm.models.cache import KVCache, LRUPromptCache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
+
+from worker.cache_shape import compact, copied, layers, nbytes
 
 MIN_REUSED_TOKENS = 8
 """A kept prefix this long is worth its copy: copying it is a slice of memory, computing it a pass over
 all of the model's weights (a chat template's opening alone is about 20 tokens). Waiting for a member to
 compute a shared prefix is another matter (worker/scheduler.py's MIN_SHARED_TOKENS)."""
-
-
-def shareable(cache: Sequence[Any]) -> bool:
-    return bool(cache) and all(type(layer) is KVCache for layer in cache)
-
-
-def cut(cache: Sequence[Any], tokens: int) -> list[Any]:
-    """A new cache holding the first `tokens` positions of `cache` (copied, so the source may go)."""
-    layers = []
-    for layer in cache:
-        fresh = KVCache()  # type: ignore[no-untyped-call]
-        # contiguous: a copy, not a view that would keep the whole batch's buffer alive
-        fresh.keys = mx.contiguous(layer.keys[..., :tokens, :])
-        fresh.values = mx.contiguous(layer.values[..., :tokens, :])
-        fresh.offset = tokens
-        layers.append(fresh)
-    mx.eval([(layer.keys, layer.values) for layer in layers])
-    return layers
 
 
 class Prefixes:
@@ -59,33 +46,42 @@ class Prefixes:
     def nearest(self, model: str, ids: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A copy of the cache of the longest kept prefix of `ids` and its length (None, 0 when
         nothing worth reusing is kept). At least the last token is left to compute: generation
-        starts from it."""
+        starts from its logits."""
         if self.budget_bytes <= 0 or len(ids) <= MIN_REUSED_TOKENS:
             return None, 0
-        cache, rest = self._lru.fetch_nearest_cache(model, list(ids))
+        ids = list(ids)
+        cache, rest = self._lru.fetch_nearest_cache(model, ids)
+        if cache is not None and not rest:
+            # All of it is kept: a cache that can be trimmed gives back its last token; one that cannot
+            # serves from a shorter state (the end of the prompt's prefill keeps one).
+            if can_trim_prompt_cache(cache):
+                for layer in cache:  # the trie's copy: ours to cut
+                    layer.trim(1)
+                rest = ids[-1:]
+            else:
+                cache, rest = self._lru.fetch_nearest_cache(model, ids[:-1])
+                rest = [*rest, ids[-1]]
         reused = len(ids) - len(rest)
         if cache is None or reused < MIN_REUSED_TOKENS:
             return None, 0
-        if reused == len(ids):
-            reused -= 1  # the last token is computed: generation starts from its logits
-        # A copy of exactly `reused` positions: a longer entry's copy would hold all of its buffer.
-        return cut(cache, reused), reused
+        for layer in layers(cache):
+            compact(layer)  # a longer entry trimmed to the shared part holds all of its buffer
+        return cache, reused
 
     @property
     def enabled(self) -> bool:
         return self.budget_bytes > 0
 
-    def keep(self, model: str, ids: Sequence[int], cache: Sequence[Any]) -> bool:
-        """Keep a copy of the first `len(ids)` positions of `cache`, which holds the tokens `ids`
-        (and maybe more); older entries go past the budget. False when it is not kept."""
-        if not self.enabled or len(ids) < MIN_REUSED_TOKENS or not shareable(cache):
+    def keep(self, model: str, ids: Sequence[int], cache: Sequence[Any], held: int) -> bool:
+        """Keep a copy of the first `len(ids)` positions of `cache`, which holds `held` tokens
+        beginning with `ids`; older entries go past the budget. False when it is not kept (too short,
+        too big, or a cache that cannot be cut there)."""
+        if not self.enabled or len(ids) < MIN_REUSED_TOKENS:
             return False
-        if cache[0].offset < len(ids):
+        kept = copied(cache, held, len(ids))
+        if kept is None or nbytes(kept) > self.budget_bytes:
             return False
-        copy = cut(cache, len(ids))
-        if sum(layer.nbytes for layer in copy) > self.budget_bytes:
-            return False
-        self._lru.insert_cache(model, list(ids), copy)
+        self._lru.insert_cache(model, list(ids), kept)
         return True
 
     def shrink_to(self, budget_bytes: int) -> None:

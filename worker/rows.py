@@ -65,6 +65,11 @@ class Outcome:
     """The stop string that ended the text, if one did."""
 
 
+KEPT_SEGMENT_TOKENS = 128
+"""The system messages are a segment of their own (their state kept where a cache cannot be cut) from this
+long: shorter ones cost less to compute again than to keep."""
+
+
 def encode_prompt(tokenizer: Any, request: GenerateRequest) -> list[int]:
     """Token ids for the request: the chat template for messages, plain encoding for a prompt."""
     if request.prompt is not None:
@@ -164,6 +169,34 @@ class Row:
             vocab_size=vocab_size,
             tokenizer=tokenizer,
         )
+
+    def system_end(self) -> int | None:
+        """Where the prompt's system messages end (the opening that sessions and turns with the same
+        system prompt share), when they take at least KEPT_SEGMENT_TOKENS; None otherwise. Found as
+        mlx-lm's server finds it: the system messages rendered before an empty user turn, and the
+        tokens that rendering shares with the prompt."""
+        if self.request.messages is None or self.tokenizer is None:
+            return None
+        messages, tools, kwargs = self.request.for_template()
+        system = [m for m in messages[: len(messages) - 1] if m["role"] in ("system", "developer")]
+        if len(system) == 0 or messages[: len(system)] != system:
+            return None
+        try:
+            opening = self.tokenizer.apply_chat_template(
+                [*system, {"role": "user", "content": ""}],
+                tools=tools,
+                add_generation_prompt=False,
+                tokenize=True,
+                **kwargs,
+            )
+        except Exception:
+            return None  # a template that will not render this opening alone: no segment
+        end = 0
+        for mine, theirs in zip(self.prompt_ids, opening, strict=False):
+            if mine != theirs:
+                break
+            end += 1
+        return end if end >= KEPT_SEGMENT_TOKENS else None
 
     @property
     def context_ids(self) -> list[int]:

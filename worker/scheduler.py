@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
-from shared.sizing import format_bytes
+from shared.sizing import KvShape, format_bytes
 from worker.ledger import MemoryLedger
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class Ticket:
     """Why it must end now (its handle's cancel or deadline, waiting or running), or None."""
     prompt: list[int] | None = None
     """Its prompt's token ids, once prepared (model acquired, prompt encoded)."""
-    kv_bytes_per_token: int = 0
+    kv: KvShape = KvShape(per_token=0)
+    """What its row's cache holds per token (its model's, measured once loaded)."""
     weights_bytes: int = 0
     sharer: tuple[int, int] | None = None
     """(uid, tokens): the member whose prompt starts like this one's, and for how many tokens."""
@@ -99,7 +100,8 @@ class Executor(Protocol):
         ...
 
     def open_batch(self, ticket: Ticket) -> bool:
-        """Start a batch for the ticket's model; whether its caches can be shared (cut at any token)."""
+        """Start a batch for the ticket's model; whether a member's cache can be shared with others
+        (cut at any token)."""
         ...
 
     def close_batch(self) -> None: ...
@@ -230,29 +232,29 @@ class Scheduler:
         for a member to leave. A context that cannot fit even alone fails at once; one that cannot
         fit an empty batch, for now."""
         budget = self.ledger.budget_bytes
-        per_token, context = ticket.kv_bytes_per_token, ticket.context
-        if ticket.weights_bytes + per_token * context > budget:
+        kv, context = ticket.kv, ticket.context
+        if ticket.weights_bytes + kv.bytes_for(context) > budget:
             raise ExceedsMemoryBudget(
-                f"{context} tokens of context (prompt + max_tokens) need {format_bytes(per_token * context)} of "
+                f"{context} tokens of context (prompt + max_tokens) need {format_bytes(kv.bytes_for(context))} of "
                 f"KV cache beside the model's {format_bytes(ticket.weights_bytes)}: more than this worker's whole "
                 f"budget of {format_bytes(budget)}; ask for fewer tokens",
                 param="max_tokens",
             )
         members = list(self.batch.members.values()) if self.batch else []
-        if run.make_room(padded_kv_bytes(per_token, [m.context for m in members] + [context])):
+        if run.make_room(padded_kv_bytes(kv, [m.context for m in members] + [context])):
             return True
         if members:
             return False
         raise InsufficientMemory(
-            f"No room for {format_bytes(per_token * context)} of KV cache: the budget is "
+            f"No room for {format_bytes(kv.bytes_for(context))} of KV cache: the budget is "
             f"{format_bytes(budget)} and {format_bytes(self.ledger.held_bytes)} is held",
             retry_after_s=self.retry_after_s,
         )
 
     def _count_kv(self) -> None:
         members = list(self.batch.members.values()) if self.batch else []
-        per_token = members[0].kv_bytes_per_token if members else 0
-        self.ledger.hold_kv(padded_kv_bytes(per_token, [m.context for m in members]))
+        kv = members[0].kv if members else KvShape(per_token=0)
+        self.ledger.hold_kv(padded_kv_bytes(kv, [m.context for m in members]))
 
     # -- prefix sharing -----------------------------------------------------------------
 
@@ -260,8 +262,10 @@ class Scheduler:
         """Where the ticket's KV cache starts; None while a member of the batch is still computing
         most of its prompt (a fan-out's children: computed once)."""
         batch, ids = self.batch, ticket.prompt or []
-        if batch is None or not self.share_prefixes or not batch.shareable:
+        if batch is None or not self.share_prefixes:
             return FRESH
+        if not batch.shareable:
+            return Seed()  # caches that cannot be cut: kept states only, never a member's cut short
         if ticket.sharer is None or ticket.sharer[0] not in batch.members:
             ticket.sharer = sharer(batch.members, ids)
         uid, shared = ticket.sharer
@@ -327,9 +331,9 @@ class Scheduler:
         return not self.waiting_for_room and max(held, engine_side) < self.batch_limit
 
 
-def padded_kv_bytes(per_token: int, contexts: Sequence[int]) -> int:
+def padded_kv_bytes(kv: KvShape, contexts: Sequence[int]) -> int:
     """KV bytes of a batch whose rows have these contexts: rows are padded to the longest."""
-    return per_token * max(contexts, default=0) * len(contexts)
+    return kv.bytes_for(max(contexts, default=0)) * len(contexts)
 
 
 def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
