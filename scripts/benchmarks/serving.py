@@ -21,6 +21,11 @@ and CPU time per token, as medians over the rounds, and mlxq's ratios to the
 better peer. With `--write`, BENCHMARKS.md gets the tables, the machine, the
 versions and the command.
 
+`--chat-session` runs the chat-session shape alone (scripts/benchmarks/chat_session.py):
+each turn's time to first token of a 4-turn chat on a plain, a hybrid and a
+sliding-window family, mlxq beside mlx_lm.server; `--write` puts it in its own
+section of BENCHMARKS.md.
+
 `--streams N` runs the streams shape alone (scripts/benchmarks/streams.py): N
 streams waiting on one gateway, its Redis connections and memory per stream, and
 the delay from a token's publication to its client; `--write` puts it in its own
@@ -52,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.admission import free_port  # noqa: E402
 from scripts.benchmarks.ceiling import ceiling_tok_s  # noqa: E402
+from scripts.benchmarks.chat_session import run_chat_sessions  # noqa: E402
 from scripts.benchmarks.peers import start_mlx_lm, start_vllm_mlx, vllm_mlx_executable  # noqa: E402
 from scripts.benchmarks.stall import WORDS, run_stall  # noqa: E402
 from scripts.benchmarks.streams import report as streams_report  # noqa: E402
@@ -179,7 +185,7 @@ def prompts_for(shape: str, count: int, prefix_tokens: int, round_index: int) ->
 def start_mlxq(
     batch: int,
     db: int,
-    redis: subprocess.Popen[bytes],
+    redis: subprocess.Popen[bytes] | None,
     redis_port: int,
     base_env: dict[str, str],
     quiet: dict[str, Any],
@@ -190,7 +196,8 @@ def start_mlxq(
     env["MLXQ_MAX_BATCH"] = str(batch)
     worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet)
     gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, **quiet)
-    return [worker, gateway], (f"http://127.0.0.1:{port}", "bench", [worker.pid, gateway.pid, redis.pid])
+    pids = [worker.pid, gateway.pid] + ([redis.pid] if redis is not None else [])
+    return [worker, gateway], (f"http://127.0.0.1:{port}", "bench", pids)
 
 
 def main() -> None:
@@ -209,8 +216,16 @@ def main() -> None:
     parser.add_argument("--no-stall", action="store_true", help="skip the stall shape")
     parser.add_argument("--no-vllm-mlx", action="store_true", help="leave vllm-mlx out")
     parser.add_argument("--streams", type=int, default=None, help="only the streams shape, with this many streams")
+    parser.add_argument("--chat-session", action="store_true", help="only the chat-session shape, on three families")
+    parser.add_argument("--chat-system-words", type=int, default=1000, help="the chat session's system message")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
+    if args.chat_session:
+        table = chat_sessions(args)
+        print(table)
+        if args.write:
+            write_section(CHAT_HEADING, chat_section(table, args))
+        return
     if args.streams is not None:
         result = run_streams(args.streams)
         table = streams_report(result)
@@ -390,7 +405,8 @@ prompts at the same batch size: the decode step every server here runs, with not
 {table}
 """
     old = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else ""
-    kept = old[old.index(STREAMS_HEADING) :] if STREAMS_HEADING in old else ""
+    sections = [old.index(heading) for heading in (STREAMS_HEADING, CHAT_HEADING) if heading in old]
+    kept = old[min(sections) :] if sections else ""
     (ROOT / "BENCHMARKS.md").write_text(report + ("\n" + kept if kept else ""))
 
 
@@ -413,11 +429,51 @@ the streams; delay: a text event's arrival at its client less its stream id (the
 """
 
 
+CHAT_HEADING = "## Chat sessions on three families"
+
+
+def chat_sessions(args: argparse.Namespace) -> str:
+    """The chat-session shape (scripts/benchmarks/chat_session.py) with a Redis of its own."""
+    workdir = Path(tempfile.mkdtemp(prefix="mlxq-bench-chat-"))
+    redis_port = free_port()
+    redis_bin = os.environ.get("MLXQ_TEST_REDIS_SERVER") or shutil.which("redis-server") or "redis-server"
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
+    redis = subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "", "--dir", str(workdir)], **quiet)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
+    base_env.update(HF_HUB_OFFLINE="1", MLXQ_DATA_DIR=str(workdir), MLXQ_LOG_LEVEL="warning")
+    base_env.update(MLXQ_RATE_LIMIT_REQUESTS="1000000", MLXQ_MAX_INFLIGHT_PER_CLIENT="1000")
+    try:
+        return run_chat_sessions(args, workdir, base_env, redis_port)
+    finally:
+        stop_all([redis])
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def chat_section(table: str, args: argparse.Namespace) -> str:
+    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    cpu = platform.processor() or platform.machine()
+    return f"""{CHAT_HEADING}
+
+Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
+{cpu}, {os.cpu_count()} CPUs. mlxq beside `mlx_lm.server` on random-weight models of three families
+(worker/tiny_families.py at hidden {args.hidden}, {args.dtype}): llama (every layer full attention), qwen3_next
+(a gated delta net beside attention) and gemma3_text (64-token sliding windows beside full attention).
+
+{table}
+"""
+
+
 def write_section(heading: str, section: str) -> None:
+    """Puts `section` in place of the one under `heading` (to the next heading), or at the end."""
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    head = old[: old.index(heading)] if heading in old else old.rstrip() + "\n\n"
-    path.write_text(head + section)
+    if heading not in old:
+        path.write_text(old.rstrip() + "\n\n" + section)
+        return
+    start = old.index(heading)
+    following = old.find("\n## ", start + len(heading))
+    rest = old[following + 1 :] if following >= 0 else ""
+    path.write_text(old[:start] + section.rstrip() + "\n" + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":
