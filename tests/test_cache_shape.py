@@ -108,6 +108,24 @@ def test_turns_resumed_from_kept_states_answer_as_computed_from_scratch(
         messages.append({"role": "assistant", "content": resumed.text})
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next"])
+def test_sessions_with_one_system_prompt_share_it_where_caches_cannot_be_cut(
+    engines: tuple[Engine, Engine], built: dict[str, Path], family: str
+) -> None:
+    """A wrapped window or a recurrent state cannot be cut back to where two sessions part: the state
+    at the end of the system messages is kept on the way, and the second session starts from it."""
+    keeping, scratch = engines
+    spec = ModelSpec(family, path=built[family])
+    system = {"role": "system", "content": "You help a team run local models. " * 40}
+    first, second = ({"messages": [system, {"role": "user", "content": ask}]} for ask in ("Hi there", "Bonjour"))
+    [one] = run(keeping, spec, [first])
+    [two] = run(keeping, spec, [second])
+    [computed] = run(scratch, spec, [second])
+    assert one.cached_tokens == 0
+    assert two.cached_tokens >= 0.9 * (two.prompt_tokens - 12)  # all but the user's turn and what follows
+    assert two.text == computed.text
+
+
 def test_mamba_rows_prefilled_beside_a_longer_prompt_answer_as_alone(built: dict[str, Path]) -> None:
     """mlx-lm pads a prompt batch's rows to the longest, and its batched Mamba2 layers are not exact
     over that padding (first logprobs ~3e-2 off): such rows are prefilled one at a time."""

@@ -212,8 +212,8 @@ class BatchRunner:
         """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,
         where the state of a cache that cannot be cut is kept (the end of the system messages)."""
         ids = row.context_ids
-        cuts = [b for b in (row.system_end(),) if self._keeps_states and b is not None and reused < b < len(ids) - 1]
-        bounds = [reused, *cuts, len(ids)]
+        end = row.system_end() if self._keeps_states else None  # a cache cut at any token needs no stop
+        bounds = [reused, *([end] if end is not None and reused < end < len(ids) - 1 else []), len(ids)]
         return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def end(self, ticket: Ticket, error: BaseException) -> None:

@@ -20,6 +20,17 @@ SLIDING_WINDOW = 64
 
 _ATTENTION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
+_GATED_DELTA = {
+    "num_hidden_layers": 2,
+    "full_attention_interval": 2,  # a gated delta net first, then full attention
+    "head_dim": 16,
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+}
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", "num_hidden_layers": 2, **_ATTENTION},
     "qwen3": {"model_type": "qwen3", "num_hidden_layers": 2, "head_dim": 16, **_ATTENTION},
@@ -74,14 +85,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "qwen3_next": {
         "model_type": "qwen3_next",
-        "num_hidden_layers": 2,
-        "full_attention_interval": 2,  # a gated delta net first, then full attention
-        "head_dim": 16,
-        "linear_num_value_heads": 4,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 4,
+        **_GATED_DELTA,
         "num_experts": 4,
         "num_experts_per_tok": 2,
         "decoder_sparse_step": 1,
@@ -93,14 +97,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "qwen3_5": {
         "model_type": "qwen3_5",
-        "num_hidden_layers": 2,
-        "full_attention_interval": 2,
-        "head_dim": 16,
-        "linear_num_value_heads": 4,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_conv_kernel_dim": 4,
+        **_GATED_DELTA,
         **_ATTENTION,
     },
     "nemotron_h": {
