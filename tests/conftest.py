@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.scripted_model import CALLER, THINKER, build_scripted_model
+from tests.scripted_model import CALLER, CODER, CODER_TEMPLATE, THINKER, build_scripted_model
 from tests.support import PersistentRedis, RedisServer, Service
 
 MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
@@ -60,12 +60,14 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (broken / "config.json").write_text('{"model_type": "qwen2"}')  # and no weights
     thinker = build_scripted_model(directory / "thinker", THINKER)
     caller = build_scripted_model(directory / "caller", CALLER)
+    coder = build_scripted_model(directory / "coder", CODER, CODER_TEMPLATE)
     path = directory / "models.toml"
     path.write_text(
         f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
         f'[models.broken]\npath = "{broken}"\nnotes = "a config.json and no weights"\n'
         f'[models.thinker]\npath = "{thinker}"\nnotes = "scripted: thinks, then answers"\n'
         f'[models.caller]\npath = "{caller}"\nnotes = "scripted: calls get_weather"\n'
+        f'[models.coder]\npath = "{coder}"\nnotes = "scripted: calls get_weather in Qwen3-Coder XML"\n'
         f'[models.thinker-raw]\npath = "{thinker}"\nreasoning = false\nnotes = "the thinker, unsplit"\n'
     )
     return path

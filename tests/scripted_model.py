@@ -18,8 +18,9 @@ HIDDEN = 256
 """Wide enough that a token's own embedding outscores every other one by far (about 16 to 4)."""
 
 
-def build_scripted_model(directory: Path, pieces: list[str]) -> Path:
-    """A model in `directory` that answers any chat prompt with `pieces`, then ends."""
+def build_scripted_model(directory: Path, pieces: list[str], chat_template: str | None = None) -> Path:
+    """A model in `directory` that answers any chat prompt with `pieces`, then ends; `chat_template`
+    replaces the demo's (a family's own format)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen2
@@ -30,6 +31,9 @@ def build_scripted_model(directory: Path, pieces: list[str]) -> Path:
     if (directory / "model.safetensors").exists():
         return directory
     build_demo_model(directory)
+    if chat_template is not None:
+        settings = json.loads((directory / "tokenizer_config.json").read_text())
+        (directory / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": chat_template}))
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     tokenizer.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in pieces])
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -65,3 +69,32 @@ THINKER = ["<think>", "Let me", " count.", "</think>", "It is", " four."]
 
 CALLER = ["<tool_call>", '{"name": "get_weather", ', '"arguments": ', '{"city": ', '"Par', 'is"}', "}", "</tool_call>"]
 """Calls get_weather for Paris, in the demo template's <tool_call> format."""
+
+
+CODER = [
+    "<tool_call>",
+    "\n<function=get_weather>",
+    "\n<parameter=city>",
+    "\nParis",
+    "\n</parameter>",
+    "\n</function>",
+    "\n</tool_call>",
+]
+"""Calls get_weather for Paris in Qwen3-Coder's XML format (mlx-lm's qwen3_coder parser reads it)."""
+
+CODER_TEMPLATE = (
+    # ChatML as Qwen3-Coder renders it: tools listed in the system turn, calls as XML.
+    "{% if tools %}{{ '<|im_start|>system\\nYou have these functions:\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{% for call in message.tool_calls or [] %}"
+    "{{ '<tool_call>\\n<function=' + call.function.name + '>\\n' }}"
+    "{% for name, value in call.function.arguments.items() %}"
+    "{{ '<parameter=' + name + '>\\n' + (value | string) + '\\n</parameter>\\n' }}"
+    "{% endfor %}{{ '</function>\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)

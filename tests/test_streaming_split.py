@@ -88,6 +88,31 @@ def test_openai_chat_a_tool_call_streams_as_call_deltas_with_nothing_in_content(
     assert call.function.arguments == arguments and not reply.choices[0].message.content  # type: ignore[union-attr]
 
 
+def test_a_qwen3_coder_xml_call_is_a_tool_call_streamed_or_not_with_no_markup_in_content(
+    oai: openai.OpenAI,
+) -> None:
+    """Qwen3-Coder writes its calls as XML (<function=...><parameter=...>); mlx-lm's own parser for
+    the family reads them, and the call goes back into the conversation in the family's format."""
+    asked: dict[str, Any] = {"model": "coder", "messages": HI, "max_tokens": 20, "temperature": 0, "tools": [WEATHER]}
+    chunks = list(oai.chat.completions.create(**asked, stream=True))
+    calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or []) if c.choices]
+    assert calls[0].id and calls[0].function and calls[0].function.name == "get_weather"
+    arguments = "".join(call.function.arguments or "" for call in calls if call.function)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    reply = oai.chat.completions.create(**asked)
+    [call] = reply.choices[0].message.tool_calls or []
+    assert json.loads(call.function.arguments) == {"city": "Paris"} and not reply.choices[0].message.content  # type: ignore[union-attr]
+    after = [
+        *HI,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    answered = oai.chat.completions.create(**{**asked, "messages": after})
+    assert answered.usage and answered.usage.prompt_tokens > 0
+
+
 def test_a_forced_call_cut_by_max_tokens_is_still_a_call(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
         model="demo",
