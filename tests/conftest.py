@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.scripted_model import CALLER, CODER, CODER_TEMPLATE, THINKER, build_scripted_model
+from tests.scripted_model import (
+    CALLER,
+    CODER,
+    CODER_TEMPLATE,
+    HARMONY_ANSWER,
+    HARMONY_CALL,
+    HARMONY_SPECIAL,
+    HARMONY_TEMPLATE,
+    THINKER,
+    build_scripted_model,
+)
 from tests.support import PersistentRedis, RedisServer, Service
 
 MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
@@ -61,6 +71,9 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     thinker = build_scripted_model(directory / "thinker", THINKER)
     caller = build_scripted_model(directory / "caller", CALLER)
     coder = build_scripted_model(directory / "coder", CODER, CODER_TEMPLATE)
+    harmony = {"chat_template": HARMONY_TEMPLATE, "special": HARMONY_SPECIAL, "prompt_end": "<|start|>assistant"}
+    oss = build_scripted_model(directory / "oss", HARMONY_ANSWER, **harmony)  # type: ignore[arg-type]
+    oss_caller = build_scripted_model(directory / "oss-caller", HARMONY_CALL, **harmony)  # type: ignore[arg-type]
     path = directory / "models.toml"
     path.write_text(
         f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
@@ -68,6 +81,8 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f'[models.thinker]\npath = "{thinker}"\nnotes = "scripted: thinks, then answers"\n'
         f'[models.caller]\npath = "{caller}"\nnotes = "scripted: calls get_weather"\n'
         f'[models.coder]\npath = "{coder}"\nnotes = "scripted: calls get_weather in Qwen3-Coder XML"\n'
+        f'[models.oss]\npath = "{oss}"\nnotes = "scripted: gpt-oss channels, reasons then answers"\n'
+        f'[models.oss-caller]\npath = "{oss_caller}"\nnotes = "scripted: gpt-oss channels, calls get_weather"\n'
         f'[models.thinker-raw]\npath = "{thinker}"\nreasoning = false\nnotes = "the thinker, unsplit"\n'
     )
     return path

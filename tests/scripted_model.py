@@ -18,9 +18,16 @@ HIDDEN = 256
 """Wide enough that a token's own embedding outscores every other one by far (about 16 to 4)."""
 
 
-def build_scripted_model(directory: Path, pieces: list[str], chat_template: str | None = None) -> Path:
+def build_scripted_model(
+    directory: Path,
+    pieces: list[str],
+    chat_template: str | None = None,
+    special: tuple[str, ...] = (),
+    prompt_end: str = "<|im_start|>assistant\n",
+) -> Path:
     """A model in `directory` that answers any chat prompt with `pieces`, then ends; `chat_template`
-    replaces the demo's (a family's own format)."""
+    replaces the demo's (a family's own format), whose generation prompt ends as `prompt_end`, and
+    `special` adds the family's special tokens to the vocabulary."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen2
@@ -36,14 +43,14 @@ def build_scripted_model(directory: Path, pieces: list[str], chat_template: str 
         (directory / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": chat_template}))
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     tokenizer.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in pieces])
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in special])
     tokenizer.save(str(directory / "tokenizer.json"))
     vocab = tokenizer.get_vocab_size()
     ids = [tokenizer.token_to_id(piece) for piece in pieces]
     assert None not in ids and len(set(ids)) == len(ids), "each piece must be a token of its own"
 
-    prompt_end = tokenizer.encode("<|im_start|>assistant\n").ids[-1]
     eos = int(CONFIG["eos_token_id"])
-    chain = [prompt_end, *ids, eos]
+    chain = [tokenizer.encode(prompt_end).ids[-1], *ids, eos]
 
     shape = {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN, "num_hidden_layers": 1, "vocab_size": vocab}
     config = {**CONFIG, **shape, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -97,4 +104,52 @@ CODER_TEMPLATE = (
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+HARMONY_SPECIAL = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "<|constrain|>")
+"""gpt-oss's special tokens: their presence says the model writes harmony (worker/harmony.py)."""
+
+HARMONY_ANSWER = [
+    "<|channel|>analysis<|message|>",
+    "Let me",
+    " count.",
+    "<|end|><|start|>assistant<|channel|>final<|message|>",
+    "It is",
+    " four.",
+    "<|return|>",
+]
+"""Reasons in the analysis channel, then answers in the final one (a piece per token: none repeats)."""
+
+HARMONY_CALL = [
+    "<|channel|>analysis<|message|>",
+    "Weather needs",
+    " a tool.",
+    "<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>",
+    '{"city": ',
+    '"Paris"}',
+    "<|call|>",
+]
+"""Reasons, then calls get_weather for Paris from the commentary channel."""
+
+HARMONY_TEMPLATE = (
+    # gpt-oss's message layout, trimmed: tools in a developer message, calls from the commentary channel.
+    "{% if tools %}{{ '<|start|>developer<|message|># Tools\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}{{ '<|end|>' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% for call in message.tool_calls or [] %}"
+    "{{ '<|start|>assistant<|channel|>commentary to=functions.' + call.function.name }}"
+    "{{ ' <|constrain|>json<|message|>' + (call.function.arguments | tojson) + '<|call|>' }}"
+    "{% endfor %}"
+    "{% if message['content'] %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|start|>functions to=assistant<|channel|>commentary<|message|>' + message['content'] + '<|end|>' }}"
+    "{% else %}"
+    "{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
 )

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from worker import harmony
 from worker.output_split import Markers, OutputSplit, Piece
 
 MARKERS = Markers(think=("<think>", "</think>"), call=("<tool_call>", "</tool_call>"))
@@ -179,3 +180,32 @@ def test_with_parallel_tool_calls_off_only_the_first_call_is_streamed_or_kept() 
     pieces = feed_by_char(split, TRICKY[5])
     assert [c["function"]["name"] for c in split.calls] == ["g"]
     assert [p.name for p in pieces if p.kind == "call"] == ["g"]
+
+
+HARMONY_ANSWER = (
+    "<|channel|>analysis<|message|>Count them.<|end|>"
+    "<|start|>assistant<|channel|>commentary<|message|>Counting now.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>It is <b>4</b>.<|return|>"
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_gpt_oss_channels_split_into_reasoning_and_text_with_no_header_left(chunk: int) -> None:
+    split = OutputSplit(harmony.MARKERS, tools=TOOLS)
+    pieces = [p for i in range(0, len(HARMONY_ANSWER), chunk) for p in split.feed(HARMONY_ANSWER[i : i + chunk])]
+    pieces += split.finish()
+    assert joined(pieces, "reasoning") == split.reasoning == "Count them."
+    assert joined(pieces, "text") == split.content == "Counting now.It is <b>4</b>."
+    assert not split.calls
+
+
+def test_a_gpt_oss_call_from_the_commentary_channel_is_a_call_ended_by_its_token_or_by_the_end() -> None:
+    text = (
+        "<|channel|>analysis<|message|>Needs a tool.<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+    )
+    for ending in ("<|call|>", ""):  # <|call|> is an end-of-text token of gpt-oss's: it may never show
+        split = OutputSplit(harmony.MARKERS, tools=TOOLS)
+        feed_by_char(split, text + ending)
+        assert split.reasoning == "Needs a tool." and split.content == ""
+        assert [c["function"] for c in split.calls] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]

@@ -113,6 +113,25 @@ def test_a_qwen3_coder_xml_call_is_a_tool_call_streamed_or_not_with_no_markup_in
     assert answered.usage and answered.usage.prompt_tokens > 0
 
 
+def test_gpt_oss_channels_stream_as_reasoning_text_and_calls_with_no_header_in_content(oai: openai.OpenAI) -> None:
+    """gpt-oss writes harmony: its analysis channel is reasoning, its final channel the answer, a
+    commentary message to a function a call (worker/harmony.py)."""
+    asked: dict[str, Any] = {"model": "oss", "messages": HI, "max_tokens": 20, "temperature": 0, "tools": [WEATHER]}
+    chunks = list(oai.chat.completions.create(**asked, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(str(getattr(d, "reasoning_content", "") or "") for d in deltas)
+    content = [d.content for d in deltas if d.content]
+    assert reasoning == "Let me count." and "".join(content) == ANSWER and len(content) >= 2
+    reply = oai.chat.completions.create(**asked)
+    assert reply.choices[0].message.content == ANSWER
+    assert reply.choices[0].message.reasoning_content == "Let me count."  # type: ignore[attr-defined]
+
+    called = oai.chat.completions.create(**{**asked, "model": "oss-caller"})
+    [call] = called.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert not called.choices[0].message.content and called.choices[0].finish_reason == "tool_calls"
+
+
 def test_a_forced_call_cut_by_max_tokens_is_still_a_call(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
         model="demo",

@@ -50,6 +50,9 @@ class Markers:
     call: tuple[str, str] | None = None
     parser: Callable[[str, list[dict[str, Any]]], Any] | None = None
     """A model family's own call parser (mlx-lm's); None: JSON between the markers."""
+    dropped: tuple[str, ...] = ()
+    """Structure that is neither reasoning nor text nor a call (a message header of gpt-oss's): taken
+    out of the text wherever it stands."""
 
 
 @dataclass
@@ -134,15 +137,15 @@ class OutputSplit:
     # -- states ---------------------------------------------------------------------------
 
     def _in_text(self, pieces: list[Piece]) -> None:
-        starts = [m for m in (self._think_start(), self._call_start()) if m]
+        starts = [m for m in (self._think_start(), self._call_start(), *self.markers.dropped) if m]
         found = [(self._pending.find(m), m) for m in starts if m in self._pending]
         if found:
-            at, marker = min(found)
+            at, marker = min(found, key=lambda hit: (hit[0], -len(hit[1])))
             self._add("text", self._pending[:at], pieces)
             self._pending = self._pending[at + len(marker) :]
             if marker == self._think_start():
                 self.thinking = True
-            else:
+            elif marker == self._call_start():
                 self._call = _Call(self._id_for(len(self.calls)))
             return
         safe = len(self._pending) - _held(self._pending, starts)

@@ -20,6 +20,7 @@ from mlx_lm.generate import StopSequences
 from shared.errors import InvalidRequest
 from shared.job_stream import Resumed
 from shared.schemas import FinishReason, GenerateRequest, NamedToolChoice
+from worker import harmony
 from worker.logprobs import entry as token_logprobs
 from worker.output_split import Markers, OutputSplit, Piece
 from worker.sampling import LogitsProcessor, logits_processors_for, sampler_for, thinking_budget
@@ -311,7 +312,10 @@ DEFAULT_CALL_MARKERS = ("<tool_call>", "</tool_call>")
 
 
 def markers_of(tokenizer: Any) -> Markers:
-    """The model's reasoning and tool-call markers, as mlx-lm reads them from its tokenizer and template."""
+    """The model's reasoning and tool-call markers, as mlx-lm reads them from its tokenizer and template
+    (gpt-oss's harmony, which mlx-lm does not read, as worker/harmony.py does)."""
+    if harmony.speaks_harmony(tokenizer.get_vocab()):
+        return harmony.MARKERS
     think = None
     if getattr(tokenizer, "has_thinking", False) and tokenizer.think_start and tokenizer.think_end:
         think = (str(tokenizer.think_start), str(tokenizer.think_end))
