@@ -10,6 +10,9 @@ from tests.scripted_model import (
     CALLER,
     CODER,
     CODER_TEMPLATE,
+    GEMMA4_CALL,
+    GEMMA4_SPECIAL,
+    GEMMA4_TEMPLATE,
     HARMONY_ANSWER,
     HARMONY_CALL,
     HARMONY_SPECIAL,
@@ -73,6 +76,9 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     coder = build_scripted_model(directory / "coder", CODER, CODER_TEMPLATE)
     harmony = {"chat_template": HARMONY_TEMPLATE, "special": HARMONY_SPECIAL, "prompt_end": "<|start|>assistant"}
     oss = build_scripted_model(directory / "oss", HARMONY_ANSWER, **harmony)  # type: ignore[arg-type]
+    gemma = build_scripted_model(
+        directory / "gemma-caller", GEMMA4_CALL, GEMMA4_TEMPLATE, GEMMA4_SPECIAL, "<start_of_turn>model\n"
+    )
     oss_caller = build_scripted_model(directory / "oss-caller", HARMONY_CALL, **harmony)  # type: ignore[arg-type]
     path = directory / "models.toml"
     path.write_text(
@@ -81,6 +87,7 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f'[models.thinker]\npath = "{thinker}"\nnotes = "scripted: thinks, then answers"\n'
         f'[models.caller]\npath = "{caller}"\nnotes = "scripted: calls get_weather"\n'
         f'[models.coder]\npath = "{coder}"\nnotes = "scripted: calls get_weather in Qwen3-Coder XML"\n'
+        f'[models.gemma-caller]\npath = "{gemma}"\nnotes = "scripted: Gemma 4 thought channel, then a call"\n'
         f'[models.oss]\npath = "{oss}"\nnotes = "scripted: gpt-oss channels, reasons then answers"\n'
         f'[models.oss-caller]\npath = "{oss_caller}"\nnotes = "scripted: gpt-oss channels, calls get_weather"\n'
         f'[models.thinker-raw]\npath = "{thinker}"\nreasoning = false\nnotes = "the thinker, unsplit"\n'

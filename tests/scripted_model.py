@@ -153,3 +153,35 @@ HARMONY_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
 )
+
+GEMMA4_SPECIAL = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", '<|"|>', "<start_of_turn>")
+"""Gemma 4's special tokens for thinking, calls and strings (mlx-lm infers its markers from them)."""
+
+GEMMA4_CALL = [
+    "<|channel>thought",
+    "\nWeather needs",
+    " a tool.",
+    "<channel|>",
+    "<|tool_call>",
+    "call:get_weather{",
+    'city:<|"|>Paris<|"|>',
+    "}",
+    "<tool_call|>",
+]
+"""Thinks in Gemma 4's thought channel, then calls get_weather in its own call syntax."""
+
+GEMMA4_TEMPLATE = (
+    # Gemma's turns, with Gemma 4's tool declarations and calls as its template writes them.
+    "{% if tools %}{{ '<start_of_turn>system\\n' }}"
+    "{% for tool in tools %}{{ '<|tool>' + (tool | tojson) + '<tool|>' }}{% endfor %}"
+    "{{ '<end_of_turn>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (message['content'] or '') }}"
+    "{% for call in message.tool_calls or [] %}"
+    "{{ '<|tool_call>call:' + call.function.name + (call.function.arguments | tojson) + '<tool_call|>' }}"
+    "{% endfor %}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)

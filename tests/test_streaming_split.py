@@ -132,6 +132,28 @@ def test_gpt_oss_channels_stream_as_reasoning_text_and_calls_with_no_header_in_c
     assert not called.choices[0].message.content and called.choices[0].finish_reason == "tool_calls"
 
 
+def test_gemma4_thinks_in_its_thought_channel_and_calls_in_its_own_syntax(oai: openai.OpenAI) -> None:
+    """Gemma 4's `<|channel>thought ... <channel|>` is reasoning and `<|tool_call>call:name{...}` a call,
+    read by mlx-lm's markers and parser for the family; nothing of either reaches content."""
+    asked: dict[str, Any] = {"model": "gemma-caller", "messages": HI, "max_tokens": 20, "tools": [WEATHER]}
+    for streamed in (True, False):
+        if streamed:
+            chunks = list(oai.chat.completions.create(**asked, temperature=0, stream=True))
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            reasoning = "".join(str(getattr(d, "reasoning_content", "") or "") for d in deltas)
+            content = "".join(d.content or "" for d in deltas)
+            calls = [call for d in deltas for call in d.tool_calls or []]
+            name = calls[0].function.name if calls and calls[0].function else None
+            arguments = "".join(call.function.arguments or "" for call in calls if call.function)
+        else:
+            message = oai.chat.completions.create(**asked, temperature=0).choices[0].message
+            reasoning, content = str(getattr(message, "reasoning_content", "")), message.content or ""
+            [call] = message.tool_calls or []
+            name, arguments = call.function.name, call.function.arguments  # type: ignore[union-attr]
+        assert reasoning.strip() == "Weather needs a tool." and content == ""
+        assert name == "get_weather" and json.loads(arguments) == {"city": "Paris"}
+
+
 def test_a_forced_call_cut_by_max_tokens_is_still_a_call(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
         model="demo",
