@@ -19,15 +19,6 @@ DEFAULT_DTYPE_BYTES = 2
 
 
 @dataclass(frozen=True)
-class SizeEstimate:
-    weights_bytes: int
-    kv_bytes_per_token: int
-
-    def total(self, context_tokens: int) -> int:
-        return self.weights_bytes + self.kv_bytes_per_token * context_tokens
-
-
-@dataclass(frozen=True)
 class KvShape:
     """The cache one row of a batch holds, by kind of layer: full attention (and a latent attention's
     latent) grows with every token, a sliding window stops at its size, a recurrent state (gated delta
@@ -46,6 +37,15 @@ class KvShape:
         return self.per_token * tokens + windowed + (self.per_row if tokens > 0 else 0)
 
 
+@dataclass(frozen=True)
+class SizeEstimate:
+    weights_bytes: int
+    kv: KvShape
+
+    def total(self, context_tokens: int) -> int:
+        return self.weights_bytes + self.kv.bytes_for(context_tokens)
+
+
 def estimate(directory: Path) -> SizeEstimate:
     """Estimate for a model directory holding config.json and *.safetensors."""
     weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
@@ -53,11 +53,15 @@ def estimate(directory: Path) -> SizeEstimate:
         config: dict[str, Any] = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
-    return SizeEstimate(weights_bytes=weights, kv_bytes_per_token=kv_bytes_per_token(config))
+    return SizeEstimate(weights_bytes=weights, kv=kv_shape(config))
 
 
-def kv_bytes_per_token(config: dict[str, Any]) -> int:
-    """Bytes of KV cache one token of context takes: 2 (K and V) x layers x kv heads x head dim x dtype."""
+def kv_shape(config: dict[str, Any]) -> KvShape:
+    """What a row's cache holds, as far as config.json tells before loading: keys and values per token
+    (2 x kv heads x head dim x dtype) for each layer of full attention, up to the window for each sliding
+    one. Layers that keep a recurrent state instead (a gated delta net, Mamba) hold no positions; their
+    state is counted once loaded (worker/cache_shape.py). A config that names no layer kinds has full
+    attention in every layer."""
     text = config.get("text_config", config)
     layers = int(text.get("num_hidden_layers", 0))
     heads = int(text.get("num_attention_heads", 0) or 0)
@@ -65,7 +69,31 @@ def kv_bytes_per_token(config: dict[str, Any]) -> int:
     hidden = int(text.get("hidden_size", 0))
     head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
     dtype = DTYPE_BYTES.get(str(text.get("torch_dtype", "")), DEFAULT_DTYPE_BYTES)
-    return 2 * layers * kv_heads * head_dim * dtype
+    per_layer = 2 * kv_heads * head_dim * dtype
+    full, sliding = _attention_layers(text, layers)
+    window = int(text.get("sliding_window") or 0)
+    if not window:
+        full, sliding = full + sliding, 0
+    return KvShape(per_token=full * per_layer, windows=((per_layer, window),) * sliding)
+
+
+def _attention_layers(text: dict[str, Any], layers: int) -> tuple[int, int]:
+    """(full, sliding) attention layers, from the fields configs name them by."""
+    kinds = text.get("layer_types")
+    if isinstance(kinds, list) and kinds:
+        named = [str(kind) for kind in kinds]
+        sliding = sum("sliding" in kind for kind in named)
+        return sum(kind in ("full_attention", "attention") for kind in named), sliding
+    pattern = text.get("hybrid_override_pattern")
+    if isinstance(pattern, (str, list)) and pattern:
+        return sum(kind == "*" for kind in pattern), 0
+    interval = int(text.get("full_attention_interval") or 0)
+    if interval > 0:  # Qwen3-Next and Qwen3.5: linear attention, then full attention every interval
+        return layers // interval, 0
+    every = int(text.get("sliding_window_pattern") or 0)
+    if every > 1:  # Gemma 3: sliding windows, then full attention every `every` layers
+        return layers // every, layers - layers // every
+    return layers, 0
 
 
 def format_bytes(count: int) -> str:

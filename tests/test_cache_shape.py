@@ -3,6 +3,7 @@ the ledger counts, where a kept state resumes, and rows batched as alone."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from mlx_lm import load
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from shared.sizing import KvShape
+from shared.sizing import KvShape, kv_shape
 from worker.assembly import build_engine
 from worker.cache_shape import cuttable, measure, recurrent
 from worker.engine import Engine
@@ -75,6 +76,21 @@ def test_the_ledger_counts_each_kind_of_layer_as_it_grows(built: dict[str, Path]
     assert shape.per_token == 2 * 2 * 16 * 4 and shape.per_row > 0 and not shape.windows
     # deepseek_v3: latent attention stores less per token than heads x dims would
     assert 0 < measure(latent).per_token < 2 * 2 * 4 * (16 + 8) * 4
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_estimate_before_loading_counts_the_layers_that_grow_as_the_loaded_model_does(
+    built: dict[str, Path], family: str
+) -> None:
+    """The fit check before a load reads config.json: full attention per token, windows to their size, no
+    positions for recurrent layers; latent attention (DeepSeek) stores less than it says, never more."""
+    before = kv_shape(json.loads((built[family] / "config.json").read_text()))
+    model, _ = load(str(built[family]))
+    after = measure(model)
+    if family == "deepseek_v3":
+        assert before.per_token > after.per_token and not before.windows
+    else:
+        assert (before.per_token, before.windows) == (after.per_token, after.windows)
 
 
 def test_each_family_says_what_its_cache_can_do(built: dict[str, Path]) -> None:

@@ -62,7 +62,7 @@ def engine_with(budget: int, probe: Probe | None = None, prefix_bytes: int = 0) 
 
 def test_a_context_that_could_never_fit_fails_at_once_naming_max_tokens(demo: ModelSpec) -> None:
     size = sizes(demo)
-    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 300)
+    engine = engine_with(size.weights_bytes + size.kv.per_token * 300)
     try:
         handle = engine.submit(submission(demo, "huge", max_tokens=5000))
         assert handle.wait(10)
@@ -81,7 +81,7 @@ def test_a_context_that_could_never_fit_fails_at_once_naming_max_tokens(demo: Mo
 def test_a_row_that_does_not_fit_beside_the_running_one_waits_for_it(demo: ModelSpec) -> None:
     size = sizes(demo)
     # Room for one row of 200 positions, not two.
-    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 300)
+    engine = engine_with(size.weights_bytes + size.kv.per_token * 300)
     seen: dict[str, list[float]] = {"first": [], "second": []}
     try:
         handles = []
@@ -101,7 +101,7 @@ def test_a_row_that_does_not_fit_beside_the_running_one_waits_for_it(demo: Model
 
 def test_rows_that_fit_together_run_together_and_their_kv_is_counted(demo: ModelSpec) -> None:
     size = sizes(demo)
-    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 2000)
+    engine = engine_with(size.weights_bytes + size.kv.per_token * 2000)
     held: list[int] = []
     try:
         subs = [submission(demo, f"r{i}", max_tokens=100, ignore_eos=True) for i in range(4)]
@@ -109,7 +109,7 @@ def test_rows_that_fit_together_run_together_and_their_kv_is_counted(demo: Model
         handles = [engine.submit(sub) for sub in subs]
         for handle in handles:
             assert handle.wait(60)
-        assert max(held) >= 4 * 100 * size.kv_bytes_per_token
+        assert max(held) >= 4 * 100 * size.kv.per_token
         assert engine.cache.ledger.kv_bytes == 0
     finally:
         engine.stop()
@@ -148,7 +148,7 @@ def test_kept_prefixes_count_in_what_the_cache_holds(demo: ModelSpec, tmp_path: 
 
 def test_a_long_context_waiting_for_room_is_not_overtaken_by_short_ones(demo: ModelSpec) -> None:
     size = sizes(demo)
-    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 450)
+    engine = engine_with(size.weights_bytes + size.kv.per_token * 450)
     seen: dict[str, list[float]] = {"a": [], "long": [], "short": []}
     lengths = {"a": 98, "long": 298, "short": 5}
     try:
@@ -169,7 +169,7 @@ def test_a_long_context_waiting_for_room_is_not_overtaken_by_short_ones(demo: Mo
 
 def test_a_job_waiting_for_room_ends_at_its_deadline(demo: ModelSpec) -> None:
     size = sizes(demo)
-    engine = engine_with(size.weights_bytes + size.kv_bytes_per_token * 2000)
+    engine = engine_with(size.weights_bytes + size.kv.per_token * 2000)
     try:
         running = engine.submit(submission(demo, "running", max_tokens=1900, ignore_eos=True))
         late = submission(demo, "late", max_tokens=200, ignore_eos=True)

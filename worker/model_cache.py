@@ -271,7 +271,7 @@ class ModelCache:
         need = estimate.total(context_tokens)
         what = (
             f"model '{spec.name}' needs about {format_bytes(need)} (weights {format_bytes(estimate.weights_bytes)}"
-            f" + KV cache {format_bytes(estimate.kv_bytes_per_token * context_tokens)} for {context_tokens} tokens)"
+            f" + KV cache {format_bytes(estimate.kv.bytes_for(context_tokens))} for {context_tokens} tokens)"
         )
         budget = self.ledger.budget_bytes
         if need > budget:
@@ -342,8 +342,8 @@ class ModelCache:
         try:
             return cache_shape.measure(model)
         except Exception:
-            logger.warning("could not measure the model's cache; counting every layer as full attention")
-            return KvShape(per_token=estimate.kv_bytes_per_token)
+            logger.warning("could not measure the model's cache; counting it as its config.json says")
+            return estimate.kv
 
     def _read(self, spec: ModelSpec, directory: Path, what: str) -> tuple[Any, Any]:
         """The model and its tokenizer from `directory`, mlx-lm's errors translated."""
