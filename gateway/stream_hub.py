@@ -7,25 +7,33 @@ follower its entries through a bounded buffer of its own: the connections a
 gateway uses stay few and fixed however many streams are open. A follower that
 does not keep up (its buffer full) is told so and ends; it never slows the reader
 or the other streams.
+
+A stream opened while that `XREAD` blocks is not in it: the reader reads a wake
+stream of its own beside the job streams, and opening a stream adds an entry to
+it, so the blocked read ends at once and the next one includes the new stream.
+An entry added before the read blocks ends it as well (it is read from the last
+id seen, not from "now"), so no opening waits for a read's timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 
+from shared import keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from shared.text import text
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 100
-"""How long one XREAD waits: a stream opened meanwhile is read from at most this much later."""
+"""How long one XREAD waits when nothing arrives and no stream opens (an opening wakes it at once)."""
 
 READ_COUNT = 200
 """Entries read per stream at a time."""
@@ -66,18 +74,35 @@ class Subscription:
 class StreamHub:
     """Reads every followed stream with one XREAD and fans the entries out in memory."""
 
-    def __init__(self, redis: AsyncRedis, results: Callable[[str], dict[str, Any] | None]) -> None:
+    def __init__(
+        self, redis: AsyncRedis, results: Callable[[str], dict[str, Any] | None], block_ms: int = READ_BLOCK_MS
+    ) -> None:
         self.redis = redis
         """For everything else a follower asks (a job's status): shared, not held."""
         self._results = results
+        self._block_ms = block_ms
         self._subscribers: dict[str, set[Subscription]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._wake_key = keys.hub_wake(uuid.uuid4().hex)
+        self._woken_at = "0-0"
+        """The last wake entry the reader has seen."""
+        self._reading: set[str] = set()
+        """The job streams of the XREAD in flight (empty when none is)."""
+        self._reads = 0
+        """XREADs begun so far; one wake ends one of them."""
+        self._nudged = -1
+        """The read the last wake was sent to end."""
+        self._nudges: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mlxq-stream-hub")
 
     async def stop(self) -> None:
+        self._stopping = True  # redis-py may turn the cancel of a blocked read into a timeout: not retried
+        if self._reading:
+            await self._nudge()  # its blocked read ends now, and the loop with it
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -95,7 +120,23 @@ class StreamHub:
         sub = Subscription(stream, after)
         self._subscribers.setdefault(stream, set()).add(sub)
         self._wake.set()
+        if self._reading and stream not in self._reading and self._nudged != self._reads:
+            self._nudged = self._reads
+            nudge = asyncio.get_running_loop().create_task(self._nudge())
+            self._nudges.add(nudge)
+            nudge.add_done_callback(self._nudges.discard)
         return sub
+
+    async def _nudge(self) -> None:
+        """Ends the reader's blocked XREAD: an entry in its wake stream. One per read: streams opened
+        while it is on its way are in the read that follows it."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": 1}, maxlen=keys.HUB_WAKE_MAXLEN, approximate=True)
+                pipe.expire(self._wake_key, keys.HUB_WAKE_TTL_S)
+                await pipe.execute()
+        except UNREACHABLE as exc:
+            REDIS.failed("waking the stream reader", exc)  # the read's own timeout still comes
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subscribers.get(sub.stream)
@@ -105,7 +146,7 @@ class StreamHub:
                 del self._subscribers[sub.stream]
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             if not self._subscribers:
                 self._wake.clear()
                 await self._wake.wait()
@@ -118,20 +159,36 @@ class StreamHub:
             if not positions:
                 await asyncio.sleep(READ_BLOCK_MS / 1000)  # only cut-off followers, on their way out
                 continue
+            self._reading = set(positions)
+            self._reads += 1
             try:
-                reply = await self.redis.xread(positions, count=READ_COUNT, block=READ_BLOCK_MS)  # type: ignore[arg-type]
+                reply = await self.redis.xread(
+                    {**positions, self._wake_key: self._woken_at},  # type: ignore[dict-item]
+                    count=READ_COUNT,
+                    block=self._block_ms,
+                )
             except UNREACHABLE as exc:
+                if self._stopping:
+                    return
                 REDIS.failed("reading job streams", exc)
                 await asyncio.sleep(RETRY_MAX_S / 4)
                 continue
             except Exception:
+                if self._stopping:
+                    return
                 logger.exception("reading job streams failed")
                 await asyncio.sleep(1.0)
                 continue
+            finally:
+                self._reading = set()
             REDIS.ok()
             streams: list[Any] = list(reply or [])  # RESP2: [[stream, [(id, fields), ...]], ...]
             for raw_stream, entries in streams:
-                self._deliver(text(raw_stream), [(text(entry_id), fields) for entry_id, fields in entries])
+                stream, read = text(raw_stream), [(text(entry_id), fields) for entry_id, fields in entries]
+                if stream == self._wake_key:
+                    self._woken_at = read[-1][0]
+                else:
+                    self._deliver(stream, read)
 
     def _deliver(self, stream: str, entries: list[tuple[str, dict[Any, Any]]]) -> None:
         for sub in list(self._subscribers.get(stream, ())):

@@ -114,6 +114,20 @@ def job_stream(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:stream"
 
 
+def hub_wake(hub_id: str) -> str:
+    """Stream a gateway's stream reader reads beside the job streams it follows: an entry added when a
+    stream is opened ends the reader's blocked XREAD at once, so the new stream is read without waiting
+    for that read's timeout."""
+    return f"{PREFIX}:hub:{hub_id}:wake"
+
+
+HUB_WAKE_TTL_S = 600
+"""A gateway that died leaves its wake stream behind this long at most (each wake refreshes it)."""
+
+HUB_WAKE_MAXLEN = 16
+"""Entries a wake stream keeps: only the newest one's id matters."""
+
+
 def batch(batch_id: str) -> str:
     """JSON record of a batch: its children (job ids, custom ids) and its synthesis job. TTL = result TTL."""
     return f"{PREFIX}:batch:{batch_id}"

@@ -1,0 +1,50 @@
+"""The gateway's one reader of job streams (gateway/stream_hub.py) against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+
+from gateway.stream_hub import StreamHub
+
+
+async def blocked(redis: AsyncRedis) -> None:
+    """Until a client (the reader) is blocked in its XREAD."""
+    while int((await redis.info("clients"))["blocked_clients"]) < 1:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("order", ["added, then opened", "opened, then added"])
+def test_a_stream_opened_while_the_reader_blocks_is_read_without_waiting_for_the_read_to_end(
+    scratch_redis_url: str, order: str
+) -> None:
+    """The reader blocks for 30 s on another stream; a stream opened meanwhile gets its entries at once,
+    whether they were there before it was opened or come after."""
+
+    async def scenario() -> None:
+        redis = AsyncRedis.from_url(scratch_redis_url)  # the test's own, as a worker's writes would be
+        reader = AsyncRedis.from_url(scratch_redis_url, socket_timeout=60)  # longer than its reads block
+        hub = StreamHub(reader, lambda job_id: None, block_ms=30_000)
+        hub.start()
+        try:
+            hub.subscribe("mlxq:test:quiet", "0-0")
+            await asyncio.wait_for(blocked(redis), 10)
+            started = time.monotonic()
+            if order == "added, then opened":
+                await redis.xadd("mlxq:test:new", {"text": "first"})
+                sub = hub.subscribe("mlxq:test:new", "0-0")
+            else:
+                sub = hub.subscribe("mlxq:test:new", "0-0")
+                await redis.xadd("mlxq:test:new", {"text": "first"})
+            [(_, fields)] = await sub.next(timeout_s=15)  # [] when it waits for the 30 s read to end
+            assert fields[b"text"] == b"first"
+            assert time.monotonic() - started < 15
+        finally:
+            await hub.stop()
+            await hub.redis.aclose()
+            await redis.aclose()
+
+    asyncio.run(scenario())
