@@ -26,6 +26,10 @@ each turn's time to first token of a 4-turn chat on a plain, a hybrid and a
 sliding-window family, mlxq beside mlx_lm.server; `--write` puts it in its own
 section of BENCHMARKS.md.
 
+`--latency` runs the latency shape alone (scripts/benchmarks/latency.py): short
+chats, one at a time and 8 at once, streamed and not, cold and with a cached
+prefix, mlxq beside mlx_lm.server, and what mlxq adds to the first text.
+
 `--streams N` runs the streams shape alone (scripts/benchmarks/streams.py): N
 streams waiting on one gateway, its Redis connections and memory per stream, and
 the delay from a token's publication to its client; `--write` puts it in its own
@@ -58,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.benchmarks.admission import free_port  # noqa: E402
 from scripts.benchmarks.ceiling import ceiling_tok_s  # noqa: E402
 from scripts.benchmarks.chat_session import run_chat_sessions  # noqa: E402
+from scripts.benchmarks.latency import run_latency  # noqa: E402
 from scripts.benchmarks.peers import start_mlx_lm, start_vllm_mlx, vllm_mlx_executable  # noqa: E402
 from scripts.benchmarks.stall import WORDS, run_stall  # noqa: E402
 from scripts.benchmarks.streams import report as streams_report  # noqa: E402
@@ -217,9 +222,16 @@ def main() -> None:
     parser.add_argument("--no-vllm-mlx", action="store_true", help="leave vllm-mlx out")
     parser.add_argument("--streams", type=int, default=None, help="only the streams shape, with this many streams")
     parser.add_argument("--chat-session", action="store_true", help="only the chat-session shape, on three families")
+    parser.add_argument("--latency", action="store_true", help="only the latency shape: short requests, demo model")
     parser.add_argument("--chat-system-words", type=int, default=1000, help="the chat session's system message")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
+    if args.latency:
+        table = latency(args)
+        print(table)
+        if args.write:
+            write_section(LATENCY_HEADING, latency_section(table, args))
+        return
     if args.chat_session:
         table = chat_sessions(args)
         print(table)
@@ -430,11 +442,34 @@ the streams; delay: a text event's arrival at its client less its stream id (the
 
 
 CHAT_HEADING = "## Chat sessions on three families"
+LATENCY_HEADING = "## Latency of short requests"
+
+
+def latency(args: argparse.Namespace) -> str:
+    """The latency shape (scripts/benchmarks/latency.py) on the demo model, with a Redis of its own."""
+    return with_redis(args, "latency", lambda a, w, env, port: run_latency(a, build_demo_model(w / "demo"), env, port))
+
+
+def latency_section(table: str, args: argparse.Namespace) -> str:
+    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    cpu = platform.processor() or platform.machine()
+    return f"""{LATENCY_HEADING}
+
+Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
+{cpu}, {os.cpu_count()} CPUs; {args.rounds} rounds, 16 requests per shape and server in each.
+
+{table}
+"""
 
 
 def chat_sessions(args: argparse.Namespace) -> str:
     """The chat-session shape (scripts/benchmarks/chat_session.py) with a Redis of its own."""
-    workdir = Path(tempfile.mkdtemp(prefix="mlxq-bench-chat-"))
+    return with_redis(args, "chat", run_chat_sessions)
+
+
+def with_redis(args: argparse.Namespace, name: str, shape: Any) -> str:
+    """Runs `shape(args, workdir, env, redis_port)` beside a redis-server of its own; its table."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"mlxq-bench-{name}-"))
     redis_port = free_port()
     redis_bin = os.environ.get("MLXQ_TEST_REDIS_SERVER") or shutil.which("redis-server") or "redis-server"
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
@@ -443,7 +478,8 @@ def chat_sessions(args: argparse.Namespace) -> str:
     base_env.update(HF_HUB_OFFLINE="1", MLXQ_DATA_DIR=str(workdir), MLXQ_LOG_LEVEL="warning")
     base_env.update(MLXQ_RATE_LIMIT_REQUESTS="1000000", MLXQ_MAX_INFLIGHT_PER_CLIENT="1000")
     try:
-        return run_chat_sessions(args, workdir, base_env, redis_port)
+        table: str = shape(args, workdir, base_env, redis_port)
+        return table
     finally:
         stop_all([redis])
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""The latency shape: what the broker adds to a short request, mlxq beside `mlx_lm.server`.
+
+Short chats (8 new tokens, greedy) on the demo model, one at a time and 8 at once,
+streamed (time to the first text, and to the end) and not (time to the answer),
+cold (every prompt new) and with a cached prefix (a long system message every
+request shares, each with a new question). Servers take turns within each round.
+The engine's part is small here, so what is left is what a server spends between
+the engine and the client.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from scripts.benchmarks.admission import free_port
+from scripts.benchmarks.peers import start_mlx_lm
+from scripts.benchmarks.stall import WORDS
+from scripts.benchmarks.streams import stop_all
+
+MAX_TOKENS = 8
+REQUESTS = 16
+"""Requests per shape and server in a round."""
+
+
+_clients = threading.local()
+
+
+def client() -> httpx.Client:
+    """The calling thread's client: its connections are kept open between calls, as an SDK's are (a new
+    connection costs this machine's httpx some 20 ms, which would drown what is measured)."""
+    if not hasattr(_clients, "client"):
+        _clients.client = httpx.Client(timeout=120)
+    found: httpx.Client = _clients.client
+    return found
+
+
+def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) -> tuple[float, float]:
+    """(seconds to the first text, seconds to the end) of one chat completion; NaN, NaN when it failed.
+    A non-streamed call's first text is its answer."""
+    body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": stream}
+    started = time.perf_counter()
+    first = float("nan")
+    try:
+        if not stream:
+            response = client().post(base + "/v1/chat/completions", json=body)
+            response.raise_for_status()
+            done = time.perf_counter() - started
+            return done, done
+        with client().stream("POST", base + "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first != first and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - started
+    except httpx.HTTPError:
+        return float("nan"), float("nan")
+    return first, time.perf_counter() - started
+
+
+def prompts(kind: str, round_index: int, count: int) -> list[list[dict[str, str]]]:
+    tag = f"Round {round_index + 1} {kind}"
+    if kind == "cached":
+        system = " ".join(WORDS[i % len(WORDS)] for i in range(600))  # the same every round: kept
+        return [
+            [{"role": "system", "content": system}, {"role": "user", "content": f"{tag} {i}: hi"}] for i in range(count)
+        ]
+    return [[{"role": "user", "content": f"{tag} {i}: hi"}] for i in range(count)]
+
+
+def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port: int) -> str:
+    from scripts.benchmarks.serving import start_mlxq, wait_until
+
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    models = model_dir.parent / "latency-models.toml"
+    models.write_text(f'[models.bench]\npath = "{model_dir}"\n')
+    base_env = {**base_env, "MLXQ_MODELS_FILE": str(models)}
+    processes: list[subprocess.Popen[bytes]] = []
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        started, mlxq = start_mlxq(16, 5, None, redis_port, base_env, quiet)
+        processes += started
+        peer = start_mlx_lm(model_dir, free_port(), base_env, quiet)
+        processes.append(peer.process)
+        servers = {"mlxq": (mlxq[0], mlxq[1]), "mlx_lm.server": (peer.base, peer.model)}
+        wait_until(mlxq[0] + "/health")
+        wait_until(peer.base + peer.ready_path)
+        for base, model in servers.values():
+            for messages in prompts("cached", -1, 2):  # loads the model, and keeps the shared prefix
+                call(base, model, messages, stream=False)
+        shapes = [(kind, c, stream) for kind in ("cold", "cached") for c in (1, 8) for stream in (True, False)]
+        names = list(servers)
+        for round_index in range(args.rounds):
+            for kind, concurrency, stream in shapes:
+                shape = f"{kind} c={concurrency} {'streamed' if stream else 'whole'}"
+                asked = prompts(f"{kind}{concurrency}{stream}", round_index, REQUESTS)
+                for name in names[round_index % 2 :] + names[: round_index % 2]:
+                    base, model = servers[name]
+                    with ThreadPoolExecutor(concurrency) as pool:
+                        timed = list(pool.map(partial(call, base, model, stream=stream), asked))
+                    results.setdefault((shape, name), []).extend(timed)
+                    first = statistics.median(t[0] for t in timed)
+                    print(f"round {round_index + 1} {shape:26} {name:14} first {1000 * first:.1f} ms", flush=True)
+    finally:
+        stop_all(processes)
+    return table(results)
+
+
+def table(results: dict[tuple[str, str], list[tuple[float, float]]]) -> str:
+    def stat(shape: str, name: str, which: int, quantile: float) -> float:
+        values = sorted(t[which] for t in results.get((shape, name), []) if t[which] == t[which])
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, round(quantile * (len(values) - 1)))]
+
+    lines = [
+        f"Short chats ({MAX_TOKENS} new tokens, greedy) on the demo model: the first text of a stream (the answer of "
+        "a whole one), p50 and p99 in ms, and mlxq less mlx_lm.server.",
+        "",
+        "| shape | mlxq p50 | mlx_lm.server p50 | mlxq - peer p50 | mlxq p99 | mlx_lm.server p99 | mlxq - peer p99 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for shape in dict.fromkeys(shape for shape, _ in results):
+        ours = [1000 * stat(shape, "mlxq", 0, q) for q in (0.5, 0.99)]
+        theirs = [1000 * stat(shape, "mlx_lm.server", 0, q) for q in (0.5, 0.99)]
+        lines.append(
+            f"| {shape} | {ours[0]:.1f} | {theirs[0]:.1f} | {ours[0] - theirs[0]:+.1f} "
+            f"| {ours[1]:.1f} | {theirs[1]:.1f} | {ours[1] - theirs[1]:+.1f} |"
+        )
+    return "\n".join(lines)
