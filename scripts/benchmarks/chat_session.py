@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.benchmarks.admission import free_port
-from scripts.benchmarks.peers import start_mlx_lm
 from scripts.benchmarks.stall import WORDS
 from scripts.benchmarks.streams import stop_all
 from worker.tiny_families import build_family_model
@@ -53,7 +51,7 @@ def session(base: str, model: str, round_index: int, system_words: int, max_toke
 
 def run_chat_sessions(args: Any, workdir: Path, base_env: dict[str, str], redis_port: int) -> str:
     """Runs the shape on each family and returns its table."""
-    from scripts.benchmarks.serving import one_call, start_mlxq, wait_until
+    from scripts.benchmarks.serving import beside_mlx_lm, one_call
 
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     size = {"hidden_size": args.hidden, "intermediate_size": args.hidden * 4, "torch_dtype": args.dtype}
@@ -64,13 +62,7 @@ def run_chat_sessions(args: Any, workdir: Path, base_env: dict[str, str], redis_
         Path(env["MLXQ_MODELS_FILE"]).write_text(f'[models.bench]\npath = "{model_dir}"\n')
         processes: list[subprocess.Popen[bytes]] = []
         try:
-            started, mlxq = start_mlxq(16, db, None, redis_port, env, quiet)
-            processes += started
-            peer = start_mlx_lm(model_dir, free_port(), env, quiet)
-            processes.append(peer.process)
-            servers = {"mlxq": (mlxq[0], mlxq[1]), "mlx_lm.server": (peer.base, peer.model)}
-            wait_until(mlxq[0] + "/health")
-            wait_until(peer.base + peer.ready_path)
+            processes, servers = beside_mlx_lm(model_dir, db, redis_port, env, quiet)
             for base, model in servers.values():
                 one_call(base, model, [{"role": "user", "content": "warm up"}], 4)  # loads the model
             names = list(servers)

@@ -22,8 +22,6 @@ from typing import Any
 
 import httpx
 
-from scripts.benchmarks.admission import free_port
-from scripts.benchmarks.peers import start_mlx_lm
 from scripts.benchmarks.stall import WORDS
 from scripts.benchmarks.streams import stop_all
 
@@ -80,7 +78,7 @@ def prompts(kind: str, round_index: int, count: int) -> list[list[dict[str, str]
 
 
 def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port: int) -> str:
-    from scripts.benchmarks.serving import start_mlxq, wait_until
+    from scripts.benchmarks.serving import beside_mlx_lm
 
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     models = model_dir.parent / "latency-models.toml"
@@ -89,13 +87,7 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
-        started, mlxq = start_mlxq(16, 5, None, redis_port, base_env, quiet)
-        processes += started
-        peer = start_mlx_lm(model_dir, free_port(), base_env, quiet)
-        processes.append(peer.process)
-        servers = {"mlxq": (mlxq[0], mlxq[1]), "mlx_lm.server": (peer.base, peer.model)}
-        wait_until(mlxq[0] + "/health")
-        wait_until(peer.base + peer.ready_path)
+        processes, servers = beside_mlx_lm(model_dir, 5, redis_port, base_env, quiet)
         for base, model in servers.values():
             for messages in prompts("cached", -1, 2):  # loads the model, and keeps the shared prefix
                 call(base, model, messages, stream=False)

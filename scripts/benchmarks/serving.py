@@ -187,6 +187,19 @@ def prompts_for(shape: str, count: int, prefix_tokens: int, round_index: int) ->
     return [[{"role": "user", "content": f"{tag} Request {i}: {' '.join(WORDS[: 8 + i % 5])}"}] for i in range(count)]
 
 
+def beside_mlx_lm(
+    model_dir: Path, db: int, redis_port: int, env: dict[str, str], quiet: dict[str, Any]
+) -> tuple[list[subprocess.Popen[bytes]], dict[str, tuple[str, str]]]:
+    """mlxq (database `db`, its models file in `env`) and mlx_lm.server on `model_dir`, both answering:
+    their processes, and each one's base URL and model name by name."""
+    processes, mlxq = start_mlxq(16, db, None, redis_port, env, quiet)
+    peer = start_mlx_lm(model_dir, free_port(), env, quiet)
+    processes.append(peer.process)
+    wait_until(mlxq[0] + "/health")
+    wait_until(peer.base + peer.ready_path)
+    return processes, {"mlxq": (mlxq[0], mlxq[1]), "mlx_lm.server": (peer.base, peer.model)}
+
+
 def start_mlxq(
     batch: int,
     db: int,
@@ -226,18 +239,17 @@ def main() -> None:
     parser.add_argument("--chat-system-words", type=int, default=1000, help="the chat session's system message")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
-    if args.latency:
-        table = latency(args)
-        print(table)
-        if args.write:
-            write_section(LATENCY_HEADING, latency_section(table, args))
-        return
-    if args.chat_session:
-        table = chat_sessions(args)
-        print(table)
-        if args.write:
-            write_section(CHAT_HEADING, chat_section(table, args))
-        return
+    alone = [
+        (args.latency, latency, LATENCY_HEADING, latency_section),
+        (args.chat_session, chat_sessions, CHAT_HEADING, chat_section),
+    ]
+    for asked, run, heading, section in alone:
+        if asked:
+            table = run(args)
+            print(table)
+            if args.write:
+                write_section(heading, section(table, args))
+            return
     if args.streams is not None:
         result = run_streams(args.streams)
         table = streams_report(result)
