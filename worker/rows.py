@@ -141,9 +141,10 @@ class Row:
     ) -> Row:
         """The row of `request`; `reasoning` is its model's setting (models.toml), None: as the tokenizer says."""
         eos = set(tokenizer.eos_token_ids)
-        vocab_size = len(tokenizer.get_vocab())
+        vocab = tokenizer.get_vocab()  # once: a large vocabulary's dict takes a while to build
+        vocab_size = len(vocab)
         prompt_ids = encode_prompt(tokenizer, request)
-        markers = markers_of(tokenizer)
+        markers = markers_of(tokenizer, vocab)
         if reasoning is not None:
             markers = replace(markers, think=reasoning if isinstance(reasoning, tuple) else None)
         forced = request.forced_call_schema() is not None
@@ -311,10 +312,10 @@ DEFAULT_CALL_MARKERS = ("<tool_call>", "</tool_call>")
 """Hermes- and Qwen-style calls (the demo model's too), where mlx-lm names no markers of its own."""
 
 
-def markers_of(tokenizer: Any) -> Markers:
+def markers_of(tokenizer: Any, vocab: dict[str, int]) -> Markers:
     """The model's reasoning and tool-call markers, as mlx-lm reads them from its tokenizer and template
     (gpt-oss's harmony, which mlx-lm does not read, as worker/harmony.py does)."""
-    if harmony.speaks_harmony(tokenizer.get_vocab()):
+    if harmony.speaks_harmony(vocab):
         return harmony.MARKERS
     think = None
     if getattr(tokenizer, "has_thinking", False) and tokenizer.think_start and tokenizer.think_end:
