@@ -11,6 +11,7 @@ as long as its cache answers.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
 from shared.sizing import KvShape
+
+logger = logging.getLogger(__name__)
 
 
 def layers(cache: Sequence[Any]) -> Iterator[Any]:
@@ -76,6 +79,15 @@ def compact(layer: Any) -> None:
 
 def nbytes(cache: Sequence[Any]) -> int:
     return int(sum(layer.nbytes for layer in cache))
+
+
+def measured(model: Any, fallback: KvShape) -> KvShape:
+    """`measure(model)`, or `fallback` (what config.json says) where the model will not be measured."""
+    try:
+        return measure(model)
+    except Exception:
+        logger.warning("could not measure the model's cache; counting it as its config.json says", exc_info=True)
+        return fallback
 
 
 def measure(model: Any) -> KvShape:

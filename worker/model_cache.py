@@ -63,8 +63,7 @@ class LoadedModel:
     measured_bytes: int
     """MLX active memory that the load added."""
     kv: KvShape
-    """What a row's cache holds, measured once loaded (the estimate before loading counts every layer
-    as full attention)."""
+    """What a row's cache holds, measured once loaded (worker/cache_shape.py)."""
     context_tokens: int | None
     """Its context length (the models file's, else its config.json's), when known."""
     loaded_at: float
@@ -318,7 +317,7 @@ class ModelCache:
             tokenizer=tokenizer,
             size_bytes=estimate.weights_bytes,
             measured_bytes=measured,
-            kv=self._kv_shape(model, estimate),
+            kv=cache_shape.measured(model, fallback=estimate.kv),
             context_tokens=spec.context_tokens or context_length(directory / "config.json"),
             loaded_at=now,
             last_used=now,
@@ -336,14 +335,6 @@ class ModelCache:
             format_bytes(budget),
         )
         return entry
-
-    @staticmethod
-    def _kv_shape(model: Any, estimate: sizing.SizeEstimate) -> KvShape:
-        try:
-            return cache_shape.measure(model)
-        except Exception:
-            logger.warning("could not measure the model's cache; counting it as its config.json says")
-            return estimate.kv
 
     def _read(self, spec: ModelSpec, directory: Path, what: str) -> tuple[Any, Any]:
         """The model and its tokenizer from `directory`, mlx-lm's errors translated."""
