@@ -87,8 +87,8 @@ class StreamHub:
         self._wake_key = keys.hub_wake(uuid.uuid4().hex)
         self._woken_at = "0-0"
         """The last wake entry the reader has seen."""
-        self._reading: set[str] = set()
-        """The job streams of the XREAD in flight (empty when none is)."""
+        self._reading: dict[str, str] = {}
+        """The job streams of the XREAD in flight and where it reads each from (empty when none is)."""
         self._reads = 0
         """XREADs begun so far; one wake ends one of them."""
         self._nudged = -1
@@ -120,7 +120,9 @@ class StreamHub:
         sub = Subscription(stream, after)
         self._subscribers.setdefault(stream, set()).add(sub)
         self._wake.set()
-        if self._reading and stream not in self._reading and self._nudged != self._reads:
+        reading = self._reading.get(stream)
+        behind = reading is None or _id(after) < _id(reading)  # not read, or read from later than it asks
+        if self._reading and behind and self._nudged != self._reads:
             self._nudged = self._reads
             nudge = asyncio.get_running_loop().create_task(self._nudge())
             self._nudges.add(nudge)
@@ -159,7 +161,7 @@ class StreamHub:
             if not positions:
                 await asyncio.sleep(READ_BLOCK_MS / 1000)  # only cut-off followers, on their way out
                 continue
-            self._reading = set(positions)
+            self._reading = dict(positions)
             self._reads += 1
             try:
                 reply = await self.redis.xread(
@@ -180,7 +182,7 @@ class StreamHub:
                 await asyncio.sleep(1.0)
                 continue
             finally:
-                self._reading = set()
+                read_from, self._reading = self._reading, {}
             REDIS.ok()
             streams: list[Any] = list(reply or [])  # RESP2: [[stream, [(id, fields), ...]], ...]
             for raw_stream, entries in streams:
@@ -188,10 +190,14 @@ class StreamHub:
                 if stream == self._wake_key:
                     self._woken_at = read[-1][0]
                 else:
-                    self._deliver(stream, read)
+                    self._deliver(stream, read, read_from[stream])
 
-    def _deliver(self, stream: str, entries: list[tuple[str, dict[Any, Any]]]) -> None:
+    def _deliver(self, stream: str, entries: list[tuple[str, dict[Any, Any]]], read_from: str) -> None:
+        """`entries` (those after `read_from`) to each follower that has all before them; one that joined
+        the read asking for earlier ones gets them, and these, from the next read."""
         for sub in list(self._subscribers.get(stream, ())):
+            if _id(sub.delivered) < _id(read_from):
+                continue
             for entry_id, fields in entries:
                 if _id(entry_id) <= _id(sub.delivered) or sub.overflowed:
                     continue

@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from gateway.stream_hub import StreamHub
+from shared.text import text
 
 
 async def blocked(redis: AsyncRedis) -> None:
@@ -45,6 +46,39 @@ def test_a_stream_opened_while_the_reader_blocks_is_read_without_waiting_for_the
         finally:
             await hub.stop()
             await hub.redis.aclose()
+            await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_second_follower_from_the_start_gets_every_entry_while_the_first_is_read_further_on(
+    scratch_redis_url: str,
+) -> None:
+    """One follower has read a stream's first entries and the reader blocks past them; a second opens the
+    same stream from its start (a reconnect, another client of the job): it gets those entries too, at
+    once, and then what follows, with no gap."""
+
+    async def scenario() -> None:
+        redis = AsyncRedis.from_url(scratch_redis_url)
+        reader = AsyncRedis.from_url(scratch_redis_url, socket_timeout=60)
+        hub = StreamHub(reader, lambda job_id: None, block_ms=30_000)
+        hub.start()
+        try:
+            first_ids = [await redis.xadd("mlxq:test:job", {"n": n}) for n in (1, 2)]
+            first = hub.subscribe("mlxq:test:job", "0-0")
+            assert len(await first.next(timeout_s=10)) == 2
+            await asyncio.wait_for(blocked(redis), 10)  # now reading on from the second entry
+            second = hub.subscribe("mlxq:test:job", "0-0")
+            early = await second.next(timeout_s=15)  # not after the 30 s read
+            await redis.xadd("mlxq:test:job", {"n": 3})
+            got = early + await second.next(timeout_s=15)
+            while len(got) < 3 and (more := await second.next(timeout_s=15)):
+                got += more
+            assert [fields[b"n"] for _, fields in got] == [b"1", b"2", b"3"]
+            assert [entry_id for entry_id, _ in got[:2]] == [text(i) for i in first_ids]
+        finally:
+            await hub.stop()
+            await reader.aclose()
             await redis.aclose()
 
     asyncio.run(scenario())

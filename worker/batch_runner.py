@@ -166,9 +166,9 @@ class BatchRunner:
         return not self._keeps_states
 
     def close_batch(self) -> None:
-        if self.generator is not None:
-            self.generator.close()
-            self.generator = None
+        generator, self.generator = self.generator, None  # gone even if its close fails
+        if generator is not None:
+            generator.close()
 
     def make_room(self, kv_bytes: int) -> bool:
         return self.cache.room_for(kv_bytes)
@@ -328,10 +328,12 @@ class BatchRunner:
             self.scheduler.leave(uid)
         for run in failed:
             self._release(run)
-        self.scheduler.close(self)
         error = self._translated(exc, ",".join(run.ticket.job_id for run in failed))
-        for run in failed:
-            self._finish(run, None, error)
+        try:
+            self.scheduler.close(self)
+        finally:  # a close that fails too (the device's error again) still ends every one of them
+            for run in failed:
+                self._finish(run, None, error)
 
     def end_everything(self, error: MlxqError) -> None:
         """The engine stops: every member and every waiting ticket ends with `error`."""
