@@ -301,6 +301,11 @@ class Timings(BaseModel):
     first_token_s: float | None = Field(
         default=None, description="from the job's start on the worker (model load included) to its first token"
     )
+    hops_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="milliseconds from the job's enqueueing to each hop on its worker: `claimed`, `submitted` "
+        "(to the engine), `first_token` (made), `first_written` (its first output in the job's stream)",
+    )
 
 
 class GenerationResult(BaseModel):

@@ -57,6 +57,8 @@ class Outcome:
     completion_tokens: int
     generate_s: float
     first_token_s: float | None = None
+    first_token_at: float | None = None
+    """When the first token was made (time.time())."""
     cached_tokens: int = 0
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -108,6 +110,7 @@ class Row:
     emitted: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    first_token_wall: float | None = None
     cached_tokens: int = 0
     """Prompt tokens that came from a kept prefix's KV cache instead of being computed."""
     cut_by_stop_string: bool = False
@@ -221,7 +224,7 @@ class Row:
         if done.finished is not None and self.ended_before is None:
             self.ended_before = "length" if done.finished == "length" else "stop"
         self.resumed_tokens = list(done.tokens)
-        self.first_token_at = None
+        self.first_token_at = self.first_token_wall = None
         steps = [self.prompt_ids[-1], *done.tokens[:-1]] if done.tokens else []
         for processor in self.processors:
             advance = getattr(processor, "advance", None)
@@ -242,6 +245,7 @@ class Row:
         """Add one generated token; why the request is done now, or None while it goes on."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            self.first_token_wall = time.time()
         if token in self.eos and not self.request.ignore_eos:
             return "stop"
         self.completion_tokens += 1
@@ -304,6 +308,7 @@ class Row:
             completion_tokens=self.completion_tokens,
             generate_s=time.perf_counter() - self.started,
             first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
+            first_token_at=self.first_token_wall,
             logprobs=self.logprobs if self.request.logprobs else None,
         )
 

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from redis import Redis
@@ -29,12 +30,19 @@ MAX_WAITING = 200_000
 followers see the gap and take the rest from the job's result (gateway/following.py)."""
 
 
+FIRST_WRITTEN_KEPT = 4096
+"""Jobs whose first write time is kept for their end: far more than a worker runs at once."""
+
+
 class StreamPublisher:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._pending: queue.Queue[tuple[str, Sent] | None] = queue.Queue()
         self._idle = threading.Condition()
         self._in_flight = 0
+        self._first_written: OrderedDict[str, float] = OrderedDict()
+        """When each job's first piece reached Redis (time.time()), until `first_written` takes it (a job
+        that failed never does: the oldest go past FIRST_WRITTEN_KEPT)."""
         self._thread = threading.Thread(target=self._run, name="mlxq-stream-publisher", daemon=True)
         self._thread.start()
 
@@ -43,6 +51,11 @@ class StreamPublisher:
         with self._idle:
             self._in_flight += 1
         self._pending.put((job_id, sent))
+
+    def first_written(self, job_id: str) -> float | None:
+        """When the job's first piece reached its stream (time.time()); None when none did. Asked once,
+        at the job's end."""
+        return self._first_written.pop(job_id, None)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every queued piece is in Redis, so that what follows comes after it; False when
@@ -71,6 +84,11 @@ class StreamPublisher:
                         job_stream.append(pipe, job_id, sent.piece.kind, None, **fields(sent))
                     pipe.execute()
                 REDIS.ok()
+                written = time.time()
+                for job_id, _ in batch:
+                    self._first_written.setdefault(job_id, written)
+                while len(self._first_written) > FIRST_WRITTEN_KEPT:
+                    self._first_written.popitem(last=False)
             except UNREACHABLE as exc:
                 # Kept, in order, for when Redis is back. A write that did land before the connection
                 # broke lands twice: followers drop the repeat by its `seq`.

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 from pydantic import ValidationError
@@ -108,12 +109,15 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             on_text=lambda sent: runtime.publisher.piece(job.id, sent),
             resume=resume,
         )
+        submitted = time.time()
         handle = runtime.engine.submit(submission)
         try:
             outcome = _wait(handle, job, runtime)
         finally:
             # Whatever interrupted the wait (RQ's timeout, shutdown), the engine must let go too.
             handle.cancel()
+        runtime.publisher.flush()  # its first piece's write is recorded (its end waits for that anyway)
+        first_written = runtime.publisher.first_written(job.id)
     except MlxqError as exc:
         _record_error(job, exc)
         raise
@@ -146,6 +150,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             load_s=handle.load_s,
             generate_s=outcome.generate_s,
             first_token_s=None if outcome.first_token_s is None else handle.load_s + outcome.first_token_s,
+            hops_ms=hops(job, submitted, outcome.first_token_at, first_written),
         ),
         model=req.model,
         logprobs=outcome.logprobs,
@@ -166,6 +171,16 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
         },
     )
     return result.model_dump()
+
+
+def hops(job: Job, submitted: float, first_token: float | None, first_written: float | None) -> dict[str, float]:
+    """Milliseconds from the job's enqueueing to each hop it has made on this worker (Timings.hops_ms)."""
+    if job.enqueued_at is None:
+        return {}
+    enqueued = job.enqueued_at.replace(tzinfo=UTC).timestamp()
+    claimed = job.started_at.replace(tzinfo=UTC).timestamp() if job.started_at else None
+    at = {"claimed": claimed, "submitted": submitted, "first_token": first_token, "first_written": first_written}
+    return {hop: round(1000 * (when - enqueued), 2) for hop, when in at.items() if when is not None}
 
 
 def _wait(handle: Generation, job: Job, runtime: Runtime) -> Outcome:

@@ -42,9 +42,12 @@ def client() -> httpx.Client:
     return found
 
 
-def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) -> tuple[float, float]:
-    """(seconds to the first text, seconds to the end) of one chat completion; NaN, NaN when it failed.
-    A non-streamed call's first text is its answer."""
+Timed = tuple[float, float, str]
+"""Seconds to the first text and to the end (NaN when the call failed), and mlxq's job id ("" for a peer)."""
+
+
+def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) -> Timed:
+    """One chat completion, timed. A non-streamed call's first text is its answer."""
     body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": stream}
     started = time.perf_counter()
     first = float("nan")
@@ -53,9 +56,10 @@ def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) ->
             response = client().post(base + "/v1/chat/completions", json=body)
             response.raise_for_status()
             done = time.perf_counter() - started
-            return done, done
+            return done, done, response.headers.get("x-mlxq-job-id", "")
         with client().stream("POST", base + "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
+            job_id = response.headers.get("x-mlxq-job-id", "")
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -63,8 +67,8 @@ def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) ->
                 if first != first and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                     first = time.perf_counter() - started
     except httpx.HTTPError:
-        return float("nan"), float("nan")
-    return first, time.perf_counter() - started
+        return float("nan"), float("nan"), ""
+    return first, time.perf_counter() - started, job_id
 
 
 def prompts(kind: str, round_index: int, count: int) -> list[list[dict[str, str]]]:
@@ -85,7 +89,7 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
     models.write_text(f'[models.bench]\npath = "{model_dir}"\n')
     base_env = {**base_env, "MLXQ_MODELS_FILE": str(models)}
     processes: list[subprocess.Popen[bytes]] = []
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[Timed]] = {}
     try:
         processes, servers = beside_mlx_lm(model_dir, 5, redis_port, base_env, quiet)
         for base, model in servers.values():
@@ -104,12 +108,41 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
                     results.setdefault((shape, name), []).extend(timed)
                     first = statistics.median(t[0] for t in timed)
                     print(f"round {round_index + 1} {shape:26} {name:14} first {1000 * first:.1f} ms", flush=True)
+        hops = {shape: mlxq_hops(servers["mlxq"][0], results[(shape, "mlxq")]) for shape in ("cold c=1 streamed",)}
     finally:
         stop_all(processes)
-    return table(results)
+    return table(results) + "\n\n" + hops_table(hops)
 
 
-def table(results: dict[tuple[str, str], list[tuple[float, float]]]) -> str:
+def mlxq_hops(base: str, timed: list[Timed]) -> dict[str, float]:
+    """Medians of mlxq's jobs' hops (ms from enqueueing: Timings.hops_ms), and of the client's first text
+    (ms from sending)."""
+    seen: dict[str, list[float]] = {}
+    for first, _, job_id in timed:
+        if not job_id:
+            continue
+        job = client().get(f"{base}/v1/jobs/{job_id}").json()
+        for hop, ms in ((job.get("result") or {}).get("timings") or {}).get("hops_ms", {}).items():
+            seen.setdefault(hop, []).append(ms)
+        seen.setdefault("client's first text", []).append(1000 * first)
+    return {hop: statistics.median(values) for hop, values in seen.items()}
+
+
+def hops_table(hops: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "Where mlxq's milliseconds go (medians): each hop on the worker from the job's enqueueing "
+        "(`timings.hops_ms`), beside the client's first text from sending the request.",
+        "",
+        "| shape | claimed | submitted | first token | first written | client's first text |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape, at in hops.items():
+        keys = ("claimed", "submitted", "first_token", "first_written", "client's first text")
+        lines.append(f"| {shape} | " + " | ".join(f"{at.get(key, float('nan')):.1f}" for key in keys) + " |")
+    return "\n".join(lines)
+
+
+def table(results: dict[tuple[str, str], list[Timed]]) -> str:
     def stat(shape: str, name: str, which: int, quantile: float) -> float:
         values = sorted(t[which] for t in results.get((shape, name), []) if t[which] == t[which])
         if not values:
