@@ -91,9 +91,10 @@ class StreamHub:
         """The job streams of the XREAD in flight and where it reads each from (empty when none is)."""
         self._reads = 0
         """XREADs begun so far; one wake ends one of them."""
-        self._nudged = -1
-        """The read the last wake was sent to end."""
-        self._nudges: set[asyncio.Task[None]] = set()
+        self._to_end = -1
+        """The latest read a stream opened during, that a wake must end (-1: none)."""
+        self._nudging: asyncio.Task[None] | None = None
+        """The one wake on its way, if any: a thousand streams opening at once take one connection."""
         self._stopping = False
 
     def start(self) -> None:
@@ -122,16 +123,27 @@ class StreamHub:
         self._wake.set()
         reading = self._reading.get(stream)
         behind = reading is None or _id(after) < _id(reading)  # not read, or read from later than it asks
-        if self._reading and behind and self._nudged != self._reads:
-            self._nudged = self._reads
-            nudge = asyncio.get_running_loop().create_task(self._nudge())
-            self._nudges.add(nudge)
-            nudge.add_done_callback(self._nudges.discard)
+        if self._reading and behind:
+            self._to_end = self._reads
+            if self._nudging is None:
+                self._nudging = asyncio.get_running_loop().create_task(self._wake_reader())
         return sub
 
+    async def _wake_reader(self) -> None:
+        """Wakes until no read that a stream opened during is left to end: a wake sent ends the read it
+        was sent for (or, reaching Redis first, the one after), and streams opened while it was on its
+        way are in the reads that follow unless one opened during a later read, which takes one more."""
+        try:
+            while self._to_end >= 0:
+                sent_for, self._to_end = self._to_end, -1
+                await self._nudge()
+                if self._to_end == sent_for:
+                    self._to_end = -1  # opened during the read this wake ends
+        finally:
+            self._nudging = None
+
     async def _nudge(self) -> None:
-        """Ends the reader's blocked XREAD: an entry in its wake stream. One per read: streams opened
-        while it is on its way are in the read that follows it."""
+        """Ends the reader's blocked XREAD: an entry in its wake stream."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(self._wake_key, {"w": 1}, maxlen=keys.HUB_WAKE_MAXLEN, approximate=True)
