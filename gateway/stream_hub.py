@@ -104,9 +104,10 @@ class StreamHub:
         self._stopping = True  # redis-py may turn the cancel of a blocked read into a timeout: not retried
         if self._reading:
             await self._nudge()  # its blocked read ends now, and the loop with it
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        pending = [task for task in (self._nudging, self._task) if task is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def result_of(self, job_id: str) -> dict[str, Any] | None:
         """A finished job's result from RQ, for a stream that expired or lost its end (RQ's own
