@@ -81,12 +81,22 @@ class Resumed:
     be told again."""
 
 
-def resumed(redis: Redis, job_id: str) -> Resumed:
-    """The output entries already in the job's stream, in order and without repeats, up to the first
-    gap (what comes after a gap cannot be carried on from)."""
+def started(redis: Redis, job_id: str, ttl_s: int) -> Resumed:
+    """Mark the job's stream as started (kept `ttl_s` from now) and read what earlier attempts put in it,
+    in one round trip: a job's start is on the way to its first token."""
+    with redis.pipeline(transaction=False) as pipe:
+        append(pipe, job_id, "status", ttl_s, status="started")
+        pipe.xrange(keys.job_stream(job_id))
+        *_, entries = pipe.execute()
+    return resumed(entries)
+
+
+def resumed(entries: list[Any] | None) -> Resumed:
+    """The output entries already in a job's stream (`entries`, as XRANGE reads them), in order and
+    without repeats, up to the first gap (what comes after a gap cannot be carried on from)."""
     seq, tokens, logprobs, call_ids = 0, list[int](), list[dict[str, Any]](), dict[int, str]()
     finished = None
-    for _, fields in redis.xrange(keys.job_stream(job_id)) or []:
+    for _, fields in entries or []:
         kind, data = decode(fields or {})
         if kind not in OUTPUT or not isinstance(data.get("seq"), int):
             continue

@@ -20,7 +20,7 @@ from rq.job import Job
 from shared import job_stream
 from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
-from shared.outage import quietly, until_redis
+from shared.outage import until_redis
 from shared.schemas import GenerateRequest, GenerationResult, PromptTokensDetails, Timings, ToolCall, Usage
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
@@ -93,14 +93,13 @@ def _context() -> tuple[Job, Runtime]:
 def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> dict[str, Any]:
     ttl_s = runtime.settings.stream_ttl_s
     redis = job.connection
-    quietly("writing a job's stream", lambda: job_stream.append(redis, job.id, "status", ttl_s, status="started"))
     logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
     try:
+        # An attempt after a crash or a hand-back carries on from what the earlier ones streamed.
+        resume = until_redis("starting a job's stream", lambda: job_stream.started(redis, job.id, ttl_s))
         req = prepare()
         spec = runtime.models.get(req.model)
         timeout_s = float(job.timeout) if job.timeout and job.timeout > 0 else float("inf")
-        # An attempt after a crash or a hand-back carries on from what the earlier ones streamed.
-        resume = until_redis("reading a job's stream", lambda: job_stream.resumed(redis, job.id))
         submission = Submission(
             job_id=job.id,
             request=req,
