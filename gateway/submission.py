@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -87,6 +88,7 @@ async def accept(
 
     Low-priority work (batch children included) is the batch tier: its own per-client cap,
     and served in turns by client rather than first come first served."""
+    accepted_at = time.time()  # where the job's hops begin (Timings.hops_ms)
     # Rendering a long prompt's chat template takes a while: off the event loop.
     fitted = await run_in_threadpool(lambda: [gw.limits.check(request) for request in requests])
     requests = [fit.request for fit in fitted]
@@ -104,7 +106,7 @@ async def accept(
         factory.build(
             request,
             job_id=(job_ids[i] if job_ids else None),
-            meta={**(metas[i] if metas else {}), "owner": client.tag},
+            meta={**(metas[i] if metas else {}), "owner": client.tag, "accepted_at": accepted_at},
         )
         for i, request in enumerate(requests)
     ]

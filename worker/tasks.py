@@ -177,8 +177,15 @@ def hops(job: Job, submitted: float, first_token: float | None, first_written: f
     if job.enqueued_at is None:
         return {}
     enqueued = job.enqueued_at.replace(tzinfo=UTC).timestamp()
+    accepted = job.meta.get("accepted_at")
     claimed = job.started_at.replace(tzinfo=UTC).timestamp() if job.started_at else None
-    at = {"claimed": claimed, "submitted": submitted, "first_token": first_token, "first_written": first_written}
+    at = {
+        "accepted": float(accepted) if isinstance(accepted, (int, float)) else None,  # by its gateway: before 0
+        "claimed": claimed,
+        "submitted": submitted,
+        "first_token": first_token,
+        "first_written": first_written,
+    }
     return {hop: round(1000 * (when - enqueued), 2) for hop, when in at.items() if when is not None}
 
 

@@ -133,11 +133,11 @@ def hops_table(hops: dict[str, dict[str, float]]) -> str:
         "Where mlxq's milliseconds go (medians): each hop on the worker from the job's enqueueing "
         "(`timings.hops_ms`), beside the client's first text from sending the request.",
         "",
-        "| shape | claimed | submitted | first token | first written | client's first text |",
-        "|---|---|---|---|---|---|",
+        "| shape | accepted | claimed | submitted | first token | first written | client's first text |",
+        "|---|---|---|---|---|---|---|",
     ]
     for shape, at in hops.items():
-        keys = ("claimed", "submitted", "first_token", "first_written", "client's first text")
+        keys = ("accepted", "claimed", "submitted", "first_token", "first_written", "client's first text")
         lines.append(f"| {shape} | " + " | ".join(f"{at.get(key, float('nan')):.1f}" for key in keys) + " |")
     return "\n".join(lines)
 
