@@ -33,7 +33,7 @@ from worker.generation import Generation
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
 from worker.prefill_pace import PrefillPace, unpadded
 from worker.prefixes import Prefixes
-from worker.rows import Outcome, Row
+from worker.rows import Openings, Outcome, Row
 from worker.scheduler import Scheduler, Seed, Ticket
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class BatchRunner:
         """The batch's model has caches that cannot be cut at any token: states are kept where later
         prompts extend them (the ends of the system messages and of the prompt), not cut from longer ones."""
         self._uids: dict[int, Run] = {}
+        self._openings = Openings()
         self._turn_ended: float | None = None
         """When the batch's last turn ended: a running stream's gap is the time from one to the next."""
         self.tokens_generated = 0
@@ -180,7 +181,7 @@ class BatchRunner:
         try:
             cache, reused = self._seeded(ticket.model, ids, seed)
             [uid] = self.generator.insert_segments(
-                [self._segments(run.row, reused)],
+                [self._segments(ticket.model, run.row, reused)],
                 max_tokens=[ticket.max_tokens],
                 caches=[cache],
                 all_tokens=[ids[:reused]],
@@ -208,11 +209,11 @@ class BatchRunner:
             return cache, reused
         return self.prefixes.nearest(model, ids)
 
-    def _segments(self, row: Row, reused: int) -> list[list[int]]:
+    def _segments(self, model: str, row: Row, reused: int) -> list[list[int]]:
         """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,
         where the state of a cache that cannot be cut is kept (the end of the system messages)."""
         ids = row.context_ids
-        end = row.system_end() if self._keeps_states else None  # a cache cut at any token needs no stop
+        end = self._openings.end(model, row) if self._keeps_states else None  # a cut-anywhere cache needs none
         bounds = [reused, *([end] if end is not None and reused < end < len(ids) - 1 else []), len(ids)]
         return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 

@@ -55,13 +55,20 @@ def copied(cache: Sequence[Any], held: int, tokens: int) -> list[Any] | None:
     if tokens > held or (tokens < held and not can_trim_prompt_cache(list(cache))):
         return None
     fresh: list[Any] = copy.deepcopy(list(cache))
-    if tokens < held:
-        for layer in fresh:
-            layer.trim(held - tokens)
-        for layer in layers(fresh):
-            compact(layer)
+    trim(fresh, held - tokens)
     mx.eval([layer.state for layer in fresh])
     return fresh
+
+
+def trim(cache: Sequence[Any], tokens: int) -> None:
+    """Drops the last `tokens` positions of a cache that can be trimmed, and the buffer they took: what
+    is kept of it holds only what it serves."""
+    if tokens <= 0:
+        return  # nothing to cut (a recurrent state could not be)
+    for layer in cache:
+        layer.trim(tokens)
+    for layer in layers(cache):
+        compact(layer)
 
 
 def compact(layer: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
 
-from worker.cache_shape import compact, copied, layers, nbytes
+from worker.cache_shape import compact, copied, layers, nbytes, trim
 
 MIN_REUSED_TOKENS = 8
 """A kept prefix this long is worth its copy: copying it is a slice of memory, computing it a pass over
@@ -55,8 +55,7 @@ class Prefixes:
             # All of it is kept: a cache that can be trimmed gives back its last token; one that cannot
             # serves from a shorter state (the end of the prompt's prefill keeps one).
             if can_trim_prompt_cache(cache):
-                for layer in cache:  # the trie's copy: ours to cut
-                    layer.trim(1)
+                trim(cache, 1)  # the trie's copy: ours to cut
                 rest = ids[-1:]
             else:
                 cache, rest = self._lru.fetch_nearest_cache(model, ids[:-1])
@@ -65,7 +64,7 @@ class Prefixes:
         if cache is None or reused < MIN_REUSED_TOKENS:
             return None, 0
         for layer in layers(cache):
-            compact(layer)  # a longer entry trimmed to the shared part holds all of its buffer
+            compact(layer)  # a longer entry the trie cut to the shared part holds all of its buffer
         return cache, reused
 
     @property
