@@ -305,7 +305,8 @@ class Timings(BaseModel):
         default_factory=dict,
         description="milliseconds from the job's enqueueing to each hop: `accepted` (by its gateway, before the "
         "enqueueing: negative), then on its worker `claimed`, `submitted` (to the engine), `first_token` (made), "
-        "`first_written` (its first output in the job's stream)",
+        "`first_written` (its first output in the job's stream), `generated` (its whole output, as the job's "
+        "thread has it)",
     )
 
 

@@ -45,10 +45,11 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service:
     assert set(result["timings"]) == {"queued_s", "load_s", "generate_s", "first_token_s", "hops_ms"}
     assert 0 < result["timings"]["first_token_s"] <= result["timings"]["load_s"] + result["timings"]["generate_s"]
     # Each hop has an owner: accepted by the gateway before its enqueueing, then claimed, submitted, first
-    # token made and written on the worker.
+    # token made and written on the worker, the whole output made.
     hops = result["timings"]["hops_ms"]
-    assert list(hops) == ["accepted", "claimed", "submitted", "first_token", "first_written"]
+    assert list(hops) == ["accepted", "claimed", "submitted", "first_token", "first_written", "generated"]
     assert hops["accepted"] <= 0 <= hops["claimed"] <= hops["submitted"] <= hops["first_token"] <= hops["first_written"]
+    assert hops["first_token"] <= hops["generated"]
 
     queue = Queue(Job.fetch(job_id, connection=redis, serializer=JSONSerializer).origin, connection=redis)
     assert job_id in FinishedJobRegistry(queue=queue).get_job_ids()

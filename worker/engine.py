@@ -166,8 +166,9 @@ class Engine:
                     self.runner.add(item)
             if None in arrived:
                 return  # what was submitted ends as failed (_run)
-            running = scheduler.batch is not None and bool(scheduler.batch.members)
-            if not running or time.monotonic() - self._maintained_at >= self.maintenance_interval_s:
+            # On the clock, busy or idle (an idle wait ends by it): not before every new batch, where a
+            # look at the system's memory would delay the first token of every short request.
+            if time.monotonic() - self._maintained_at >= self.maintenance_interval_s:
                 self._maintain()
             try:
                 scheduler.fill(self.runner)

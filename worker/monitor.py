@@ -5,6 +5,10 @@ generation between tokens), takes commands sent to this worker (unload a model),
 and shuts the worker down if its watchdog is gone; every heartbeat interval it
 writes the worker's heartbeat, which supervision, `/health` and the claim script
 read. A Redis outage costs ticks, never the thread.
+
+A job's start is told in the heartbeat at once (`poke`), but here, not on the
+thread that claims jobs: a burst of claims is not held up by a beat per job, and
+the pokes that come during one beat make one more.
 """
 
 from __future__ import annotations
@@ -50,19 +54,41 @@ class Monitor:
         self._canceled = canceled
         """Shared with the worker: jobs asked to stop, which end as canceled."""
         self._orphaned = False
-        self._stop = threading.Event()
+        self._stopping = False
+        self._wake = threading.Event()
+        """Set by a poke or a stop: the loop's wait ends early."""
+        self._poked = False
+        self._beating = threading.Lock()
+        """Beats come from several threads: each one's record is whole and the last written is the newest."""
         self._thread = threading.Thread(target=self._loop, name="mlxq-monitor", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Beat soon, on the monitor's thread: a job started or ended."""
+        self._poked = True
+        self._wake.set()
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.settings.heartbeat_interval_s
-        while not self._stop.wait(self.settings.cancel_poll_interval_s):
+        next_tick = time.monotonic()
+        while True:
+            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            self._wake.clear()
+            if self._stopping:
+                return
             try:
+                if self._poked:
+                    self._poked = False
+                    self.beat()
+                if time.monotonic() < next_tick:
+                    continue  # a poke: the cancel flags are not due yet
+                next_tick = time.monotonic() + self.settings.cancel_poll_interval_s
                 self._watch_parent()
                 self._honour_cancel_flags()
                 self._take_commands()
@@ -117,6 +143,10 @@ class Monitor:
                 logger.warning("ignoring unknown worker command %r", command)
 
     def beat(self) -> None:
+        with self._beating:
+            self._beat()
+
+    def _beat(self) -> None:
         snapshot = memory.snapshot(self.settings)
         active = self.running()
         ledger = self.engine.cache.ledger

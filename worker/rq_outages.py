@@ -18,9 +18,18 @@ from rq.job import Job
 from shared import keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
 
+RECORD_REFRESH_S = 5.0
+"""How often RQ's record of the worker is refreshed between jobs (its TTL is RQ's worker_ttl + 60 s)."""
+
+SUSPENSION_CHECK_S = 1.0
+"""How often the worker looks whether it was suspended."""
+
 
 class OutageTolerantWorker(SimpleWorker):
     """A SimpleWorker whose every Redis step survives an outage."""
+
+    _record_due = 0.0
+    _suspension_due = 0.0
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         prepare = super().prepare_job_execution
@@ -34,9 +43,13 @@ class OutageTolerantWorker(SimpleWorker):
         )
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        # RQ's worker record; ours (the heartbeat key) is what supervision reads.
+        # RQ's worker record; ours (the heartbeat key) is what supervision reads. RQ refreshes it
+        # around every claim, three round trips each; its TTL is minutes, so once in a while will do.
+        if timeout is None and pipeline is None and time.monotonic() < self._record_due:
+            return
         beat = super().heartbeat
         quietly("refreshing RQ's worker record", lambda: beat(timeout, pipeline))
+        self._record_due = time.monotonic() + RECORD_REFRESH_S
 
     def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
         # RQ's own logs an error every 2 s of an outage; the thread goes on either way.
@@ -46,8 +59,12 @@ class OutageTolerantWorker(SimpleWorker):
         time.sleep(RETRY_MAX_S)
 
     def check_for_suspension(self, burst: bool) -> None:
+        # RQ asks before every claim; `rq suspend` is an operator's command, heeded within a second.
+        if time.monotonic() < self._suspension_due:
+            return
         check = super().check_for_suspension
         quietly("checking for suspension", lambda: check(burst))
+        self._suspension_due = time.monotonic() + SUSPENSION_CHECK_S
 
     def run_maintenance_tasks(self) -> None:
         quietly("RQ maintenance", super().run_maintenance_tasks)

@@ -111,6 +111,7 @@ class MlxqWorker(OutageTolerantWorker):
         # RQ's own heartbeat may have written a partial record since: birth refuses a record it finds.
         self.connection.delete(self.key)
         self.register_birth()  # type: ignore[no-untyped-call]
+        self._state = ""  # the new record has none yet
         self.set_state(WorkerStatus.BUSY if self._running else WorkerStatus.IDLE)
 
     def teardown(self) -> None:
@@ -141,7 +142,7 @@ class MlxqWorker(OutageTolerantWorker):
         thread = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"job-{job.id[:8]}")
         self._running[job.id] = (thread, execution)
         thread.start()
-        quietly("writing the heartbeat", self.monitor.beat)  # /health lists the job now, not a beat later
+        self.monitor.poke()  # /health lists the job now, not a beat later
 
     def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
         began = time.monotonic()
@@ -159,8 +160,7 @@ class MlxqWorker(OutageTolerantWorker):
             took_s = time.monotonic() - began if job.get_status(refresh=False) == JobStatus.FINISHED else None
             batch = self.engine.batch_limit
             quietly("recording a job's end", lambda: self.reports.job_ended(job.id, took_s, batch))
-            # A job may have loaded a model: say so now, not a heartbeat interval later.
-            quietly("writing the heartbeat", self.monitor.beat)
+            self.monitor.poke()  # the job is no longer listed
             self._room.set()
 
     def _unstarted_claim(self) -> tuple[Job, Queue] | None:
@@ -193,6 +193,8 @@ class MlxqWorker(OutageTolerantWorker):
         # RQ goes idle between claims; the worker is busy while any of its jobs runs.
         if state == WorkerStatus.IDLE and self._running:
             state = WorkerStatus.BUSY
+        if pipeline is None and state == self._state:
+            return  # RQ sets it around every claim: a round trip each, in the way of the next claim
         super().set_state(state, pipeline)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:

@@ -112,6 +112,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
         handle = runtime.engine.submit(submission)
         try:
             outcome = _wait(handle, job, runtime)
+            generated = time.time()
         finally:
             # Whatever interrupted the wait (RQ's timeout, shutdown), the engine must let go too.
             handle.cancel()
@@ -149,7 +150,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             load_s=handle.load_s,
             generate_s=outcome.generate_s,
             first_token_s=None if outcome.first_token_s is None else handle.load_s + outcome.first_token_s,
-            hops_ms=hops(job, submitted, outcome.first_token_at, first_written),
+            hops_ms=hops(job, submitted, outcome.first_token_at, first_written, generated),
         ),
         model=req.model,
         logprobs=outcome.logprobs,
@@ -172,7 +173,9 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
     return result.model_dump()
 
 
-def hops(job: Job, submitted: float, first_token: float | None, first_written: float | None) -> dict[str, float]:
+def hops(
+    job: Job, submitted: float, first_token: float | None, first_written: float | None, generated: float
+) -> dict[str, float]:
     """Milliseconds from the job's enqueueing to each hop it has made on this worker (Timings.hops_ms)."""
     if job.enqueued_at is None:
         return {}
@@ -185,6 +188,7 @@ def hops(job: Job, submitted: float, first_token: float | None, first_written: f
         "submitted": submitted,
         "first_token": first_token,
         "first_written": first_written,
+        "generated": generated,
     }
     return {hop: round(1000 * (when - enqueued), 2) for hop, when in at.items() if when is not None}
 

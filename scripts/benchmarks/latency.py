@@ -16,14 +16,17 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+from redis import Redis
 
 from scripts.benchmarks.stall import WORDS
 from scripts.benchmarks.streams import stop_all
+from shared import keys
 
 MAX_TOKENS = 8
 REQUESTS = 16
@@ -108,23 +111,33 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
                     results.setdefault((shape, name), []).extend(timed)
                     first = statistics.median(t[0] for t in timed)
                     print(f"round {round_index + 1} {shape:26} {name:14} first {1000 * first:.1f} ms", flush=True)
-        hops = {shape: mlxq_hops(servers["mlxq"][0], results[(shape, "mlxq")]) for shape in ("cold c=1 streamed",)}
+        redis = Redis(port=redis_port, db=5)
+        hops = {
+            shape: mlxq_hops(servers["mlxq"][0], redis, results[(shape, "mlxq")])
+            for shape in ("cold c=1 streamed", "cold c=1 whole")
+        }
     finally:
         stop_all(processes)
     return table(results) + "\n\n" + hops_table(hops)
 
 
-def mlxq_hops(base: str, timed: list[Timed]) -> dict[str, float]:
-    """Medians of mlxq's jobs' hops (ms from enqueueing: Timings.hops_ms), and of the client's first text
-    (ms from sending)."""
+def mlxq_hops(base: str, redis: Redis, timed: list[Timed]) -> dict[str, float]:
+    """Medians of mlxq's jobs' hops (ms from enqueueing: Timings.hops_ms), the end's write (its stream id is
+    Redis's clock, this machine's), and the client's first text and end (ms from sending)."""
     seen: dict[str, list[float]] = {}
-    for first, _, job_id in timed:
+    for first, done, job_id in timed:
         if not job_id:
             continue
         job = client().get(f"{base}/v1/jobs/{job_id}").json()
         for hop, ms in ((job.get("result") or {}).get("timings") or {}).get("hops_ms", {}).items():
             seen.setdefault(hop, []).append(ms)
+        enqueued = redis.hget(f"rq:job:{job_id}", "enqueued_at")
+        last = redis.xrevrange(keys.job_stream(job_id), count=1)
+        if enqueued and last:
+            at = datetime.strptime(enqueued.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+            seen.setdefault("end_written", []).append(int(last[0][0].decode().split("-")[0]) - 1000 * at)
         seen.setdefault("client's first text", []).append(1000 * first)
+        seen.setdefault("client's end", []).append(1000 * done)
     return {hop: statistics.median(values) for hop, values in seen.items()}
 
 
@@ -133,12 +146,23 @@ def hops_table(hops: dict[str, dict[str, float]]) -> str:
         "Where mlxq's milliseconds go (medians): each hop on the worker from the job's enqueueing "
         "(`timings.hops_ms`), beside the client's first text from sending the request.",
         "",
-        "| shape | accepted | claimed | submitted | first token | first written | client's first text |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | accepted | claimed | submitted | first token | first written | generated | end written "
+        "| client's first text | client's end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, at in hops.items():
-        keys = ("accepted", "claimed", "submitted", "first_token", "first_written", "client's first text")
-        lines.append(f"| {shape} | " + " | ".join(f"{at.get(key, float('nan')):.1f}" for key in keys) + " |")
+        hops_in_order = (
+            "accepted",
+            "claimed",
+            "submitted",
+            "first_token",
+            "first_written",
+            "generated",
+            "end_written",
+            "client's first text",
+            "client's end",
+        )
+        lines.append(f"| {shape} | " + " | ".join(f"{at.get(hop, float('nan')):.1f}" for hop in hops_in_order) + " |")
     return "\n".join(lines)
 
 
