@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.errors import InvalidRequest, MlxqError
+from shared.errors import InvalidRequest, MlxqError, overflow
 from shared.schemas import GenerateRequest, json_or_text
 
 
@@ -293,4 +293,8 @@ ERROR_TYPES = {
 def error_body(error: MlxqError) -> dict[str, Any]:
     """Anthropic's error shape: `{"type": "error", "error": {"type", "message"}}`."""
     kind = ERROR_TYPES.get(error.status_code, "api_error")
+    too_long = overflow(error)
+    if too_long is not None:  # Anthropic's sentence, which Claude Code reacts to
+        message = f"prompt is too long: {too_long.prompt_tokens} tokens > {too_long.context} maximum"
+        return {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
     return {"type": "error", "error": {"type": kind, "message": error.message}}

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.errors import InvalidRequest, MlxqError
+from shared.errors import InvalidRequest, MlxqError, overflow
 from shared.schemas import ChatMessage, GenerateRequest, Tool, json_or_text
 
 VERSION = "0.13.5"
@@ -253,6 +253,12 @@ OPTION_OF = {field: f"options.{option}" for option, field in OPTIONS.items()}
 def error_body(error: MlxqError) -> dict[str, Any]:
     """Ollama's error shape: `{"error": "<message>"}`, naming an option as the client sent it."""
     message = error.message
+    too_long = overflow(error)
+    if too_long is not None:
+        message = (
+            f"the input length exceeds the context length: the prompt takes {too_long.prompt_tokens} tokens, "
+            f"the model's context {too_long.context}"
+        )
     if error.param in OPTION_OF:
         named = OPTION_OF[error.param]
         message = message.replace(f"{error.param}:", f"{named}:", 1).replace(f"`{error.param}`", f"`{named}`")

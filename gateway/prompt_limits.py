@@ -1,11 +1,14 @@
 """Refuse a prompt that cannot fit, before it costs a queue slot, and resolve `max_tokens`.
 
-Characters are always checked. Tokens are counted as the model sees them: the
+A prompt with more characters than the model's context could hold is refused
+before its tokens are counted (`MLXQ_MAX_PROMPT_CHARS`, or a model's
+`max_prompt_chars`, sets a lower cap). Tokens are counted as the model sees them: the
 chat template rendered with the model's own tokenizer (shared/tokenizing.py, no
 MLX), system parts and tool definitions included, when its files are on this
 machine (else the message text alone, a lower bound, and the worker checks again
 once it has encoded the prompt). A prompt that cannot fit the model's context is
-refused, naming what is too long.
+refused in OpenAI's words (`context_length_exceeded`, with the numbers), naming
+what is too long; the other protocols' routes say it in theirs.
 
 `max_tokens` is a ceiling, not a demand (OpenAI's, Anthropic's and Ollama's
 clients send large ones: Claude Code asks for 32000): the generation may run to
@@ -19,13 +22,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from shared.errors import InvalidRequest, ModelFilesMissing
+from shared.errors import ContextLengthExceeded, InvalidRequest, ModelFilesMissing
 from shared.models import ModelRegistry, ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from shared.tokenizing import ModelText, ModelTexts, import_chat_library
 
 logger = logging.getLogger(__name__)
+
+UNKNOWN_CONTEXT_CHARS = 1_000_000
+"""The most characters of a prompt for a model whose context or tokenizer is not known here."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,13 @@ class PromptLimits:
         if unset:  # the model's sampling defaults, for what the request leaves out
             request = request.model_copy(update=unset)
         field = "prompt" if request.prompt is not None else "messages"
-        char_limit = spec.max_prompt_chars or settings.max_prompt_chars
-        chars = request.prompt_chars()
-        if chars > char_limit:
-            raise InvalidRequest(f"The prompt has {chars} characters; the limit is {char_limit}", param=field)
-
         model_text = self._texts.get(spec)
+        chars = request.prompt_chars()
+        char_limit = spec.max_prompt_chars or settings.max_prompt_chars
+        if char_limit is not None and chars > char_limit:
+            raise InvalidRequest(f"The prompt has {chars} characters; the limit is {char_limit}", param=field)
+        self._check_chars(model_text, chars, field)
+
         rendered = model_text.prompt_tokens(request)
         counted = rendered if rendered is not None else self._lower_bound(model_text, request)
         limit = settings.max_tokens_cap
@@ -93,6 +100,22 @@ class PromptLimits:
         return Fitted(resolved, counted, exact=rendered is not None)
 
     @staticmethod
+    def _check_chars(model_text: ModelText, chars: int, field: str) -> None:
+        """A prompt with more characters than the context could hold is refused before the time it takes
+        to count its tokens: no token covers more characters than the tokenizer's longest."""
+        most_chars = model_text.most_chars()
+        if most_chars is None:
+            if chars > UNKNOWN_CONTEXT_CHARS:
+                raise InvalidRequest(
+                    f"The prompt has {chars} characters; the limit is {UNKNOWN_CONTEXT_CHARS}", param=field
+                )
+            return
+        if chars > most_chars:
+            context = model_text.context or 1
+            at_least = -(-chars // (most_chars // context))
+            raise ContextLengthExceeded.of_prompt(at_least, context, param=field, exact=False)
+
+    @staticmethod
     def _lower_bound(model_text: ModelText, request: GenerateRequest) -> int:
         text = request.prompt if request.prompt is not None else "\n".join(m.text() for m in request.messages or [])
         return model_text.count(text) if model_text.tokenizer is not None else 0
@@ -100,20 +123,15 @@ class PromptLimits:
     @staticmethod
     def _too_long(
         spec: ModelSpec, model_text: ModelText, request: GenerateRequest, counted: int, exact: bool
-    ) -> InvalidRequest:
-        """What is too long: the tool definitions when the messages alone would fit, else the prompt."""
-        context = model_text.context
+    ) -> ContextLengthExceeded:
+        """In OpenAI's words, with the share of the tool definitions when the messages alone would fit
+        (`tools` is then the field to shorten)."""
+        context = model_text.context or 0
         field = "prompt" if request.prompt is not None else "messages"
         if exact and request.offers_tools():
             bare = model_text.prompt_tokens(request.model_copy(update={"tools": None, "tool_choice": None}))
-            if bare is not None and bare < (context or 0):
-                return InvalidRequest(
-                    f"The prompt takes {counted} tokens as the model sees it, {counted - bare} of them the tool "
-                    f"definitions; model '{spec.name}' takes {context} in all: offer fewer or shorter tools",
-                    param="tools",
+            if bare is not None:
+                return ContextLengthExceeded.of_prompt(
+                    counted, context, param="tools" if bare < context else field, tools_tokens=counted - bare
                 )
-        seen = "as the model sees it (chat template, system and tools included)" if exact else "at least"
-        return InvalidRequest(
-            f"The prompt takes {counted} tokens {seen}; model '{spec.name}' takes {context} in all",
-            param=field,
-        )
+        return ContextLengthExceeded.of_prompt(counted, context, param=field, exact=exact)

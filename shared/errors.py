@@ -8,7 +8,7 @@ dict on a failed job so a poll shows the same error a direct call would.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 
 class MlxqError(Exception):
@@ -130,13 +130,63 @@ class BatchTooLarge(MlxqError):
 
 
 class ContextLengthExceeded(MlxqError):
-    """A prompt (a batch's filled synthesis prompt) cannot fit the model's context."""
+    """A prompt (a batch's filled synthesis prompt) cannot fit the model's context.
+
+    OpenAI's code, status and sentence ("This model's maximum context length is N tokens..."), which
+    agent clients (opencode, Kilo) match to compact a long conversation by themselves; Anthropic's and
+    Ollama's routes say it in their own words from the same numbers (`overflow`)."""
 
     final = True
 
-    status_code = 422
+    status_code = 400
     error_type = "invalid_request_error"
     code = "context_length_exceeded"
+
+    @classmethod
+    def of_prompt(
+        cls, prompt_tokens: int, context: int, *, param: str, tools_tokens: int | None = None, exact: bool = True
+    ) -> ContextLengthExceeded:
+        """A prompt of `prompt_tokens` (`tools_tokens` of them the tool definitions; at least that many
+        unless `exact`) against a context of `context` tokens."""
+        least = "" if exact else "at least "
+        if tools_tokens:
+            resulted = (
+                f"{least}{prompt_tokens} tokens ({prompt_tokens - tools_tokens} in the messages, "
+                f"{tools_tokens} in the functions). Please reduce the length of the messages or functions."
+            )
+        else:
+            resulted = f"{least}{prompt_tokens} tokens. Please reduce the length of the messages."
+        error = cls(
+            f"This model's maximum context length is {context} tokens. However, your messages resulted in {resulted}",
+            param=param,
+        )
+        error.overflow = Overflow(prompt_tokens, context)
+        return error
+
+    overflow: Overflow | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        numbers = {} if self.overflow is None else {"prompt_tokens": self.overflow[0], "context": self.overflow[1]}
+        return {**super().to_dict(), **numbers}
+
+
+class Overflow(NamedTuple):
+    """How many tokens a prompt took, and how many the model's context holds."""
+
+    prompt_tokens: int
+    context: int
+
+
+def overflow(error: MlxqError) -> Overflow | None:
+    """The numbers of a context overflow, refused at once or recorded by the job that found it."""
+    if isinstance(error, ContextLengthExceeded):
+        return error.overflow
+    recorded = getattr(error, "recorded", None)
+    if isinstance(recorded, dict) and recorded.get("code") == ContextLengthExceeded.code:
+        prompt_tokens, context = recorded.get("prompt_tokens"), recorded.get("context")
+        if isinstance(prompt_tokens, int) and isinstance(context, int):
+            return Overflow(prompt_tokens, context)
+    return None
 
 
 class CircuitOpen(MlxqError):
@@ -287,7 +337,7 @@ class JobFailed(MlxqError):
         "canceled": 409,
         "job_timeout": 504,
         "invalid_request": 422,
-        "context_length_exceeded": 422,
+        "context_length_exceeded": 400,
     }
 
     def __init__(self, recorded: dict[str, Any]) -> None:

@@ -112,7 +112,12 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(
         default=8192, ge=1, description="most tokens one generation may run to; a larger `max_tokens` is a ceiling"
     )
-    max_prompt_chars: int = 200_000
+    max_prompt_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="a prompt with more characters is refused before its tokens are counted (unset: as many as "
+        "the model's context could hold, each token as long as its tokenizer's longest)",
+    )
     job_timeout_s: int = Field(default=600, description="a generation running longer is stopped")
     result_ttl_s: int = Field(default=24 * 3600, description="how long finished results stay readable")
     failure_ttl_s: int = Field(default=7 * 24 * 3600, description="how long failed jobs stay readable")

@@ -39,6 +39,8 @@ class ModelText:
     _chat: list[Any] = field(default_factory=list, compare=False)
     """transformers' tokenizer (for its chat template) once loaded: [] before, [None] when it cannot be."""
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    _longest: list[int] = field(default_factory=list, compare=False)
+    """The characters of the tokenizer's longest token, once looked for."""
 
     def prompt_tokens(self, request: GenerateRequest) -> int | None:
         """The request's prompt in tokens as the model sees it (chat template, system and tools
@@ -61,6 +63,17 @@ class ModelText:
     def warm(self) -> None:
         if self.tokenizer is not None:
             self._chat_tokenizer()
+            self.most_chars()
+
+    def most_chars(self) -> int | None:
+        """The most characters a prompt that fits the context can have: no token covers more than the
+        tokenizer's longest one. None without a tokenizer or a known context."""
+        if self.tokenizer is None or self.context is None:
+            return None
+        with self._lock:
+            if not self._longest:
+                self._longest.append(max((len(piece) for piece in self.tokenizer.get_vocab()), default=1))
+        return self.context * self._longest[0]
 
     def _chat_tokenizer(self) -> Any:
         with self._lock:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.prompt_limits import PromptLimits
-from shared.errors import InvalidRequest, ModelNotFound
+from shared.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
@@ -75,16 +75,17 @@ def test_tokens_are_counted_with_the_models_tokenizer_against_its_context(demo_d
     checker = limits(demo_dir, tmp_path, f'[models.tiny]\npath = "{local}"\n', max_prompt_chars=10_000)
     checker.check(ask(model="tiny", prompt="hi", max_tokens=32))
     words = "the quick brown fox " * 40  # a few hundred characters, well over 64 tokens
-    with pytest.raises(InvalidRequest, match="takes 64 in all") as caught:
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 64 tokens") as caught:
         checker.check(ask(model="tiny", prompt=words, max_tokens=1))
-    assert caught.value.param == "prompt"
+    assert caught.value.param == "prompt" and caught.value.status_code == 400
+    assert caught.value.to_dict()["code"] == "context_length_exceeded"
     # A prompt that fits, with max_tokens that does not: it runs to the context's end.
     medium = "the quick brown fox " * 5
     fitted = checker.check(ask(model="tiny", prompt=medium, max_tokens=60))
     assert fitted.exact and fitted.max_tokens == 64 - fitted.prompt_tokens < 60
 
 
-def small_chat_model(demo_dir: Path, tmp_path: Path, context: int) -> PromptLimits:
+def chat_copy(demo_dir: Path, tmp_path: Path, context: int) -> Path:
     """The demo model's tokenizer and chat template with a context of `context` tokens."""
     local = tmp_path / "chat"
     local.mkdir()
@@ -92,6 +93,11 @@ def small_chat_model(demo_dir: Path, tmp_path: Path, context: int) -> PromptLimi
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (local / name).write_bytes((demo / name).read_bytes())
     (local / "config.json").write_text(f'{{"max_position_embeddings": {context}}}')
+    return local
+
+
+def small_chat_model(demo_dir: Path, tmp_path: Path, context: int) -> PromptLimits:
+    local = chat_copy(demo_dir, tmp_path, context)
     return limits(demo_dir, tmp_path, f'[models.chat]\npath = "{local}"\n', max_prompt_chars=100_000)
 
 
@@ -123,9 +129,41 @@ def test_the_prompt_is_counted_as_the_model_sees_it_tools_and_template_included(
 def test_tool_definitions_that_do_not_fit_are_named(demo_dir: Path, tmp_path: Path) -> None:
     checker = small_chat_model(demo_dir, tmp_path, context=100)
     assert checker.check(chat()).max_tokens > 0
-    with pytest.raises(InvalidRequest, match="tool definitions") as caught:
+    with pytest.raises(ContextLengthExceeded) as caught:
         checker.check(chat(tools=[TOOL]))
     assert caught.value.param == "tools"
-    with pytest.raises(InvalidRequest, match="as the model sees it") as caught:
+    total = caught.value.overflow
+    assert total is not None and total.context == 100 and total.prompt_tokens == checker_count(checker, tools=[TOOL])
+    bare = checker_count(checker)
+    # OpenAI's sentence, with the exact numbers: the whole prompt, the messages and the functions.
+    assert caught.value.message == (
+        f"This model's maximum context length is 100 tokens. However, your messages resulted in "
+        f"{total.prompt_tokens} tokens ({bare} in the messages, {total.prompt_tokens - bare} in the functions). "
+        "Please reduce the length of the messages or functions."
+    )
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 100 tokens") as caught:
         checker.check(chat(messages=[{"role": "user", "content": "word " * 200}]))
+    assert caught.value.param == "messages"
+
+
+def checker_count(checker: PromptLimits, **body: object) -> int:
+    """The request's tokens as the gateway counts them, with a context too large to refuse it."""
+    model_text = checker._texts.get(checker._models.get("chat"))
+    count = model_text.prompt_tokens(chat(**body))
+    assert count is not None
+    return count
+
+
+def test_no_character_cap_refuses_a_prompt_whose_tokens_fit(demo_dir: Path, tmp_path: Path) -> None:
+    """Unset, the cap is what the context could hold at the longest token: a long prompt within the
+    context passes however many characters it has; one past what any tokenizing could fit is refused
+    before counting, in OpenAI's words, as at least so many tokens."""
+    checker = limits(demo_dir, tmp_path, f'[models.chat]\npath = "{chat_copy(demo_dir, tmp_path, 200_000)}"\n')
+    long = "the quick brown fox jumps over the lazy dog. " * 6_000  # 270,000 characters
+    fitted = checker.check(chat(messages=[{"role": "user", "content": long}]))
+    assert fitted.exact and 50_000 < fitted.prompt_tokens < 200_000
+    most = checker._texts.get(checker._models.get("chat")).most_chars()
+    assert most is not None
+    with pytest.raises(ContextLengthExceeded, match="resulted in at least") as caught:
+        checker.check(chat(messages=[{"role": "user", "content": "x" * (most + 1)}]))
     assert caught.value.param == "messages"

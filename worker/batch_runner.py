@@ -124,8 +124,7 @@ class BatchRunner:
         prompt, window = len(row.prompt_ids), run.loaded.context_tokens
         if window is not None and prompt >= window:
             field = "prompt" if sub.request.prompt is not None else "messages"
-            too_long = f"The prompt takes {prompt} tokens; model '{ticket.model}' takes {window} in all"
-            self._finish(run, None, ContextLengthExceeded(too_long, param=field))
+            self._finish(run, None, ContextLengthExceeded.of_prompt(prompt, window, param=field))
             return False
         # What an earlier attempt generated counts against max_tokens (its tokens are prefilled).
         ticket.max_tokens -= len(row.resumed_tokens)
