@@ -95,7 +95,7 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f'[models.oss]\npath = "{oss}"\nnotes = "scripted: gpt-oss channels, reasons then answers"\n'
         f'[models.oss-caller]\npath = "{oss_caller}"\nnotes = "scripted: gpt-oss channels, calls get_weather"\n'
         f'[models.thinker-raw]\npath = "{thinker}"\nreasoning = false\nnotes = "the thinker, unsplit"\n'
-        f'[models.narrow]\npath = "{thinker}"\ncontext_tokens = {NARROW_CONTEXT}\nnotes = "the thinker, a short context"\n'
+        f'[models.narrow]\npath = "{thinker}"\ncontext_tokens = {NARROW_CONTEXT}\nnotes = "short context"\n'
     )
     return path
 
