@@ -11,6 +11,7 @@ not acted on; any other option is refused with its name, never ignored.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -18,7 +19,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import InvalidRequest, MlxqError, overflow
-from shared.schemas import ChatMessage, GenerateRequest, Tool, json_or_text
+from shared.schemas import ChatMessage, GenerateRequest, Tool, ToolChoice, json_or_text
+
+logger = logging.getLogger(__name__)
 
 VERSION = "0.13.5"
 """The Ollama API version these routes answer as: one with the Responses API beside /api/*, which is what
@@ -86,7 +89,19 @@ def _json(value: Any) -> str:
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Ollama ignores top-level fields it does not know, and clients written against it send some (Cline
+    # sends `tool_choice`): so does mlxq, naming them in a debug line. Fields it knows and would answer
+    # differently for are read or refused by name; unknown `options` are refused (_known_options).
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _note_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(name) for name in data if name not in cls.model_fields)
+            if unknown:
+                logger.debug("ignoring fields Ollama's API does not have: %s", ", ".join(unknown))
+        return data
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     stream: bool = True
@@ -128,11 +143,15 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     messages: Annotated[list[OllamaMessage], Field(min_length=1)]
     tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    """Not Ollama's (it always lets the model choose, as `auto` does), but sent by clients written for
+    both: a choice that forces or forbids a call is honoured as on the OpenAI route."""
 
     def to_generate(self) -> GenerateRequest:
         messages = [m.to_chat(i).model_dump(exclude_none=True) for i, m in enumerate(self.messages)]
         tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
-        return self._generate(messages=messages, tools=tools)
+        choice = self.tool_choice if tools else None  # without tools Ollama has nothing to choose from
+        return self._generate(messages=messages, tools=tools, tool_choice=choice)
 
 
 class GenerateBody(_Common):
@@ -224,16 +243,20 @@ def now() -> str:
 def done_fields(result: dict[str, Any], reason: str) -> dict[str, Any]:
     """The statistics of a finished answer, in Ollama's nanoseconds."""
     timings, usage = result["timings"], result["usage"]
-    generate_ns = int(float(timings["generate_s"]) * 1e9)
+    load_s, generate_s = float(timings["load_s"]), float(timings["generate_s"])
+    # As Ollama counts them: the prompt's evaluation up to the first token, then the decoding alone
+    # (first_token_s counts from the job's start, the model's load included).
+    first = timings.get("first_token_s")
+    prompt_s = min(generate_s, max(0.0, float(first) - load_s)) if first is not None else 0.0
     return {
         "done": True,
         "done_reason": reason,
-        "total_duration": int((float(timings["queued_s"]) + float(timings["load_s"])) * 1e9) + generate_ns,
-        "load_duration": int(float(timings["load_s"]) * 1e9),
+        "total_duration": int((float(timings["queued_s"]) + load_s + generate_s) * 1e9),
+        "load_duration": int(load_s * 1e9),
         "prompt_eval_count": usage["prompt_tokens"],
-        "prompt_eval_duration": int(float(timings.get("first_token_s") or 0) * 1e9),
+        "prompt_eval_duration": int(prompt_s * 1e9),
         "eval_count": usage["completion_tokens"],
-        "eval_duration": generate_ns,
+        "eval_duration": int((generate_s - prompt_s) * 1e9),
     }
 
 

@@ -76,3 +76,52 @@ def test_an_unknown_option_is_refused_in_ollamas_error_shape(service: Service) -
     with pytest.raises(ollama.ResponseError) as missing:
         ollama.Client(host=service.base_url).chat(model="nope", messages=[{"role": "user", "content": "x"}])
     assert missing.value.status_code == 404
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_unknown_top_level_fields_are_ignored_as_ollama_ignores_them_and_a_forcing_tool_choice_holds(
+    service: Service,
+) -> None:
+    """Cline's Ollama provider sends `tool_choice` (and clients send other fields Ollama never had): Ollama
+    ignores what it does not know; a `tool_choice` that forces a call is honoured, not dropped."""
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "something_new": {"a": 1},
+        "stream": False,
+        "options": {"num_predict": 60, "temperature": 0},
+    }
+    answer = httpx.post(service.base_url + "/api/chat", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    [call] = answer.json()["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and isinstance(call["function"]["arguments"], dict)
+    # `auto` is Ollama's own behaviour; the options are still checked by name.
+    body = {**body, "tool_choice": "auto", "options": {"num_predict": 4, "temperature": 0}}
+    assert httpx.post(service.base_url + "/api/chat", json=body, timeout=60).status_code == 200
+    refused = httpx.post(service.base_url + "/api/chat", json={**body, "options": {"mirostat": 2}}, timeout=60)
+    assert refused.status_code == 422 and "mirostat" in refused.json()["error"]
+
+
+def test_eval_duration_counts_the_decoding_alone(client: ollama.Client) -> None:
+    reply = client.generate(model="demo", prompt="Once " * 400, options={"num_predict": 4, "temperature": 0})
+    assert reply.eval_count == 4 and reply.prompt_eval_count and reply.prompt_eval_count > 400
+    assert reply.eval_duration and reply.prompt_eval_duration and reply.total_duration
+    assert reply.load_duration is not None
+    # Prefill and decoding apart, within the whole: neither holds the other.
+    assert reply.prompt_eval_duration + reply.eval_duration <= reply.total_duration - reply.load_duration
