@@ -17,6 +17,7 @@ from tests.scripted_model import (
     HARMONY_CALL,
     HARMONY_SPECIAL,
     HARMONY_TEMPLATE,
+    SPECIAL,
     THINKER,
     build_scripted_model,
 )
@@ -84,6 +85,7 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         directory / "gemma-caller", GEMMA4_CALL, GEMMA4_TEMPLATE, GEMMA4_SPECIAL, "<start_of_turn>model\n"
     )
     oss_caller = build_scripted_model(directory / "oss-caller", HARMONY_CALL, **harmony)  # type: ignore[arg-type]
+    special = build_scripted_model(directory / "special", SPECIAL, special=("<|fim_pad|>",))
     path = directory / "models.toml"
     path.write_text(
         f'[models.missing]\npath = "{MISSING_MODEL_PATH}"\nnotes = "its directory does not exist"\n'
@@ -95,6 +97,7 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f'[models.oss]\npath = "{oss}"\nnotes = "scripted: gpt-oss channels, reasons then answers"\n'
         f'[models.oss-caller]\npath = "{oss_caller}"\nnotes = "scripted: gpt-oss channels, calls get_weather"\n'
         f'[models.thinker-raw]\npath = "{thinker}"\nreasoning = false\nnotes = "the thinker, unsplit"\n'
+        f'[models.special]\npath = "{special}"\nnotes = "scripted: a special token mid-answer"\n'
         f'[models.narrow]\npath = "{thinker}"\ncontext_tokens = {NARROW_CONTEXT}\nnotes = "short context"\n'
     )
     return path

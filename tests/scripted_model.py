@@ -71,6 +71,9 @@ def build_scripted_model(
     return directory
 
 
+SPECIAL = ["It is", "<|fim_pad|>", " four."]
+"""An answer with a special token inside it (added as one, as Qwen's `<|fim_pad|>` is): never in the text."""
+
 THINKER = ["<think>", "Let me", " count.", "</think>", "It is", " four."]
 """Thinks, then answers."""
 

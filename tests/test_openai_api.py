@@ -559,3 +559,14 @@ def test_a_repetition_penalty_out_of_range_is_a_422(service: Service) -> None:
     body = {"model": "demo", "prompt": "0", "repetition_penalty": 5e-324, "logprobs": 0}
     response = service.http.post("/v1/completions", json=body)
     assert response.status_code == 422 and response.json()["error"]["param"] == "repetition_penalty"
+
+
+def test_special_tokens_are_counted_but_never_in_the_text(client: openai.OpenAI) -> None:
+    """OpenAI's `skip_special_tokens` default: a special token the model makes (`<|fim_pad|>` here, a
+    scripted model's answer) is a completion token, and not text, streamed or whole."""
+    asked = {"model": "special", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10}
+    whole = client.chat.completions.create(**asked)  # type: ignore[call-overload]
+    assert whole.choices[0].message.content == "It is four."
+    assert whole.usage is not None and whole.usage.completion_tokens == 3
+    streamed = client.chat.completions.create(**asked, stream=True)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "It is four."

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -123,6 +124,9 @@ class Row:
     """Tokens an earlier attempt generated (`resume`): the batch prefills them after the prompt."""
     muted_until: int = 0
     """Pieces up to this number are already in the stream: a resumed row makes them again unsent."""
+    unshown: frozenset[int] = frozenset()
+    """Special tokens that are not the model's markers: counted, never in the text (OpenAI's
+    `skip_special_tokens`)."""
     ended_before: FinishReason | None = None
     """A resumed row whose earlier attempt had already ended: it ends so again, generating nothing."""
     matcher: StopMatcher = field(init=False)
@@ -171,6 +175,7 @@ class Row:
             + thinking_budget(request, tokenizer, split),
             vocab_size=vocab_size,
             tokenizer=tokenizer,
+            unshown=unshown_specials(tokenizer, markers),
         )
 
     @property
@@ -222,6 +227,8 @@ class Row:
         self.unsent_tokens.append(token)
         if self.request.logprobs and logprobs is not None:
             self.logprobs.append(token_logprobs(self.tokenizer, token, logprobs, self.request.top_logprobs))
+        if token in self.unshown:
+            return "length" if finish_reason == "length" else None
         self.detokenizer.add_token(token)
         before = len(self.text)
         self.text += self.detokenizer.last_segment
@@ -355,6 +362,34 @@ def markers_of(tokenizer: Any, vocab: dict[str, int]) -> Markers:
     if getattr(parser, "__module__", "").endswith(".json_tools"):
         parser = None  # JSON between the markers: streamed as it forms, by our own reading
     return Markers(think=think, call=(str(start), str(end or "")), parser=parser)
+
+
+_unshown: weakref.WeakKeyDictionary[Any, tuple[Markers, frozenset[int]]] = weakref.WeakKeyDictionary()
+
+
+def unshown_specials(tokenizer: Any, markers: Markers) -> frozenset[int]:
+    """The tokenizer's special tokens (`<|endoftext|>`, `<|im_start|>`) that no marker of the model's
+    holds: servers leave them out of the text by default. gpt-oss's are its channels' structure, all
+    read by its split (worker/harmony.py). Once per tokenizer and markers."""
+    known = _unshown.get(tokenizer)
+    if known is not None and known[0] == markers:
+        return known[1]
+    if markers is harmony.MARKERS:
+        found: frozenset[int] = frozenset()
+    else:
+        wrapped = getattr(tokenizer, "_tokenizer", tokenizer)
+        added = getattr(wrapped, "added_tokens_decoder", {}) or {}
+        texts = [t for pair in (markers.think, markers.call) if pair for t in pair] + list(markers.dropped)
+        found = frozenset(
+            int(token_id)
+            for token_id, token in added.items()
+            if getattr(token, "special", False) and not any(str(token.content) in text for text in texts)
+        )
+    try:
+        _unshown[tokenizer] = (markers, found)
+    except TypeError:  # a tokenizer that cannot be referred to weakly is looked at again each time
+        pass
+    return found
 
 
 def opens_thinking(tokenizer: Any, prompt_ids: list[int], start: str) -> bool:
