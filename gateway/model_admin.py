@@ -20,7 +20,7 @@ from gateway.workers import live_workers
 from shared import hub, keys, pulls
 from shared.errors import HubUnavailable, InvalidRequest, ModelConflict, ModelNotFound, ModelTooLarge
 from shared.live_models import store, stored_entries
-from shared.models import DEMO_MODEL, ModelRegistry, ModelSpec, parse_entry, read_models_file
+from shared.models import BUILTIN_MODELS, ModelRegistry, ModelSpec, parse_entry, read_models_file
 from shared.settings import Settings
 
 
@@ -41,8 +41,8 @@ def put(
     existing = models.find(name)
     if existing is not None and existing.name != name:
         raise ModelConflict(f"'{name}' is an alias of model '{existing.name}'", param="name")
-    if name == DEMO_MODEL:
-        raise ModelConflict(f"'{DEMO_MODEL}' is built in and cannot be changed", param="name")
+    if name in BUILTIN_MODELS:
+        raise ModelConflict(f"'{name}' is built in and cannot be changed", param="name")
     if merge and existing is None:
         raise ModelNotFound(f"The model '{name}' does not exist or is not configured here", param="model")
     entry = {**stored.get(name, {}), **fields} if merge else dict(fields)

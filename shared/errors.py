@@ -137,6 +137,7 @@ class ContextLengthExceeded(MlxqError):
     Ollama's routes say it in their own words from the same numbers (`overflow`)."""
 
     final = True
+    refusal = True
 
     status_code = 400
     error_type = "invalid_request_error"

@@ -36,6 +36,12 @@ from shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
+TINY_MODEL = "tiny"
+BUILTIN_MODELS = {
+    DEMO_MODEL: "random weights, built offline: counts tokens like a real model (32k vocabulary), 128k context",
+    TINY_MODEL: "tiny random-weight model, built offline: fast, for tests (512-token vocabulary, 32k context)",
+}
+"""The models every mlxq serves (worker/demo_model.py builds them), with their notes."""
 ALLOWED_KEYS = {
     "path",
     "repo",
@@ -161,12 +167,8 @@ class ModelRegistry:
         admin API's, by name) laid over them: a stored entry for a file's model changes only the
         fields it names."""
         specs = {
-            DEMO_MODEL: ModelSpec(
-                DEMO_MODEL,
-                path=settings.demo_model_dir,
-                notes="tiny random-weight model, built offline",
-                builtin=True,
-            )
+            name: ModelSpec(name, path=settings.builtin_model_dir(name), notes=notes, builtin=True)
+            for name, notes in BUILTIN_MODELS.items()
         }
         entries: dict[str, dict[str, Any]] = {}
         table: dict[str, Any] = {}
@@ -254,8 +256,8 @@ def parse_entry(name: str, entry: dict[str, Any], where: str, base: Path | None 
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(ALLOWED_KEYS)}")
     if ("path" in entry) == ("repo" in entry):
         raise ValueError(f"{where}: give exactly one of `path` (local directory) or `repo` (hub id)")
-    if name == DEMO_MODEL:
-        raise ValueError(f"{where}: '{DEMO_MODEL}' is built in and cannot be redefined")
+    if name in BUILTIN_MODELS:
+        raise ValueError(f"{where}: '{name}' is built in and cannot be redefined")
     for text in ("path", "repo", "notes"):
         if text in entry and not isinstance(entry[text], str):
             raise ValueError(f"{where}: `{text}` must be a string")

@@ -193,6 +193,6 @@ class Settings(BaseSettings):
         """Every queue, highest priority first: the order a worker listens in."""
         return [self.queue_interactive, self.queue_name, self.queue_batch]
 
-    @property
-    def demo_model_dir(self) -> Path:
-        return self.data_dir.expanduser() / "models" / "demo"
+    def builtin_model_dir(self, name: str) -> Path:
+        """Where a built-in model (`demo`, `tiny`) is built."""
+        return self.data_dir.expanduser() / "models" / name

@@ -33,11 +33,11 @@ def build_scripted_model(
     from mlx_lm.models import qwen2
     from tokenizers import AddedToken, Tokenizer
 
-    from worker.demo_model import CONFIG, build_demo_model
+    from worker.demo_model import CONFIG, build_tiny_model
 
     if (directory / "model.safetensors").exists():
         return directory
-    build_demo_model(directory)
+    build_tiny_model(directory)
     if chat_template is not None:
         settings = json.loads((directory / "tokenizer_config.json").read_text())
         (directory / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": chat_template}))

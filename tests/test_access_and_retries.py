@@ -51,8 +51,8 @@ def admitted(svc: Service) -> int:
 
 def test_a_key_sees_and_cancels_only_its_own_jobs_and_batches(keyed: Service) -> None:
     with http(keyed, "key-a") as a, http(keyed, "key-b") as b, http(keyed, "key-admin") as admin:
-        job = a.post("/v1/jobs", json={"model": "demo", "prompt": "Mine", "max_tokens": 2}).json()["id"]
-        batch = a.post("/v1/batches", json={"model": "demo", "requests": [{"messages": HELLO, "max_tokens": 2}]})
+        job = a.post("/v1/jobs", json={"model": "tiny", "prompt": "Mine", "max_tokens": 2}).json()["id"]
+        batch = a.post("/v1/batches", json={"model": "tiny", "requests": [{"messages": HELLO, "max_tokens": 2}]})
         batch_id = batch.json()["id"]
         for method, path in [
             ("GET", f"/v1/jobs/{job}"),
@@ -73,15 +73,15 @@ def test_a_key_sees_and_cancels_only_its_own_jobs_and_batches(keyed: Service) ->
 def test_admin_routes_need_an_admin_key(keyed: Service) -> None:
     with http(keyed, "key-a") as a, http(keyed, "key-b") as b, http(keyed, "key-admin") as admin:
         for ordinary in (a, b):
-            refused = ordinary.post("/v1/admin/models/demo/unload")
+            refused = ordinary.post("/v1/admin/models/tiny/unload")
             assert refused.status_code == 403
             assert refused.json()["error"]["code"] == "admin_key_required"
-        assert admin.post("/v1/admin/models/demo/unload").status_code == 202
+        assert admin.post("/v1/admin/models/tiny/unload").status_code == 202
 
 
 def test_only_admin_keys_see_running_job_ids_and_events(keyed: Service) -> None:
     with http(keyed, "key-a") as a, http(keyed, "key-admin") as admin:
-        job = a.post("/v1/jobs", json={"model": "demo", "prompt": "Hold", "max_tokens": 30_000, "ignore_eos": True})
+        job = a.post("/v1/jobs", json={"model": "tiny", "prompt": "Hold", "max_tokens": 30_000, "ignore_eos": True})
         job_id = job.json()["id"]
         try:
             deadline = time.monotonic() + 30
@@ -111,7 +111,7 @@ def test_the_openai_sdk_with_its_default_retries_makes_one_job_per_call(keyed: S
 
 
 def test_a_non_streaming_client_that_hangs_up_cancels_its_job(keyed: Service) -> None:
-    body: dict[str, Any] = {"model": "demo", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True}
+    body: dict[str, Any] = {"model": "tiny", "messages": HELLO, "max_tokens": 4000, "ignore_eos": True}
     redis = Redis.from_url(keyed.env["MLXQ_REDIS_URL"])
     seen = set(redis.keys("rq:job:*"))
     with http(keyed, "key-a") as a, pytest.raises(httpx.ReadTimeout):

@@ -19,7 +19,7 @@ from tests.support import Gateway
 
 pytestmark = pytest.mark.slow
 
-BODY = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 KEYS = [f"key-{i}" for i in range(12)]
 
 
@@ -194,7 +194,7 @@ def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(gateways: lis
     assert declared.json()["error"]["code"] == "request_too_large"
 
     def chunks() -> Iterator[bytes]:
-        yield b'{"model": "demo", "prompt": "'
+        yield b'{"model": "tiny", "prompt": "'
         for _ in range(10):
             yield b"y" * 500
         yield b'"}'

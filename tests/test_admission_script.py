@@ -41,7 +41,7 @@ class Harness:
         self.queue = Queue(self.settings.queue_name, connection=self.redis, serializer=JSONSerializer)
 
     def job(self) -> JobRecord:
-        return JobFactory(self.queue, self.settings).build(GenerateRequest(model="demo", prompt="hi"))
+        return JobFactory(self.queue, self.settings).build(GenerateRequest(model="tiny", prompt="hi"))
 
     def admit(
         self, client: Client, count: int = 1, idem: Idempotency | None = None, tier: Tier = "single"

@@ -3,8 +3,10 @@
 npm into .clients/; without them (no node) their tests skip and say why.
 
 The settings they get are ones a user of the real Anthropic or OpenAI service would use too: a base URL
-and a key; for the CLIs, their own flags for a short system prompt and few tools. Their default prompts
-(55,000 and 28,000 demo-model tokens) work as well, but take minutes to prefill on a 2-core CPU.
+and a key; some tests use the CLIs' own flags for a short system prompt and few tools, others their
+default prompts, as a new user runs them (about 21,000 tokens of the `demo` model's for Claude Code,
+8,000 for opencode: the demo counts like a real model). opencode's compaction runs on mlxq's answer to
+an overflow (OpenAI's `context_length_exceeded`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from shared.settings import Settings
 from tests.support import RedisServer, Service
 
 pytestmark = pytest.mark.slow
@@ -31,6 +35,9 @@ QUIET = {
     "OPENAI_AGENTS_DISABLE_TRACING": "1",
     "NO_COLOR": "1",
 }
+SHORT_CONTEXT = 12_000
+"""The `short` model's context: opencode's default prompt (about 8,000 tokens) and a turn of 3,000 fit it,
+a second turn does not."""
 AGENTS_DEFAULT_MODEL = "gpt-5.6-luna"
 """The Agents SDK's default model (agents.models.get_default_model()), an alias of demo here."""
 
@@ -50,7 +57,11 @@ def agents_service(
     the product's own: a random model ends its answer (end of text) after a few hundred tokens on
     average, well inside the ceiling, and Claude Code takes a cut-off answer for an error."""
     models = tmp_path_factory.mktemp("agents-models") / "models.toml"
-    models.write_text(f'[aliases]\n"{AGENTS_DEFAULT_MODEL}" = "demo"\n')
+    demo = Settings(data_dir=data_dir).builtin_model_dir("demo")  # built by the worker as it starts
+    models.write_text(
+        f'[models.short]\npath = "{demo}"\ncontext_tokens = {SHORT_CONTEXT}\nnotes = "the demo, a short context"\n'
+        f'[aliases]\n"{AGENTS_DEFAULT_MODEL}" = "demo"\n'
+    )
     svc = Service(
         redis_server.url.rsplit("/", 1)[0] + "/9",
         data_dir,
@@ -88,6 +99,12 @@ def test_claude_code_answers_in_print_mode(agents_service: Service, tmp_path: Pa
         claude_env(agents_service, tmp_path),
         tmp_path,
     )
+    assert out.strip()
+
+
+def test_claude_code_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path) -> None:
+    """As the README says it, nothing shortened: its system prompt and every tool, about 21,000 tokens."""
+    out = run([binary("claude"), "-p", "say hi", "--model", "demo"], claude_env(agents_service, tmp_path), tmp_path)
     assert out.strip()
 
 
@@ -149,3 +166,69 @@ print(result.final_output)
     env = {"OPENAI_BASE_URL": agents_service.base_url + "/v1", "OPENAI_API_KEY": "unused"}
     out = run([os.sys.executable, "-c", code], env, Path.cwd(), timeout_s=120)
     assert out.strip()
+
+
+def opencode_project(svc: Service, directory: Path, model: str) -> dict[str, str]:
+    """opencode's own config for an OpenAI-compatible server, as its docs give it, in the project; the
+    context it is told is the demo's, so that only the server's answer can make it compact."""
+    provider = {
+        "npm": "@ai-sdk/openai-compatible",
+        "name": "mlxq",
+        "options": {"baseURL": svc.base_url + "/v1", "apiKey": "unused"},
+        "models": {name: {"name": name, "limit": {"context": 131072, "output": 8192}} for name in ("demo", "short")},
+    }
+    config = {"provider": {"mlxq": provider}, "model": f"mlxq/{model}", "autoupdate": False, "share": "disabled"}
+    (directory / "opencode.json").write_text(json.dumps(config))
+    return {"HOME": str(directory), "OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_MODELS_FETCH": "1"}
+
+
+def opencode_events(out: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_opencode_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path) -> None:
+    opencode = binary("opencode")
+    out = run(
+        [opencode, "run", "--format", "json", "say hi"], opencode_project(agents_service, tmp_path, "demo"), tmp_path
+    )
+    texts = [e for e in opencode_events(out) if e.get("type") == "text"]
+    assert texts and not [e for e in opencode_events(out) if e.get("type") == "error"]
+
+
+def test_opencode_compacts_its_conversation_when_mlxq_says_it_overflows(
+    agents_service: Service, tmp_path: Path
+) -> None:
+    """A second turn that does not fit `short`'s context: mlxq answers 400 `context_length_exceeded` in
+    OpenAI's words, opencode takes it for an overflow, summarises the conversation and answers the turn."""
+    opencode = binary("opencode")
+    env = opencode_project(agents_service, tmp_path, "short")
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    first = opencode_events(
+        run([opencode, "run", "--format", "json", "Remember this: " + source[:12_000]], env, tmp_path)
+    )
+    [turn] = [e["part"]["tokens"] for e in first if e.get("type") == "step_finish"]  # type: ignore[index]
+    done = subprocess.run(
+        [str(opencode), "run", "--continue", "--format", "json", "And this: " + source[12_000:20_000]],
+        env={**os.environ, **QUIET, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )  # it exits 1: it reports the overflow it recovered from
+    events = opencode_events(done.stdout)
+    errors = [e["error"] for e in events if e.get("type") == "error"]
+    assert [error["name"] for error in errors] == ["ContextOverflowError"], done.stdout[-3000:]  # type: ignore[index]
+    assert "maximum context length is 12000 tokens" in json.dumps(errors)
+    # Then a summary (a request without opencode's own prompt: under half the first turn's), and the turn
+    # answered from it.
+    summary, answer = [e["part"] for e in events if e.get("type") == "step_finish"]  # type: ignore[index]
+    assert prompt_of(summary["tokens"]) < prompt_of(turn) / 2, (summary, turn)
+    assert answer["reason"] == "stop", done.stdout[-3000:]
+
+
+def prompt_of(tokens: dict[str, object]) -> int:
+    """A step's prompt as opencode counts it: new input and what the server read from its cache."""
+    cache = tokens["cache"]
+    assert isinstance(cache, dict)
+    return int(str(tokens["input"])) + int(cache["read"])

@@ -32,7 +32,7 @@ def client(service: Service) -> anthropic.Anthropic:
 
 def test_messages_create_plain_and_streamed(client: anthropic.Anthropic) -> None:
     asked = {
-        "model": "demo",
+        "model": "tiny",
         "max_tokens": 6,
         "system": "Be brief.",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
@@ -50,7 +50,7 @@ def test_messages_create_plain_and_streamed(client: anthropic.Anthropic) -> None
 
 def test_messages_with_a_forced_tool_and_the_tool_result_turn(client: anthropic.Anthropic) -> None:
     reply = client.messages.create(
-        model="demo",
+        model="tiny",
         max_tokens=200,
         messages=[{"role": "user", "content": "Weather in Paris?"}],
         tools=[WEATHER],  # type: ignore[list-item]
@@ -60,7 +60,7 @@ def test_messages_with_a_forced_tool_and_the_tool_result_turn(client: anthropic.
     assert reply.stop_reason == "tool_use" and use.name == "get_weather"
     jsonschema.validate(use.input, WEATHER["input_schema"])  # type: ignore[arg-type]
     follow_up = client.messages.create(
-        model="demo",
+        model="tiny",
         max_tokens=4,
         tools=[WEATHER],  # type: ignore[list-item]
         messages=[
@@ -76,7 +76,7 @@ def test_messages_with_a_forced_tool_and_the_tool_result_turn(client: anthropic.
 
 
 def test_errors_have_anthropics_shape_and_status(service: Service) -> None:
-    response = httpx.post(service.base_url + "/v1/messages", json={"model": "demo", "messages": []})
+    response = httpx.post(service.base_url + "/v1/messages", json={"model": "tiny", "messages": []})
     assert response.status_code == 400  # Anthropic's status for an invalid request (mlxq's own routes: 422)
     body = response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
@@ -84,7 +84,7 @@ def test_errors_have_anthropics_shape_and_status(service: Service) -> None:
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
     odd = httpx.post(
         service.base_url + "/v1/messages",
-        json={"model": "demo", "max_tokens": 4, "messages": [HI], "context_management": {"edits": [{"type": "x"}]}},
+        json={"model": "tiny", "max_tokens": 4, "messages": [HI], "context_management": {"edits": [{"type": "x"}]}},
     )
     assert odd.status_code == 400 and "context_management" in odd.json()["error"]["message"]
 
@@ -96,7 +96,7 @@ def test_claude_codes_request_shape_is_accepted(service: Service) -> None:
     """What Claude Code 2.1 sends: a system message among the messages, thinking, output_config,
     context_management, a large max_tokens (a ceiling) and ?beta=true."""
     body = {
-        "model": "demo",
+        "model": "tiny",
         "max_tokens": 64000,
         "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
         "messages": [HI, {"role": "system", "content": "The date is 2026-12-01."}, {"role": "user", "content": "Go"}],
@@ -126,7 +126,7 @@ def test_claude_codes_request_shape_is_accepted(service: Service) -> None:
 
 
 def test_input_tokens_are_the_prompt_as_the_model_sees_it_in_every_count(client: anthropic.Anthropic) -> None:
-    asked = {"model": "demo", "max_tokens": 3, "system": "Be brief.", "messages": [HI], "tools": [WEATHER]}
+    asked = {"model": "tiny", "max_tokens": 3, "system": "Be brief.", "messages": [HI], "tools": [WEATHER]}
     reply = client.messages.create(**asked)  # type: ignore[arg-type]
     counted = client.messages.count_tokens(**{k: v for k, v in asked.items() if k != "max_tokens"})  # type: ignore[arg-type]
     with client.messages.stream(**asked) as stream:  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ class Batch:
         factory = JobFactory(self.low, settings)
         self.id = "batch_test"
         jobs = [
-            factory.build(GenerateRequest(model="demo", prompt="hi"), meta={"batch_id": self.id, "custom_id": f"c{i}"})
+            factory.build(GenerateRequest(model="tiny", prompt="hi"), meta={"batch_id": self.id, "custom_id": f"c{i}"})
             for i in range(width)
         ]
         self.synthesis_id = "synthesis-job"

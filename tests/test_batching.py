@@ -40,7 +40,7 @@ def batched(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.
 
 
 def greedy(i: int, **extra: Any) -> dict[str, Any]:
-    return {"model": "demo", "prompt": f"Story number {i} begins", "max_tokens": 40, "temperature": 0, **extra}
+    return {"model": "tiny", "prompt": f"Story number {i} begins", "max_tokens": 40, "temperature": 0, **extra}
 
 
 def alone(svc: Service, body: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def test_each_job_in_a_batch_keeps_its_own_sampling_stops_and_length(batched: Se
     reference = alone(batched, plain)["result"]["text"]
     stop_at = reference[10:14]
     seeded = {
-        "model": "demo",
+        "model": "tiny",
         "prompt": "Seeded",
         "max_tokens": 30,
         "temperature": 1.0,
@@ -95,7 +95,7 @@ def test_each_job_in_a_batch_keeps_its_own_sampling_stops_and_length(batched: Se
         greedy(2, ignore_eos=True, max_tokens=7),
         seeded,
         {**seeded, "seed": 99},
-        {"model": "demo", "prompt": "Hot", "max_tokens": 30, "temperature": 1.5, "ignore_eos": True},
+        {"model": "tiny", "prompt": "Hot", "max_tokens": 30, "temperature": 1.5, "ignore_eos": True},
     ]
     views = together(batched, bodies)
     results = [v["result"] for v in views]
@@ -124,7 +124,7 @@ def test_a_fan_out_whose_children_share_a_prefix_computes_it_once(batched: Servi
     response = batched.http.post(
         "/v1/batches",
         json={
-            "model": "demo",
+            "model": "tiny",
             "requests": [
                 {"custom_id": f"q{i}", "messages": [system, {"role": "user", "content": f"Site {i}?"}], "max_tokens": 8}
                 for i in range(8)

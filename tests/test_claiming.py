@@ -36,7 +36,7 @@ class Queues:
         self.owner: dict[str, str] = {}
         self.claims = TurnTakingQueue.for_worker("w1")
 
-    def admit(self, client: Client, count: int, queue_index: int = 2, model: str = "demo") -> list[str]:
+    def admit(self, client: Client, count: int, queue_index: int = 2, model: str = "tiny") -> list[str]:
         queue = self.queues[queue_index]
         tier: Tier = "batch" if queue_index == 2 else "single"
         factory = JobFactory(queue, self.settings)

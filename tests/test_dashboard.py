@@ -57,23 +57,23 @@ def scene(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.Te
         url, data_dir, root, models_file=models_file, max_batch=4, heartbeat_interval_s=0.3, max_tokens_cap=30_000
     )
     jobs: dict[str, str] = {}
-    jobs["finished"] = svc.wait_for(svc.submit(model="demo", prompt="Hi", max_tokens=3)["id"], {"finished"})["id"]
+    jobs["finished"] = svc.wait_for(svc.submit(model="tiny", prompt="Hi", max_tokens=3)["id"], {"finished"})["id"]
     jobs["failed"] = svc.wait_for(svc.submit(model="missing", prompt="Hi")["id"], {"failed"})["id"]
-    jobs["canceled_running"] = svc.submit(model="demo", prompt="Hi", **LONG)["id"]
+    jobs["canceled_running"] = svc.submit(model="tiny", prompt="Hi", **LONG)["id"]
     svc.wait_for(jobs["canceled_running"], {"started"})
     assert svc.http.delete(f"/v1/jobs/{jobs['canceled_running']}").status_code in (200, 202)
     svc.wait_for(jobs["canceled_running"], {"canceled"})
     # An interactive job: a streamed OpenAI call, held open (a hang-up would cancel it).
     stream_client = httpx.Client(base_url=svc.base_url, timeout=60)
     stream = stream_client.stream(
-        "POST", "/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": MARKER}],
+        "POST", "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": MARKER}],
                                              "stream": True, **LONG}
     )  # fmt: skip
     jobs["interactive"] = stream.__enter__().headers["x-mlxq-job-id"]
     batch = svc.http.post(
         "/v1/batches",
         json={
-            "model": "demo",
+            "model": "tiny",
             "requests": [
                 {"custom_id": f"part-{i}", "messages": [{"role": "user", "content": MARKER}], **LONG} for i in range(3)
             ],
@@ -85,8 +85,8 @@ def scene(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.Te
     children = [child["id"] for child in created["requests"]]
     jobs.update({f"child{i}": child for i, child in enumerate(children)})
     # The worker holds four jobs (its batch is full); more wait in the queue, one is canceled there.
-    jobs["queued"] = svc.submit(model="demo", prompt="Hi", priority="low", **LONG)["id"]
-    jobs["canceled_queued"] = svc.submit(model="demo", prompt="Hi", priority="low", **LONG)["id"]
+    jobs["queued"] = svc.submit(model="tiny", prompt="Hi", priority="low", **LONG)["id"]
+    jobs["canceled_queued"] = svc.submit(model="tiny", prompt="Hi", priority="low", **LONG)["id"]
     assert svc.http.delete(f"/v1/jobs/{jobs['canceled_queued']}").status_code in (200, 202)
     for job_id in (jobs["interactive"], *children):
         svc.wait_for(job_id, {"started"})
@@ -134,7 +134,7 @@ def test_every_dashboard_endpoint_answers_while_a_batch_runs(scene: Scene) -> No
 
 def test_batch_children_and_the_synthesis_name_their_batch(scene: Scene) -> None:
     child = scene.get(f"/0/data/job/{scene.jobs['child1']}.json").json()
-    assert child["description"] == f"generate model=demo priority=low batch={scene.batch_id} custom_id=part-1"
+    assert child["description"] == f"generate model=tiny priority=low batch={scene.batch_id} custom_id=part-1"
     assert scene.batch_id in child["metadata"]
     synthesis = scene.get(f"/0/data/job/{scene.synthesis_id}.json").json()
     assert synthesis["description"].startswith(f"synthesize batch={scene.batch_id}")
@@ -215,7 +215,7 @@ def test_no_dashboard_page_shows_prompt_text(scene: Scene) -> None:
 
 
 def test_state_changes_come_only_from_the_dashboards_own_pages(scene: Scene) -> None:
-    job_id = scene.svc.submit(model="demo", prompt="Hi", priority="low", **LONG)["id"]
+    job_id = scene.svc.submit(model="tiny", prompt="Hi", priority="low", **LONG)["id"]
     # Another site's form (no Origin, or its own) may not delete it, nor a link requeue everything.
     for headers in ({}, {"Origin": "http://evil.example"}):
         refused = httpx.post(f"{scene.base}/job/{job_id}/delete", headers=headers, timeout=10)

@@ -33,7 +33,7 @@ def engine() -> Iterator[Engine]:
 
 @pytest.fixture
 def demo(tmp_path: Path) -> ModelSpec:
-    return ModelSpec("demo", path=tmp_path / "demo", builtin=True)
+    return ModelSpec("tiny", path=tmp_path / "tiny", builtin=True)
 
 
 def submit(engine: Engine, spec: ModelSpec, job_id: str, **request: object) -> Submission:

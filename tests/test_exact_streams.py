@@ -41,7 +41,7 @@ class Streamed:
 
 
 def openai_stream(client: httpx.Client, out: Streamed) -> None:
-    body = {"model": "demo", "messages": HI, "max_tokens": TOKENS, "temperature": 1.0, "stream": True}
+    body = {"model": "tiny", "messages": HI, "max_tokens": TOKENS, "temperature": 1.0, "stream": True}
     body["ignore_eos"] = True
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, response.read()
@@ -61,7 +61,7 @@ def openai_stream(client: httpx.Client, out: Streamed) -> None:
 
 
 def anthropic_stream(client: httpx.Client, out: Streamed) -> None:
-    body = {"model": "demo", "messages": HI, "max_tokens": TOKENS, "temperature": 1.0, "stream": True}
+    body = {"model": "tiny", "messages": HI, "max_tokens": TOKENS, "temperature": 1.0, "stream": True}
     with client.stream("POST", "/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"}) as response:
         assert response.status_code == 200, response.read()
         out.job_id = response.headers["x-mlxq-job-id"]
@@ -80,7 +80,7 @@ def anthropic_stream(client: httpx.Client, out: Streamed) -> None:
 
 
 def ollama_stream(client: httpx.Client, out: Streamed) -> None:
-    body = {"model": "demo", "messages": HI, "options": {"num_predict": TOKENS, "temperature": 1.0}}
+    body = {"model": "tiny", "messages": HI, "options": {"num_predict": TOKENS, "temperature": 1.0}}
     with client.stream("POST", "/api/chat", json=body) as response:
         assert response.status_code == 200, response.read()
         out.job_id = response.headers["x-mlxq-job-id"]

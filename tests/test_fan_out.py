@@ -31,7 +31,7 @@ def fanout(redis_server: RedisServer, data_dir: Path, tmp_path_factory: pytest.T
     """Admission at its defaults; three API keys, so three clients; `small` is the demo model with a
     short context."""
     models = tmp_path_factory.mktemp("fanout-models") / "models.toml"
-    models.write_text(f'[models.small]\npath = "{data_dir / "models" / "demo"}"\ncontext_tokens = {SMALL_CONTEXT}\n')
+    models.write_text(f'[models.small]\npath = "{data_dir / "models" / "tiny"}"\ncontext_tokens = {SMALL_CONTEXT}\n')
     svc = Service(
         database(redis_server, 2),
         data_dir,
@@ -85,8 +85,8 @@ def submit_batch(http: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
 def test_with_the_defaults_one_client_gets_a_60_wide_and_then_a_256_wide_fan_out_through(fanout: Service) -> None:
     synthesis = {"messages": [{"role": "user", "content": "Combine:\n{{results}}"}], "max_tokens": 2}
     with as_client(fanout, "alice") as alice:
-        first = submit_batch(alice, {"model": "demo", "requests": children(60, "a"), "synthesis": synthesis})
-        second = submit_batch(alice, {"model": "demo", "requests": children(256, "b"), "synthesis": synthesis})
+        first = submit_batch(alice, {"model": "tiny", "requests": children(60, "a"), "synthesis": synthesis})
+        second = submit_batch(alice, {"model": "tiny", "requests": children(256, "b"), "synthesis": synthesis})
         for created, width in ((first, 60), (second, 256)):
             view = wait_batch(alice, created["id"])
             assert view["counts"] == {"total": width, "finished": width}
@@ -100,9 +100,9 @@ def test_with_the_defaults_one_client_gets_a_60_wide_and_then_a_256_wide_fan_out
 def test_two_clients_fan_outs_are_served_in_turns(fanout: Service) -> None:
     slow = {"max_tokens": 100, "ignore_eos": True}  # Alice's 40 take far longer than the 1 s before Bob
     with as_client(fanout, "alice") as alice, as_client(fanout, "bob") as bob:
-        first = submit_batch(alice, {"model": "demo", "requests": children(40, "a", **slow)})
+        first = submit_batch(alice, {"model": "tiny", "requests": children(40, "a", **slow)})
         time.sleep(1.0)
-        second = submit_batch(bob, {"model": "demo", "requests": children(40, "b", **slow)})
+        second = submit_batch(bob, {"model": "tiny", "requests": children(40, "b", **slow)})
         a = wait_batch(alice, first["id"])["requests"]
         b = wait_batch(bob, second["id"])["requests"]
     b_first_start = min(c["started_at"] for c in b)
@@ -122,7 +122,7 @@ def test_a_fan_out_larger_than_a_limit_is_refused_for_good_naming_the_limit(
     fanout: Service, redis_server: RedisServer, data_dir: Path, tmp_path: Path
 ) -> None:
     with as_client(fanout, "carol") as carol:
-        refused = carol.post("/v1/batches", json={"model": "demo", "requests": children(257)})
+        refused = carol.post("/v1/batches", json={"model": "tiny", "requests": children(257)})
     assert refused.status_code == 413
     assert "retry-after" not in refused.headers
     error = refused.json()["error"]
@@ -133,7 +133,7 @@ def test_a_fan_out_larger_than_a_limit_is_refused_for_good_naming_the_limit(
     gateway = Gateway(database(redis_server, 3), data_dir, tmp_path / "gateway.log", max_queued=50)
     try:
         refused = httpx.post(
-            gateway.base_url + "/v1/batches", json={"model": "demo", "requests": children(60)}, timeout=10
+            gateway.base_url + "/v1/batches", json={"model": "tiny", "requests": children(60)}, timeout=10
         )
     finally:
         gateway.stop()
@@ -175,8 +175,8 @@ def test_every_retry_after_comes_true_for_the_identical_request(
         assert again.status_code == 202, (response.json(), again.text)
 
     try:
-        batch = {"model": "demo", "requests": children(8)}
-        single = {"model": "demo", "prompt": "One", "max_tokens": 2}
+        batch = {"model": "tiny", "requests": children(8)}
+        single = {"model": "tiny", "prompt": "One", "max_tokens": 2}
         post_until_admitted("/v1/batches", batch)
         post_until_admitted("/v1/batches", batch)  # 16 batch jobs > 12: too_many_inflight, or queue depth
         post_until_admitted("/v1/jobs", single)
@@ -210,7 +210,7 @@ def read_events(response: httpx.Response, stop_after: int | None = None) -> list
 
 def test_batch_events_show_each_child_and_the_synthesis_text_and_resume_without_a_gap(fanout: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "requests": children(5, "e", max_tokens=6, ignore_eos=True),
         "synthesis": {"messages": [{"role": "user", "content": "All:\n{{results}}"}], "max_tokens": 12},
     }
@@ -236,13 +236,13 @@ def test_batch_events_show_each_child_and_the_synthesis_text_and_resume_without_
 
 def test_a_child_canceled_on_its_own_does_not_hold_the_synthesis(fanout: Service) -> None:
     with as_client(fanout, "carol") as carol:
-        busy = {"model": "demo", "prompt": "Busy", "max_tokens": 8000, "ignore_eos": True}
+        busy = {"model": "tiny", "prompt": "Busy", "max_tokens": 8000, "ignore_eos": True}
         blocker = carol.post("/v1/jobs", json=busy).json()["id"]
         wait_status(carol, blocker, "started")
         requests = children(3, "k")
         requests[2].update(max_tokens=8000, ignore_eos=True)
         body = {
-            "model": "demo",
+            "model": "tiny",
             "requests": requests,
             "synthesis": {"messages": [{"role": "user", "content": "{{results}}"}], "max_tokens": 2},
         }
@@ -272,15 +272,15 @@ def test_a_refused_wide_batch_does_not_answer_the_small_batch_and_single_job_aft
         max_batch=1,  # the blocker holds the batch children in the queue
     )
     try:
-        blocker = svc.submit(model="demo", prompt="Busy", max_tokens=8000, ignore_eos=True)
+        blocker = svc.submit(model="tiny", prompt="Busy", max_tokens=8000, ignore_eos=True)
         svc.wait_for(blocker["id"], {"started"})
-        assert svc.http.post("/v1/batches", json={"model": "demo", "requests": children(10)}).status_code == 202
-        wide = svc.http.post("/v1/batches", json={"model": "demo", "requests": children(15)})
+        assert svc.http.post("/v1/batches", json={"model": "tiny", "requests": children(10)}).status_code == 202
+        wide = svc.http.post("/v1/batches", json={"model": "tiny", "requests": children(15)})
         assert wide.status_code == 429 and wide.json()["error"]["code"] == "too_many_inflight"
         assert "this request adds 15" in wide.json()["error"]["message"]
-        small = svc.http.post("/v1/batches", json={"model": "demo", "requests": children(5)})
-        single = svc.http.post("/v1/jobs", json={"model": "demo", "prompt": "One", "max_tokens": 2})
-        again = svc.http.post("/v1/batches", json={"model": "demo", "requests": children(15)})
+        small = svc.http.post("/v1/batches", json={"model": "tiny", "requests": children(5)})
+        single = svc.http.post("/v1/jobs", json={"model": "tiny", "prompt": "One", "max_tokens": 2})
+        again = svc.http.post("/v1/batches", json={"model": "tiny", "requests": children(15)})
         svc.http.delete(f"/v1/jobs/{blocker['id']}")
     finally:
         svc.stop()
@@ -291,7 +291,7 @@ def test_a_refused_wide_batch_does_not_answer_the_small_batch_and_single_job_aft
 
 def test_results_that_overflow_the_synthesis_context_are_cut_to_fair_shares_and_say_so(fanout: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "requests": children(8, "t", max_tokens=100, ignore_eos=True),
         "synthesis": {
             "model": "small",
@@ -301,7 +301,7 @@ def test_results_that_overflow_the_synthesis_context_are_cut_to_fair_shares_and_
     }
     with as_client(fanout, "carol") as carol:
         # The demo model's files (which `small` shares) exist once a demo job has run.
-        built = carol.post("/v1/jobs", json={"model": "demo", "prompt": "build", "max_tokens": 1}).json()["id"]
+        built = carol.post("/v1/jobs", json={"model": "tiny", "prompt": "build", "max_tokens": 1}).json()["id"]
         wait_status(carol, built, "finished")
         view = wait_batch(carol, submit_batch(carol, body)["id"])
     synthesis = view["synthesis"]

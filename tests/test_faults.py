@@ -40,7 +40,7 @@ def finished_once(redis_url: str, job_ids: list[str], timeout_s: float = 90) -> 
 
 def started_long_job(run: ScriptRun, max_tokens: int) -> str:
     """The id of a long job, once a worker has started it."""
-    body = {"model": "demo", "prompt": "Long", "max_tokens": max_tokens, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "Long", "max_tokens": max_tokens, "ignore_eos": True}
     job_id: str = run.http.post("/v1/jobs", json=body).json()["id"]
     deadline = time.monotonic() + 30
     while run.http.get(f"/v1/jobs/{job_id}").json()["status"] != "started":
@@ -58,11 +58,11 @@ def test_a_redis_restart_under_scripts_run_loses_no_job_and_runs_none_twice(outa
         run.wait_healthy()
         running = started_long_job(run, max_tokens=4000)
         queued = [
-            run.http.post("/v1/jobs", json={"model": "demo", "prompt": f"Job {i}", "max_tokens": 16}).json()["id"]
+            run.http.post("/v1/jobs", json={"model": "tiny", "prompt": f"Job {i}", "max_tokens": 16}).json()["id"]
             for i in range(10)
         ]
         redis.kill()
-        refused = run.http.post("/v1/jobs", json={"model": "demo", "prompt": "During", "max_tokens": 2})
+        refused = run.http.post("/v1/jobs", json={"model": "tiny", "prompt": "During", "max_tokens": 2})
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "service_unavailable"
@@ -135,7 +135,7 @@ def test_a_second_scripts_run_in_the_same_place_exits_and_the_first_keeps_servin
         message = (tmp_path / "second.log").read_text()
         assert "already runs from" in message and str(first.popen.pid) in message
         second.stop()
-        job = first.http.post("/v1/jobs", json={"model": "demo", "prompt": "Still here", "max_tokens": 4}).json()
+        job = first.http.post("/v1/jobs", json={"model": "tiny", "prompt": "Still here", "max_tokens": 4}).json()
         deadline = time.monotonic() + 30
         while first.http.get(f"/v1/jobs/{job['id']}").json()["status"] != "finished":
             assert time.monotonic() < deadline

@@ -65,13 +65,13 @@ def test_no_generated_request_gets_a_server_error(fuzzed: Service) -> None:
 
 
 RAW_SEEDS = [
-    b'{"model": "demo", "prompt": "x \\ud800", "messages": [{"role": "user", "content": "x \\udfff"}]}',
-    b'{"model": "demo", "temperature": NaN}',
-    b'{"model": "demo", "max_tokens": Infinity}',
-    b'{"model": "demo", "top_p": 1e999}',
-    b'{"model": "demo", "metadata": ' + b"[" * 700 + b"]" * 700 + b"}",
+    b'{"model": "tiny", "prompt": "x \\ud800", "messages": [{"role": "user", "content": "x \\udfff"}]}',
+    b'{"model": "tiny", "temperature": NaN}',
+    b'{"model": "tiny", "max_tokens": Infinity}',
+    b'{"model": "tiny", "top_p": 1e999}',
+    b'{"model": "tiny", "metadata": ' + b"[" * 700 + b"]" * 700 + b"}",
     b"[" * 10_000 + b"]" * 10_000,
-    b'{"model": "demo", "x": "\xff\xfe"}',
+    b'{"model": "tiny", "x": "\xff\xfe"}',
     b"null",
     b"[]",
     b'"text"',

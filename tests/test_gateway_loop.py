@@ -69,7 +69,7 @@ def test_a_stream_whose_client_hangs_up_cancels_its_job_off_the_loop(gateway: tu
     """No worker here: the job stays queued, its stream quiet, until the client hangs up; the cancel
     then waits for Redis on a thread, and lands once Redis is back."""
     server, redis = gateway
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200

@@ -19,7 +19,7 @@ from shared.task_names import GENERATE as TASK
 def test_a_prepared_job_hash_equals_rqs_own_to_dict(scratch_redis_url: str) -> None:
     settings = Settings(redis_url=scratch_redis_url)
     queue = Queue(settings.queue_name, connection=Redis.from_url(scratch_redis_url), serializer=JSONSerializer)
-    request = GenerateRequest.model_validate({"model": "demo", "prompt": "héllo", "max_tokens": 3, "stop": ["x"]})
+    request = GenerateRequest.model_validate({"model": "tiny", "prompt": "héllo", "max_tokens": 3, "stop": ["x"]})
     prepared = JobFactory(queue, settings).build(request)
 
     reference = queue.create_job(
@@ -53,16 +53,16 @@ def test_rq_reads_a_prepared_job_back(scratch_redis_url: str) -> None:
     redis = Redis.from_url(scratch_redis_url)
     settings = Settings(redis_url=scratch_redis_url)
     queue = Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
-    request = GenerateRequest.model_validate({"model": "demo", "prompt": "hi"})
+    request = GenerateRequest.model_validate({"model": "tiny", "prompt": "hi"})
     prepared = JobFactory(queue, settings).build(request)
     redis.hset(f"rq:job:{prepared.id}", mapping=dict(zip(prepared.fields[::2], prepared.fields[1::2], strict=True)))
     job = Job.fetch(prepared.id, connection=redis, serializer=JSONSerializer)
     assert job.func_name == TASK
-    assert job.args == [GenerateRequest(model="demo", prompt="hi").model_dump(exclude_none=True)]
+    assert job.args == [GenerateRequest(model="tiny", prompt="hi").model_dump(exclude_none=True)]
     assert job.get_status() == "queued"
     assert job.origin == settings.queue_name
     assert job.timeout == settings.job_timeout_s
-    assert job.meta == {"model": "demo"}
+    assert job.meta == {"model": "tiny"}
 
 
 def test_every_task_name_the_gateway_enqueues_is_a_worker_function() -> None:

@@ -24,7 +24,7 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service: Service, redis: Redis) -> None:
     submitted = service.http.post(
-        "/v1/jobs", json={"model": "demo", "messages": HELLO, "max_tokens": 24, "ignore_eos": True}
+        "/v1/jobs", json={"model": "tiny", "messages": HELLO, "max_tokens": 24, "ignore_eos": True}
     )
     assert submitted.status_code == 202
     job_id = submitted.json()["id"]
@@ -41,7 +41,7 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service:
     assert result["usage"]["completion_tokens"] == 24
     assert result["usage"]["prompt_tokens"] > 0
     assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + 24
-    assert result["model"] == "demo"
+    assert result["model"] == "tiny"
     assert set(result["timings"]) == {"queued_s", "load_s", "generate_s", "first_token_s", "hops_ms"}
     assert 0 < result["timings"]["first_token_s"] <= result["timings"]["load_s"] + result["timings"]["generate_s"]
     # Each hop has an owner: accepted by the gateway before its enqueueing, then claimed, submitted, first
@@ -58,7 +58,7 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service:
     assert raw is not None
     call = json.loads(zlib.decompress(raw))
     assert call[0] == "worker.tasks.generate"
-    assert call[2][0]["model"] == "demo"
+    assert call[2][0]["model"] == "tiny"
     # So is the result RQ keeps (base64 of the serializer's bytes, in a stream per job).
     entries = redis.xrevrange(f"rq:results:{job_id}", count=1)
     stored = json.loads(base64.b64decode(entries[0][1][b"return_value"]))
@@ -69,14 +69,14 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service:
 
 def test_a_stop_string_ends_generation_with_stop(service: Service) -> None:
     first = service.wait_for(
-        service.submit(model="demo", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True)["id"],
+        service.submit(model="tiny", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True)["id"],
         {"finished"},
     )
     text = first["result"]["text"]
     stop = text[len(text) // 2 :][:2]
     assert stop.strip(), "the greedy sample must give some text to stop on"
     again = service.wait_for(
-        service.submit(model="demo", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop])[
+        service.submit(model="tiny", prompt="Once upon", max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop])[
             "id"
         ],
         {"finished"},
@@ -86,16 +86,16 @@ def test_a_stop_string_ends_generation_with_stop(service: Service) -> None:
 
 
 def test_worker_keeps_its_model_loaded_between_jobs(service: Service) -> None:
-    first = service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"})
-    second = service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"})
+    first = service.wait_for(service.submit(model="tiny", messages=HELLO, max_tokens=4)["id"], {"finished"})
+    second = service.wait_for(service.submit(model="tiny", messages=HELLO, max_tokens=4)["id"], {"finished"})
     assert first["result"]["usage"]["completion_tokens"] >= 0
     assert second["result"]["timings"]["load_s"] == 0.0
     health = service.http.get("/health").json()
-    assert any(m["name"] == "demo" for w in health["workers"] for m in w["models"])
+    assert any(m["name"] == "tiny" for w in health["workers"] for m in w["models"])
 
 
 def test_delete_stops_a_long_generation_within_a_second(service: Service) -> None:
-    job = service.submit(model="demo", prompt="Tell me everything", max_tokens=30_000, ignore_eos=True)
+    job = service.submit(model="tiny", prompt="Tell me everything", max_tokens=30_000, ignore_eos=True)
     service.wait_for(job["id"], {"started"})
     time.sleep(0.5)  # well into the token loop
 
@@ -109,15 +109,15 @@ def test_delete_stops_a_long_generation_within_a_second(service: Service) -> Non
 
     # The worker is free again: the next job runs.
     after = service.wait_for(
-        service.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"}, timeout_s=20
+        service.submit(model="tiny", messages=HELLO, max_tokens=4)["id"], {"finished"}, timeout_s=20
     )
     assert after["status"] == "finished"
 
 
 def test_a_queued_job_can_be_canceled_and_never_runs(service: Service) -> None:
-    blocker = service.submit(model="demo", prompt="Keep going", max_tokens=30_000, ignore_eos=True)
+    blocker = service.submit(model="tiny", prompt="Keep going", max_tokens=30_000, ignore_eos=True)
     service.wait_for(blocker["id"], {"started"})
-    waiting = service.submit(model="demo", messages=HELLO, max_tokens=4)
+    waiting = service.submit(model="tiny", messages=HELLO, max_tokens=4)
     assert service.job(waiting["id"])["position"] == 0
 
     response = service.http.delete(f"/v1/jobs/{waiting['id']}")
@@ -133,7 +133,7 @@ def test_a_queued_job_can_be_canceled_and_never_runs(service: Service) -> None:
 
 
 def test_deleting_a_finished_job_is_a_conflict(service: Service) -> None:
-    done = service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
+    done = service.wait_for(service.submit(model="tiny", messages=HELLO, max_tokens=2)["id"], {"finished"})
     response = service.http.delete(f"/v1/jobs/{done['id']}")
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "job_already_ended"
@@ -153,15 +153,15 @@ def test_a_model_whose_files_cannot_be_loaded_fails_with_a_clear_error(service: 
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "model_unavailable"
     # The worker survives it.
-    assert service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
+    assert service.wait_for(service.submit(model="tiny", messages=HELLO, max_tokens=2)["id"], {"finished"})
 
 
 def test_models_lists_demo_and_flags_a_missing_path(service: Service) -> None:
     body = service.http.get("/v1/models").json()
     assert body["object"] == "list"
     by_id = {m["id"]: m for m in body["data"]}
-    assert by_id["demo"]["object"] == "model"
-    assert by_id["demo"]["problem"] is None
+    assert by_id["tiny"]["object"] == "model"
+    assert by_id["tiny"]["problem"] is None
     assert "does not exist" in by_id["missing"]["problem"]
 
 
@@ -184,11 +184,11 @@ def test_health_keeps_the_shape_operators_script_against(service: Service) -> No
 
 def test_a_job_enqueued_around_the_gateway_with_bad_arguments_fails_cleanly(service: Service, redis: Redis) -> None:
     queue = Queue("mlxq-jobs", connection=redis, serializer=JSONSerializer)
-    job = queue.enqueue("worker.tasks.generate", {"model": "demo", "messages": [], "secret": "do-not-log-me"})
+    job = queue.enqueue("worker.tasks.generate", {"model": "tiny", "messages": [], "secret": "do-not-log-me"})
     failed = service.wait_for(job.id, {"failed", "finished"})
     assert failed["error"]["code"] == "invalid_request"
     assert "messages" in failed["error"]["message"]
     assert "do-not-log-me" not in failed["error"]["message"]
     assert "do-not-log-me" not in service.worker.log.read_text()
     # The worker lives on.
-    assert service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
+    assert service.wait_for(service.submit(model="tiny", messages=HELLO, max_tokens=2)["id"], {"finished"})

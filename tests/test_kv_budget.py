@@ -33,11 +33,11 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
-    spec = ModelSpec("demo", path=tmp_path_factory.mktemp("kv") / "demo", builtin=True)
-    from worker.demo_model import build_demo_model
+    spec = ModelSpec("tiny", path=tmp_path_factory.mktemp("kv") / "tiny", builtin=True)
+    from worker.demo_model import build_tiny_model
 
     assert spec.path is not None
-    build_demo_model(spec.path)
+    build_tiny_model(spec.path)
     return spec
 
 
@@ -129,7 +129,7 @@ def test_past_the_warning_threshold_kept_prefixes_go_before_any_model(demo: Mode
         while engine.cache.ledger.kept_bytes and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.cache.ledger.kept_bytes == 0
-        assert engine.cache.loaded_names() == ["demo"]
+        assert engine.cache.loaded_names() == ["tiny"]
     finally:
         engine.stop()
 

@@ -53,11 +53,11 @@ def redis_connections_of(pid: int, redis_port: int) -> int:
 
 def test_hundreds_of_waiting_streams_use_a_fixed_number_of_connections_and_all_complete(roomy: Service) -> None:
     redis = Redis.from_url(roomy.env["MLXQ_REDIS_URL"])
-    blocker = [roomy.submit(model="demo", prompt="Hold", max_tokens=30_000, ignore_eos=True, priority="normal")["id"]]
+    blocker = [roomy.submit(model="tiny", prompt="Hold", max_tokens=30_000, ignore_eos=True, priority="normal")["id"]]
     roomy.wait_for(blocker[0], {"started"})
     redis_port = int(redis.connection_pool.connection_kwargs["port"])
     gateway_connections = partial(redis_connections_of, roomy.gateway.pid, redis_port)
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
 
     async def one(client: httpx.AsyncClient, opened: list[int]) -> str:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -11,7 +11,7 @@ import pytest
 
 from shared import sizing
 from tests.support import Gateway, RedisServer, Service
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ BUDGET = 3_000_000
 @pytest.fixture(scope="module")
 def small_service(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("budget")
-    big = build_demo_model(root / "big", hidden_size=256, intermediate_size=512)
+    big = build_tiny_model(root / "big", hidden_size=256, intermediate_size=512)
     assert sizing.estimate(big).weights_bytes > BUDGET
     models_file = root / "models.toml"
     models_file.write_text(f'[models.big]\npath = "{big}"\n')
@@ -46,14 +46,14 @@ def test_a_model_bigger_than_the_budget_fails_with_sizes_and_the_worker_lives_on
     assert "model 'big' needs about" in error["message"]
     assert sizing.format_bytes(BUDGET) in error["message"]
     assert small_service.worker.alive()
-    ok = small_service.wait_for(small_service.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"})
+    ok = small_service.wait_for(small_service.submit(model="tiny", messages=HELLO, max_tokens=4)["id"], {"finished"})
     assert ok["result"]["usage"]["completion_tokens"] <= 4
 
 
 def test_models_and_health_show_sizes_budget_and_what_is_loaded(small_service: Service) -> None:
-    small_service.wait_for(small_service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
+    small_service.wait_for(small_service.submit(model="tiny", messages=HELLO, max_tokens=2)["id"], {"finished"})
     models = {m["id"]: m for m in small_service.http.get("/v1/models").json()["data"]}
-    demo = models["demo"]
+    demo = models["tiny"]
     assert demo["loaded"] is True
     assert demo["size_bytes"] > 100_000
     assert demo["active_requests"] == 0
@@ -62,19 +62,19 @@ def test_models_and_health_show_sizes_budget_and_what_is_loaded(small_service: S
     assert models["big"]["size_bytes"] > BUDGET  # estimated from its files without loading it
     worker = small_service.http.get("/health").json()["workers"][0]
     assert worker["model_budget_bytes"] == BUDGET
-    assert [m["name"] for m in worker["models"]] == ["demo"]
+    assert [m["name"] for m in worker["models"]] == ["tiny"]
 
 
 def test_the_admin_endpoint_unloads_a_model_now(small_service: Service) -> None:
-    small_service.wait_for(small_service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
-    response = small_service.http.post("/v1/admin/models/demo/unload")
+    small_service.wait_for(small_service.submit(model="tiny", messages=HELLO, max_tokens=2)["id"], {"finished"})
+    response = small_service.http.post("/v1/admin/models/tiny/unload")
     assert response.status_code == 202
     assert len(response.json()["workers"]) == 1
     deadline = time.monotonic() + 5
-    while any(m["id"] == "demo" and m["loaded"] for m in small_service.http.get("/v1/models").json()["data"]):
+    while any(m["id"] == "tiny" and m["loaded"] for m in small_service.http.get("/v1/models").json()["data"]):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    again = small_service.wait_for(small_service.submit(model="demo", messages=HELLO, max_tokens=2)["id"], {"finished"})
+    again = small_service.wait_for(small_service.submit(model="tiny", messages=HELLO, max_tokens=2)["id"], {"finished"})
     assert again["result"]["timings"]["load_s"] > 0
     assert "asked to by an operator" in small_service.worker.log.read_text()
 
@@ -103,7 +103,7 @@ def test_without_redis_the_gateway_starts_and_refuses_with_503_and_retry_after(t
 
     gateway = Gateway(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "data", tmp_path / "gateway.log")
     try:
-        refused = httpx.post(gateway.base_url + "/v1/jobs", json={"model": "demo", "prompt": "hi"})
+        refused = httpx.post(gateway.base_url + "/v1/jobs", json={"model": "tiny", "prompt": "hi"})
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "service_unavailable"
         assert int(refused.headers["Retry-After"]) > 0

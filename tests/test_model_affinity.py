@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support import RedisServer, Service
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServ
     root = tmp_path_factory.mktemp("affinity")
     models_file = root / "models.toml"
     models_file.write_text(
-        "".join(f'[models.{name}]\npath = "{build_demo_model(root / name)}"\n' for name in ("x", "y"))
+        "".join(f'[models.{name}]\npath = "{build_tiny_model(root / name)}"\n' for name in ("x", "y"))
     )
     svc = Service(
         redis_server.url.rsplit("/", 1)[0] + "/11",

@@ -16,7 +16,7 @@ from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from worker.assembly import build_engine
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 from worker.engine import Engine
 from worker.generation import Submission
 from worker.ledger import MemoryLedger
@@ -29,8 +29,8 @@ CONTEXT = 64  # tokens of KV headroom asked for in these tests
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelSpec]:
     root = tmp_path_factory.mktemp("models")
-    specs = {name: ModelSpec(name, path=build_demo_model(root / name)) for name in ("a", "b", "c")}
-    specs["big"] = ModelSpec("big", path=build_demo_model(root / "big", hidden_size=256, intermediate_size=512))
+    specs = {name: ModelSpec(name, path=build_tiny_model(root / name)) for name in ("a", "b", "c")}
+    specs["big"] = ModelSpec("big", path=build_tiny_model(root / "big", hidden_size=256, intermediate_size=512))
     return specs
 
 

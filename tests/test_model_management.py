@@ -22,7 +22,7 @@ import pytest
 
 from tests.fake_hub import FakeHub
 from tests.support import ROOT, Process, Service, free_port
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def wait_until(what: str, check: Callable[[], Any], timeout_s: float = 60) -> An
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real model (the demo's random weights) to serve from the fake hub and to add by path."""
     directory = tmp_path_factory.mktemp("hub-model") / "tiny"
-    build_demo_model(directory)
+    build_tiny_model(directory)
     return directory
 
 
@@ -187,7 +187,7 @@ def test_a_job_for_a_model_still_downloading_waits_in_its_queue(
         assert view["status"] == "queued", view
         assert view["waiting_for"]["pull"]["state"] in ("queued", "downloading"), view
         # the worker is not held: a job for another model finishes meanwhile
-        other = service.submit(model="demo", prompt="y", max_tokens=2)
+        other = service.submit(model="tiny", prompt="y", max_tokens=2)
         assert service.wait_for(other["id"], ["finished", "failed"], 60)["status"] == "finished"
         assert service.job(job["id"])["status"] == "queued"
     finally:

@@ -15,16 +15,16 @@ def registry(tmp_path: Path, text: str) -> ModelRegistry:
     return ModelRegistry.from_settings(Settings(models_file=models_file, data_dir=tmp_path / "data"))
 
 
-def test_demo_is_built_in_and_other_models_come_from_the_file(tmp_path: Path) -> None:
+def test_demo_and_tiny_are_built_in_and_other_models_come_from_the_file(tmp_path: Path) -> None:
     models = registry(tmp_path, '[models.coder]\nrepo = "mlx-community/some-model"\nnotes = "coding"\n')
-    assert [m.name for m in models.all()] == ["coder", "demo"]
+    assert [m.name for m in models.all()] == ["coder", "demo", "tiny"]
     assert models.get("coder").repo == "mlx-community/some-model"
-    assert models.get("demo").builtin
+    assert models.get("tiny").builtin and models.get("demo").builtin
 
 
 def test_an_unknown_model_is_model_not_found_listing_the_known_ones(tmp_path: Path) -> None:
     models = registry(tmp_path, "")
-    with pytest.raises(ModelNotFound, match="known: demo"):
+    with pytest.raises(ModelNotFound, match="known: demo, tiny"):
         models.get("llama")
 
 
@@ -49,7 +49,7 @@ def test_relative_paths_are_relative_to_the_models_file(tmp_path: Path) -> None:
         ('[models.x]\npath = "a"\nrepo = "b"\n', "exactly one"),
         ("[models.x]\nnotes = 'no source'\n", "exactly one"),
         ('[models.x]\nrepo = "b"\ncolour = "red"\n', "unknown keys"),
-        ('[models.demo]\nrepo = "b"\n', "built in"),
+        ('[models.tiny]\nrepo = "b"\n', "built in"),
     ],
 )
 def test_a_malformed_models_file_is_refused_naming_the_entry(tmp_path: Path, text: str, complaint: str) -> None:
@@ -58,12 +58,12 @@ def test_a_malformed_models_file_is_refused_naming_the_entry(tmp_path: Path, tex
 
 
 def test_an_alias_names_a_model_for_clients_with_a_fixed_default_name(tmp_path: Path) -> None:
-    models = registry(tmp_path, '[aliases]\n"gpt-5.6-luna" = "demo"\n')
-    assert models.get("gpt-5.6-luna").name == "demo"
+    models = registry(tmp_path, '[aliases]\n"gpt-5.6-luna" = "tiny"\n')
+    assert models.get("gpt-5.6-luna").name == "tiny"
     with pytest.raises(ValueError, match="not a model here"):
         registry(tmp_path, '[aliases]\n"gpt-4.1" = "nope"\n')
     with pytest.raises(ValueError, match="already a model"):
-        registry(tmp_path, '[aliases]\n"demo" = "demo"\n')
+        registry(tmp_path, '[aliases]\n"tiny" = "tiny"\n')
 
 
 def test_reasoning_markers_and_template_arguments_per_model(tmp_path: Path) -> None:

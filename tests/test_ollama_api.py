@@ -28,12 +28,12 @@ def client(service: Service) -> ollama.Client:
 
 
 def test_list_show_ps_and_version(client: ollama.Client, service: Service) -> None:
-    assert "demo" in [m.model for m in client.list().models]
-    shown = client.show("demo")
+    assert "tiny" in [m.model for m in client.list().models]
+    shown = client.show("tiny")
     assert shown.capabilities and shown.modelinfo and shown.modelinfo["qwen2.context_length"] == 32768
-    client.generate(model="demo", prompt="warm", options={"num_predict": 1})
+    client.generate(model="tiny", prompt="warm", options={"num_predict": 1})
     deadline = time.monotonic() + 5  # the worker's heartbeat says what it holds
-    while "demo" not in [m.model for m in client.ps().models]:
+    while "tiny" not in [m.model for m in client.ps().models]:
         assert time.monotonic() < deadline, client.ps()
         time.sleep(0.1)
     assert httpx.get(service.base_url + "/api/version").json()["version"]
@@ -42,20 +42,20 @@ def test_list_show_ps_and_version(client: ollama.Client, service: Service) -> No
 def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
     messages = [{"role": "user", "content": "Hello"}]
     options = {"num_predict": 6, "temperature": 0, "seed": 1, "top_k": 5}
-    whole = client.chat(model="demo", messages=messages, options=options)
+    whole = client.chat(model="tiny", messages=messages, options=options)
     assert whole.done and whole.eval_count == 6 and whole.done_reason == "length"
-    pieces = list(client.chat(model="demo", messages=messages, options=options, stream=True))
+    pieces = list(client.chat(model="tiny", messages=messages, options=options, stream=True))
     assert pieces[-1].done and "".join(p.message.content for p in pieces) == whole.message.content
-    generated = client.generate(model="demo", prompt="Once", options={"num_predict": 4, "temperature": 0})
+    generated = client.generate(model="tiny", prompt="Once", options={"num_predict": 4, "temperature": 0})
     streamed = list(
-        client.generate(model="demo", prompt="Once", options={"num_predict": 4, "temperature": 0}, stream=True)
+        client.generate(model="tiny", prompt="Once", options={"num_predict": 4, "temperature": 0}, stream=True)
     )
     assert "".join(p.response for p in streamed) == generated.response
 
 
 def test_format_is_enforced(client: ollama.Client) -> None:
     reply = client.chat(
-        model="demo", messages=[{"role": "user", "content": "JSON"}], format=SCHEMA, options={"num_predict": 200}
+        model="tiny", messages=[{"role": "user", "content": "JSON"}], format=SCHEMA, options={"num_predict": 200}
     )
     jsonschema.validate(json.loads(reply.message.content), SCHEMA)
 
@@ -64,12 +64,12 @@ def test_num_predict_minus_one_or_two_leaves_the_limit_to_the_context() -> None:
     from gateway.ollama_api import GenerateBody
 
     for value in (-1, -2):
-        body = GenerateBody.model_validate({"model": "demo", "prompt": "Hi", "options": {"num_predict": value}})
+        body = GenerateBody.model_validate({"model": "tiny", "prompt": "Hi", "options": {"num_predict": value}})
         assert body.to_generate().max_tokens is None  # then up to the context and the cap (test_prompt_limits)
 
 
 def test_an_unknown_option_is_refused_in_ollamas_error_shape(service: Service) -> None:
-    body = {"model": "demo", "prompt": "x", "options": {"mirostat": 2}, "stream": False}
+    body = {"model": "tiny", "prompt": "x", "options": {"mirostat": 2}, "stream": False}
     response = httpx.post(service.base_url + "/api/generate", json=body)
     assert response.status_code == 422
     assert "mirostat" in response.json()["error"]
@@ -99,7 +99,7 @@ def test_unknown_top_level_fields_are_ignored_as_ollama_ignores_them_and_a_forci
     """Cline's Ollama provider sends `tool_choice` (and clients send other fields Ollama never had): Ollama
     ignores what it does not know; a `tool_choice` that forces a call is honoured, not dropped."""
     body = {
-        "model": "demo",
+        "model": "tiny",
         "messages": [{"role": "user", "content": "Weather in Paris?"}],
         "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
@@ -119,7 +119,7 @@ def test_unknown_top_level_fields_are_ignored_as_ollama_ignores_them_and_a_forci
 
 
 def test_eval_duration_counts_the_decoding_alone(client: ollama.Client) -> None:
-    reply = client.generate(model="demo", prompt="Once " * 400, options={"num_predict": 4, "temperature": 0})
+    reply = client.generate(model="tiny", prompt="Once " * 400, options={"num_predict": 4, "temperature": 0})
     assert reply.eval_count == 4 and reply.prompt_eval_count and reply.prompt_eval_count > 400
     assert reply.eval_duration and reply.prompt_eval_duration and reply.total_duration
     assert reply.load_duration is not None

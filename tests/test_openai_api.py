@@ -31,7 +31,7 @@ def job_id_of(completion_id: str) -> str:
 
 
 def test_a_chat_completion(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=8)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8)  # type: ignore[arg-type]
     assert reply.id.startswith("chatcmpl-")
     assert reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant"
@@ -42,7 +42,7 @@ def test_a_chat_completion(client: openai.OpenAI) -> None:
 
 def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model="demo",
+        model="tiny",
         messages=HELLO,
         max_completion_tokens=5,
         extra_body={"ignore_eos": True},  # type: ignore[arg-type]
@@ -52,20 +52,20 @@ def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
 
 
 def test_a_text_completion(client: openai.OpenAI) -> None:
-    reply = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=6, seed=7)
+    reply = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, seed=7)
     assert reply.object == "text_completion"
     assert isinstance(reply.choices[0].text, str)
     assert reply.usage is not None and reply.usage.completion_tokens <= 6
 
 
 def test_models_list_says_each_models_context_length(client: openai.OpenAI) -> None:
-    [demo] = [model for model in client.models.list() if model.id == "demo"]
+    [demo] = [model for model in client.models.list() if model.id == "tiny"]
     assert demo.max_model_len == demo.max_context_length == 32768  # type: ignore[attr-defined]
 
 
 def test_a_streamed_chat_reaches_the_client_before_generation_ends(client: openai.OpenAI, service: Service) -> None:
     stream = client.chat.completions.create(
-        model="demo",
+        model="tiny",
         messages=HELLO,  # type: ignore[arg-type]
         max_tokens=2000,
         stream=True,
@@ -94,7 +94,7 @@ def test_a_streamed_chat_reaches_the_client_before_generation_ends(client: opena
 
 
 def test_a_streaming_client_that_hangs_up_cancels_its_job(service: Service) -> None:
-    body = {"model": "demo", "messages": HELLO, "max_tokens": 30_000, "stream": True, "ignore_eos": True}
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 30_000, "stream": True, "ignore_eos": True}
     with service.http.stream("POST", "/v1/chat/completions", json=body) as response:
         job_id = response.headers["x-mlxq-job-id"]
         lines = response.iter_lines()
@@ -104,13 +104,13 @@ def test_a_streaming_client_that_hangs_up_cancels_its_job(service: Service) -> N
                 seen += 1
     canceled = service.wait_for(job_id, {"canceled", "finished", "failed"}, timeout_s=10)
     assert canceled["status"] == "canceled"
-    after = service.wait_for(service.submit(model="demo", messages=HELLO, max_tokens=3)["id"], {"finished"})
+    after = service.wait_for(service.submit(model="tiny", messages=HELLO, max_tokens=3)["id"], {"finished"})
     assert after["status"] == "finished"
 
 
 def test_n_other_than_one_is_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as caught:
-        client.chat.completions.create(model="demo", messages=HELLO, n=2)  # type: ignore[arg-type]
+        client.chat.completions.create(model="tiny", messages=HELLO, n=2)  # type: ignore[arg-type]
     assert caught.value.body["code"] == "invalid_request"  # type: ignore[index]
     assert caught.value.body["param"] == "n"  # type: ignore[index]
 
@@ -131,7 +131,7 @@ def impatient(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServe
 
 
 def test_a_call_past_its_wait_limit_is_504_with_a_job_id_that_later_finishes(impatient: Service) -> None:
-    body = {"model": "demo", "messages": HELLO, "max_tokens": 5000, "ignore_eos": True}
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 5000, "ignore_eos": True}
     response = impatient.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 504
     error = response.json()["error"]
@@ -143,7 +143,7 @@ def test_a_call_past_its_wait_limit_is_504_with_a_job_id_that_later_finishes(imp
 
 
 def test_job_events_stream_status_and_text_and_resume_after_last_event_id(service: Service) -> None:
-    job = service.submit(model="demo", prompt="Count", max_tokens=30, ignore_eos=True)
+    job = service.submit(model="tiny", prompt="Count", max_tokens=30, ignore_eos=True)
     events = read_sse(service, f"/v1/jobs/{job['id']}/events")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "snapshot" and kinds[-1] == "end"
@@ -172,7 +172,7 @@ def read_sse(service: Service, path: str, headers: dict[str, str] | None = None)
 
 
 def test_the_same_idempotency_key_and_body_give_the_same_job_and_another_body_409(service: Service) -> None:
-    body = {"model": "demo", "messages": HELLO, "max_tokens": 2}
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
     key = {"Idempotency-Key": f"test-{time.time_ns()}"}
     first = service.http.post("/v1/jobs", json=body, headers=key)
     again = service.http.post("/v1/jobs", json=body, headers=key)
@@ -184,20 +184,20 @@ def test_the_same_idempotency_key_and_body_give_the_same_job_and_another_body_40
 
 
 def test_a_job_cannot_ask_for_a_higher_priority_than_its_route(service: Service) -> None:
-    response = service.http.post("/v1/jobs", json={"model": "demo", "prompt": "x", "priority": "interactive"})
+    response = service.http.post("/v1/jobs", json={"model": "tiny", "prompt": "x", "priority": "interactive"})
     assert response.status_code == 422
 
 
 def test_an_interactive_call_queued_after_ten_batch_children_runs_before_them(service: Service) -> None:
-    blocker = service.submit(model="demo", prompt="Busy", max_tokens=30_000, ignore_eos=True)
+    blocker = service.submit(model="tiny", prompt="Busy", max_tokens=30_000, ignore_eos=True)
     service.wait_for(blocker["id"], {"started"})
     batch = service.http.post(
-        "/v1/batches", json={"model": "demo", "requests": [{"messages": HELLO, "max_tokens": 2} for _ in range(10)]}
+        "/v1/batches", json={"model": "tiny", "requests": [{"messages": HELLO, "max_tokens": 2} for _ in range(10)]}
     ).json()
     answer: dict[str, Any] = {}
 
     def call() -> None:
-        body = {"model": "demo", "messages": HELLO, "max_tokens": 2}
+        body = {"model": "tiny", "messages": HELLO, "max_tokens": 2}
         answer["response"] = httpx.post(service.base_url + "/v1/chat/completions", json=body, timeout=60)
 
     caller = threading.Thread(target=call)
@@ -233,7 +233,7 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
         "messages": [{"role": "user", "content": "Combine these:\n{{results}}\nFirst alone: {{result:r0}}"}],
         "max_tokens": 4,
     }
-    created = service.http.post("/v1/batches", json={"model": "demo", "requests": requests, "synthesis": synthesis})
+    created = service.http.post("/v1/batches", json={"model": "tiny", "requests": requests, "synthesis": synthesis})
     assert created.status_code == 202, created.text
     batch_id = created.json()["id"]
     deadline = time.monotonic() + 60
@@ -267,7 +267,7 @@ def test_a_batch_of_five_feeds_its_synthesis_and_reports_a_failed_child(service:
 def test_a_parameter_that_would_be_ignored_is_refused_naming_it(
     service: Service, extra: dict[str, object], named: str
 ) -> None:
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
     response = service.http.post("/v1/chat/completions", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == named
@@ -275,7 +275,7 @@ def test_a_parameter_that_would_be_ignored_is_refused_naming_it(
 
 def test_parameters_that_change_nothing_or_ask_for_nothing_are_accepted(service: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 2,
         "user": "u1",
@@ -294,8 +294,8 @@ def test_parameters_that_change_nothing_or_ask_for_nothing_are_accepted(service:
 
 
 def test_the_sdk_retrieves_one_model_and_a_missing_one_is_a_404(client: openai.OpenAI) -> None:
-    model = client.models.retrieve("demo")
-    assert model.id == "demo" and model.object == "model"
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.object == "model"
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("nope")
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -310,9 +310,9 @@ def test_an_openai_file_batch_body_is_told_this_is_the_fan_out_api(service: Serv
 
 
 def test_a_stream_waiting_in_the_queue_gets_pings(service: Service) -> None:
-    busy = service.submit(model="demo", prompt="Long", max_tokens=30_000, ignore_eos=True)["id"]
+    busy = service.submit(model="tiny", prompt="Long", max_tokens=30_000, ignore_eos=True)["id"]
     service.wait_for(busy, {"started"})
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
     pinged = None
     try:
         with httpx.stream("POST", service.base_url + "/v1/chat/completions", json=body, timeout=30) as response:
@@ -353,7 +353,7 @@ def test_cors_answers_the_configured_origins_only(redis_server: RedisServer, dat
 
 
 def test_logprobs_have_one_entry_per_generated_token_streamed_or_not(client: openai.OpenAI) -> None:
-    asked = {"model": "demo", "messages": HELLO, "max_tokens": 6, "temperature": 0}
+    asked = {"model": "tiny", "messages": HELLO, "max_tokens": 6, "temperature": 0}
     reply = client.chat.completions.create(**asked, logprobs=True, top_logprobs=3)  # type: ignore[call-overload]
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
@@ -365,7 +365,7 @@ def test_logprobs_have_one_entry_per_generated_token_streamed_or_not(client: ope
         if chunk.choices and chunk.choices[0].logprobs is not None:
             streamed += chunk.choices[0].logprobs.content
     assert [i.token for i in streamed] == [i.token for i in content]
-    text = client.completions.create(model="demo", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    text = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
     assert len(text.choices[0].logprobs.token_logprobs) == text.usage.completion_tokens
     assert all(len(top) == 2 for top in text.choices[0].logprobs.top_logprobs)
 
@@ -384,7 +384,7 @@ def test_a_json_schema_response_validates_even_from_the_random_demo_model(client
     format_ = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
     for seed in range(3):
         reply = client.chat.completions.create(
-            model="demo",
+            model="tiny",
             messages=HELLO,
             max_tokens=200,
             seed=seed,
@@ -414,12 +414,12 @@ def test_a_batch_child_and_a_chat_call_with_different_formats_share_an_engine_ba
         "required": ["n"],
         "additionalProperties": False,
     }
-    busy = batched_service.submit(model="demo", prompt="busy", max_tokens=3000, ignore_eos=True)["id"]
+    busy = batched_service.submit(model="tiny", prompt="busy", max_tokens=3000, ignore_eos=True)["id"]
     batched_service.wait_for(busy, {"started"})  # the batch is open: both join it
     created = batched_service.http.post(
         "/v1/batches",
         json={
-            "model": "demo",
+            "model": "tiny",
             "requests": [
                 {
                     "custom_id": "verdict",
@@ -433,7 +433,7 @@ def test_a_batch_child_and_a_chat_call_with_different_formats_share_an_engine_ba
     chat = batched_service.http.post(
         "/v1/chat/completions",
         json={
-            "model": "demo",
+            "model": "tiny",
             "messages": HELLO,
             "max_tokens": 200,
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": other}},
@@ -451,7 +451,7 @@ def test_a_batch_child_and_a_chat_call_with_different_formats_share_an_engine_ba
 
 
 def test_top_k_1_through_the_sdk_equals_greedy(client: openai.OpenAI) -> None:
-    asked = {"model": "demo", "messages": HELLO, "max_tokens": 8}
+    asked = {"model": "tiny", "messages": HELLO, "max_tokens": 8}
     greedy = client.chat.completions.create(**asked, temperature=0)  # type: ignore[call-overload]
     top_1 = client.chat.completions.create(**asked, temperature=1.0, extra_body={"top_k": 1})  # type: ignore[call-overload]
     assert top_1.choices[0].message.content == greedy.choices[0].message.content
@@ -459,7 +459,7 @@ def test_top_k_1_through_the_sdk_equals_greedy(client: openai.OpenAI) -> None:
 
 def test_an_unsupported_schema_feature_is_a_422_naming_it(service: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "messages": HELLO,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"if": {"type": "string"}}}},
     }
@@ -490,7 +490,7 @@ def test_a_forced_tool_call_returns_tool_calls_whose_arguments_validate(client: 
     named = {"type": "function", "function": {"name": "get_weather"}}
     for choice in (named, "required"):
         reply = client.chat.completions.create(
-            model="demo",
+            model="tiny",
             messages=HELLO,
             max_tokens=200,
             tools=[WEATHER],
@@ -504,7 +504,7 @@ def test_a_forced_tool_call_returns_tool_calls_whose_arguments_validate(client: 
 
 def test_a_streamed_tool_call_assembles_to_the_same_and_the_conversation_goes_on(client: openai.OpenAI) -> None:
     named = {"type": "function", "function": {"name": "get_weather"}}
-    asked = {"model": "demo", "messages": HELLO, "max_tokens": 200, "tools": [WEATHER, CLOCK], "tool_choice": named}
+    asked = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "tools": [WEATHER, CLOCK], "tool_choice": named}
     calls: dict[int, dict[str, str]] = {}
     finish = None
     for chunk in client.chat.completions.create(**asked, stream=True, seed=3):  # type: ignore[call-overload]
@@ -524,13 +524,13 @@ def test_a_streamed_tool_call_assembles_to_the_same_and_the_conversation_goes_on
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
     ]
-    reply = client.chat.completions.create(model="demo", messages=follow_up, max_tokens=4, tools=[WEATHER])  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model="tiny", messages=follow_up, max_tokens=4, tools=[WEATHER])  # type: ignore[arg-type]
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 def test_tool_choice_naming_a_function_not_offered_is_a_422(service: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "messages": HELLO,
         "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "launch"}},
@@ -541,7 +541,7 @@ def test_tool_choice_naming_a_function_not_offered_is_a_422(service: Service) ->
 
 def test_logprobs_of_impossible_tokens_are_reported_as_openai_does(service: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "messages": HELLO,
         "max_tokens": 200,
         "logprobs": True,
@@ -556,7 +556,7 @@ def test_logprobs_of_impossible_tokens_are_reported_as_openai_does(service: Serv
 
 
 def test_a_repetition_penalty_out_of_range_is_a_422(service: Service) -> None:
-    body = {"model": "demo", "prompt": "0", "repetition_penalty": 5e-324, "logprobs": 0}
+    body = {"model": "tiny", "prompt": "0", "repetition_penalty": 5e-324, "logprobs": 0}
     response = service.http.post("/v1/completions", json=body)
     assert response.status_code == 422 and response.json()["error"]["param"] == "repetition_penalty"
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.logs import JsonFormatter, TextFormatter
 from tests.support import Process, RedisServer, Service, free_port, service_env
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +61,12 @@ def ops(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, dat
 
 def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
     before = scrape(ops)
-    finished = [ops.submit(model="demo", messages=HELLO, max_tokens=5, ignore_eos=True)["id"] for _ in range(3)]
+    finished = [ops.submit(model="tiny", messages=HELLO, max_tokens=5, ignore_eos=True)["id"] for _ in range(3)]
     for job_id in finished:
         ops.wait_for(job_id, {"finished"})
     failed = ops.submit(model="later", messages=HELLO)["id"]  # its weights are not there yet
     ops.wait_for(failed, {"failed"})
-    refused = [ops.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO}) for _ in range(3)]
+    refused = [ops.http.post("/v1/jobs", json={"model": "tiny", "messages": HELLO}) for _ in range(3)]
     assert [r.status_code for r in refused] == [202, 429, 429]  # 5 per window: 4 used, one more, then refusals
     unknown = ops.http.post("/v1/jobs", json={"model": "nope", "messages": HELLO})
     assert unknown.status_code == 404
@@ -89,8 +89,8 @@ def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
     assert value(after, "mlxq_queue_depth", queue="mlxq-interactive") == 0
     assert value(after, "mlxq_workers") == 1
     worker = ops.http.get("/health").json()["workers"][0]["name"]
-    assert value(after, "mlxq_model_loaded", worker=worker, model="demo") == 1
-    assert value(after, "mlxq_model_bytes", worker=worker, model="demo") > 100_000
+    assert value(after, "mlxq_model_loaded", worker=worker, model="tiny") == 1
+    assert value(after, "mlxq_model_bytes", worker=worker, model="tiny") > 100_000
     assert 0 < value(after, "mlxq_memory_used_percent", worker=worker) < 100
     assert value(after, "mlxq_circuit_state", state="closed") == 1
     assert ("mlxq_worker_restarts_total", ()) in after
@@ -100,7 +100,7 @@ def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_on
     ops: Service, data_dir: Path, tmp_path: Path
 ) -> None:
     time.sleep(5.5)  # a fresh rate window for this module's client
-    done = ops.wait_for(ops.submit(model="demo", messages=HELLO, max_tokens=3)["id"], {"finished"})
+    done = ops.wait_for(ops.submit(model="tiny", messages=HELLO, max_tokens=3)["id"], {"finished"})
     failed = ops.wait_for(ops.submit(model="later", messages=HELLO)["id"], {"failed"})
 
     port = free_port()
@@ -132,11 +132,11 @@ def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_on
 
         finished_jobs = listed("finished")
         assert done["id"] in finished_jobs
-        assert finished_jobs[done["id"]]["description"] == "generate model=demo priority=normal"
+        assert finished_jobs[done["id"]]["description"] == "generate model=tiny priority=normal"
         assert failed["id"] in listed("failed")
 
         shutil.rmtree(ops.root / "later")  # type: ignore[attr-defined]
-        build_demo_model(ops.root / "later")  # type: ignore[attr-defined]  # the fix: now the model exists
+        build_tiny_model(ops.root / "later")  # type: ignore[attr-defined]  # the fix: now the model exists
         # As the dashboard's own page sends it (its Origin: another site's form is refused).
         requeued = httpx.post(f"{base}/job/{failed['id']}/requeue", auth=auth, headers={"Origin": base})
         assert requeued.status_code == 200 and requeued.json()["status"] == "OK"
@@ -157,9 +157,9 @@ def record(name: str, **extra: Any) -> logging.LogRecord:
 
 
 def test_log_lines_carry_job_fields_in_text_and_json_but_never_job_arguments() -> None:
-    ours = record("worker.tasks", job_id="j1", model="demo", tokens=5, generate_s=0.1, args=["secret prompt"])
+    ours = record("worker.tasks", job_id="j1", model="tiny", tokens=5, generate_s=0.1, args=["secret prompt"])
     text = TextFormatter().format(ours)
-    assert "job finished" in text and "job_id=j1 model=demo tokens=5 generate_s=0.1" in text
+    assert "job finished" in text and "job_id=j1 model=tiny tokens=5 generate_s=0.1" in text
     assert "secret" not in text
     document = json.loads(JsonFormatter().format(ours))
     assert document["job_id"] == "j1" and document["tokens"] == 5 and document["level"] == "info"

@@ -11,13 +11,13 @@ from shared.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("data")
-    build_demo_model(Settings(data_dir=data).demo_model_dir)
+    build_tiny_model(Settings(data_dir=data).builtin_model_dir("tiny"))
     return data
 
 
@@ -29,7 +29,7 @@ def limits(data_dir: Path, tmp_path: Path, models: str = "", **settings: object)
 
 
 def ask(**body: object) -> GenerateRequest:
-    return GenerateRequest.model_validate({"model": "demo", "prompt": "hello", **body})
+    return GenerateRequest.model_validate({"model": "tiny", "prompt": "hello", **body})
 
 
 def test_an_unknown_model_is_refused_first(demo_dir: Path, tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_prompt_over_the_character_limit_is_refused(demo_dir: Path, tmp_path: 
     assert caught.value.param == "prompt"
     messages = [{"role": "user", "content": "y" * 60}, {"role": "user", "content": "z" * 60}]
     with pytest.raises(InvalidRequest) as caught:
-        checker.check(GenerateRequest.model_validate({"model": "demo", "messages": messages}))
+        checker.check(GenerateRequest.model_validate({"model": "tiny", "messages": messages}))
     assert caught.value.param == "messages"
 
 
@@ -69,19 +69,19 @@ def test_a_per_model_character_limit_overrides_the_service_one(demo_dir: Path, t
 def test_tokens_are_counted_with_the_models_tokenizer_against_its_context(demo_dir: Path, tmp_path: Path) -> None:
     local = tmp_path / "ctx"
     local.mkdir()
-    demo = Settings(data_dir=demo_dir).demo_model_dir
+    demo = Settings(data_dir=demo_dir).builtin_model_dir("tiny")
     (local / "config.json").write_text('{"max_position_embeddings": 64}')
     (local / "tokenizer.json").write_bytes((demo / "tokenizer.json").read_bytes())
-    checker = limits(demo_dir, tmp_path, f'[models.tiny]\npath = "{local}"\n', max_prompt_chars=10_000)
-    checker.check(ask(model="tiny", prompt="hi", max_tokens=32))
+    checker = limits(demo_dir, tmp_path, f'[models.ctx64]\npath = "{local}"\n', max_prompt_chars=10_000)
+    checker.check(ask(model="ctx64", prompt="hi", max_tokens=32))
     words = "the quick brown fox " * 40  # a few hundred characters, well over 64 tokens
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 64 tokens") as caught:
-        checker.check(ask(model="tiny", prompt=words, max_tokens=1))
+        checker.check(ask(model="ctx64", prompt=words, max_tokens=1))
     assert caught.value.param == "prompt" and caught.value.status_code == 400
     assert caught.value.to_dict()["code"] == "context_length_exceeded"
     # A prompt that fits, with max_tokens that does not: it runs to the context's end.
     medium = "the quick brown fox " * 5
-    fitted = checker.check(ask(model="tiny", prompt=medium, max_tokens=60))
+    fitted = checker.check(ask(model="ctx64", prompt=medium, max_tokens=60))
     assert fitted.exact and fitted.max_tokens == 64 - fitted.prompt_tokens < 60
 
 
@@ -89,7 +89,7 @@ def chat_copy(demo_dir: Path, tmp_path: Path, context: int) -> Path:
     """The demo model's tokenizer and chat template with a context of `context` tokens."""
     local = tmp_path / "chat"
     local.mkdir()
-    demo = Settings(data_dir=demo_dir).demo_model_dir
+    demo = Settings(data_dir=demo_dir).builtin_model_dir("tiny")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (local / name).write_bytes((demo / name).read_bytes())
     (local / "config.json").write_text(f'{{"max_position_embeddings": {context}}}')

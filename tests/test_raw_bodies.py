@@ -15,14 +15,14 @@ from tests.support import Service
 pytestmark = pytest.mark.slow
 
 ROUTES: dict[str, dict[str, Any]] = {
-    "/v1/chat/completions": {"model": "demo", "messages": [{"role": "user", "content": "CONTENT"}]},
-    "/v1/completions": {"model": "demo", "prompt": "CONTENT"},
-    "/v1/jobs": {"model": "demo", "messages": [{"role": "user", "content": "CONTENT"}]},
-    "/v1/batches": {"requests": [{"model": "demo", "messages": [{"role": "user", "content": "CONTENT"}]}]},
-    "/v1/messages": {"model": "demo", "max_tokens": 8, "messages": [{"role": "user", "content": "CONTENT"}]},
-    "/v1/responses": {"model": "demo", "input": "CONTENT"},
-    "/api/chat": {"model": "demo", "messages": [{"role": "user", "content": "CONTENT"}]},
-    "/api/generate": {"model": "demo", "prompt": "CONTENT"},
+    "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "CONTENT"}]},
+    "/v1/completions": {"model": "tiny", "prompt": "CONTENT"},
+    "/v1/jobs": {"model": "tiny", "messages": [{"role": "user", "content": "CONTENT"}]},
+    "/v1/batches": {"requests": [{"model": "tiny", "messages": [{"role": "user", "content": "CONTENT"}]}]},
+    "/v1/messages": {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": "CONTENT"}]},
+    "/v1/responses": {"model": "tiny", "input": "CONTENT"},
+    "/api/chat": {"model": "tiny", "messages": [{"role": "user", "content": "CONTENT"}]},
+    "/api/generate": {"model": "tiny", "prompt": "CONTENT"},
 }
 """Each route with a body whose text is CONTENT, to be replaced by raw JSON."""
 
@@ -86,7 +86,7 @@ def test_deep_nesting_is_refused(service: Service, route: str, depth: int) -> No
 @pytest.mark.parametrize(
     ("data", "content_type", "words"),
     [
-        (b'{"model": "demo", "x": "\xff\xfe"}', "application/json", "not valid UTF-8"),
+        (b'{"model": "tiny", "x": "\xff\xfe"}', "application/json", "not valid UTF-8"),
         (b"null", "application/json", "must be a JSON object"),
         (b"[]", "application/json", "must be a JSON object"),
         (b'"text"', "application/json", "must be a JSON object"),
@@ -107,7 +107,7 @@ def test_bodies_that_are_not_a_json_object_are_refused_naming_the_body(
 
 @pytest.mark.parametrize("num_predict", [0, -7, "many"])
 def test_ollama_errors_name_its_own_option(service: Service, num_predict: object) -> None:
-    body = {"model": "demo", "prompt": "Hi", "stream": False, "options": {"num_predict": num_predict}}
+    body = {"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": num_predict}}
     response = service.http.post("/api/generate", json=body)
     assert 400 <= response.status_code < 500, response.text
     message = response.json()["error"]

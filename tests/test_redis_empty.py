@@ -25,7 +25,7 @@ def test_a_redis_that_comes_back_empty_is_noticed_and_served_again(
         persistent_redis.kill()
         shutil.rmtree(persistent_redis.directory / "appendonlydir", ignore_errors=True)
         persistent_redis.start()
-        first = svc.http.post("/v1/jobs", json={"model": "demo", "prompt": "Again", "max_tokens": 4})
+        first = svc.http.post("/v1/jobs", json={"model": "tiny", "prompt": "Again", "max_tokens": 4})
         assert first.status_code == 202, first.text
         deadline = time.monotonic() + 30
         while True:

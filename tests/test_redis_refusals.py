@@ -74,10 +74,10 @@ def test_each_redis_refusal_is_a_503_naming_it_and_every_job_ends_once(
     svc = Service(limited.url, data_dir, tmp_path, supervised=True, **FAST)
     try:
         worker_pid = svc.worker_pid()
-        long = svc.submit(model="demo", prompt="Long", max_tokens=12_000, ignore_eos=True)["id"]
+        long = svc.submit(model="tiny", prompt="Long", max_tokens=12_000, ignore_eos=True)["id"]
         svc.wait_for(long, {"started"})
         # A streaming client that will hang up while Redis refuses writes: its cancel must not be lost.
-        body = {"model": "demo", "messages": [{"role": "user", "content": "Go"}], "stream": True}
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Go"}], "stream": True}
         body.update(max_tokens=30_000, ignore_eos=True)
         streamer = httpx.Client(base_url=svc.base_url, timeout=60)
         stream = streamer.stream("POST", "/v1/chat/completions", json=body)
@@ -96,7 +96,7 @@ def test_each_redis_refusal_is_a_503_naming_it_and_every_job_ends_once(
         short = []
         for words, begin, end in conditions:
             begin()
-            refused = svc.http.post("/v1/jobs", json={"model": "demo", "prompt": "Hi", "max_tokens": 4})
+            refused = svc.http.post("/v1/jobs", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4})
             assert refused.status_code == 503, (words, refused.text)
             assert refused.headers["Retry-After"] and words in refused.json()["error"]["message"], refused.text
             health = svc.http.get("/health")
@@ -107,7 +107,7 @@ def test_each_redis_refusal_is_a_503_naming_it_and_every_job_ends_once(
             time.sleep(1.5)  # the worker generates on meanwhile; what it cannot write waits
             end()
             wait_writable(svc)
-            short.append(svc.submit(model="demo", prompt="Hi", max_tokens=4)["id"])
+            short.append(svc.submit(model="tiny", prompt="Hi", max_tokens=4)["id"])
         for job_id in [long, *short]:
             assert svc.wait_for(job_id, {"finished", "failed"}, timeout_s=120)["status"] == "finished", job_id
             assert len(results_of(direct, job_id)) == 1, job_id

@@ -34,18 +34,18 @@ def test_unknown_model_is_404_model_not_found(service: Service) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"model": "demo", "messages": []}, "messages"),
-        ({"model": "demo", "messages": HELLO, "max_tokens": -1}, "max_tokens"),
-        ({"model": "demo", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
-        ({"model": "demo", "messages": HELLO, "max_tokens": "many"}, "max_tokens"),
-        ({"model": "demo", "messages": HELLO, "temperature": "hot"}, "temperature"),
-        ({"model": "demo", "messages": HELLO, "temperature": 7}, "temperature"),
-        ({"model": "demo", "messages": "hello"}, "messages"),
-        ({"model": "demo", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-        ({"model": "demo", "messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": HELLO, "max_tokens": -1}, "max_tokens"),
+        ({"model": "tiny", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"model": "tiny", "messages": HELLO, "max_tokens": "many"}, "max_tokens"),
+        ({"model": "tiny", "messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"model": "tiny", "messages": HELLO, "temperature": 7}, "temperature"),
+        ({"model": "tiny", "messages": "hello"}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "tiny", "messages": [{"role": "user"}]}, "messages.0.content"),
         ({"model": 42, "messages": HELLO}, "model"),
         ({"messages": HELLO}, "model"),
-        ({"model": "demo", "messages": HELLO, "bogus": 1}, "bogus"),
+        ({"model": "tiny", "messages": HELLO, "bogus": 1}, "bogus"),
     ],
 )
 def test_malformed_fields_are_422_naming_the_field(service: Service, body: dict[str, Any], param: str) -> None:
@@ -54,13 +54,13 @@ def test_malformed_fields_are_422_naming_the_field(service: Service, body: dict[
 
 
 def test_prompt_and_messages_together_are_422(service: Service) -> None:
-    response = service.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO, "prompt": "x"})
+    response = service.http.post("/v1/jobs", json={"model": "tiny", "messages": HELLO, "prompt": "x"})
     error = assert_openai_error(response, 422, "invalid_request")
     assert "exactly one" in error["message"]
 
 
 def test_max_tokens_above_what_the_context_allows_is_a_ceiling(service: Service) -> None:
-    response = service.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO, "max_tokens": 10**9})
+    response = service.http.post("/v1/jobs", json={"model": "tiny", "messages": HELLO, "max_tokens": 10**9})
     assert response.status_code == 202, response.text
     # The service's cap is 100000; the demo model's context of 32768 less the prompt is lower.
     assert 32000 < int(response.headers["x-mlxq-max-tokens"]) < 32768

@@ -33,7 +33,7 @@ def client(service: Service) -> openai.OpenAI:
 
 
 def test_create_plain_and_streamed_give_the_same_text(client: openai.OpenAI) -> None:
-    asked = {"model": "demo", "input": "Hello", "instructions": "Be brief.", "max_output_tokens": 8, "temperature": 0}
+    asked = {"model": "tiny", "input": "Hello", "instructions": "Be brief.", "max_output_tokens": 8, "temperature": 0}
     reply = client.responses.create(**asked)  # type: ignore[call-overload]
     assert reply.object == "response" and reply.status in ("completed", "incomplete")
     assert reply.usage is not None and reply.usage.input_tokens > 0 and 0 < reply.usage.output_tokens <= 8
@@ -48,7 +48,7 @@ def test_create_plain_and_streamed_give_the_same_text(client: openai.OpenAI) -> 
 
 def test_a_forced_function_call_and_its_output_in_the_next_turn(client: openai.OpenAI) -> None:
     first = client.responses.create(
-        model="demo",
+        model="tiny",
         input=[{"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}],
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice="required",
@@ -58,7 +58,7 @@ def test_a_forced_function_call_and_its_output_in_the_next_turn(client: openai.O
     assert call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])  # type: ignore[arg-type]
     follow_up = client.responses.create(
-        model="demo",
+        model="tiny",
         previous_response_id=first.id,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
         tools=[WEATHER],  # type: ignore[list-item]
@@ -72,7 +72,7 @@ def test_a_forced_function_call_and_its_output_in_the_next_turn(client: openai.O
 def test_a_streamed_function_call_arrives_as_argument_deltas(client: openai.OpenAI) -> None:
     events = list(
         client.responses.create(
-            model="demo",
+            model="tiny",
             input="Weather?",
             tools=[WEATHER],
             tool_choice="required",
@@ -86,16 +86,16 @@ def test_a_streamed_function_call_arrives_as_argument_deltas(client: openai.Open
 
 
 def test_stored_responses_are_kept_read_and_deleted_and_unstored_ones_are_not(client: openai.OpenAI) -> None:
-    kept = client.responses.create(model="demo", input="Hi", max_output_tokens=3)
+    kept = client.responses.create(model="tiny", input="Hi", max_output_tokens=3)
     assert client.responses.retrieve(kept.id).output_text == kept.output_text
     client.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)
-    unstored = client.responses.create(model="demo", input="Hi", max_output_tokens=3, store=False)
+    unstored = client.responses.create(model="tiny", input="Hi", max_output_tokens=3, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
     with pytest.raises(openai.NotFoundError):
-        client.responses.create(model="demo", input="Hi", previous_response_id=unstored.id)
+        client.responses.create(model="tiny", input="Hi", previous_response_id=unstored.id)
 
 
 def test_a_json_schema_text_format_is_enforced(client: openai.OpenAI) -> None:
@@ -106,7 +106,7 @@ def test_a_json_schema_text_format_is_enforced(client: openai.OpenAI) -> None:
         "additionalProperties": False,
     }
     reply = client.responses.create(
-        model="demo",
+        model="tiny",
         input="Answer in JSON",
         text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
         max_output_tokens=40,
@@ -115,7 +115,7 @@ def test_a_json_schema_text_format_is_enforced(client: openai.OpenAI) -> None:
 
 
 def test_a_running_stored_response_can_be_cancelled(service: Service, client: openai.OpenAI) -> None:
-    body = {"model": "demo", "input": "Go on", "max_output_tokens": 30_000, "stream": True}
+    body = {"model": "tiny", "input": "Go on", "max_output_tokens": 30_000, "stream": True}
     with httpx.stream("POST", service.base_url + "/v1/responses", json=body, timeout=30) as response:
         lines = response.iter_lines()
         created = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
@@ -132,7 +132,7 @@ def test_codex_clis_request_shape_is_accepted(service: Service) -> None:
     include, store false, prompt_cache_key and client_metadata."""
     function = {k: v for k, v in WEATHER.items() if k != "strict"}
     body = {
-        "model": "demo",
+        "model": "tiny",
         "stream": True,
         "input": [
             {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]},

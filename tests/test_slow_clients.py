@@ -47,7 +47,7 @@ def raw_request(svc: Service, head: str, body: bytes, receive_buffer: int | None
 def test_an_unread_stream_slows_no_other_and_is_let_go_with_its_job_canceled(strict: Service) -> None:
     body = json.dumps(
         {
-            "model": "demo",
+            "model": "tiny",
             "messages": [{"role": "user", "content": "Go on"}],
             "max_tokens": 50_000,
             "ignore_eos": True,
@@ -66,7 +66,7 @@ def test_an_unread_stream_slows_no_other_and_is_let_go_with_its_job_canceled(str
         job_id = next(line.split(":", 1)[1].strip() for line in start.split("\r\n") if line.startswith("x-mlxq-job-id"))
         time.sleep(3)  # well past filling the socket
         # Another client's stream goes through meanwhile, whole.
-        other = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "stream": True}
+        other = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "stream": True}
         with httpx.stream("POST", strict.base_url + "/v1/chat/completions", json=other, timeout=60) as response:
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]"
@@ -81,7 +81,7 @@ def test_an_unread_stream_slows_no_other_and_is_let_go_with_its_job_canceled(str
 
 def test_a_body_that_stops_halfway_is_answered_408(strict: Service) -> None:
     head = "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
-    sock = raw_request(strict, head, b'{"model": "demo", ')
+    sock = raw_request(strict, head, b'{"model": "tiny", ')
     sock.settimeout(30)
     reply = ""
     try:

@@ -156,7 +156,7 @@ def test_gemma4_thinks_in_its_thought_channel_and_calls_in_its_own_syntax(oai: o
 
 def test_a_forced_call_cut_by_max_tokens_is_still_a_call(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
-        model="demo",
+        model="tiny",
         messages=HI,  # type: ignore[arg-type]
         max_tokens=4,
         tools=[WEATHER],  # type: ignore[list-item]
@@ -231,7 +231,7 @@ def test_native_jobs_report_reasoning_apart(service: Service) -> None:
 
 def test_an_answer_with_tools_offered_streams_about_a_piece_a_token(service: Service) -> None:
     body = {
-        "model": "demo",
+        "model": "tiny",
         "messages": HI,
         "max_tokens": 300,
         "ignore_eos": True,

@@ -49,7 +49,7 @@ def impatient(
 @pytest.fixture
 def busy(service: Service) -> Iterator[str]:
     """The worker's one batch slot held by a long job, so that a call's job waits in the queue."""
-    blocker = service.submit(model="demo", prompt="Keep going", max_tokens=30_000, ignore_eos=True)["id"]
+    blocker = service.submit(model="tiny", prompt="Keep going", max_tokens=30_000, ignore_eos=True)["id"]
     service.wait_for(blocker, {"started"})
     yield blocker
     service.http.delete(f"/v1/jobs/{blocker}")
@@ -65,7 +65,7 @@ def test_anthropic_messages_past_the_wait_is_a_504_with_the_job_id(
 ) -> None:
     client = anthropic.Anthropic(base_url=impatient.base_url, api_key="unused", max_retries=0)
     with pytest.raises(anthropic.APIStatusError) as caught:
-        client.messages.create(model="demo", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+        client.messages.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert caught.value.status_code == 504
     job_id = caught.value.response.headers["x-mlxq-job-id"]
     body = caught.value.response.json()
@@ -77,12 +77,12 @@ def test_anthropic_messages_past_the_wait_is_a_504_with_the_job_id(
 def test_ollama_chat_past_the_wait_is_a_504_with_the_job_id(impatient: Gateway, busy: str, service: Service) -> None:
     with pytest.raises(ollama.ResponseError) as caught:
         ollama.Client(host=impatient.base_url).chat(
-            model="demo", messages=[{"role": "user", "content": "Hi"}], stream=False, options={"num_predict": 4}
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], stream=False, options={"num_predict": 4}
         )
     assert caught.value.status_code == 504
     raw = httpx.post(
         impatient.base_url + "/api/generate",
-        json={"model": "demo", "prompt": "Hi", "stream": False, "options": {"num_predict": 4}},
+        json={"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": 4}},
         timeout=30,
     )
     assert raw.status_code == 504
@@ -99,7 +99,7 @@ def test_openai_chat_past_the_wait_is_one_504_with_the_job_id_despite_the_sdks_r
     client = openai.OpenAI(base_url=impatient.base_url + "/v1", api_key="unused")  # default: 2 retries
     before = int(redis.get(keys.ADMITTED) or 0)
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="demo", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert caught.value.status_code == 504
     assert caught.value.response.headers["x-should-retry"] == "false"
     job_id = caught.value.response.headers["x-mlxq-job-id"]

@@ -65,7 +65,7 @@ def test_a_worker_sigkilled_mid_generation_is_replaced_and_its_job_finishes_once
 ) -> None:
     svc = supervised(own_redis, data_dir, tmp_path)
     try:
-        job = svc.submit(model="demo", prompt="Go on", max_tokens=3000, ignore_eos=True)
+        job = svc.submit(model="tiny", prompt="Go on", max_tokens=3000, ignore_eos=True)
         first = svc.wait_for(job["id"], {"started"})
         time.sleep(0.5)
         killed_at = time.monotonic()
@@ -101,7 +101,7 @@ def test_twenty_jobs_survive_two_sigkills_none_lost_none_twice(
 ) -> None:
     svc = supervised(own_redis, data_dir, tmp_path)
     try:
-        ids = [svc.submit(model="demo", prompt=f"job {i}", max_tokens=400, ignore_eos=True)["id"] for i in range(20)]
+        ids = [svc.submit(model="tiny", prompt=f"job {i}", max_tokens=400, ignore_eos=True)["id"] for i in range(20)]
         for kill in range(2):
             svc.wait_event("worker_ready", count=kill + 1)
             time.sleep(1.5)
@@ -136,7 +136,7 @@ def test_a_worker_that_stops_heartbeating_is_killed_and_replaced(
         assert died["signal"] == "SIGKILL" and died["at"] - hung["at"] < 30
         svc.wait_event("worker_ready", count=2, timeout_s=30)
         assert svc.worker_pid() != frozen
-        done = svc.wait_for(svc.submit(model="demo", messages=HELLO, max_tokens=4)["id"], {"finished"}, timeout_s=30)
+        done = svc.wait_for(svc.submit(model="tiny", messages=HELLO, max_tokens=4)["id"], {"finished"}, timeout_s=30)
         assert done["status"] == "finished"
     finally:
         svc.stop()
@@ -162,7 +162,7 @@ def test_a_worker_crashing_at_start_up_backs_off_opens_the_circuit_and_a_trial_c
         for death, next_start in zip(died[:4], started[1:5], strict=True):
             assert next_start >= death["at"] + death["restart_in_s"] - 0.01
 
-        refused = svc.http.post("/v1/jobs", json={"model": "demo", "messages": HELLO})
+        refused = svc.http.post("/v1/jobs", json={"model": "tiny", "messages": HELLO})
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "circuit_open"
         assert 1 <= int(refused.headers["Retry-After"]) <= 4
@@ -172,7 +172,7 @@ def test_a_worker_crashing_at_start_up_backs_off_opens_the_circuit_and_a_trial_c
         svc.wait_event("circuit_closed", timeout_s=60)
         assert svc.http.get("/health").json()["circuit"]["state"] == "closed"
         time.sleep(1)  # past the gateway's brief memory of the refusal
-        ok = svc.submit(model="demo", messages=HELLO, max_tokens=2)
+        ok = svc.submit(model="tiny", messages=HELLO, max_tokens=2)
         assert svc.wait_for(ok["id"], {"finished"}, timeout_s=30)["status"] == "finished"
     finally:
         svc.stop()
@@ -186,7 +186,7 @@ def test_a_job_that_kills_its_worker_every_time_is_quarantined_and_the_rest_stil
         redis = Redis.from_url(own_redis.url)
         queue = Queue("mlxq-jobs", connection=redis, serializer=JSONSerializer)
         poison = queue.enqueue("tests.crashers.kill_worker", description="poison")
-        behind = [svc.submit(model="demo", messages=HELLO, max_tokens=4)["id"] for _ in range(3)]
+        behind = [svc.submit(model="tiny", messages=HELLO, max_tokens=4)["id"] for _ in range(3)]
         failed = svc.wait_for(poison.id, {"failed", "finished"}, timeout_s=90)
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "worker_crashed"
@@ -209,7 +209,7 @@ def test_sigterm_to_the_watchdog_stops_everything_in_grace_and_hands_the_job_bac
     svc = supervised(own_redis, data_dir, tmp_path)
     redis = Redis.from_url(own_redis.url)
     worker_pid = svc.worker_pid()
-    job = svc.submit(model="demo", prompt="Long", max_tokens=30_000, ignore_eos=True)
+    job = svc.submit(model="tiny", prompt="Long", max_tokens=30_000, ignore_eos=True)
     svc.wait_for(job["id"], {"started"})
     time.sleep(0.3)
     asked = time.monotonic()
@@ -243,7 +243,7 @@ def test_a_prefill_longer_than_the_hang_check_is_no_hang(
     try:
         pid = svc.worker_pid()
         started = time.monotonic()
-        job = svc.submit(model="demo", prompt="the sea " * 8_000, max_tokens=2, ignore_eos=True)
+        job = svc.submit(model="tiny", prompt="the sea " * 8_000, max_tokens=2, ignore_eos=True)
         done = svc.wait_for(job["id"], {"finished", "failed"}, timeout_s=240)
         took = time.monotonic() - started
         assert done["status"] == "finished", done

@@ -1,8 +1,14 @@
-"""The built-in `demo` model: tiny, random weights, built offline on first use.
+"""The built-in models: random weights in the shape of a real qwen2 checkpoint, built offline on first use.
 
-It has the shape of a real qwen2 checkpoint (config.json, model.safetensors, a
-byte-level BPE tokenizer.json and a ChatML chat template) so that everything
-downstream runs the same code as for a 70B model, just faster.
+Each has config.json, model.safetensors, a byte-level BPE tokenizer.json and a ChatML
+chat template, so everything downstream runs the same code as for a 70B model:
+
+- `demo` counts like a real model (worker/demo_tokenizer.py: a 32,000-token vocabulary
+  learnt from Python's own sources, about four characters a token of English, a
+  128k context, Qwen2.5's rendering of system text and tools): agent clients' long
+  prompts fit it as they fit the models teams run. `scripts/run` serves it.
+- `tiny` is fast to build and to count (a 512-entry vocabulary, a 32k context): the
+  tests' model, and the base of the test families and scripted models.
 """
 
 from __future__ import annotations
@@ -12,16 +18,22 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker import demo_answers, demo_tokenizer
+
 logger = logging.getLogger(__name__)
+
+DEMO = "demo"
+TINY = "tiny"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 512
 SEED = 20261122
 
-# ChatML, as Qwen2 ships it, trimmed of tool handling.
+# The tiny model's: ChatML, as Qwen2 ships it, trimmed of tool handling.
 CHAT_TEMPLATE = (
     # Tools as Hermes/Qwen-style templates render them: listed in a system turn, called as
     # <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
@@ -38,8 +50,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# The tokenizer is trained on this text so that common English words get merges;
-# it is the only corpus the demo model ever sees.
+# The tiny tokenizer is trained on this text so that common English words get merges;
+# it is the only corpus the tiny model ever sees.
 _CORPUS = """
 mlxq is a queue-based inference service. Requests become durable jobs in Redis,
 admitted or refused up front, and drained by one long-lived worker per machine.
@@ -102,7 +114,11 @@ def _write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
-def _write_weights(directory: Path, config: dict[str, Any]) -> None:
+Shaping = Callable[[dict[str, Any]], dict[str, Any]]
+"""What becomes of a model's random weights before they are saved."""
+
+
+def _write_weights(directory: Path, config: dict[str, Any], shaping: Shaping | None = None) -> None:
     """Random weights for mlx-lm's own class of the config's `model_type`, saved as it loads them."""
     import importlib
 
@@ -114,26 +130,66 @@ def _write_weights(directory: Path, config: dict[str, Any]) -> None:
     args = architecture.ModelArgs.from_dict(config)
     model = architecture.Model(args)
     weights = dict(tree_flatten(model.parameters()))
+    if shaping is not None:
+        weights = shaping(weights)
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
-def build_demo_model(directory: Path, **config_overrides: Any) -> Path:
-    """Build the demo model into `directory` unless it is already there; return it.
+DEMO_CONTEXT = 131072
+DEMO_CONFIG = {**CONFIG, "num_hidden_layers": 1, "max_position_embeddings": DEMO_CONTEXT, "tie_word_embeddings": False}
+"""The demo's shape: the tiny one's layers, with a 128k context, its own vocabulary's size and an output
+head of its own (worker/demo_answers.py)."""
+
+
+def build_builtin(name: str, directory: Path) -> Path:
+    """Build the built-in model `name` into `directory` unless it is already there; return it."""
+    builders: dict[str, Callable[[Path], Path]] = {DEMO: build_demo_model, TINY: build_tiny_model}
+    return builders[name](directory)
+
+
+def build_tiny_model(directory: Path, **config_overrides: Any) -> Path:
+    """Build the tiny model into `directory` unless it is already there; return it.
 
     `config_overrides` (e.g. `hidden_size=256`) make other tiny models of known,
-    different sizes with the same tokenizer; the built-in demo uses none. With a
+    different sizes with the same tokenizer; the built-in one uses none. With a
     `model_type` among them, another architecture of mlx-lm's (worker/tiny_families.py).
     """
+    config = {**CONFIG, **config_overrides}
+    return _build(directory, config, lambda staging: _write_tokenizer(staging))
+
+
+def build_demo_model(directory: Path) -> Path:
+    """Build the demo model (worker/demo_tokenizer.py, worker/demo_answers.py) into `directory` unless it
+    is already there."""
+    vocab: list[str] = []
+
+    def tokenizer(staging: Path) -> None:
+        from tokenizers import Tokenizer
+
+        size = demo_tokenizer.write_tokenizer(staging, DEMO_CONTEXT)
+        written = Tokenizer.from_file(str(staging / "tokenizer.json"))
+        vocab.extend(written.id_to_token(i) or "" for i in range(size))
+        config = {**DEMO_CONFIG, "vocab_size": size, "eos_token_id": written.token_to_id("<|im_end|>")}
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+
+    def shaping(weights: dict[str, Any]) -> dict[str, Any]:
+        return demo_answers.shape(weights, vocab, vocab.index("<|im_end|>"), SEED)
+
+    return _build(directory, DEMO_CONFIG, tokenizer, shaping)
+
+
+def _build(
+    directory: Path, config: dict[str, Any], write_tokenizer: Callable[[Path], None], shaping: Shaping | None = None
+) -> Path:
     if (directory / "model.safetensors").exists():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    config = {**CONFIG, **config_overrides}
     # Build beside the target and rename, so a crash never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory.parent))
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        _write_tokenizer(staging)
-        _write_weights(staging, config)
+        write_tokenizer(staging)  # it may settle the vocabulary's size in the config
+        _write_weights(staging, json.loads((staging / "config.json").read_text()), shaping)
         try:
             os.rename(staging, directory)
         except OSError:
@@ -142,5 +198,5 @@ def build_demo_model(directory: Path, **config_overrides: Any) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built demo model", extra={"path": str(directory)})
+    logger.info("built a built-in model", extra={"path": str(directory)})
     return directory

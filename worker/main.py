@@ -19,7 +19,7 @@ from shared.sizing import format_bytes
 from worker import tasks
 from worker.assembly import build_engine
 from worker.claiming import TurnTakingQueue
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_builtin
 from worker.downloads import Downloads
 from worker.engine import Engine
 from worker.model_cache import device_memory_bytes
@@ -41,8 +41,8 @@ def main() -> None:
         if problem:
             logger.warning("model will fail to load: %s", problem)
         elif spec.builtin and spec.path is not None:
-            # Built now (well under a second), so that gateways can count its tokens from the first request.
-            build_demo_model(spec.path)
+            # Built now (the demo in seconds, once), so that gateways can count its tokens from the first request.
+            build_builtin(spec.name, spec.path)
 
     budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
     logger.info("model budget: %s", format_bytes(budget))

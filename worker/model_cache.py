@@ -33,7 +33,7 @@ from shared.settings import Settings
 from shared.sizing import KvShape, format_bytes
 from shared.tokenizing import context_length
 from worker import cache_shape
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_builtin
 from worker.ledger import MemoryLedger
 
 logger = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ class ModelCache:
             raise ModelUnavailable(problem, param="model")
         if spec.path is not None:
             if spec.builtin:
-                build_demo_model(spec.path)
+                build_builtin(spec.name, spec.path)
             return spec.path
         directory = spec.local_files()
         if directory is None:

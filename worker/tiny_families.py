@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.demo_model import build_demo_model
+from worker.demo_model import build_tiny_model
 
 SLIDING_WINDOW = 64
 """Tokens a window layer sees: small, so a chat of a few hundred tokens wraps it."""
@@ -124,4 +124,4 @@ FAMILIES: dict[str, dict[str, Any]] = {
 def build_family_model(directory: Path, family: str, **overrides: Any) -> Path:
     """The tiny model of `family` (a key of FAMILIES) in `directory`, built unless it is there;
     `overrides` change its config (a larger `hidden_size` for the bench)."""
-    return build_demo_model(directory, architectures=[], **{**FAMILIES[family], **overrides})
+    return build_tiny_model(directory, architectures=[], **{**FAMILIES[family], **overrides})

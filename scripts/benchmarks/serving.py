@@ -67,7 +67,7 @@ from scripts.benchmarks.peers import start_mlx_lm, start_vllm_mlx, vllm_mlx_exec
 from scripts.benchmarks.stall import WORDS, run_stall  # noqa: E402
 from scripts.benchmarks.streams import report as streams_report  # noqa: E402
 from scripts.benchmarks.streams import run_streams, stop_all  # noqa: E402
-from worker.demo_model import build_demo_model  # noqa: E402
+from worker.demo_model import build_tiny_model  # noqa: E402
 
 
 def never_ending(model_dir: Path) -> None:
@@ -259,7 +259,7 @@ def main() -> None:
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="mlxq-bench-"))
-    model_dir = build_demo_model(
+    model_dir = build_tiny_model(
         workdir / "models" / "bench",
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 4,
@@ -459,7 +459,7 @@ LATENCY_HEADING = "## Latency of short requests"
 
 def latency(args: argparse.Namespace) -> str:
     """The latency shape (scripts/benchmarks/latency.py) on the demo model, with a Redis of its own."""
-    return with_redis(args, "latency", lambda a, w, env, port: run_latency(a, build_demo_model(w / "demo"), env, port))
+    return with_redis(args, "latency", lambda a, w, env, port: run_latency(a, build_tiny_model(w / "demo"), env, port))
 
 
 def latency_section(table: str, args: argparse.Namespace) -> str:
