@@ -168,9 +168,13 @@ print(result.final_output)
     assert out.strip()
 
 
-def opencode_project(svc: Service, directory: Path, model: str) -> dict[str, str]:
-    """opencode's own config for an OpenAI-compatible server, as its docs give it, in the project; the
-    context it is told is the demo's, so that only the server's answer can make it compact."""
+def opencode_project(svc: Service, tmp_path: Path, model: str) -> tuple[dict[str, str], Path]:
+    """opencode's own config for an OpenAI-compatible server, as its docs give it, in a project; the
+    context it is told is the demo's, so that only the server's answer can make it compact. Its
+    environment, and the project to run in."""
+    directory, home = tmp_path / "project", tmp_path / "home"  # siblings, as a user's are
+    directory.mkdir()
+    home.mkdir()
     provider = {
         "npm": "@ai-sdk/openai-compatible",
         "name": "mlxq",
@@ -179,7 +183,9 @@ def opencode_project(svc: Service, directory: Path, model: str) -> dict[str, str
     }
     config = {"provider": {"mlxq": provider}, "model": f"mlxq/{model}", "autoupdate": False, "share": "disabled"}
     (directory / "opencode.json").write_text(json.dumps(config))
-    return {"HOME": str(directory), "OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_MODELS_FETCH": "1"}
+    env = {"HOME": str(home), "OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_MODELS_FETCH": "1"}
+    # opencode takes its project from $PWD, which a subprocess inherits from the test run, not from its cwd.
+    return {**env, "PWD": str(directory)}, directory
 
 
 def opencode_events(out: str) -> list[dict[str, object]]:
@@ -188,9 +194,8 @@ def opencode_events(out: str) -> list[dict[str, object]]:
 
 def test_opencode_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path) -> None:
     opencode = binary("opencode")
-    out = run(
-        [opencode, "run", "--format", "json", "say hi"], opencode_project(agents_service, tmp_path, "demo"), tmp_path
-    )
+    env, project = opencode_project(agents_service, tmp_path, "demo")
+    out = run([opencode, "run", "--format", "json", "say hi"], env, project)
     texts = [e for e in opencode_events(out) if e.get("type") == "text"]
     assert texts and not [e for e in opencode_events(out) if e.get("type") == "error"]
 
@@ -201,16 +206,16 @@ def test_opencode_compacts_its_conversation_when_mlxq_says_it_overflows(
     """A second turn that does not fit `short`'s context: mlxq answers 400 `context_length_exceeded` in
     OpenAI's words, opencode takes it for an overflow, summarises the conversation and answers the turn."""
     opencode = binary("opencode")
-    env = opencode_project(agents_service, tmp_path, "short")
+    env, project = opencode_project(agents_service, tmp_path, "short")
     source = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
     first = opencode_events(
-        run([opencode, "run", "--format", "json", "Remember this: " + source[:12_000]], env, tmp_path)
+        run([opencode, "run", "--format", "json", "Remember this: " + source[:12_000]], env, project)
     )
     [turn] = [e["part"]["tokens"] for e in first if e.get("type") == "step_finish"]  # type: ignore[index]
     done = subprocess.run(
         [str(opencode), "run", "--continue", "--format", "json", "And this: " + source[12_000:20_000]],
         env={**os.environ, **QUIET, **env},
-        cwd=tmp_path,
+        cwd=project,
         capture_output=True,
         text=True,
         timeout=240,
