@@ -38,6 +38,9 @@ QUIET = {
 SHORT_CONTEXT = 12_000
 """The `short` model's context: opencode's default prompt (about 8,000 tokens) and a turn of 3,000 fit it,
 a second turn does not."""
+MID_CONTEXT = 40_000
+"""The `mid` model's context: Claude Code's default prompt (about 21,500 tokens) and turns of 3,000 and
+4,000 fit it, a third of 17,000 does not; the summary of the first two (with Claude Code's prompt) does."""
 AGENTS_DEFAULT_MODEL = "gpt-5.6-luna"
 """The Agents SDK's default model (agents.models.get_default_model()), an alias of demo here."""
 
@@ -60,6 +63,7 @@ def agents_service(
     demo = Settings(data_dir=data_dir).builtin_model_dir("demo")  # built by the worker as it starts
     models.write_text(
         f'[models.short]\npath = "{demo}"\ncontext_tokens = {SHORT_CONTEXT}\nnotes = "the demo, a short context"\n'
+        f'[models.mid]\npath = "{demo}"\ncontext_tokens = {MID_CONTEXT}\nnotes = "the demo, a mid context"\n'
         f'[aliases]\n"{AGENTS_DEFAULT_MODEL}" = "demo"\n'
     )
     svc = Service(
@@ -106,6 +110,29 @@ def test_claude_code_answers_with_its_default_prompt(agents_service: Service, tm
     """As the README says it, nothing shortened: its system prompt and every tool, about 21,000 tokens."""
     out = run([binary("claude"), "-p", "say hi", "--model", "demo"], claude_env(agents_service, tmp_path), tmp_path)
     assert out.strip()
+
+
+def test_claude_code_compacts_its_conversation_when_mlxq_says_the_prompt_is_too_long(
+    agents_service: Service, tmp_path: Path
+) -> None:
+    """A third turn that does not fit `mid`'s context: mlxq answers Anthropic's 400 "prompt is too long:
+    N tokens > M maximum", Claude Code summarises the conversation (a compact boundary) and answers."""
+    claude = binary("claude")
+    env = {**claude_env(agents_service, tmp_path), "PWD": str(tmp_path)}
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    run([claude, "-p", "Remember this: " + source[:12_000], "--model", "mid"], env, tmp_path)
+    # Claude Code summarises no fewer than two turns.
+    run([claude, "-p", "--continue", "And this: " + source[12_000:28_000], "--model", "mid"], env, tmp_path)
+    out = run(
+        [claude, "-p", "--continue", "And this: " + source[28_000:99_000], "--model", "mid",
+         "--output-format", "stream-json", "--verbose"],
+        env,
+        tmp_path,
+    )  # fmt: skip
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(e.get("type") == "system" and e.get("subtype") == "compact_boundary" for e in events), out[-3000:]
+    [result] = [e for e in events if e.get("type") == "result"]
+    assert result["subtype"] == "success" and not result["is_error"] and result["result"]
 
 
 def test_claude_code_streams_json_with_a_tool_offered(agents_service: Service, tmp_path: Path) -> None:
