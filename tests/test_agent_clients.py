@@ -264,3 +264,129 @@ def prompt_of(tokens: dict[str, object]) -> int:
     cache = tokens["cache"]
     assert isinstance(cache, dict)
     return int(str(tokens["input"])) + int(cache["read"])
+
+
+def project_and_home(tmp_path: Path) -> tuple[Path, Path]:
+    project, home = tmp_path / "project", tmp_path / "home"
+    project.mkdir()
+    home.mkdir()
+    return project, home
+
+
+def test_qwen_code_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path) -> None:
+    """qwen-code's OpenAI provider, as its docs set it: about 15,000 demo tokens of prompt."""
+    qwen = binary("qwen")
+    project, home = project_and_home(tmp_path)
+    (home / ".qwen").mkdir()
+    settings = {
+        "security": {"auth": {"selectedType": "openai"}},
+        "model": {"name": "demo"},
+        "privacy": {"usageStatisticsEnabled": False},
+        "telemetry": {"enabled": False},
+        "general": {"enableAutoUpdate": False},
+    }
+    (home / ".qwen" / "settings.json").write_text(json.dumps(settings))
+    env = {
+        "HOME": str(home),
+        "PWD": str(project),
+        "OPENAI_BASE_URL": agents_service.base_url + "/v1",
+        "OPENAI_API_KEY": "unused",
+        "OPENAI_MODEL": "demo",
+        "QWEN_USAGE_STATISTICS_ENABLED": "false",
+        "QWEN_TELEMETRY_ENABLED": "false",
+    }
+    assert run([qwen, "say hi"], env, project).strip()
+
+
+def test_continue_cli_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path) -> None:
+    """Continue's `cn` with an OpenAI model in its config. (It asks api.continue.dev for its latest version as
+    it starts, whatever it is told; without a way out it fails quietly and goes on.)"""
+    cn = binary("cn")
+    project, home = project_and_home(tmp_path)
+    (home / ".continue").mkdir()
+    config = home / ".continue" / "config.yaml"
+    config.write_text(
+        "name: mlxq\nversion: 1.0.0\nschema: v1\nmodels:\n  - name: demo\n    provider: openai\n    model: demo\n"
+        f"    apiBase: {agents_service.base_url}/v1\n    apiKey: unused\n    roles:\n      - chat\n"
+    )
+    env = {
+        "HOME": str(home),
+        "PWD": str(project),
+        "CONTINUE_CLI_ENABLE_TELEMETRY": "0",
+        "CONTINUE_METRICS_ENABLED": "0",
+    }
+    assert run([cn, "-p", "--config", config, "say hi"], env, project).strip()
+
+
+@pytest.mark.parametrize("provider", ["openai-compatible", "ollama"])
+def test_cline_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path, provider: str) -> None:
+    """Cline's OpenAI-compatible provider, and its Ollama provider (which sends fields Ollama's API does not
+    have: mlxq ignores them as Ollama does). Its settings are the files `cline auth` writes."""
+    cline = binary("cline")
+    project, home = project_and_home(tmp_path)
+    settings = home / ".cline" / "data" / "settings"
+    settings.mkdir(parents=True)
+    base = agents_service.base_url + ("/v1" if provider == "openai-compatible" else "")
+    chosen = {"provider": provider, "model": "demo", "baseUrl": base, "apiKey": "unused"}
+    if provider == "ollama":
+        del chosen["apiKey"]
+    providers = {
+        "version": 1,
+        "lastUsedProvider": provider,
+        "modes": {},
+        # Without `updatedAt` the file is not valid to Cline, which then falls back to its own service.
+        "providers": {provider: {"settings": chosen, "updatedAt": "2026-01-01T00:00:00.000Z", "tokenSource": "manual"}},
+    }
+    (settings / "providers.json").write_text(json.dumps(providers))
+    (settings / "global-settings.json").write_text(json.dumps({"telemetryOptOut": True, "autoUpdateEnabled": False}))
+    env = {
+        "HOME": str(home),
+        "PWD": str(project),
+        "DO_NOT_TRACK": "1",
+        "DISABLE_TELEMETRY": "1",
+        "CLINE_NO_AUTO_UPDATE": "1",
+    }
+    before = agents_service.gateway.log.read_text().count("POST /api/chat")
+    try:
+        assert run([cline, "say hi"], env, project).strip()
+    finally:
+        stop_cline_daemons(home)
+    chats = agents_service.gateway.log.read_text().count("POST /api/chat") - before
+    assert chats >= 1 if provider == "ollama" else chats == 0
+
+
+def stop_cline_daemons(home: Path) -> None:
+    """Cline leaves a daemon behind (`--cline-hub-daemon`, on a fixed port): this test's go with it."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if "--cline-hub-daemon" in (process.info["cmdline"] or []) and (process.info["environ"] or {}).get(
+                "HOME"
+            ) == str(home):
+                process.kill()
+        except psutil.Error:
+            continue
+
+
+def test_kilo_answers_with_its_default_prompt(agents_service: Service, tmp_path: Path) -> None:
+    """Kilo (an opencode fork) with its own config file in the project: about 13,000 demo tokens."""
+    kilo = binary("kilo")
+    project, home = project_and_home(tmp_path)
+    provider = {
+        "npm": "@ai-sdk/openai-compatible",
+        "name": "mlxq",
+        "options": {"baseURL": agents_service.base_url + "/v1", "apiKey": "unused"},
+        "models": {"demo": {"name": "demo", "limit": {"context": 131072, "output": 8192}}},
+    }
+    config = {"provider": {"mlxq": provider}, "model": "mlxq/demo", "autoupdate": False, "share": "disabled"}
+    (project / "kilo.json").write_text(json.dumps(config))
+    env = {
+        "HOME": str(home),
+        "PWD": str(project),
+        "KILO_DISABLE_AUTOUPDATE": "1",
+        "KILO_DISABLE_MODELS_FETCH": "1",
+        "KILO_DISABLE_SESSION_INGEST": "1",
+    }
+    events = opencode_events(run([kilo, "run", "--format", "json", "say hi"], env, project))
+    assert [e for e in events if e.get("type") == "text"] and not [e for e in events if e.get("type") == "error"]
