@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sysconfig
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def agents_service(
         default_max_tokens=None,
         heartbeat_interval_s=0.5,
     )
+    # `short` and `mid` are the demo's files, which the worker builds as it starts, beside its serving.
+    deadline = time.monotonic() + 180
+    while not (demo / "model.safetensors").exists():
+        assert time.monotonic() < deadline, "the worker did not build the demo model"
+        time.sleep(0.2)
     yield svc
     svc.stop()
 

@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 DEMO = "demo"
 TINY = "tiny"
 
+TINY_CONTEXT = 32768
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 512
 SEED = 20261122
@@ -72,7 +75,7 @@ CONFIG = {
     "num_key_value_heads": 2,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
-    "max_position_embeddings": 32768,
+    "max_position_embeddings": TINY_CONTEXT,
     "vocab_size": VOCAB_SIZE,
     "tie_word_embeddings": True,
     "bos_token_id": None,
@@ -101,17 +104,7 @@ def _write_tokenizer(directory: Path) -> None:
     assert tokenizer.token_to_id("<|im_end|>") == CONFIG["eos_token_id"]
     tokenizer.save(str(directory / "tokenizer.json"))
 
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "model_max_length": CONFIG["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    demo_tokenizer.write_chatml_config(directory, CHAT_TEMPLATE, TINY_CONTEXT)
 
 
 Shaping = Callable[[dict[str, Any]], dict[str, Any]]
@@ -180,6 +173,16 @@ def build_demo_model(directory: Path) -> Path:
 
 def _build(
     directory: Path, config: dict[str, Any], write_tokenizer: Callable[[Path], None], shaping: Shaping | None = None
+) -> Path:
+    with _building[directory]:  # a second caller in this process waits for the first's build
+        return _build_once(directory, config, write_tokenizer, shaping)
+
+
+_building: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
+
+
+def _build_once(
+    directory: Path, config: dict[str, Any], write_tokenizer: Callable[[Path], None], shaping: Shaping | None
 ) -> Path:
     if (directory / "model.safetensors").exists():
         return directory

@@ -102,9 +102,15 @@ def write_tokenizer(directory: Path, context: int) -> int:
     tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in MARKUP_TOKENS])
     tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in SPECIAL_TOKENS])
     tokenizer.save(str(directory / "tokenizer.json"))
+    write_chatml_config(directory, CHAT_TEMPLATE, context)
+    return int(tokenizer.get_vocab_size())
+
+
+def write_chatml_config(directory: Path, chat_template: str, context: int) -> None:
+    """tokenizer_config.json for a ChatML tokenizer (both built-in models' end of turn is `<|im_end|>`)."""
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
@@ -113,4 +119,3 @@ def write_tokenizer(directory: Path, context: int) -> int:
         "clean_up_tokenization_spaces": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return int(tokenizer.get_vocab_size())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 import mlx.core as mx
 from redis import Redis
@@ -41,8 +42,9 @@ def main() -> None:
         if problem:
             logger.warning("model will fail to load: %s", problem)
         elif spec.builtin and spec.path is not None:
-            # Built now (the demo in seconds, once), so that gateways can count its tokens from the first request.
-            build_builtin(spec.name, spec.path)
+            # Built now, so that gateways count its tokens from the first request; on a thread of its own,
+            # so that the worker serves meanwhile (the demo takes seconds, once; a job for it waits for it).
+            threading.Thread(target=build_builtin, args=(spec.name, spec.path), name=f"build-{spec.name}").start()
 
     budget = settings.model_budget_bytes or int(device_memory_bytes() * settings.model_budget_fraction)
     logger.info("model budget: %s", format_bytes(budget))
