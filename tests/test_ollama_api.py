@@ -11,6 +11,7 @@ import ollama
 import pytest
 
 from tests.support import Service
+from tests.test_responses_api import WEATHER as TOOL
 
 pytestmark = pytest.mark.slow
 
@@ -78,19 +79,8 @@ def test_an_unknown_option_is_refused_in_ollamas_error_shape(service: Service) -
     assert missing.value.status_code == 404
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
+WEATHER = {"type": "function", "function": {k: v for k, v in TOOL.items() if k not in ("type", "strict")}}
+"""The Responses API tests' get_weather, in the chat completions' (and Ollama's) shape."""
 
 
 def test_unknown_top_level_fields_are_ignored_as_ollama_ignores_them_and_a_forcing_tool_choice_holds(
