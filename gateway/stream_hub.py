@@ -2,23 +2,30 @@
 
 Each open stream used to hold a Redis connection for its own blocking `XREAD`, so
 a hundred of them filled redis-py's pool and every other request failed. Here one
-task reads all followed streams with one `XREAD` over their keys and hands each
-follower its entries through a bounded buffer of its own: the connections a
-gateway uses stay few and fixed however many streams are open. A follower that
-does not keep up (its buffer full) is told so and ends; it never slows the reader
-or the other streams.
+task reads for every follower and hands each its entries through a bounded buffer
+of its own: the connections a gateway uses stay few and fixed however many streams
+are open. A follower that does not keep up (its buffer full) is told so and ends;
+it never slows the reader or the other streams.
 
-A stream opened while that `XREAD` blocks is not in it: the reader reads a wake
-stream of its own beside the job streams, and opening a stream adds an entry to
-it, so the blocked read ends at once and the next one includes the new stream.
-An entry added before the read blocks ends it as well (it is read from the last
-id seen, not from "now"), so no opening waits for a read's timeout.
+The reader blocks on the notices that writers add beside their entries
+(`keys.STREAMS_WRITTEN`, shared/job_stream.py `notice`) and reads only the
+streams they name that it follows: one `XREAD` over every followed stream on
+every token cost a thousand open streams most of the gateway's time (and Redis's).
+A stream just opened is read at once, and every followed stream is read once a
+`SWEEP_S` all the same, so a notice lost (Redis came back without it, or trimmed
+it before a slow reader got to it) delays its stream, never loses an entry.
+
+A stream opened while the reader blocks: the reader reads a wake stream of its own
+beside the notices, and opening a stream adds an entry to it, so the blocked read
+ends at once and the next one includes the new stream. An entry added before the
+read blocks ends it as well (it is read from the last id seen, not from "now").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,8 +42,14 @@ logger = logging.getLogger(__name__)
 READ_BLOCK_MS = 100
 """How long one XREAD waits when nothing arrives and no stream opens (an opening wakes it at once)."""
 
+SWEEP_S = 1.0
+"""Every followed stream is read at least this often, noticed or not."""
+
 READ_COUNT = 200
-"""Entries read per stream at a time."""
+"""Entries read per stream at a time (notices too)."""
+
+READ_STREAMS = 500
+"""Streams one XREAD names at most (a sweep of more takes several)."""
 
 BUFFER_ENTRIES = 20_000
 """Entries a follower may leave unread before it is cut off (about a long answer's tokens)."""
@@ -72,27 +85,39 @@ class Subscription:
 
 
 class StreamHub:
-    """Reads every followed stream with one XREAD and fans the entries out in memory."""
+    """Reads the followed streams that notices name, and fans their entries out in memory."""
 
     def __init__(
-        self, redis: AsyncRedis, results: Callable[[str], dict[str, Any] | None], block_ms: int = READ_BLOCK_MS
+        self,
+        redis: AsyncRedis,
+        results: Callable[[str], dict[str, Any] | None],
+        block_ms: int = READ_BLOCK_MS,
+        sweep_s: float = SWEEP_S,
     ) -> None:
         self.redis = redis
         """For everything else a follower asks (a job's status): shared, not held."""
         self._results = results
         self._block_ms = block_ms
+        self._sweep_s = sweep_s
         self._subscribers: dict[str, set[Subscription]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._wake_key = keys.hub_wake(uuid.uuid4().hex)
         self._woken_at = "0-0"
         """The last wake entry the reader has seen."""
-        self._reading: dict[str, str] = {}
-        """The job streams of the XREAD in flight and where it reads each from (empty when none is)."""
+        self._noticed_at: str | None = None
+        """The last notice the reader has seen; None until it has asked Redis where they end."""
+        self._due: set[str] = set()
+        """Followed streams to read next: noticed, opened, left with more to read, or swept."""
+        self._swept_at = 0.0
+        self._notices_behind = False
+        """The last read brought a full count of notices: more wait, so the next read does not block."""
+        self._blocking = False
+        """An XREAD that blocks is in flight."""
         self._reads = 0
         """XREADs begun so far; one wake ends one of them."""
         self._to_end = -1
-        """The latest read a stream opened during, that a wake must end (-1: none)."""
+        """The latest blocking read a stream opened during, that a wake must end (-1: none)."""
         self._nudging: asyncio.Task[None] | None = None
         """The one wake on its way, if any: a thousand streams opening at once take one connection."""
         self._stopping = False
@@ -102,7 +127,7 @@ class StreamHub:
 
     async def stop(self) -> None:
         self._stopping = True  # redis-py may turn the cancel of a blocked read into a timeout: not retried
-        if self._reading:
+        if self._blocking:
             await self._nudge()  # its blocked read ends now, and the loop with it
         pending = [task for task in (self._nudging, self._task) if task is not None]
         for task in pending:
@@ -121,10 +146,9 @@ class StreamHub:
     def subscribe(self, stream: str, after: str) -> Subscription:
         sub = Subscription(stream, after)
         self._subscribers.setdefault(stream, set()).add(sub)
+        self._due.add(stream)
         self._wake.set()
-        reading = self._reading.get(stream)
-        behind = reading is None or _id(after) < _id(reading)  # not read, or read from later than it asks
-        if self._reading and behind:
+        if self._blocking:
             self._to_end = self._reads
             if self._nudging is None:
                 self._nudging = asyncio.get_running_loop().create_task(self._wake_reader())
@@ -166,50 +190,83 @@ class StreamHub:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            positions = {
-                stream: min(live, key=_id)
-                for stream, subs in self._subscribers.items()
-                if (live := [sub.delivered for sub in subs if not sub.overflowed])
-            }
-            if not positions:
-                await asyncio.sleep(READ_BLOCK_MS / 1000)  # only cut-off followers, on their way out
-                continue
-            self._reading = dict(positions)
-            self._reads += 1
             try:
-                reply = await self.redis.xread(
-                    {**positions, self._wake_key: self._woken_at},  # type: ignore[dict-item]
-                    count=READ_COUNT,
-                    block=self._block_ms,
-                )
+                if self._noticed_at is None:
+                    self._noticed_at = await self._notices_end()
+                await self._read_once()
             except UNREACHABLE as exc:
                 if self._stopping:
                     return
                 REDIS.failed("reading job streams", exc)
+                self._swept_at = 0.0  # Redis may have come back without the notices written meanwhile
                 await asyncio.sleep(RETRY_MAX_S / 4)
-                continue
             except Exception:
                 if self._stopping:
                     return
                 logger.exception("reading job streams failed")
+                self._swept_at = 0.0
                 await asyncio.sleep(1.0)
-                continue
-            finally:
-                read_from, self._reading = self._reading, {}
-            REDIS.ok()
-            streams: list[Any] = list(reply or [])  # RESP2: [[stream, [(id, fields), ...]], ...]
-            for raw_stream, entries in streams:
-                stream, read = text(raw_stream), [(text(entry_id), fields) for entry_id, fields in entries]
-                if stream == self._wake_key:
-                    self._woken_at = read[-1][0]
-                else:
-                    self._deliver(stream, read, read_from[stream])
+            else:
+                REDIS.ok()
+
+    async def _notices_end(self) -> str:
+        """The id of the newest notice ("0-0" when there is none): the reader follows the notices from there."""
+        newest = await self.redis.xrevrange(keys.STREAMS_WRITTEN, count=1)
+        return text(newest[0][0]) if newest else "0-0"
+
+    async def _read_once(self) -> None:
+        """One XREAD: of the streams due, if any, else blocking on the notices and the wake stream."""
+        now = time.monotonic()
+        if now - self._swept_at >= self._sweep_s:
+            self._swept_at = now
+            self._due.update(self._subscribers)
+        reading: dict[str, str] = {}
+        while self._due and len(reading) < READ_STREAMS:
+            stream = self._due.pop()
+            live = [sub.delivered for sub in self._subscribers.get(stream, ()) if not sub.overflowed]
+            if live:
+                reading[stream] = min(live, key=_id)
+        block: int | None = None
+        if not reading and not self._notices_behind:
+            until_sweep_ms = int(1000 * (self._swept_at + self._sweep_s - now)) + 1
+            block = max(1, min(self._block_ms, until_sweep_ms))
+        assert self._noticed_at is not None
+        self._blocking, self._reads = block is not None, self._reads + 1
+        try:
+            reply = await self.redis.xread(
+                {**reading, keys.STREAMS_WRITTEN: self._noticed_at, self._wake_key: self._woken_at},  # type: ignore[dict-item]
+                count=READ_COUNT,
+                block=block,
+            )
+        except BaseException:
+            self._due.update(reading)  # read again once Redis answers
+            raise
+        finally:
+            self._blocking = False
+        self._notices_behind = False
+        streams: list[Any] = list(reply or [])  # RESP2: [[stream, [(id, fields), ...]], ...]
+        for raw_stream, entries in streams:
+            stream, read = text(raw_stream), [(text(entry_id), fields) for entry_id, fields in entries]
+            if stream == self._wake_key:
+                self._woken_at = read[-1][0]
+            elif stream == keys.STREAMS_WRITTEN:
+                self._noticed_at = read[-1][0]
+                self._notices_behind = len(read) >= READ_COUNT
+                for _, fields in read:
+                    named = text(fields.get(b"k", fields.get("k", b""))).split()
+                    self._due.update(written for written in named if written in self._subscribers)
+            else:
+                self._deliver(stream, read, reading[stream])
+                if len(read) >= READ_COUNT:
+                    self._due.add(stream)  # more to read
 
     def _deliver(self, stream: str, entries: list[tuple[str, dict[Any, Any]]], read_from: str) -> None:
         """`entries` (those after `read_from`) to each follower that has all before them; one that joined
         the read asking for earlier ones gets them, and these, from the next read."""
+        behind = False
         for sub in list(self._subscribers.get(stream, ())):
             if _id(sub.delivered) < _id(read_from):
+                behind = True
                 continue
             for entry_id, fields in entries:
                 if _id(entry_id) <= _id(sub.delivered) or sub.overflowed:
@@ -220,3 +277,5 @@ class StreamHub:
                     sub.overflowed = True  # its follower ends the stream; the others go on
                     continue
                 sub.delivered = entry_id
+        if behind:
+            self._due.add(stream)

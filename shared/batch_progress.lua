@@ -12,6 +12,7 @@
 -- KEYS[4] RQ's set of queue keys
 -- KEYS[5] the set of open batches
 -- KEYS[6] the wake list idle workers block on
+-- KEYS[7] the stream of notices that streams were written (the gateways' stream readers block on it)
 -- ARGV[1] the child's custom id, or "" to look at every child's RQ status instead (a sweep)
 -- ARGV[2] the child's event (JSON), with ARGV[1]
 -- ARGV[3] RQ's timestamp for the synthesis's enqueued_at
@@ -19,6 +20,7 @@
 -- ARGV[5] RQ's job key prefix; ARGV[6] the batch id
 -- ARGV[7] how long the record is kept once every child has ended, s (none before: the synthesis needs it)
 -- ARGV[8] wake tokens kept at most
+-- ARGV[9] notices kept, roughly
 --
 -- Returns "done" once every child has ended, "open" before, "gone" when there is no such batch.
 
@@ -30,9 +32,14 @@ end
 local record = cjson.decode(raw)
 local children = record["children"]
 
+local function add(kind, data)
+  redis.call("XADD", KEYS[3], "*", "type", kind, "data", data)
+  redis.call("XADD", KEYS[7], "MAXLEN", "~", ARGV[9], "*", "k", KEYS[3])
+end
+
 local function record_end(custom_id, event)
   if redis.call("HSETNX", KEYS[2], custom_id, 1) == 1 then
-    redis.call("XADD", KEYS[3], "*", "type", "child", "data", event)
+    add("child", event)
   end
 end
 
@@ -68,7 +75,7 @@ redis.call("EXPIRE", KEYS[1], ARGV[7])
 
 local synthesis_id = record["synthesis_job_id"]
 if type(synthesis_id) ~= "string" then
-  redis.call("XADD", KEYS[3], "*", "type", "end", "data", cjson.encode({status = "completed"}))
+  add("end", cjson.encode({status = "completed"}))
   return "done"
 end
 local job_key = ARGV[5] .. synthesis_id
@@ -83,6 +90,5 @@ if status == "deferred" then
   redis.call("LTRIM", KEYS[6], -tonumber(ARGV[8]), -1)
   status = "queued"
 end
-redis.call("XADD", KEYS[3], "*", "type", "children_done", "data",
-  cjson.encode({synthesis = {id = synthesis_id, status = status or "expired"}}))
+add("children_done", cjson.encode({synthesis = {id = synthesis_id, status = status or "expired"}}))
 return "done"

@@ -84,6 +84,7 @@ def _run(redis: Redis, batch_id: str, custom_id: str, event: str, ttl_s: int) ->
             Queue.redis_queues_keys,
             keys.OPEN_BATCHES,
             keys.WAKE,
+            keys.STREAMS_WRITTEN,
         ],
         args=[
             custom_id,
@@ -94,6 +95,7 @@ def _run(redis: Redis, batch_id: str, custom_id: str, event: str, ttl_s: int) ->
             batch_id,
             keys.BATCH_KEPT_S,
             keys.WAKE_MAX,
+            keys.STREAMS_WRITTEN_MAXLEN,
         ],
     )
     state: State = text(reply)  # type: ignore[assignment]

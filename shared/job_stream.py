@@ -36,21 +36,37 @@ def entry(kind: str, **data: Any) -> dict[str, str]:
 
 
 def append(target: Redis | Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) -> None:
-    """Add one entry and, given `ttl_s`, keep the stream that long from now.
+    """Add one entry and, given `ttl_s`, keep the stream that long from now; with its notice, in one round trip."""
+    if not isinstance(target, Pipeline):  # (a Pipeline is a Redis too)
+        with target.pipeline(transaction=False) as pipe:
+            append(pipe, job_id, kind, ttl_s, **data)
+            pipe.execute()
+        return
+    add(target, job_id, kind, ttl_s, **data)
+    notice(target, [keys.job_stream(job_id)])
 
-    Text entries pass None: the TTL set when the job started covers them, and one
+
+def add(pipe: Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) -> None:
+    """`append` without its notice, for a writer that notices many entries at once (`notice`).
+
+    Text entries pass None for `ttl_s`: the TTL set when the job started covers them, and one
     command per token less matters on a fast model."""
     stream = keys.job_stream(job_id)
-    target.xadd(stream, entry(kind, **data))  # type: ignore[arg-type]
+    pipe.xadd(stream, entry(kind, **data))  # type: ignore[arg-type]
     if ttl_s is not None:
-        target.expire(stream, ttl_s)
+        pipe.expire(stream, ttl_s)
+
+
+def notice(pipe: Pipeline, streams: list[str]) -> None:
+    """Tell the gateways' stream readers that `streams` were written (after the writes, in the same pipeline:
+    a reader that sees the notice finds the entries). A notice lost (Redis came back without it) delays a
+    follower until its reader's sweep (gateway/stream_hub.py), never loses an entry."""
+    pipe.xadd(keys.STREAMS_WRITTEN, {"k": " ".join(streams)}, maxlen=keys.STREAMS_WRITTEN_MAXLEN, approximate=True)
 
 
 def end(redis: Redis, job_id: str, status: str, ttl_s: int, **data: Any) -> None:
     """Mark the job's stream as ended (finished, failed or canceled)."""
-    with redis.pipeline(transaction=False) as pipe:
-        append(pipe, job_id, "end", ttl_s, status=status, **data)
-        pipe.execute()
+    append(redis, job_id, "end", ttl_s, status=status, **data)
 
 
 def decode(fields: dict[Any, Any]) -> tuple[str, dict[str, Any]]:

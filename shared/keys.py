@@ -114,6 +114,15 @@ def job_stream(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:stream"
 
 
+STREAMS_WRITTEN = f"{PREFIX}:streams:written"
+"""Stream of notices, one for each write to job or batch streams, naming the streams written (space-separated,
+field `k`): a gateway's stream reader blocks on it and reads only the streams it names, not every stream it
+follows on every token (shared/job_stream.py `notice`)."""
+
+STREAMS_WRITTEN_MAXLEN = 10_000
+"""Notices kept, roughly: a reader that falls further behind finds what it missed in its sweep."""
+
+
 def hub_wake(hub_id: str) -> str:
     """Stream a gateway's stream reader reads beside the job streams it follows: an entry added when a
     stream is opened ends the reader's blocked XREAD at once, so the new stream is read without waiting

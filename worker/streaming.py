@@ -18,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from shared import job_stream
+from shared import job_stream, keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE
 from worker.rows import Sent
 
@@ -81,7 +81,8 @@ class StreamPublisher:
             try:
                 with self._redis.pipeline(transaction=False) as pipe:
                     for job_id, sent in batch:
-                        job_stream.append(pipe, job_id, sent.piece.kind, None, **fields(sent))
+                        job_stream.add(pipe, job_id, sent.piece.kind, None, **fields(sent))
+                    job_stream.notice(pipe, [keys.job_stream(job_id) for job_id in dict.fromkeys(j for j, _ in batch)])
                     pipe.execute()
                 REDIS.ok()
                 written = time.time()
