@@ -83,11 +83,14 @@ async def accept(
     metas: list[dict[str, Any]] | None = None,
     job_ids: list[str] | None = None,
     batch: BatchWrite | None = None,
+    streamed: bool = True,
 ) -> Accepted:
     """Check, then admit and enqueue every request as a job in the priority's queue, or none of them.
 
     Low-priority work (batch children included) is the batch tier: its own per-client cap,
-    and served in turns by client rather than first come first served."""
+    and served in turns by client rather than first come first served. A call that waits for
+    its whole answer (`streamed=False`) makes quiet jobs: their streams get only their ends
+    (worker/tasks.py), since each token written there costs the engine CPU and nobody reads it."""
     accepted_at = time.time()  # where the job's hops begin (Timings.hops_ms)
     # Rendering a long prompt's chat template takes a while: off the event loop.
     fitted = await run_in_threadpool(lambda: [gw.limits.check(request) for request in requests])
@@ -106,7 +109,12 @@ async def accept(
         factory.build(
             request,
             job_id=(job_ids[i] if job_ids else None),
-            meta={**(metas[i] if metas else {}), "owner": client.tag, "accepted_at": accepted_at},
+            meta={
+                **(metas[i] if metas else {}),
+                "owner": client.tag,
+                "accepted_at": accepted_at,
+                **({} if streamed else {"quiet": True}),
+            },
         )
         for i, request in enumerate(requests)
     ]

@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from redis import Redis
 
+from shared import job_stream, keys
 from tests.support import Gateway, RedisServer, Service
 
 pytestmark = pytest.mark.slow
@@ -154,6 +156,29 @@ def test_job_events_stream_status_and_text_and_resume_after_last_event_id(servic
     resumed = read_sse(service, f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": middle["id"]})
     assert resumed[0]["id"] > middle["id"]
     assert [e["id"] for e in resumed] == [e["id"] for e in events if e.get("id", "") > middle["id"]]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_call_that_waits_for_its_whole_answer_has_no_tokens_written_to_its_stream(
+    client: openai.OpenAI, service: Service, redis: Redis, stream: bool
+) -> None:
+    """Each token in a job's stream costs the engine CPU on its way out: a non-streamed call's job writes
+    only its status and end there, and its answer is the same; a streamed one writes every piece."""
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 6, "temperature": 0, "stream": stream}
+    with service.http.stream("POST", "/v1/chat/completions", json=body, timeout=60) as reply:
+        reply.read()
+        job_id = reply.headers["x-mlxq-job-id"]
+    written = [job_stream.decode(fields) for _, fields in redis.xrange(keys.job_stream(job_id))]
+    kinds = [kind for kind, _ in written]
+    end = written[-1][1]
+    assert kinds[-1] == "end" and end["status"] == "finished"
+    if stream:
+        assert "".join(data["text"] for kind, data in written if kind == "text") == end["result"]["text"] != ""
+        return
+    assert set(kinds) == {"status", "end"}
+    assert "first_written" not in end["result"]["timings"]["hops_ms"]
+    streamed = client.chat.completions.create(**{**body, "stream": True})  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == end["result"]["text"] != ""
 
 
 def read_sse(service: Service, path: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:

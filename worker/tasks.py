@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -105,7 +106,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             request=req,
             spec=spec,
             deadline=time.monotonic() + timeout_s - DEADLINE_MARGIN_S,
-            on_text=lambda sent: runtime.publisher.piece(job.id, sent),
+            on_text=(lambda sent: None) if job.meta.get("quiet") else partial(runtime.publisher.piece, job.id),
             resume=resume,
         )
         submitted = time.time()

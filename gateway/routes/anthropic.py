@@ -38,7 +38,7 @@ router = router_for(error_body, error_status, tags=["anthropic"])
 async def messages(body: MessagesRequest, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
     """Anthropic's Messages API; `stream: true` for its server-sent events."""
     generate = body.to_generate()
-    done = await submission.accept(gw, client, [generate], "interactive", None)
+    done = await submission.accept(gw, client, [generate], "interactive", None, streamed=bool(body.stream))
     job_id = done.ids[0]
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if body.stream:

@@ -204,7 +204,7 @@ def _final(model: str, chat: bool, result: dict[str, Any], text: str, thinking: 
 async def _call(
     generate: GenerateRequest, stream: bool, request: Request, client: ClientDep, gw: GatewayDep, chat: bool
 ) -> Response:
-    done = await submission.accept(gw, client, [generate], "interactive", None)
+    done = await submission.accept(gw, client, [generate], "interactive", None, streamed=stream)
     job_id = done.ids[0]
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
     if stream:

@@ -47,7 +47,7 @@ async def _call(
     priority = submission.allowed_priority(body.priority, "interactive")
     generate = body.to_generate()
     idem = submission.idempotency(request, body.model_dump_json(), "")
-    done = await submission.accept(gw, client, [generate], priority, idem)
+    done = await submission.accept(gw, client, [generate], priority, idem, streamed=bool(body.stream))
     job_id = done.ids[0]
     shapes = Shapes(chat, job_id, body.model)
     headers = {**done.headers(), "x-mlxq-job-id": job_id}

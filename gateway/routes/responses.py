@@ -36,7 +36,7 @@ async def create(body: ResponsesRequest, request: Request, client: ClientDep, gw
         earlier = await run_in_threadpool(response_store.conversation, redis, body.previous_response_id, client)
     generate = body.to_generate(earlier)
     idem = submission.idempotency(request, body.model_dump_json(), "")
-    done = await submission.accept(gw, client, [generate], "interactive", idem)
+    done = await submission.accept(gw, client, [generate], "interactive", idem, streamed=bool(body.stream))
     job_id = done.ids[0]
     shapes = Shapes(job_id, body)
     headers = {**done.headers(), "x-mlxq-job-id": job_id}
