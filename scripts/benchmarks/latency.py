@@ -11,6 +11,7 @@ the engine and the client.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import threading
@@ -24,6 +25,8 @@ from typing import Any
 import httpx
 from redis import Redis
 
+from scripts.benchmarks.admission import free_port
+from scripts.benchmarks.peers import start_vllm_mlx, vllm_mlx_executable
 from scripts.benchmarks.stall import WORDS
 from scripts.benchmarks.streams import stop_all
 from shared import keys
@@ -85,9 +88,10 @@ def prompts(kind: str, round_index: int, count: int) -> list[list[dict[str, str]
 
 
 def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port: int) -> str:
-    from scripts.benchmarks.serving import beside_mlx_lm
+    from scripts.benchmarks.serving import ROOT, beside_mlx_lm, wait_until
 
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    vllm_mlx = None if args.no_vllm_mlx else vllm_mlx_executable(ROOT, os.environ.get("MLXQ_MLX_EXTRA", "cpu"))
     models = model_dir.parent / "latency-models.toml"
     models.write_text(f'[models.bench]\npath = "{model_dir}"\n')
     base_env = {**base_env, "MLXQ_MODELS_FILE": str(models)}
@@ -95,6 +99,12 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
     results: dict[tuple[str, str], list[Timed]] = {}
     try:
         processes, servers = beside_mlx_lm(model_dir, 5, redis_port, base_env, quiet)
+        if vllm_mlx is not None:
+            home = model_dir.parent / "vllm-home"
+            peer = start_vllm_mlx(vllm_mlx, model_dir, free_port(), base_env, quiet, home)
+            processes.append(peer.process)
+            wait_until(peer.base + peer.ready_path)
+            servers[peer.name] = (peer.base, peer.model)
         for base, model in servers.values():
             for messages in prompts("cached", -1, 2):  # loads the model, and keeps the shared prefix
                 call(base, model, messages, stream=False)
@@ -114,11 +124,11 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
         redis = Redis(port=redis_port, db=5)
         hops = {
             shape: mlxq_hops(servers["mlxq"][0], redis, results[(shape, "mlxq")])
-            for shape in ("cold c=1 streamed", "cold c=1 whole")
+            for shape in ("cold c=1 streamed", "cold c=1 whole", "cold c=8 streamed", "cold c=8 whole")
         }
     finally:
         stop_all(processes)
-    return table(results) + "\n\n" + hops_table(hops)
+    return table(results, [name for name in servers if name != "mlxq"]) + "\n\n" + hops_table(hops)
 
 
 def mlxq_hops(base: str, redis: Redis, timed: list[Timed]) -> dict[str, float]:
@@ -166,25 +176,30 @@ def hops_table(hops: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def table(results: dict[tuple[str, str], list[Timed]]) -> str:
-    def stat(shape: str, name: str, which: int, quantile: float) -> float:
-        values = sorted(t[which] for t in results.get((shape, name), []) if t[which] == t[which])
+def table(results: dict[tuple[str, str], list[Timed]], peers: list[str]) -> str:
+    def stat(shape: str, name: str, quantile: float) -> float:
+        values = sorted(t[0] for t in results.get((shape, name), []) if t[0] == t[0])
         if not values:
             return float("nan")
-        return values[min(len(values) - 1, round(quantile * (len(values) - 1)))]
+        return 1000 * values[min(len(values) - 1, round(quantile * (len(values) - 1)))]
 
+    names = ["mlxq", *peers]
+    columns = [f"{name} {q}" for q in ("p50", "p99") for name in names]
     lines = [
         f"Short chats ({MAX_TOKENS} new tokens, greedy) on the demo model: the first text of a stream (the answer of "
         "a whole one), p50 and p99 in ms, and mlxq less mlx_lm.server.",
         "",
-        "| shape | mlxq p50 | mlx_lm.server p50 | mlxq - peer p50 | mlxq p99 | mlx_lm.server p99 | mlxq - peer p99 |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | " + " | ".join(columns) + " | mlxq - mlx_lm.server p50 | mlxq - mlx_lm.server p99 |",
+        "|---|" + "---|" * (len(columns) + 2),
     ]
     for shape in dict.fromkeys(shape for shape, _ in results):
-        ours = [1000 * stat(shape, "mlxq", 0, q) for q in (0.5, 0.99)]
-        theirs = [1000 * stat(shape, "mlx_lm.server", 0, q) for q in (0.5, 0.99)]
+        cells = [stat(shape, name, q) for q in (0.5, 0.99) for name in names]
+        gaps = [stat(shape, "mlxq", q) - stat(shape, "mlx_lm.server", q) for q in (0.5, 0.99)]
         lines.append(
-            f"| {shape} | {ours[0]:.1f} | {theirs[0]:.1f} | {ours[0] - theirs[0]:+.1f} "
-            f"| {ours[1]:.1f} | {theirs[1]:.1f} | {ours[1] - theirs[1]:+.1f} |"
+            f"| {shape} | "
+            + " | ".join(f"{c:.1f}" for c in cells)
+            + " | "
+            + " | ".join(f"{g:+.1f}" for g in gaps)
+            + " |"
         )
     return "\n".join(lines)
