@@ -21,20 +21,31 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from gateway import model_admin, ollama_api, openapi_schema
-from gateway.admission import Admission
-from gateway.body_limit import BodySizeLimit
-from gateway.clients import ClientResolver
+from gateway.admission.admit import Admission
+from gateway.admission.clients import ClientResolver
+from gateway.admission.prompt_limits import PromptLimits
+from gateway.admission.refusals import RefusalCache
+from gateway.anthropic.routes import router as anthropic_routes
 from gateway.deps import Gateway, get_client
 from gateway.errors import count_refusal, install_error_handlers
-from gateway.jobs import JobFactory, finished_result
-from gateway.metrics import registry_for
-from gateway.pending_cancels import PendingCancels
-from gateway.prompt_limits import PromptLimits
-from gateway.refusal_cache import RefusalCache
-from gateway.routes import admin, anthropic, batches, events, jobs, models, ollama, openai, responses, system
-from gateway.slow_clients import SlowClientLimits
-from gateway.stream_hub import StreamHub
+from gateway.http import openapi_schema
+from gateway.http.body_limit import BodySizeLimit
+from gateway.http.slow_clients import SlowClientLimits
+from gateway.jobs.batch_routes import router as batch_routes
+from gateway.jobs.records import JobFactory, finished_result
+from gateway.jobs.routes import router as job_routes
+from gateway.models import management
+from gateway.models.routes import router as model_routes
+from gateway.ollama import shapes as ollama_shapes
+from gateway.ollama.routes import router as ollama_routes
+from gateway.openai.routes import router as openai_routes
+from gateway.operations.admin_routes import router as admin_routes
+from gateway.operations.events_routes import router as events_routes
+from gateway.operations.metrics import registry_for
+from gateway.operations.system_routes import router as system_routes
+from gateway.responses.routes import router as responses_routes
+from gateway.streams.cancels import PendingCancels
+from gateway.streams.hub import StreamHub
 from shared.events import record_outages
 from shared.live_models import LiveModels
 from shared.models import ModelRegistry
@@ -76,7 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
         refusals = RefusalCache(settings.refusal_hold_s)
         factories = {p: JobFactory(queue, settings) for p, queue in queues.items()}
         live = LiveModels(settings, app.state.redis, app.state.models).start()
-        pull_missing = partial(model_admin.ensure_pulled, app.state.redis, app.state.models)
+        pull_missing = partial(management.ensure_pulled, app.state.redis, app.state.models)
         app.state.gateway = Gateway(settings, app.state.limits, admission, queues, refusals, factories, pull_missing)
         app.state.metrics = registry_for(app.state.redis, list(queues.values()))
         flusher = asyncio.create_task(_flush_every_second(app, refusals))
@@ -102,20 +113,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.clients = ClientResolver(settings)
     app.state.limits = PromptLimits(app.state.models, settings)
     # A path under a protocol's prefix that no route matches still answers in that protocol's shape.
-    app.state.error_prefixes = {"/api/": ollama_api.error_body}
+    app.state.error_prefixes = {"/api/": ollama_shapes.error_body}
     install_error_handlers(app)
     openapi_schema.install(app, [spec.name for spec in app.state.models.all()] + list(app.state.models.aliases))
     authenticated = [Depends(get_client)]
-    app.include_router(jobs.router, dependencies=authenticated)
-    app.include_router(openai.router, dependencies=authenticated)
-    app.include_router(batches.router, dependencies=authenticated)
-    app.include_router(models.router, dependencies=authenticated)
-    app.include_router(admin.router, dependencies=authenticated)
-    app.include_router(events.router, dependencies=authenticated)
-    app.include_router(ollama.router, dependencies=authenticated)
-    app.include_router(anthropic.router, dependencies=authenticated)
-    app.include_router(responses.router, dependencies=authenticated)
-    app.include_router(system.router)
+    app.include_router(job_routes, dependencies=authenticated)
+    app.include_router(openai_routes, dependencies=authenticated)
+    app.include_router(batch_routes, dependencies=authenticated)
+    app.include_router(model_routes, dependencies=authenticated)
+    app.include_router(admin_routes, dependencies=authenticated)
+    app.include_router(events_routes, dependencies=authenticated)
+    app.include_router(ollama_routes, dependencies=authenticated)
+    app.include_router(anthropic_routes, dependencies=authenticated)
+    app.include_router(responses_routes, dependencies=authenticated)
+    app.include_router(system_routes)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

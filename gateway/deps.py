@@ -11,12 +11,12 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
-from gateway.admission import Admission
-from gateway.clients import Client, ClientResolver
-from gateway.jobs import JobFactory
-from gateway.prompt_limits import PromptLimits
-from gateway.refusal_cache import RefusalCache
-from gateway.stream_hub import StreamHub
+from gateway.admission.admit import Admission
+from gateway.admission.clients import Client, ClientResolver
+from gateway.admission.prompt_limits import PromptLimits
+from gateway.admission.refusals import RefusalCache
+from gateway.jobs.records import JobFactory
+from gateway.streams.hub import StreamHub
 from shared.errors import AdminKeyRequired, MlxqError
 from shared.models import ModelRegistry
 from shared.settings import Settings

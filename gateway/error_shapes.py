@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 
-from gateway.strict_json import StrictJsonRequest
+from gateway.http.strict_json import StrictJsonRequest
 from shared.errors import MlxqError
 
 ErrorBody = Callable[[MlxqError], dict[str, Any]]
@@ -33,7 +33,7 @@ def own_status(error: MlxqError) -> int:
 
 class ShapedRoute(APIRoute):
     """A route whose errors take its protocol's shape (and status, where the protocol differs), and
-    whose body is read strictly (gateway/strict_json.py)."""
+    whose body is read strictly (gateway/http/strict_json.py)."""
 
     error_body: ClassVar[ErrorBody] = staticmethod(openai_error)
     error_status: ClassVar[ErrorStatus] = staticmethod(own_status)

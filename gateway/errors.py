@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from gateway.error_shapes import shape_for
-from gateway.strict_json import BodyRefused
-from gateway.waiting import ClientGone
+from gateway.http.strict_json import BodyRefused
+from gateway.streams.waiting import ClientGone
 from shared import keys
 from shared.errors import GatewayBusy, InvalidRequest, MlxqError, ServiceUnavailable
 from shared.outage import REDIS, pool_exhausted

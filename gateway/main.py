@@ -5,7 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from gateway.app import create_app
-from gateway.slow_clients import patient_h11
+from gateway.http.slow_clients import patient_h11
 from shared.logs import configure_logging
 from shared.settings import Settings
 

@@ -12,7 +12,7 @@ Output entries (the four kinds between) also carry `seq`, 1 for the job's first 
 each after, across every attempt at the job, and `tokens`, the ids generated since the one before;
 the last piece of a generation that ended also carries `final`, its finish reason.
 A follower drops an entry it has seen (a write retried, an attempt repeating itself) and knows a gap
-when it sees one (gateway/following.py); a job run again after its worker died continues from the
+when it sees one (gateway/streams/following.py); a job run again after its worker died continues from the
 tokens its stream holds (`resumed`), so the stream reads as one generation.
 Stream ids are the SSE event ids, so a client resumes with Last-Event-ID.
 Workers write text through a publisher thread (worker/streaming.py); everything
@@ -60,7 +60,7 @@ def add(pipe: Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) 
 def notice(pipe: Pipeline, streams: list[str]) -> None:
     """Tell the gateways' stream readers that `streams` were written (after the writes, in the same pipeline:
     a reader that sees the notice finds the entries). A notice lost (Redis came back without it) delays a
-    follower until its reader's sweep (gateway/stream_hub.py), never loses an entry."""
+    follower until its reader's sweep (gateway/streams/hub.py), never loses an entry."""
     pipe.xadd(keys.STREAMS_WRITTEN, {"k": " ".join(streams)}, maxlen=keys.STREAMS_WRITTEN_MAXLEN, approximate=True)
 
 

@@ -13,9 +13,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.admission import Admission, Admitted, Idempotency, RateState, Tier
-from gateway.clients import Client
-from gateway.jobs import JobFactory, JobRecord
+from gateway.admission.admit import Admission, Admitted, Idempotency, RateState, Tier
+from gateway.admission.clients import Client
+from gateway.jobs.records import JobFactory, JobRecord
 from shared import circuit, keys
 from shared.circuit import CircuitRecord, CircuitState
 from shared.errors import (
@@ -124,9 +124,7 @@ def test_a_batch_is_one_request_for_the_rate_window_and_every_job_for_capacity(s
 
 
 def test_each_tier_has_its_own_in_flight_cap(scratch_redis_url: str) -> None:
-    h = Harness(
-        scratch_redis_url, rate_limit_requests=100, max_inflight_per_client=2, max_batch_inflight_per_client=5
-    )
+    h = Harness(scratch_redis_url, rate_limit_requests=100, max_inflight_per_client=2, max_batch_inflight_per_client=5)
     h.admit(ALICE, count=5, tier="batch")
     h.admit(ALICE)
     h.admit(ALICE)

@@ -14,9 +14,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.admission import Admission, BatchWrite
-from gateway.clients import Client
-from gateway.jobs import JobFactory, deferred_job
+from gateway.admission.admit import Admission, BatchWrite
+from gateway.admission.clients import Client
+from gateway.jobs.records import JobFactory, deferred_job
 from shared import batch_progress, job_stream, keys
 from shared.schemas import GenerateRequest
 from shared.settings import Settings

@@ -13,9 +13,9 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.admission import Admission, Tier
-from gateway.clients import Client
-from gateway.jobs import JobFactory
+from gateway.admission.admit import Admission, Tier
+from gateway.admission.clients import Client
+from gateway.jobs.records import JobFactory
 from shared import keys
 from shared.schemas import GenerateRequest
 from shared.settings import Settings

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from starlette.requests import Request
 
-from gateway.admission import RateState
-from gateway.clients import ClientResolver
+from gateway.admission.admit import RateState
+from gateway.admission.clients import ClientResolver
 from shared.errors import Unauthorized
 from shared.settings import Settings
 

@@ -33,7 +33,10 @@ def test_openai_routes_answer_400_context_length_exceeded_with_the_numbers(servi
     # The tool definitions alone overflow it: named as the field, with their share of the tokens.
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
-            model="narrow", messages=[{"role": "user", "content": "Hi"}], tools=[TOOL], max_tokens=4  # type: ignore[list-item]
+            model="narrow",
+            messages=[{"role": "user", "content": "Hi"}],
+            tools=[TOOL],
+            max_tokens=4,  # type: ignore[list-item]
         )
     assert caught.value.code == "context_length_exceeded" and caught.value.param == "tools"
     assert "in the functions). Please reduce the length of the messages or functions." in str(

@@ -4,7 +4,7 @@ import traceback
 
 from pydantic import BaseModel, Field
 
-from gateway.jobs import _exception_line
+from gateway.jobs.records import _exception_line
 from shared.errors import InvalidRequest, JobNotFound, MlxqError, ModelNotFound, ServiceUnavailable
 
 

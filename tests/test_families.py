@@ -54,14 +54,16 @@ def families(
 
 def chat(client: OpenAI, family: str, messages: list[dict[str, Any]], **extra: Any) -> Any:
     return client.chat.completions.create(
-        model=family, messages=messages, max_tokens=12, temperature=0, **extra  # type: ignore[arg-type]
+        model=family,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        **extra,  # type: ignore[arg-type]
     )
 
 
 @pytest.mark.parametrize("family", MATRIX)
-def test_each_family_answers_alone_streamed_and_batched_as_alone(
-    families: tuple[Service, OpenAI], family: str
-) -> None:
+def test_each_family_answers_alone_streamed_and_batched_as_alone(families: tuple[Service, OpenAI], family: str) -> None:
     svc, client = families
     lines = [f"Write {n} short lines about the sea, line {n}. " * n for n in (1, 3, 9, 2)]
     asked = [[{"role": "user", "content": line}] for line in lines]
@@ -69,7 +71,11 @@ def test_each_family_answers_alone_streamed_and_batched_as_alone(
     assert all(answer.usage.completion_tokens > 0 for answer in alone)
 
     streamed = client.chat.completions.create(
-        model=family, messages=asked[0], max_tokens=12, temperature=0, stream=True  # type: ignore[arg-type]
+        model=family,
+        messages=asked[0],
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == (
         alone[0].choices[0].message.content

@@ -77,7 +77,7 @@ RAW_SEEDS = [
     b'"text"',
     b'{"model": ',
 ]
-"""Bodies Python's JSON reader takes and nothing after it could hold (gateway/strict_json.py)."""
+"""Bodies Python's JSON reader takes and nothing after it could hold (gateway/http/strict_json.py)."""
 
 
 def test_raw_seeds_get_a_4xx_on_every_route_that_takes_a_body(fuzzed: Service) -> None:

@@ -10,7 +10,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from gateway.jobs import JobFactory
+from gateway.jobs.records import JobFactory
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from shared.task_names import GENERATE as TASK

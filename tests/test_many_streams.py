@@ -1,5 +1,5 @@
 """Hundreds of open streams on one gateway: one reader serves them all, with a fixed number of Redis
-connections (gateway/stream_hub.py). Real gateway, worker and Redis."""
+connections (gateway/streams/hub.py). Real gateway, worker and Redis."""
 
 from __future__ import annotations
 

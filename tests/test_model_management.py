@@ -163,8 +163,9 @@ def test_an_interrupted_pull_resumes_where_it_stopped(
     weights = home / "hub" / "mlxq-pulls" / "team--resumed" / "model.safetensors"
     assert filecmp.cmp(weights, model_dir / "model.safetensors", shallow=False)
     answered = service.http.post(
-        "/v1/chat/completions", json={"model": "team/resumed", "messages": [{"role": "user", "content": "x"}],
-                                      "max_tokens": 3}, timeout=60
+        "/v1/chat/completions",
+        json={"model": "team/resumed", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3},
+        timeout=60,
     )
     assert answered.status_code == 200, answered.text
 
@@ -179,8 +180,13 @@ def test_a_job_for_a_model_still_downloading_waits_in_its_queue(
     try:
         job = wait_until(
             "the model is in the registry",
-            lambda: (r := service.http.post("/v1/jobs", json={"model": "waited", "prompt": "x", "max_tokens": 3}))
-            .status_code == 202 and r.json(),
+            lambda: (
+                (
+                    r := service.http.post("/v1/jobs", json={"model": "waited", "prompt": "x", "max_tokens": 3})
+                ).status_code
+                == 202
+                and r.json()
+            ),
             timeout_s=10,
         )
         view = service.job(job["id"])
@@ -299,8 +305,11 @@ def test_the_mlxq_command_pulls_pins_lists_and_watches(stack: tuple[Service, Pat
     missing = run_mlxq(service, "rm", "no-such-model")
     assert missing.returncode == 1 and "no-such-model" in missing.stdout and "Traceback" not in missing.stderr
     away = subprocess.run(
-        [MLXQ, "models"], env={**os.environ, "MLXQ_URL": f"http://127.0.0.1:{free_port()}"},
-        capture_output=True, text=True, timeout=60,
+        [MLXQ, "models"],
+        env={**os.environ, "MLXQ_URL": f"http://127.0.0.1:{free_port()}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert away.returncode == 1 and "cannot reach mlxq" in away.stdout and "Traceback" not in away.stderr
     removed = run_mlxq(service, "rm", "cli-model")
@@ -322,8 +331,13 @@ def test_a_pinned_model_survives_the_pressure_that_evicts_others(
     # room for two of these models, not three
     budget = int(2.5 * (model_dir / "model.safetensors").stat().st_size)
     service = Service(
-        redis_server.url.rsplit("/", 1)[0] + "/10", tmp_path / "data", tmp_path, models_file=models_file,
-        model_budget_bytes=budget, prefix_cache_fraction=0.0, heartbeat_interval_s=0.5,
+        redis_server.url.rsplit("/", 1)[0] + "/10",
+        tmp_path / "data",
+        tmp_path,
+        models_file=models_file,
+        model_budget_bytes=budget,
+        prefix_cache_fraction=0.0,
+        heartbeat_interval_s=0.5,
     )
     try:
         for name in ("kept", "first", "second"):

@@ -79,7 +79,6 @@ def test_reasoning_markers_and_template_arguments_per_model(tmp_path: Path) -> N
         registry(tmp_path, '[models.bad]\nrepo = "x/b"\nreasoning = "yes"\n')
 
 
-
 def test_a_model_carries_its_aliases_defaults_pin_and_warm(tmp_path: Path) -> None:
     models = registry(
         tmp_path,
@@ -131,13 +130,13 @@ def test_a_registry_replaced_in_place_is_seen_by_whoever_holds_it(tmp_path: Path
     [(300, 300.0), ("300", 300.0), ("5m", 300.0), ("1h30m", 5400.0), ("-1", -1.0), ("250ms", 0.25), (0, 0.0)],
 )
 def test_ollama_keep_alive_takes_seconds_or_a_duration(given: str | int, seconds: float) -> None:
-    from gateway.ollama_api import duration_s
+    from gateway.ollama.shapes import duration_s
 
     assert duration_s(given, "keep_alive") == seconds
 
 
 def test_a_keep_alive_that_is_no_duration_names_the_field() -> None:
-    from gateway.ollama_api import duration_s
+    from gateway.ollama.shapes import duration_s
     from shared.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest, match="keep_alive") as caught:

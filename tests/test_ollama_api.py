@@ -62,7 +62,7 @@ def test_format_is_enforced(client: ollama.Client) -> None:
 
 
 def test_num_predict_minus_one_or_two_leaves_the_limit_to_the_context() -> None:
-    from gateway.ollama_api import GenerateBody
+    from gateway.ollama.shapes import GenerateBody
 
     for value in (-1, -2):
         body = GenerateBody.model_validate({"model": "tiny", "prompt": "Hi", "options": {"num_predict": value}})

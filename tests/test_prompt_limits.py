@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.prompt_limits import PromptLimits
+from gateway.admission.prompt_limits import PromptLimits
 from shared.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
@@ -115,9 +115,7 @@ def chat(**body: object) -> GenerateRequest:
     return GenerateRequest.model_validate({"model": "chat", "messages": [{"role": "user", "content": "Hi"}], **body})
 
 
-def test_the_prompt_is_counted_as_the_model_sees_it_tools_and_template_included(
-    demo_dir: Path, tmp_path: Path
-) -> None:
+def test_the_prompt_is_counted_as_the_model_sees_it_tools_and_template_included(demo_dir: Path, tmp_path: Path) -> None:
     checker = small_chat_model(demo_dir, tmp_path, context=4096)
     bare, with_tools = checker.check(chat()), checker.check(chat(tools=[TOOL]))
     assert bare.exact and with_tools.exact

@@ -1,4 +1,4 @@
-"""Bodies Python's JSON reader lets through but nothing after it can hold (gateway/strict_json.py):
+"""Bodies Python's JSON reader lets through but nothing after it can hold (gateway/http/strict_json.py):
 a lone surrogate, NaN and infinities, deep nesting, invalid UTF-8, bodies that are not an object.
 Each is a 4xx naming the field (or `body`), the same on every route that takes it, in the route's
 own error shape; never a 500. Real gateway, worker and Redis."""

@@ -8,7 +8,7 @@ import time
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from gateway.refusal_cache import RefusalCache
+from gateway.admission.refusals import RefusalCache
 from shared import keys
 from shared.errors import CircuitOpen, QueueFull, RateLimited, TooManyInflight
 

@@ -1,4 +1,4 @@
-"""Clients that stop reading or stop sending (gateway/slow_clients.py), through a real gateway,
+"""Clients that stop reading or stop sending (gateway/http/slow_clients.py), through a real gateway,
 worker and Redis: one that leaves its stream unread delays no other stream and is let go after the
 limit, its job canceled; a body that stops halfway is answered 408."""
 

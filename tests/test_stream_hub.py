@@ -1,4 +1,4 @@
-"""The gateway's one reader of job streams (gateway/stream_hub.py) against a real redis-server."""
+"""The gateway's one reader of job streams (gateway/streams/hub.py) against a real redis-server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from gateway.stream_hub import StreamHub
+from gateway.streams.hub import StreamHub
 from shared import keys
 from shared.text import text
 

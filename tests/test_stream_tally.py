@@ -1,11 +1,11 @@
-"""A follower's tally (gateway/stream_tally.py): repeats dropped, a gap filled from the result at
+"""A follower's tally (gateway/streams/tally.py): repeats dropped, a gap filled from the result at
 the end, and an end in error where what was sent is not the start of the result."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gateway.stream_tally import DIVERGED, Tally
+from gateway.streams.tally import DIVERGED, Tally
 
 
 def text(seq: int, piece: str, **extra: Any) -> tuple[str, dict[str, Any]]:

@@ -20,8 +20,11 @@ TEMPLATE = ["Combine:\n{{results}}"]
 
 
 def overhead(ids: list[str]) -> int:
-    return len(b"Combine:\n") + TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE + sum(
-        len(f"### Result {i}\n\n\n".encode()) for i in ids
+    return (
+        len(b"Combine:\n")
+        + TEMPLATE_TOKENS
+        + TEMPLATE_TOKENS_PER_MESSAGE
+        + sum(len(f"### Result {i}\n\n\n".encode()) for i in ids)
     )
 
 

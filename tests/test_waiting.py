@@ -1,4 +1,4 @@
-"""Every protocol waits for a job the same way (gateway/waiting.py): past MLXQ_OPENAI_WAIT_S a call is a
+"""Every protocol waits for a job the same way (gateway/streams/waiting.py): past MLXQ_OPENAI_WAIT_S a call is a
 504 naming its job, in that protocol's error shape; the job goes on. Real gateway, worker and Redis,
 official clients."""
 

@@ -19,7 +19,7 @@ MISSING_MAX_TOKENS = "max_tokens: a job must carry it (the gateway sets it when 
 @dataclass
 class Submission:
     """One generation asked of the engine. Its request carries `max_tokens`, resolved once at
-    admission (gateway/prompt_limits.py); the worker uses that value everywhere."""
+    admission (gateway/admission/prompt_limits.py); the worker uses that value everywhere."""
 
     job_id: str
     request: GenerateRequest

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 MAX_WAITING = 200_000
 """Pieces kept through a Redis outage (a few hundred bytes each). Past it the newest are dropped:
-followers see the gap and take the rest from the job's result (gateway/following.py)."""
+followers see the gap and take the rest from the job's result (gateway/streams/following.py)."""
 
 
 FIRST_WRITTEN_KEPT = 4096

@@ -370,7 +370,8 @@ def report(
         ceiling = med(shape, "ceiling", "tok_s") if has_ceiling else 0.0
         cpu = " / ".join(f"{med(shape, name, 'cpu_ms_per_token'):.0f}" for name in columns)
         lines.append(
-            f"| {shape} | " + " | ".join(f"{rate:.1f}" for rate in rates)
+            f"| {shape} | "
+            + " | ".join(f"{rate:.1f}" for rate in rates)
             + (f" | {ceiling:.1f} " if has_ceiling else " | ")
             + f"| {rates[0] / best(rates[1:], lowest=False):.2f}× | "
             + (f"{rates[0] / ceiling:.2f}×" if has_ceiling else "")

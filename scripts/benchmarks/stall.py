@@ -41,6 +41,7 @@ def _stream(base: str, body: dict[str, Any], arrivals: list[float], stop: thread
 
 def run_stall(base: str, model: str, streams: int = 4, long_words: int = 480, tag: str = "") -> dict[str, float]:
     """The shape's measures on one server; `failed` 1 (and nothing else) when it could not be measured."""
+
     def body(content: str, max_tokens: int) -> dict[str, Any]:
         return {
             "model": model,

@@ -1,0 +1,1 @@
+"""Anthropic's Messages API: its shapes and its routes."""

@@ -1,0 +1,1 @@
+"""Models: the catalog clients list, and models added, changed, pulled and loaded while the service runs."""

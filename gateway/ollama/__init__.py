@@ -1,0 +1,1 @@
+"""Ollama's API: its shapes and its routes."""

@@ -1,0 +1,1 @@
+"""OpenAI's Responses API: its shapes, its stored responses, and its routes."""
