@@ -30,7 +30,6 @@ from gateway.anthropic.shapes import (
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
 from gateway.streams import waiting
-from gateway.streams.following import follow
 
 router = router_for(error_body, error_status, tags=["anthropic"])
 
@@ -68,9 +67,8 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
     started = message(job_id, model, {"text": "", "finish_reason": "stop", "usage": usage})
     yield _event("message_start", {"message": {**started, "content": [], "stop_reason": None}})
     blocks = _Blocks()
-    ended = False
-    try:
-        async for entry in follow(request.app.state.streams, job_id, pings=True):
+    async with waiting.streamed(request, job_id) as entries:
+        async for entry in entries:
             if entry.kind == "ping":
                 yield _event("ping", {})
             elif entry.kind in ("text", "reasoning") and entry.data["text"]:
@@ -92,7 +90,6 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
             elif entry.kind == "arguments" and entry.data["text"] and blocks.kind == "tool_use":
                 yield blocks.delta({"type": "input_json_delta", "partial_json": entry.data["text"]})
             elif entry.kind == "end":
-                ended = True
                 if entry.data["status"] != "finished":
                     error = waiting.failure(entry.data)
                     yield _event("error", {"error": {"type": "api_error", "message": error.message}})
@@ -107,9 +104,6 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
                 delta = {"stop_reason": stop_reason(result), "stop_sequence": stop_sequence(result)}
                 yield _event("message_delta", {"delta": delta, "usage": usage})
                 yield _event("message_stop", {})
-    finally:
-        if not ended:
-            waiting.cancel_quietly(request, job_id)
 
 
 class _Blocks:

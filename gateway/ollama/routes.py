@@ -36,7 +36,6 @@ from gateway.ollama.shapes import (
 )
 from gateway.operations.admin_routes import progress_lines
 from gateway.streams import waiting
-from gateway.streams.following import follow
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
 
@@ -219,20 +218,15 @@ async def _call(
 
 async def _lines(request: Request, job_id: str, model: str, chat: bool) -> AsyncIterator[str]:
     """Text and thinking as they are generated; tool calls, whole as Ollama sends them, with the end."""
-    ended = False
-    try:
-        async for entry in follow(request.app.state.streams, job_id):
+    async with waiting.streamed(request, job_id, pings=False) as entries:
+        async for entry in entries:
             if entry.kind == "text" and entry.data["text"]:
                 yield json.dumps(_piece(model, chat, entry.data["text"])) + "\n"
             elif entry.kind == "reasoning" and entry.data["text"]:
                 yield json.dumps(_piece(model, chat, "", thinking=entry.data["text"])) + "\n"
             elif entry.kind == "end":
-                ended = True
                 if entry.data["status"] == "finished":
                     result = entry.data["result"]
                     yield json.dumps(_final(model, chat, result, "")) + "\n"
                 else:
                     yield json.dumps({"error": waiting.failure(entry.data).message}) + "\n"
-    finally:
-        if not ended:
-            waiting.cancel_quietly(request, job_id)

@@ -9,7 +9,6 @@ waits for its result as every protocol does (gateway/streams/waiting.py).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,9 +20,6 @@ from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import openai_error, router_for
 from gateway.openai.shapes import ChatCompletionRequest, CompletionRequest, Shapes
 from gateway.streams import waiting
-from gateway.streams.following import follow
-
-logger = logging.getLogger(__name__)
 
 router = router_for(openai_error, tags=["openai"])
 
@@ -66,10 +62,9 @@ async def _call(
 async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: bool) -> AsyncIterator[str]:
     """The job as OpenAI chunks: text and reasoning as they are generated, a tool call as it forms
     (its id and name, then its arguments)."""
-    ended = False
-    try:
+    async with waiting.streamed(request, job_id) as entries:
         yield _sse(shapes.chunk(first=True))
-        async for entry in follow(request.app.state.streams, job_id, pings=True):
+        async for entry in entries:
             if entry.kind == "ping":
                 yield ": ping\n\n"  # an SSE comment: clients ignore it, proxies see the stream alive
             elif entry.kind == "text":
@@ -85,7 +80,6 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
                     # Every generated token's logprobs, as the answer put together has them.
                     yield _sse(shapes.chunk(entries=entry.data["logprobs"]))
             elif entry.kind == "end":
-                ended = True
                 if entry.data["status"] == "finished":
                     result = entry.data["result"]
                     yield _sse(shapes.chunk(finish_reason=result["finish_reason"]))
@@ -94,11 +88,6 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
                 else:
                     yield _sse(waiting.failure(entry.data).to_body())
         yield "data: [DONE]\n\n"
-    finally:
-        if not ended:
-            # The client hung up mid-stream: nobody will read the rest, so free the worker.
-            logger.info("stream client went away; canceling its job", extra={"job_id": job_id})
-            waiting.cancel_quietly(request, job_id)
 
 
 def _sse(document: dict[str, Any]) -> str:

@@ -23,7 +23,6 @@ from gateway.jobs import records
 from gateway.responses import store
 from gateway.responses.shapes import ResponsesRequest, Shapes
 from gateway.streams import waiting
-from gateway.streams.following import follow
 from shared import keys
 from shared.errors import InvalidRequest, MlxqError
 
@@ -106,16 +105,14 @@ async def _events(request: Request, shapes: Shapes, job_id: str, record: dict[st
     yield shapes.event("response.created", response=shapes.response("in_progress", []))
     yield shapes.event("response.in_progress", response=shapes.response("in_progress", []))
     items = _Items(shapes)
-    ended = False
-    try:
-        async for entry in follow(request.app.state.streams, job_id, pings=True):
+    async with waiting.streamed(request, job_id) as entries:
+        async for entry in entries:
             if entry.kind == "ping":
                 yield ": ping\n\n"
             elif entry.kind in ("text", "reasoning", "call", "arguments"):
                 for line in items.piece(entry.kind, entry.data):
                     yield line
             elif entry.kind == "end":
-                ended = True
                 if entry.data["status"] != "finished":
                     error = waiting.failure(entry.data).to_dict()
                     if record is not None:
@@ -135,9 +132,6 @@ async def _events(request: Request, shapes: Shapes, job_id: str, record: dict[st
                     )
                 kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
                 yield shapes.event(kind, response=final)
-    finally:
-        if not ended:
-            waiting.cancel_quietly(request, job_id)
 
 
 class _Items:

@@ -1,4 +1,4 @@
-"""Waiting for a job on a client's behalf: the one way every protocol gets a job's result.
+"""Waiting for a job on a client's behalf: the one way every protocol gets a job's result or streams it.
 
 A non-streaming call waits up to `MLXQ_OPENAI_WAIT_S` for its job, following the
 job's stream (gateway/streams/following.py). Past the limit it is a 504 naming the job,
@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 from fastapi import Request
 
-from gateway.streams.following import WaitedTooLong, follow
+from gateway.streams.following import Entry, WaitedTooLong, follow
 from shared.errors import JobFailed, JobWaitTimeout
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,29 @@ async def _ended(request: Request, job_id: str, deadline: float) -> dict[str, An
             return finished
         raise failure(entry.data)
     raise JobFailed({"message": f"the stream of job {job_id} ended without an end"})
+
+
+@asynccontextmanager
+async def streamed(request: Request, job_id: str, pings: bool = True) -> AsyncIterator[AsyncIterator[Entry]]:
+    """The job's entries for a client's stream, up to and including its end (with `pings`, a ping after
+    each quiet while). A client that hangs up first, anywhere in the block (its route's generator closed
+    before the end), has its job canceled as the block exits: nobody would read the rest."""
+    ended = False
+
+    async def entries() -> AsyncGenerator[Entry]:
+        nonlocal ended
+        async for entry in follow(request.app.state.streams, job_id, pings=pings):
+            ended = ended or entry.kind == "end"
+            yield entry
+
+    following = entries()
+    try:
+        yield following
+    finally:
+        await following.aclose()
+        if not ended:
+            logger.info("stream client went away; canceling its job", extra={"job_id": job_id})
+            cancel_quietly(request, job_id)
 
 
 def failure(data: dict[str, Any]) -> JobFailed:
