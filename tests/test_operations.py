@@ -53,6 +53,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, dat
         rate_limit_requests=5,
         rate_limit_window_s=5,
         heartbeat_interval_s=0.3,
+        trusted_proxies="127.0.0.1/32",  # a test speaks for another client with X-Forwarded-For
     )
     svc.root = root  # type: ignore[attr-defined]
     yield svc
@@ -70,11 +71,17 @@ def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
     assert [r.status_code for r in refused] == [202, 429, 429]  # 5 per window: 4 used, one more, then refusals
     unknown = ops.http.post("/v1/jobs", json={"model": "nope", "messages": HELLO})
     assert unknown.status_code == 404
-    time.sleep(1.2)  # refusals repeated from memory reach Redis within a second
     after = scrape(ops)
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
+
+    # Refusals repeated from the gateway's memory reach Redis with its next flush (each second).
+    deadline = time.monotonic() + 60
+    while moved("mlxq_refusals_total", reason="rate_limited") < [r.status_code for r in refused].count(429):
+        assert time.monotonic() < deadline, "the refusals made from memory never reached the counters"
+        time.sleep(0.2)
+        after = scrape(ops)
 
     assert moved("mlxq_jobs_total", status="finished") >= 3  # the one admitted among `refused` may finish too
     assert moved("mlxq_jobs_total", status="failed") == 1
@@ -99,9 +106,17 @@ def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
 def test_rq_dashboard_shows_our_queues_workers_and_jobs_and_requeues_a_failed_one(
     ops: Service, data_dir: Path, tmp_path: Path
 ) -> None:
-    time.sleep(5.5)  # a fresh rate window for this module's client
-    done = ops.wait_for(ops.submit(model="tiny", messages=HELLO, max_tokens=3)["id"], {"finished"})
-    failed = ops.wait_for(ops.submit(model="later", messages=HELLO)["id"], {"failed"})
+    # Another client than the metrics test's, whose rate window may still be full: a window of its own.
+    other = {"X-Forwarded-For": "198.51.100.7"}
+
+    def submitted(**body: Any) -> str:
+        response = ops.http.post("/v1/jobs", json=body, headers=other)
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    done = ops.wait_for(submitted(model="tiny", messages=HELLO, max_tokens=3), {"finished"})
+    failed = ops.wait_for(submitted(model="later", messages=HELLO), {"failed"})
 
     port = free_port()
     env = {**service_env(ops.env["MLXQ_REDIS_URL"], data_dir), "MLXQ_DASHBOARD_PORT": str(port)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -13,14 +12,27 @@ from shared import keys
 from shared.errors import CircuitOpen, QueueFull, RateLimited, TooManyInflight
 
 
+class Clock:
+    """Seconds that pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_global_refusal_is_repeated_to_every_client_until_the_hold_ends() -> None:
-    cache = RefusalCache(hold_s=0.2)
+    clock = Clock()
+    cache = RefusalCache(hold_s=0.2, clock=clock)
     cache.remember("alice", QueueFull("full", retry_after_s=7), "single", 1)
     repeated = cache.check("bob", "single", 1)
     assert isinstance(repeated, QueueFull)
     assert repeated.retry_after_s == 7
     assert repeated.counted
-    time.sleep(0.25)
+    clock.now += 0.19
+    assert cache.check("bob", "single", 1) is not None
+    clock.now += 0.02
     assert cache.check("bob", "single", 1) is None
 
 
@@ -36,9 +48,13 @@ def test_a_per_client_refusal_is_repeated_only_to_that_client() -> None:
 
 
 def test_the_hold_never_outlasts_retry_after_and_zero_turns_it_off() -> None:
-    cache = RefusalCache(hold_s=60)
+    clock = Clock()
+    cache = RefusalCache(hold_s=60, clock=clock)
     cache.remember("alice", CircuitOpen("open", retry_after_s=1), "single", 1)
-    time.sleep(1.05)
+    clock.now += 0.5
+    repeated = cache.check("alice", "single", 1)
+    assert repeated is not None and repeated.retry_after_s == 1  # counted down, rounded up
+    clock.now += 0.51
     assert cache.check("alice", "single", 1) is None
     off = RefusalCache(hold_s=0)
     off.remember("alice", CircuitOpen("open", retry_after_s=30), "single", 1)

@@ -171,9 +171,15 @@ def test_a_worker_crashing_at_start_up_backs_off_opens_the_circuit_and_a_trial_c
         svc.wait_event("circuit_half_open", timeout_s=30)
         svc.wait_event("circuit_closed", timeout_s=60)
         assert svc.http.get("/health").json()["circuit"]["state"] == "closed"
-        time.sleep(1)  # past the gateway's brief memory of the refusal
-        ok = svc.submit(model="tiny", messages=HELLO, max_tokens=2)
-        assert svc.wait_for(ok["id"], {"finished"}, timeout_s=30)["status"] == "finished"
+        # The gateway repeats its last refusal from memory for a moment (MLXQ_REFUSAL_HOLD_S): asked until
+        # that has passed, the circuit's closing admits the job.
+        deadline = time.monotonic() + 30
+        while (
+            ok := svc.http.post("/v1/jobs", json={"model": "tiny", "messages": HELLO, "max_tokens": 2})
+        ).status_code != 202:
+            assert ok.status_code == 503 and time.monotonic() < deadline, ok.text
+            time.sleep(0.1)
+        assert svc.wait_for(ok.json()["id"], {"finished"}, timeout_s=30)["status"] == "finished"
     finally:
         svc.stop()
 

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis as AsyncRedis
@@ -52,8 +53,10 @@ class _Held:
 
 
 class RefusalCache:
-    def __init__(self, hold_s: float) -> None:
+    def __init__(self, hold_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.hold_s = hold_s
+        self._clock = clock
+        """Seconds, monotonic (a test's own clock steps past a hold without sleeping through it)."""
         self._global: _Held | None = None
         self._clients: dict[str, _Held] = {}
         self._uncounted: Counter[str] = Counter()
@@ -62,7 +65,7 @@ class RefusalCache:
         """Keep a refusal the admission script just made for a request of `count` jobs of `tier`."""
         if self.hold_s <= 0 or error.retry_after_s is None:
             return
-        now = time.monotonic()
+        now = self._clock()
         held = _Held(error, now + min(self.hold_s, error.retry_after_s), now + error.retry_after_s, tier, count)
         if error.code in PER_CLIENT:
             if len(self._clients) >= MAX_CLIENTS:
@@ -74,7 +77,7 @@ class RefusalCache:
     def check(self, client_id: str, tier: str, count: int) -> MlxqError | None:
         """A refusal to repeat for this client's request of `count` jobs of `tier` now, with its
         Retry-After counted down, or None."""
-        now = time.monotonic()
+        now = self._clock()
         held = self._global
         if held is None or held.until <= now or not held.applies_to(tier, count):
             held = self._clients.get(client_id)
