@@ -21,7 +21,8 @@ from tests.scripted_model import (
     THINKER,
     build_scripted_model,
 )
-from tests.support import PersistentRedis, RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import PersistentRedis, RedisServer
 
 MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
 

@@ -13,7 +13,8 @@ import pytest
 from redis import Redis
 
 from shared import keys
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from redis import Redis
 
 from shared import circuit
 from shared.circuit import CircuitRecord, CircuitState
-from tests.support import Gateway
+from tests.support.processes import Gateway
 
 pytestmark = pytest.mark.slow
 

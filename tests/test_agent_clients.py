@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

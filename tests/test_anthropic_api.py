@@ -9,7 +9,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.support import Service
+from tests.support.processes import Service
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.conftest import NARROW_CONTEXT
-from tests.support import Service
+from tests.support.processes import Service
 
 LONG = "the quick brown fox jumps over the lazy dog " * 60
 """Some 600 tokens: past the `narrow` model's context."""

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Process, RedisServer, Service, free_port, service_env
+from tests.support.processes import Process, Service, service_env
+from tests.support.redis_servers import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import PersistentRedis, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import PersistentRedis
 from tests.test_watchdog import FAST
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 from worker.tiny_families import FAMILIES, build_family_model
 
 pytestmark = pytest.mark.slow

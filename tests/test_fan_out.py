@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Gateway, RedisServer, Service
+from tests.support.processes import Gateway, Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

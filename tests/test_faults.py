@@ -14,7 +14,8 @@ from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from tests.support import PersistentRedis, ScriptRun
+from tests.support.processes import ScriptRun
+from tests.support.redis_servers import PersistentRedis
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.support import Gateway, RedisServer
+from tests.support.processes import Gateway
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

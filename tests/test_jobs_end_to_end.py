@@ -15,7 +15,7 @@ from rq.registry import FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from tests.conftest import MISSING_MODEL_PATH
-from tests.support import Service
+from tests.support.processes import Service
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import psutil
 import pytest
 from redis import Redis
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from shared import sizing
-from tests.support import Gateway, RedisServer, Service
+from tests.support.processes import Gateway, Service
+from tests.support.redis_servers import RedisServer
 from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -99,7 +100,7 @@ def test_health_is_503_degraded_when_no_worker_is_alive(redis_server: RedisServe
 
 
 def test_without_redis_the_gateway_starts_and_refuses_with_503_and_retry_after(tmp_path: Path) -> None:
-    from tests.support import free_port
+    from tests.support.redis_servers import free_port
 
     gateway = Gateway(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "data", tmp_path / "gateway.log")
     try:

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow

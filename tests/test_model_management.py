@@ -21,7 +21,8 @@ import ollama
 import pytest
 
 from tests.fake_hub import FakeHub
-from tests.support import ROOT, Process, Service, free_port
+from tests.support.processes import ROOT, Process, Service
+from tests.support.redis_servers import free_port
 from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow

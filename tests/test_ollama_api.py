@@ -10,7 +10,7 @@ import jsonschema
 import ollama
 import pytest
 
-from tests.support import Service
+from tests.support.processes import Service
 from tests.test_responses_api import WEATHER as TOOL
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ import pytest
 from redis import Redis
 
 from shared import job_stream, keys
-from tests.support import Gateway, RedisServer, Service
+from tests.support.processes import Gateway, Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

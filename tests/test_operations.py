@@ -15,7 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.logs import JsonFormatter, TextFormatter
-from tests.support import Process, RedisServer, Service, free_port, service_env
+from tests.support.processes import Process, Service, service_env
+from tests.support.redis_servers import RedisServer, free_port
 from worker.demo_model import build_tiny_model
 
 pytestmark = pytest.mark.slow

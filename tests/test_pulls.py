@@ -10,7 +10,7 @@ from redis import Redis
 
 from shared import keys, pulls
 from shared.live_models import stored_entries
-from tests.support import RedisServer
+from tests.support.redis_servers import RedisServer
 
 
 @pytest.fixture

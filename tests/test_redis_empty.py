@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PersistentRedis, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import PersistentRedis
 from tests.test_watchdog import FAST
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.outage import UNREACHABLE, Outage, pool_exhausted
 from shared.redis_errors import RedisOutOfMemory, RedisUnblocked, condition_of
-from tests.support import RedisServer, free_port
+from tests.support.redis_servers import RedisServer, free_port
 
 
 def test_a_pool_that_stays_full_is_not_an_outage(redis_server: RedisServer) -> None:

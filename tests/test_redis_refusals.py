@@ -16,7 +16,8 @@ import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
-from tests.support import Service, free_port, redis_server_binary, wait_for_redis
+from tests.support.processes import Service
+from tests.support.redis_servers import free_port, redis_server_binary, wait_for_redis
 from tests.test_watchdog import FAST, results_of, started_registry_is_empty
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

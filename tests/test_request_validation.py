@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Service
+from tests.support.processes import Service
 
 pytestmark = pytest.mark.slow
 

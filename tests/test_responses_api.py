@@ -9,7 +9,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.support import Service
+from tests.support.processes import Service
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import RedisServer, Service
+from tests.support.processes import Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.scripted_model import CALLER, THINKER
-from tests.support import Service
+from tests.support.processes import Service
 
 pytestmark = pytest.mark.slow
 

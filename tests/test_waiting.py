@@ -15,7 +15,8 @@ import pytest
 from redis import Redis
 
 from shared import keys
-from tests.support import Gateway, RedisServer, Service
+from tests.support.processes import Gateway, Service
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
