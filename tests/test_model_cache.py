@@ -19,9 +19,9 @@ from worker.assembly import build_engine
 from worker.demo_model import build_tiny_model
 from worker.engine import Engine
 from worker.generation import Submission
+from worker.kv_manager import KVCacheManager
 from worker.ledger import MemoryLedger
 from worker.model_cache import ModelCache
-from worker.prefixes import Prefixes
 
 CONTEXT = 64  # tokens of KV headroom asked for in these tests
 
@@ -52,7 +52,7 @@ class Probe:
 def cache_for(models: dict[str, ModelSpec], fits: int, probe: Probe | None = None, **settings: Any) -> ModelCache:
     """A cache whose budget holds `fits` of the small models, not one more."""
     budget = int(need(models["a"]) * (fits + 0.5))
-    return ModelCache(Settings(**settings), MemoryLedger(budget, Prefixes(0)), probe or Probe())
+    return ModelCache(Settings(**settings), MemoryLedger(budget, KVCacheManager(0)), probe or Probe())
 
 
 def use(cache: ModelCache, spec: ModelSpec) -> None:
@@ -142,7 +142,7 @@ def test_a_serving_model_survives_the_critical_level(models: dict[str, ModelSpec
 
 
 def test_unloading_every_model_gives_mlx_memory_back(models: dict[str, ModelSpec]) -> None:
-    cache = ModelCache(Settings(), MemoryLedger(10**9, Prefixes(0)), Probe())
+    cache = ModelCache(Settings(), MemoryLedger(10**9, KVCacheManager(0)), Probe())
     mx.clear_cache()
     before = mx.get_active_memory()
     for name in ("a", "b", "big"):

@@ -6,10 +6,10 @@ from __future__ import annotations
 from shared.models import ModelRegistry
 from shared.settings import Settings
 from worker.engine import Engine
+from worker.kv_manager import KVCacheManager
 from worker.ledger import MemoryLedger
 from worker.model_cache import MemoryProbe, ModelCache, system_memory_percent
 from worker.prefill_pace import PrefillPace
-from worker.prefixes import Prefixes
 from worker.scheduler import Scheduler
 
 
@@ -25,19 +25,19 @@ def build_engine(
     models are pinned."""
     if prefix_cache_bytes is None:
         prefix_cache_bytes = int(budget_bytes * settings.prefix_cache_fraction)
-    prefixes = Prefixes(prefix_cache_bytes)
-    ledger = MemoryLedger(budget_bytes, prefixes)
+    kv = KVCacheManager(prefix_cache_bytes)
+    ledger = MemoryLedger(budget_bytes, kv)
     scheduler = Scheduler(
         ledger,
         settings.max_batch,
         warning_percent=settings.memory_warning_percent,
         critical_percent=settings.memory_critical_percent,
         retry_after_s=settings.memory_retry_after_s,
-        share_prefixes=prefixes.enabled,
+        share_prefixes=kv.enabled,
     )
     return Engine(
         ModelCache(settings, ledger, probe, registry),
-        prefixes,
+        kv,
         scheduler,
         settings.maintenance_interval_s,
         PrefillPace(settings.prefill_pause_steps, settings.prefill_step_size),

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from mlx_lm.generate import BatchGenerator
@@ -30,10 +31,10 @@ from shared.errors import (
 )
 from worker.cache_shape import cuttable, recurrent
 from worker.generation import Generation
+from worker.kv_manager import KVCacheManager
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
 from worker.prefill_pace import PrefillPace, unpadded
-from worker.prefixes import Prefixes
-from worker.rows import Openings, Outcome, Row
+from worker.rows import Outcome, Row
 from worker.scheduler import Scheduler, Seed, Ticket
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class BatchRunner:
     def __init__(
         self,
         cache: ModelCache,
-        prefixes: Prefixes,
+        kv: KVCacheManager,
         scheduler: Scheduler,
         finished: Callable[[Generation, Outcome | None, BaseException | None], None],
         pace: PrefillPace,
@@ -68,7 +69,7 @@ class BatchRunner:
         """`finished` hands an ended generation back to the engine; `on_progress` is called at each
         sign of life, with the engine's new state ("loading") when it changes."""
         self.cache = cache
-        self.prefixes = prefixes
+        self.kv = kv
         self.scheduler = scheduler
         self._finished = finished
         self._progress = on_progress
@@ -83,7 +84,6 @@ class BatchRunner:
         """The batch's model has caches that cannot be cut at any token: states are kept where later
         prompts extend them (the ends of the system messages and of the prompt), not cut from longer ones."""
         self._uids: dict[int, Run] = {}
-        self._openings = Openings()
         self._turn_ended: float | None = None
         """When the batch's last turn ended: a running stream's gap is the time from one to the next."""
         self.tokens_generated = 0
@@ -180,7 +180,7 @@ class BatchRunner:
         try:
             cache, reused = self._seeded(ticket.model, ids, seed)
             [uid] = self.generator.insert_segments(
-                [self._segments(ticket.model, run.row, reused)],
+                [self.kv.segments(ticket.model, run.row, reused, self._keeps_states)],
                 max_tokens=[ticket.max_tokens],
                 caches=[cache],
                 all_tokens=[ids[:reused]],
@@ -198,23 +198,15 @@ class BatchRunner:
         """The KV cache a row starts from and the prompt tokens it holds."""
         if not seed.kept:
             return None, 0
-        cache, reused = self.prefixes.nearest(model, ids)
+        cache, reused = self.kv.seed(model, ids)
         if seed.uid is None or reused >= seed.tokens:
             return cache, reused
         # The scheduler copies only from a member that holds the prefix (its in_cache); `keep` checks
         # the length of what was extracted.
         [(source, held)] = self.generator.extract_cache([seed.uid]).values()
-        if not self.prefixes.keep(model, ids[: seed.tokens], source, len(held)):
+        if not self.kv.keep_copy(model, ids[: seed.tokens], source, len(held)):
             return cache, reused
-        return self.prefixes.nearest(model, ids)
-
-    def _segments(self, model: str, row: Row, reused: int) -> list[list[int]]:
-        """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,
-        where the state of a cache that cannot be cut is kept (the end of the system messages)."""
-        ids = row.context_ids
-        end = self._openings.end(model, row) if self._keeps_states else None  # a cut-anywhere cache needs none
-        bounds = [reused, *([end] if end is not None and reused < end < len(ids) - 1 else []), len(ids)]
-        return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        return self.kv.seed(model, ids)
 
     def end(self, ticket: Ticket, error: BaseException) -> None:
         self._finish(self.runs[ticket], None, self._translated(error, ticket.job_id))
@@ -246,7 +238,8 @@ class BatchRunner:
             if prompt.end_of_prompt:
                 prefilling.ticket.prefilled = True  # its prompt is in its cache; it decodes
             elif prompt.end_of_segment and self._keeps_states:
-                self._keep_state(prefilling, prompt.uid)
+                extract = partial(self.generator.extract_cache, [prompt.uid])
+                self.kv.state_reached(prefilling.ticket.model, extract, prefilling.ticket.job_id)
         for response in responses:
             run = self._uids.get(response.uid)
             if run is None:
@@ -257,7 +250,7 @@ class BatchRunner:
             run.ticket.in_cache = len(run.ticket.prompt or ()) + len(run.generated)
             run.handle.generated = len(run.generated)
             if response.finish_reason is not None and response.prompt_cache is not None:
-                self._keep_for_later(run, response.prompt_cache, response.all_tokens)
+                self.kv.finished(run.ticket.model, response.all_tokens, response.prompt_cache, run.ticket.job_id)
             finish = run.row.take(response.token, response.finish_reason, response.logprobs)
             if finish is None and response.finish_reason is not None:
                 finish = "stop"
@@ -286,28 +279,6 @@ class BatchRunner:
         remaining = [len(m.prompt or ()) - 1 - m.in_cache for m in prefilling]
         piece = self.pace.piece(decoding=any(m.prefilled for m in members), rows=sum(r > 0 for r in remaining))
         return unpadded(piece, remaining)
-
-    def _keep_for_later(self, run: Run, cache: list[Any], tokens: list[int]) -> None:
-        """A finished row's cache (its prompt and what it generated, `tokens`): the next turn of the
-        same chat starts from it."""
-        if not cache or not self.prefixes.enabled:
-            return
-        try:
-            self.prefixes.keep(run.ticket.model, tokens, cache, len(tokens))
-        except Exception:
-            logger.exception("could not keep a finished prompt's cache", extra={"job_id": run.ticket.job_id})
-
-    def _keep_state(self, run: Run, uid: int) -> None:
-        """The state of a row whose prefill reached the end of a segment (the end of the system
-        messages, or all of the prompt but its last token): what a later prompt extending it resumes
-        from, since this cache cannot be cut back to here later."""
-        if not self.prefixes.enabled:
-            return
-        try:
-            for cache, tokens in self.generator.extract_cache([uid]).values():
-                self.prefixes.keep(run.ticket.model, tokens, cache, len(tokens))
-        except Exception:
-            logger.exception("could not keep a prompt's state", extra={"job_id": run.ticket.job_id})
 
     def leave(self, uid: int, outcome: Outcome | None, error: BaseException | None, remove: bool) -> None:
         """A member leaves the batch (the generator drops rows it ended itself; others are removed)."""

@@ -22,9 +22,9 @@ from shared.errors import GenerationFailed
 from shared.models import ModelSpec
 from worker.batch_runner import BatchRunner
 from worker.generation import Generation, Submission
+from worker.kv_manager import KVCacheManager
 from worker.model_cache import ModelCache
 from worker.prefill_pace import PrefillPace
-from worker.prefixes import Prefixes
 from worker.rows import Outcome
 from worker.scheduler import Scheduler
 
@@ -51,7 +51,7 @@ class Engine:
     def __init__(
         self,
         cache: ModelCache,
-        prefixes: Prefixes,
+        kv: KVCacheManager,
         scheduler: Scheduler,
         maintenance_interval_s: float,
         pace: PrefillPace,
@@ -64,7 +64,7 @@ class Engine:
         self.maintenance_interval_s = maintenance_interval_s
         self.runner = BatchRunner(
             cache,
-            prefixes,
+            kv,
             scheduler,
             self._ended,
             pace,

@@ -17,7 +17,7 @@ from typing import Protocol
 
 
 class KeptCaches(Protocol):
-    """Prefix caches kept for reuse (worker/prefixes.py), as the ledger sees them."""
+    """Prefix caches kept for reuse (worker/kv_manager.py), as the ledger sees them."""
 
     @property
     def nbytes(self) -> int: ...

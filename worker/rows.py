@@ -10,10 +10,8 @@ string split differently across tokens.
 
 from __future__ import annotations
 
-import json
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -27,7 +25,6 @@ from worker import harmony
 from worker.logprobs import entry as token_logprobs
 from worker.output_split import Markers, OutputSplit, Piece
 from worker.sampling import LogitsProcessor, logits_processors_for, sampler_for, thinking_budget
-from worker.scheduler import shared_length
 from worker.stops import StopMatcher
 
 
@@ -288,58 +285,6 @@ class Row:
             first_token_at=self.first_token_wall,
             logprobs=self.logprobs if self.request.logprobs else None,
         )
-
-
-KEPT_SEGMENT_TOKENS = 128
-"""The system messages are a segment of their own (their state kept where a cache cannot be cut) from this
-long: shorter ones cost less to compute again than to keep."""
-
-
-OPENINGS_KEPT = 64
-"""System openings remembered per worker: a few kilobytes of token ids each."""
-
-
-class Openings:
-    """Where prompts' system messages end, their openings rendered once per model and content (the
-    most recent OPENINGS_KEPT kept): every turn of a session, and every session with one system prompt,
-    would otherwise render and encode a long system prompt again on the engine thread."""
-
-    def __init__(self) -> None:
-        self._rendered: OrderedDict[tuple[str, str], list[int] | None] = OrderedDict()
-
-    def end(self, model: str, row: Row) -> int | None:
-        """Where `row`'s system messages end, when they take at least KEPT_SEGMENT_TOKENS; None otherwise.
-        Found as mlx-lm's server finds it: the system messages rendered before an empty user turn, and
-        the tokens that rendering shares with the prompt."""
-        if row.request.messages is None or row.tokenizer is None:
-            return None
-        messages, tools, kwargs = row.request.for_template()
-        system = [m for m in messages[: len(messages) - 1] if m["role"] in ("system", "developer")]
-        if len(system) == 0 or messages[: len(system)] != system:
-            return None
-        key = (model, json.dumps([system, tools, kwargs], sort_keys=True, default=str))
-        if key not in self._rendered:
-            self._rendered[key] = _opening(row.tokenizer, system, tools, kwargs)
-            while len(self._rendered) > OPENINGS_KEPT:
-                self._rendered.popitem(last=False)
-        self._rendered.move_to_end(key)
-        opening = self._rendered[key]
-        end = 0 if opening is None else shared_length(row.prompt_ids, opening)
-        return end if end >= KEPT_SEGMENT_TOKENS else None
-
-
-def _opening(tokenizer: Any, system: list[dict[str, Any]], tools: Any, kwargs: dict[str, Any]) -> list[int] | None:
-    try:
-        rendered: list[int] = tokenizer.apply_chat_template(
-            [*system, {"role": "user", "content": ""}],
-            tools=tools,
-            add_generation_prompt=False,
-            tokenize=True,
-            **kwargs,
-        )
-    except Exception:
-        return None  # a template that will not render this opening alone: no segment
-    return list(rendered)
 
 
 DEFAULT_CALL_MARKERS = ("<tool_call>", "</tool_call>")

@@ -41,7 +41,7 @@ COPY_SLACK_TOKENS = 1024
 row's whole cache before it is cut to the shared part, memory held for a moment beside the batch."""
 
 MIN_COPIED_TOKENS = 8
-"""A shared prefix already in a member's cache is copied from this long (as worker/prefixes.py reuses a
+"""A shared prefix already in a member's cache is copied from this long (as worker/kv_manager.py reuses a
 kept one): copying is a slice of memory, computing it a pass over all of the model's weights. Requests
 that arrive together and begin alike (a chat template's opening, a system prompt) compute it once."""
 

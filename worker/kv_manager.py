@@ -1,0 +1,191 @@
+"""The KV cache manager: the one owner of every cached byte outside the running batch.
+
+Two uses of kept caches. The children of a fan-out share a long prefix (system
+prompt, task context) and reach the engine within milliseconds of each other:
+the first is prefilled, the others wait for it and start from a copy of its
+cache cut to the shared length, so the prefix is computed once. And a later
+request that starts like an earlier one (the next turn of a chat, a repeated
+system prompt) starts from the cache the earlier one left.
+
+What it decides and keeps: the nearest kept prefix of a prompt (`seed`), a
+member's cache copied for others (`keep_copy`), a finished row's cache for the
+next turn (`finished`), the state of a cache that cannot be cut where later
+prompts extend it (`segments` says where: the end of the system messages;
+`state_reached` keeps it), and giving bytes back under the ledger's budget
+(`shrink_to`, `clear`). The batch runner only copies bytes in and out of the
+generator; the scheduler decides who shares with whom.
+
+mlx-lm's LRUPromptCache holds the caches (a token trie per model, byte budget,
+copies handed out, longer entries trimmed to a shared prefix). The code asks each
+cache what it can do rather than listing types: a cache that can be trimmed
+(plain KV) is cut at any token; one that cannot (a sliding window that has
+wrapped, the recurrent state of a gated delta net or a Mamba layer) is kept at
+exactly the tokens it holds, and serves only prompts that extend them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
+
+from worker.cache_shape import compact, copied, layers, nbytes, trim
+from worker.rows import Row
+from worker.scheduler import shared_length
+
+logger = logging.getLogger(__name__)
+
+MIN_REUSED_TOKENS = 8
+"""A kept prefix this long is worth its copy: copying it is a slice of memory, computing it a pass over
+all of the model's weights (a chat template's opening alone is about 20 tokens). Waiting for a member to
+compute a shared prefix is another matter (worker/scheduler.py's MIN_SHARED_TOKENS)."""
+
+KEPT_SEGMENT_TOKENS = 128
+"""The system messages are a segment of their own (their state kept where a cache cannot be cut) from this
+long: shorter ones cost less to compute again than to keep."""
+
+OPENINGS_KEPT = 64
+"""System openings remembered per worker: a few kilobytes of token ids each."""
+
+
+class KVCacheManager:
+    """KV caches kept for every model (prefixes and states), under one byte budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._lru = LRUPromptCache(max_size=1 << 16, max_bytes=max(0, budget_bytes))
+        self._openings = Openings()
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        """What it holds, as the memory ledger counts it."""
+        return int(self._lru.nbytes)
+
+    # -- lookups ----------------------------------------------------------------------
+
+    def seed(self, model: str, ids: Sequence[int]) -> tuple[list[Any] | None, int]:
+        """A copy of the cache of the longest kept prefix of `ids` and its length (None, 0 when
+        nothing worth reusing is kept). At least the last token is left to compute: generation
+        starts from its logits."""
+        if not self.enabled or len(ids) <= MIN_REUSED_TOKENS:
+            return None, 0
+        ids = list(ids)
+        cache, rest = self._lru.fetch_nearest_cache(model, ids)
+        if cache is not None and not rest:
+            # All of it is kept: a cache that can be trimmed gives back its last token; one that cannot
+            # serves from a shorter state (the end of the prompt's prefill keeps one).
+            if can_trim_prompt_cache(cache):
+                trim(cache, 1)  # the trie's copy: ours to cut
+                rest = ids[-1:]
+            else:
+                cache, rest = self._lru.fetch_nearest_cache(model, ids[:-1])
+                rest = [*rest, ids[-1]]
+        reused = len(ids) - len(rest)
+        if cache is None or reused < MIN_REUSED_TOKENS:
+            return None, 0
+        for layer in layers(cache):
+            compact(layer)  # a longer entry the trie cut to the shared part holds all of its buffer
+        return cache, reused
+
+    def segments(self, model: str, row: Row, reused: int, keeps_states: bool) -> list[list[int]]:
+        """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,
+        where the state of a cache that cannot be cut is kept (the end of the system messages)."""
+        ids = row.context_ids
+        end = self._openings.end(model, row) if keeps_states else None  # a cut-anywhere cache needs none
+        bounds = [reused, *([end] if end is not None and reused < end < len(ids) - 1 else []), len(ids)]
+        return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    # -- what is kept -----------------------------------------------------------------
+
+    def keep_copy(self, model: str, ids: Sequence[int], cache: Sequence[Any], held: int) -> bool:
+        """Keep a copy of the first `len(ids)` positions of `cache`, which holds `held` tokens
+        beginning with `ids`; older entries go past the budget. False when it is not kept (too short,
+        too big, or a cache that cannot be cut there)."""
+        if not self.enabled or len(ids) < MIN_REUSED_TOKENS:
+            return False
+        kept = copied(cache, held, len(ids))
+        if kept is None or nbytes(kept) > self.budget_bytes:
+            return False
+        self._lru.insert_cache(model, list(ids), kept)
+        return True
+
+    def finished(self, model: str, tokens: list[int], cache: list[Any], job_id: str) -> None:
+        """A finished row's cache (its prompt and what it generated, `tokens`): the next turn of the
+        same chat starts from it."""
+        if not cache or not self.enabled:
+            return
+        try:
+            self.keep_copy(model, tokens, cache, len(tokens))
+        except Exception:
+            logger.exception("could not keep a finished prompt's cache", extra={"job_id": job_id})
+
+    def state_reached(self, model: str, extract: Callable[[], dict[Any, Any]], job_id: str) -> None:
+        """The state of a row whose prefill reached the end of a segment (the end of the system
+        messages, or all of the prompt but its last token), `extract`ed from the generator: what a later
+        prompt extending it resumes from, since this cache cannot be cut back to here later."""
+        if not self.enabled:
+            return
+        try:
+            for cache, tokens in extract().values():
+                self.keep_copy(model, tokens, cache, len(tokens))
+        except Exception:
+            logger.exception("could not keep a prompt's state", extra={"job_id": job_id})
+
+    # -- giving bytes back ------------------------------------------------------------
+
+    def shrink_to(self, budget_bytes: int) -> None:
+        self._lru.trim_to(n_bytes=max(0, budget_bytes))
+
+    def clear(self) -> None:
+        self._lru.trim_to(n_sequences=0)
+
+
+class Openings:
+    """Where prompts' system messages end, their openings rendered once per model and content (the
+    most recent OPENINGS_KEPT kept): every turn of a session, and every session with one system prompt,
+    would otherwise render and encode a long system prompt again on the engine thread."""
+
+    def __init__(self) -> None:
+        self._rendered: OrderedDict[tuple[str, str], list[int] | None] = OrderedDict()
+
+    def end(self, model: str, row: Row) -> int | None:
+        """Where `row`'s system messages end, when they take at least KEPT_SEGMENT_TOKENS; None otherwise.
+        Found as mlx-lm's server finds it: the system messages rendered before an empty user turn, and
+        the tokens that rendering shares with the prompt."""
+        if row.request.messages is None or row.tokenizer is None:
+            return None
+        messages, tools, kwargs = row.request.for_template()
+        system = [m for m in messages[: len(messages) - 1] if m["role"] in ("system", "developer")]
+        if len(system) == 0 or messages[: len(system)] != system:
+            return None
+        key = (model, json.dumps([system, tools, kwargs], sort_keys=True, default=str))
+        if key not in self._rendered:
+            self._rendered[key] = _opening(row.tokenizer, system, tools, kwargs)
+            while len(self._rendered) > OPENINGS_KEPT:
+                self._rendered.popitem(last=False)
+        self._rendered.move_to_end(key)
+        opening = self._rendered[key]
+        end = 0 if opening is None else shared_length(row.prompt_ids, opening)
+        return end if end >= KEPT_SEGMENT_TOKENS else None
+
+
+def _opening(tokenizer: Any, system: list[dict[str, Any]], tools: Any, kwargs: dict[str, Any]) -> list[int] | None:
+    try:
+        rendered: list[int] = tokenizer.apply_chat_template(
+            [*system, {"role": "user", "content": ""}],
+            tools=tools,
+            add_generation_prompt=False,
+            tokenize=True,
+            **kwargs,
+        )
+    except Exception:
+        return None  # a template that will not render this opening alone: no segment
+    return list(rendered)
