@@ -27,6 +27,7 @@ def build_engine(
         prefix_cache_bytes = int(budget_bytes * settings.prefix_cache_fraction)
     kv = KVCacheManager(prefix_cache_bytes)
     ledger = MemoryLedger(budget_bytes, kv)
+    cache = ModelCache(settings, ledger, probe, registry)
     scheduler = Scheduler(
         ledger,
         settings.max_batch,
@@ -34,9 +35,10 @@ def build_engine(
         critical_percent=settings.memory_critical_percent,
         retry_after_s=settings.memory_retry_after_s,
         share_prefixes=kv.enabled,
+        kv_room=cache.kv_room_bytes,
     )
     return Engine(
-        ModelCache(settings, ledger, probe, registry),
+        cache,
         kv,
         scheduler,
         settings.maintenance_interval_s,

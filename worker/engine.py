@@ -171,20 +171,28 @@ class Engine:
             if time.monotonic() - self._maintained_at >= self.maintenance_interval_s:
                 self._maintain()
             try:
-                scheduler.fill(self.runner)
-                if scheduler.batch is not None and scheduler.batch.members:
-                    self.state = "generating"
-                    self.runner.step()
-                elif scheduler.batch is not None:
-                    scheduler.close(self.runner)
+                self._turn()
             except Exception as exc:
                 # Whatever a model or its cache does, the batch's jobs fail with it and the engine
                 # serves the rest: a dead engine would take every model down until a restart.
                 logger.exception("an engine turn failed; its batch's jobs fail, the engine goes on")
-                self.runner.fail_running(exc)
+                scheduler.update_from_output(self.runner.fail_running(exc))
             if scheduler.batch is None and self._warming:
                 self._warm(self._warming.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"
+
+    def _turn(self) -> None:
+        """The scheduler decides, the runner carries it out (a ticket to prepare first is decided on once
+        prepared), and the batch takes one step."""
+        scheduler = self.scheduler
+        while True:
+            decided = scheduler.schedule()
+            scheduler.update_from_output(self.runner.execute(decided))
+            if not decided.prepare:
+                break
+        if scheduler.batch is not None and scheduler.batch.members:
+            self.state = "generating"
+            scheduler.update_from_output(self.runner.step())
 
     def _warm(self, spec: ModelSpec) -> None:
         if spec.name in self.cache.loaded_names():

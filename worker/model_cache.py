@@ -223,6 +223,16 @@ class ModelCache:
         self.unload_idle(keep=0, reason=reason)
         self._free()
 
+    def kv_room_bytes(self) -> int:
+        """The most the running batch's KV cache may take (any thread): the budget less the weights that
+        cannot give way to it (models in use, pinned or loading); kept caches and idle models can
+        (`room_for` makes them)."""
+        with self._lock:
+            loaded = [(e.spec.name, e.active) for e in self._loaded.values()]
+            loading = list(self._loading)
+        staying = [name for name, active in loaded if active > 0 or self.pinned(name)] + loading
+        return self.ledger.budget_bytes - sum(self.ledger.weights_of(name) for name in staying)
+
     def room_for(self, kv_bytes: int) -> bool:
         """Whether the running batch's KV cache may grow to `kv_bytes`: kept prefixes are dropped,
         then idle models evicted (least recently used first), to make room."""

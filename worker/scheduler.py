@@ -14,8 +14,12 @@ decides, and imports no MLX, so every decision is unit-tested with plain numbers
   is worth waiting for or copying;
 - the batch limit under memory pressure, and deadlines and cancels in the line.
 
-The executor it drives is an `Executor`: the engine's batch runner, or a plain
-fake in the tests.
+It decides as vLLM v1's scheduler does: `schedule()` returns a `SchedulerOutput`
+(plain data: who is prepared, who ends and why, whether the batch closes or
+opens, how far its KV cache grows, who joins and from which cached state), the
+batch runner carries it out, and `update_from_output` takes what happened (a
+`StepResult`: tickets prepared, rows that advanced, finished or failed). Only
+the scheduler writes a ticket's state, and it never calls the executor.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
 from shared.sizing import KvShape, format_bytes
@@ -62,8 +66,11 @@ class Ticket:
     kv: KvShape = KvShape(per_token=0)
     """What its row's cache holds per token (its model's, measured once loaded)."""
     weights_bytes: int = 0
-    sharer: tuple[int, int] | None = None
-    """(uid, tokens): the member whose prompt starts like this one's, and for how many tokens."""
+    cuttable: bool = True
+    """Its model's caches can be cut at any token (a member's may be copied for others)."""
+    sharer: tuple[Ticket | None, int] | None = None
+    """The member whose prompt starts like this one's (None when none does) and for how many tokens;
+    None until looked for."""
     prefilled: bool = False
     """In the batch, with its whole prompt in its KV cache (it has produced a token)."""
     in_cache: int = 0
@@ -81,54 +88,67 @@ class Ticket:
 
 @dataclass(frozen=True)
 class Seed:
-    """Where a joining row's KV cache starts: from kept prefixes, after copying `tokens` tokens of
-    member `uid`'s cache into them when `uid` is set; `kept` False starts from nothing."""
+    """Where a joining row's KV cache starts: from kept caches, after copying `tokens` tokens of
+    member `source`'s cache into them when it is set; `kept` False starts from nothing."""
 
     kept: bool = True
-    uid: int | None = None
+    source: Ticket | None = None
     tokens: int = 0
 
 
 FRESH = Seed(kept=False)
 
 
-class Executor(Protocol):
-    """What the scheduler's decisions are carried out by (the engine's batch runner)."""
+@dataclass
+class SchedulerOutput:
+    """One turn's decisions, carried out in this order by the batch runner."""
 
-    def prepare(self, ticket: Ticket) -> bool:
-        """Acquire the ticket's model and encode its prompt; False when that failed and ended it."""
-        ...
+    prepare: list[Ticket] = field(default_factory=list)
+    """To prepare (acquire the model, encode the prompt) before anything is decided about them."""
+    ended: list[tuple[Ticket, BaseException]] = field(default_factory=list)
+    """Tickets that end without joining (canceled, late, too large, no room), and why."""
+    close: bool = False
+    """The batch closes (another model's turn, or it drained)."""
+    open: str | None = None
+    """The batch opens for this model (after a close, if both)."""
+    kv_bytes: int | None = None
+    """The batch's KV cache grows to this: room is made for it (kept caches, then idle models, give way)."""
+    joins: list[tuple[Ticket, Seed]] = field(default_factory=list)
 
-    def open_batch(self, ticket: Ticket) -> bool:
-        """Start a batch for the ticket's model; whether a member's cache can be shared with others
-        (cut at any token)."""
-        ...
 
-    def close_batch(self) -> None: ...
+@dataclass(frozen=True)
+class Prepared:
+    """What preparing a ticket found, in numbers."""
 
-    def make_room(self, kv_bytes: int) -> bool:
-        """Whether the batch's KV cache may grow to `kv_bytes`, evicting what can go to make room."""
-        ...
+    ticket: Ticket
+    prompt: list[int]
+    max_tokens: int
+    kv: KvShape
+    weights_bytes: int
+    cuttable: bool
 
-    def join(self, ticket: Ticket, seed: Seed) -> int | None:
-        """Insert the ticket's row; its uid, or None when that failed and ended it."""
-        ...
 
-    def end(self, ticket: Ticket, error: BaseException) -> None:
-        """End a ticket that is not in the batch with `error` (translated into ours if need be)."""
-        ...
+@dataclass
+class StepResult:
+    """What carrying out an output, or a decode step, did."""
+
+    prepared: list[Prepared] = field(default_factory=list)
+    ended: list[Ticket] = field(default_factory=list)
+    """Tickets that are over: failed preparing or joining, finished, failed, canceled or late in the batch."""
+    in_cache: dict[Ticket, int] = field(default_factory=dict)
+    """Members' tokens in their KV caches now."""
+    prefilled: list[Ticket] = field(default_factory=list)
+    closed: bool = False
+    """The executor closed the batch (it drained, or a shared step failed)."""
 
 
 @dataclass
 class Batch:
-    """The running batch as the scheduler sees it: its model and members by uid."""
+    """The running batch as the scheduler sees it: its model and members, in the order they joined."""
 
     model: str
     shareable: bool
-    members: dict[int, Ticket] = field(default_factory=dict)
-
-
-Joined = Literal["joined", "prefix", "room"]
+    members: list[Ticket] = field(default_factory=list)
 
 
 class Scheduler:
@@ -142,13 +162,17 @@ class Scheduler:
         critical_percent: float,
         retry_after_s: int,
         share_prefixes: bool,
+        kv_room: Callable[[], int],
     ) -> None:
+        """`kv_room` says how many bytes the running batch's KV cache may take (any thread): the budget
+        less what cannot give way to it (models in use or pinned; kept caches and idle models can)."""
         self.ledger = ledger
         self.max_batch = max_batch
         self.warning_percent = warning_percent
         self.critical_percent = critical_percent
         self.retry_after_s = retry_after_s
         self.share_prefixes = share_prefixes
+        self._kv_room = kv_room
         self.batch_limit = max_batch
         """max_batch, lowered while system memory is past its warning threshold."""
         self.line: deque[Ticket] = deque()
@@ -165,24 +189,30 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.line) or bool(self.batch and self.batch.members)
 
-    def fill(self, run: Executor) -> None:
-        """Move waiting tickets into the batch while it has room and runs their model."""
-        self._end_stopped_in_line(run)
+    def schedule(self) -> SchedulerOutput:
+        """Move waiting tickets into the batch while it has room and runs their model. A ticket at the
+        front that is not prepared yet is asked for (`prepare`) and the turn's decisions stop there:
+        schedule again once the output is carried out."""
+        out = SchedulerOutput()
+        self._end_stopped_in_line(out)
         held: list[Ticket] = []
         self.waiting_for_room = False
         while self.line:
             ticket = self.line[0]
             if ticket.stop() is not None:  # canceled or late meanwhile (a model load takes a while)
-                self._end_stopped_in_line(run)
+                self._end_stopped_in_line(out)
                 continue
             if self.batch is not None and self.batch.model != ticket.model:
                 if self.batch.members:
                     break  # another model: it waits until this batch drains
-                self.close(run)
+                self._close(out)
             if self.batch is not None and len(self.batch.members) >= self.batch_limit:
                 break
+            if not ticket.prepared:
+                out.prepare.append(ticket)
+                break
             self.line.popleft()
-            joined = self._join(ticket, run)
+            joined = self._join(ticket, out)
             if joined == "prefix":
                 held.append(ticket)
             elif joined == "room":
@@ -190,8 +220,11 @@ class Scheduler:
                 self.waiting_for_room = True
                 break
         self.line.extendleft(reversed(held))
+        if self.batch is not None and not self.batch.members and not out.prepare:
+            self._close(out)  # drained, and nobody joins it now
+        return out
 
-    def _end_stopped_in_line(self, run: Executor) -> None:
+    def _end_stopped_in_line(self, out: SchedulerOutput) -> None:
         """A canceled ticket, or one past its deadline, ends while it waits, as it would running."""
         for ticket in list(self.line):
             reason = ticket.stop()
@@ -199,37 +232,71 @@ class Scheduler:
                 continue
             self.line.remove(ticket)
             if reason == "canceled":
-                run.end(ticket, GenerationCanceled("The job was canceled before it started"))
+                out.ended.append((ticket, GenerationCanceled("The job was canceled before it started")))
             else:
-                run.end(ticket, JobTimedOut("The job passed its deadline before it could start"))
+                out.ended.append((ticket, JobTimedOut("The job passed its deadline before it could start")))
 
-    def _join(self, ticket: Ticket, run: Executor) -> Joined:
+    def _join(self, ticket: Ticket, out: SchedulerOutput) -> Literal["joined", "prefix", "room"]:
         """Start the ticket in the batch, or end it with its error ("joined"); "prefix" while it
         waits for a member computing the prefix it shares, "room" while the KV cache has none."""
-        if not ticket.prepared and not run.prepare(ticket):
-            return "joined"
+        members = self.batch.members if self.batch is not None else []
         try:
-            if self.batch is None:
-                self.batch = Batch(ticket.model, shareable=run.open_batch(ticket))
-            if not self.kv_room(ticket, run):
-                return "room"
-        except Exception as error:  # the executor translates what is not ours
-            run.end(ticket, error)
+            kv_bytes = self._kv_room_for(ticket, members)
+        except (ExceedsMemoryBudget, InsufficientMemory) as error:
+            out.ended.append((ticket, error))
             return "joined"
+        if kv_bytes is None:
+            return "room"
+        if self.batch is None:
+            self.batch = Batch(ticket.model, shareable=ticket.cuttable)
+            out.open = ticket.model
         seed = self.seed_for(ticket)
         if seed is None:
             return "prefix"
-        uid = run.join(ticket, seed)
-        if uid is not None:
-            self.batch.members[uid] = ticket
-            self._count_kv()
+        out.kv_bytes = kv_bytes
+        out.joins.append((ticket, seed))
+        self.batch.members.append(ticket)
+        ticket.in_cache = 0
+        self._count_kv()
         return "joined"
+
+    # -- what the executor did --------------------------------------------------------------
+
+    def update_from_output(self, result: StepResult) -> None:
+        """Take in what carrying out an output or a step did: prepared tickets get their numbers, rows
+        their progress; ended tickets leave the line or the batch (under memory pressure nobody takes a
+        leaver's place until it eases)."""
+        for prepared in result.prepared:
+            ticket = prepared.ticket
+            ticket.prompt, ticket.max_tokens = prepared.prompt, prepared.max_tokens
+            ticket.kv, ticket.weights_bytes, ticket.cuttable = prepared.kv, prepared.weights_bytes, prepared.cuttable
+        for ticket, tokens in result.in_cache.items():
+            ticket.in_cache = tokens
+        for ticket in result.prefilled:
+            ticket.prefilled = True
+        for ticket in result.ended:
+            if ticket in self.line:
+                self.line.remove(ticket)
+            elif self.batch is not None and ticket in self.batch.members:
+                self.batch.members.remove(ticket)
+                self._count_kv()
+                if self._pressed:
+                    self.batch_limit = max(1, min(self.batch_limit, len(self.batch.members)))
+        if result.closed:
+            self._close(None)
+
+    def drain(self) -> list[Ticket]:
+        """Every ticket, waiting or running, and the batch gone (the engine stops)."""
+        everyone = [*(self.batch.members if self.batch is not None else []), *self.line]
+        self.line.clear()
+        self._close(None)
+        return everyone
 
     # -- KV room ------------------------------------------------------------------------
 
-    def kv_room(self, ticket: Ticket, run: Executor) -> bool:
-        """Whether the batch's KV cache fits the budget with this ticket's row too; False to wait
-        for a member to leave. A context that cannot fit even alone fails at once; one that cannot
+    def _kv_room_for(self, ticket: Ticket, members: list[Ticket]) -> int | None:
+        """The batch's KV bytes with this ticket's row too, when they fit the room there is; None to
+        wait for a member to leave. A context that cannot fit even alone fails at once; one that cannot
         fit an empty batch, for now."""
         budget = self.ledger.budget_bytes
         kv, context = ticket.kv, ticket.context
@@ -240,11 +307,11 @@ class Scheduler:
                 f"budget of {format_bytes(budget)}; ask for fewer tokens",
                 param="max_tokens",
             )
-        members = list(self.batch.members.values()) if self.batch else []
-        if run.make_room(padded_kv_bytes(kv, [m.context for m in members] + [context])):
-            return True
+        needed = padded_kv_bytes(kv, [m.context for m in members] + [context])
+        if needed <= self._kv_room():
+            return needed
         if members:
-            return False
+            return None
         raise InsufficientMemory(
             f"No room for {format_bytes(kv.bytes_for(context))} of KV cache: the budget is "
             f"{format_bytes(budget)} and {format_bytes(self.ledger.held_bytes)} is held",
@@ -252,7 +319,7 @@ class Scheduler:
         )
 
     def _count_kv(self) -> None:
-        members = list(self.batch.members.values()) if self.batch else []
+        members = self.batch.members if self.batch else []
         kv = members[0].kv if members else KvShape(per_token=0)
         self.ledger.hold_kv(padded_kv_bytes(kv, [m.context for m in members]))
 
@@ -268,12 +335,11 @@ class Scheduler:
             return Seed()  # caches that cannot be cut: kept states only, never a member's cut short
         if ticket.sharer is None or ticket.sharer[0] not in batch.members:
             ticket.sharer = sharer(batch.members, ids)
-        uid, shared = ticket.sharer
-        if uid < 0:
+        member, shared = ticket.sharer
+        if member is None:
             return Seed()  # no member begins like it
-        member = batch.members[uid]  # the same ticket as when the sharer was found: uids are not reused
         if member.in_cache >= shared and copyable(member.in_cache, shared):
-            return Seed(uid=uid, tokens=shared)
+            return Seed(source=member, tokens=shared)
         # Still being computed: worth waiting for when it is most of this prompt (a fan-out's
         # children) and can be copied once the member's prompt is in; a short shared opening is not
         # worth holding a long prompt back.
@@ -283,23 +349,15 @@ class Scheduler:
         # The longest sharer cannot be copied from now: the most that any member holds now can.
         return held_now(batch.members, ids)
 
-    # -- leaving ------------------------------------------------------------------------
+    # -- closing ------------------------------------------------------------------------
 
-    def leave(self, uid: int) -> Ticket:
-        """A member leaves the batch; under memory pressure nobody takes its place until it eases."""
-        assert self.batch is not None
-        ticket = self.batch.members.pop(uid)
-        self._count_kv()
-        if self._pressed:
-            self.batch_limit = max(1, min(self.batch_limit, len(self.batch.members)))
-        return ticket
-
-    def close(self, run: Executor) -> None:
-        """The batch ends (drained, or for another model); waiting tickets forget their sharers,
-        since uids start again at 0 in the next batch."""
+    def _close(self, out: SchedulerOutput | None) -> None:
+        """The batch ends (drained, or for another model); waiting tickets forget their sharers, the
+        members of a batch that is gone."""
         if self.batch is None:
             return
-        run.close_batch()
+        if out is not None:
+            out.close = True
         self.batch = None
         self.ledger.hold_kv(0)
         for ticket in self.line:
@@ -353,25 +411,25 @@ def copyable(held: int, shared: int) -> bool:
     return held - shared <= max(shared, COPY_SLACK_TOKENS)
 
 
-def held_now(members: dict[int, Ticket], ids: Sequence[int]) -> Seed:
+def held_now(members: Sequence[Ticket], ids: Sequence[int]) -> Seed:
     """A copy of the longest start of `ids` that a member's cache holds now (at least
     MIN_COPIED_TOKENS, and copyable), else a fresh start."""
     best = Seed()
-    for uid, member in members.items():
+    for member in members:
         other = member.prompt or []
         held = min(shared_length(ids, other), len(ids) - 1, len(other) - 1, member.in_cache)
         if held >= MIN_COPIED_TOKENS and held > best.tokens and copyable(member.in_cache, held):
-            best = Seed(uid=uid, tokens=held)
+            best = Seed(source=member, tokens=held)
     return best
 
 
-def sharer(members: dict[int, Ticket], ids: Sequence[int]) -> tuple[int, int]:
+def sharer(members: Sequence[Ticket], ids: Sequence[int]) -> tuple[Ticket | None, int]:
     """The member whose prompt shares the longest prefix with `ids`, and its length (at least
-    MIN_COPIED_TOKENS, else (-1, 0)); the last token of each prompt is never shared."""
-    best = (-1, 0)
-    for uid, member in members.items():
+    MIN_COPIED_TOKENS, else (None, 0)); the last token of each prompt is never shared."""
+    best: tuple[Ticket | None, int] = (None, 0)
+    for member in members:
         other = member.prompt or []
         shared = min(shared_length(ids, other), len(ids) - 1, len(other) - 1)
         if shared >= MIN_COPIED_TOKENS and shared > best[1]:
-            best = (uid, shared)
+            best = (member, shared)
     return best
