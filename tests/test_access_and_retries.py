@@ -89,7 +89,9 @@ def test_only_admin_keys_see_running_job_ids_and_events(keyed: Service) -> None:
             while a.get(f"/v1/jobs/{job_id}").json()["status"] != "started":
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-            time.sleep(1)  # the next heartbeat lists it
+            while not any(job_id in w.get("jobs", []) for w in admin.get("/health").json()["workers"]):
+                assert time.monotonic() < deadline, "the worker's heartbeat never listed the job"
+                time.sleep(0.1)
             for client in (a, keyed.http):  # an ordinary key, and no key at all (/health is open)
                 workers = client.get("/health").json()["workers"]
                 assert workers and all("jobs" not in w for w in workers), workers
