@@ -129,7 +129,7 @@ def test_a_busy_worker_takes_its_models_jobs_first_and_another_models_once_it_ha
     y1, x1, y2, x2 = (queues.admit(ALICE, 1, 1, model)[0] for model in ("y", "x", "y", "x"))
     queues.claims.preference = lambda: running("x")
     assert queues.claim_ids() == [x1, x2]  # the y jobs wait, in their places
-    time.sleep(0.6)
+    queues.claims.clock = lambda: time.time() + 0.6  # past swap_after_s: they are overdue
     queues.claims.preference = lambda: running("x", may_swap=False)
     assert queues.claim_ids() == []  # overdue, but the worker swapped less than swap_after ago
     queues.claims.preference = lambda: running("x")

@@ -66,6 +66,9 @@ class TurnTakingQueue(Queue):
     """Set on the class a worker claims with (`for_worker`): whose claimed list a claim goes to."""
     preference: ClassVar[Callable[[], Preference]] = Preference
     """Set by the worker: its model and whether it may swap, read at each claim."""
+    clock: ClassVar[Callable[[], float]] = time.time
+    """Now, in seconds since the epoch, as each claim tells the script (a test's own clock steps past a
+    swap window without sleeping through it)."""
 
     @classmethod
     def for_worker(cls, worker_name: str) -> type[TurnTakingQueue]:
@@ -101,7 +104,7 @@ class TurnTakingQueue(Queue):
                     keys.batch_turns(""),
                     cls.worker_name,
                     *cls.preference().argv(),
-                    time.time(),
+                    cls.clock(),
                     job_prefix,
                     *keys.HEARTBEAT_AFFIXES,
                     SCAN,
