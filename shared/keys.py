@@ -23,7 +23,7 @@ def worker_commands(worker_name: str) -> str:
 
 def worker_suspect(worker_name: str) -> str:
     """The job a worker runs that was running when an earlier worker died and has not yet shown it
-    was not the cause: if this worker dies too, only that job is counted for it (worker/orphans.py)."""
+    was not the cause: if this worker dies too, only that job is counted for it (worker/supervision/orphans.py)."""
     return f"{PREFIX}:worker:{worker_name}:suspect"
 
 

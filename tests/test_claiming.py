@@ -20,7 +20,7 @@ from shared import keys
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from worker.claiming import Preference, TurnTakingQueue
-from worker.orphans import reclaim_claimed
+from worker.supervision.orphans import reclaim_claimed
 
 ALICE, BOB, CAROL = Client("key:alice"), Client("key:bob"), Client("key:carol")
 

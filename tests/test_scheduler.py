@@ -9,16 +9,8 @@ import pytest
 from shared.errors import ExceedsMemoryBudget, GenerationCanceled, InsufficientMemory, JobTimedOut
 from shared.sizing import KvShape
 from worker.ledger import MemoryLedger
-from worker.scheduler import (
-    COPY_SLACK_TOKENS,
-    Prepared,
-    Scheduler,
-    SchedulerOutput,
-    Seed,
-    StepResult,
-    Ticket,
-    padded_kv_bytes,
-)
+from worker.scheduler import COPY_SLACK_TOKENS, Scheduler, padded_kv_bytes
+from worker.tickets import Prepared, SchedulerOutput, Seed, StepResult, Ticket
 
 PER_TOKEN = 10
 WEIGHTS = 1_000
@@ -338,7 +330,8 @@ def test_the_scheduler_and_the_ledger_import_no_mlx() -> None:
     import subprocess
     import sys
 
-    code = "import sys, worker.scheduler, worker.ledger; print(sorted(m for m in sys.modules if m.startswith('mlx')))"
+    imported = "import sys, worker.scheduler, worker.tickets, worker.ledger"
+    code = f"{imported}; print(sorted(m for m in sys.modules if m.startswith('mlx')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 

@@ -8,7 +8,7 @@ from redis import Redis
 from shared import events
 from shared.circuit import CircuitRecord, CircuitState
 from shared.settings import Settings
-from worker.restart_policy import RestartPolicy
+from worker.supervision.restart_policy import RestartPolicy
 
 
 def test_backoff_doubles_from_two_seconds_up_to_a_minute() -> None:

@@ -37,7 +37,8 @@ from worker.kv_manager import KVCacheManager
 from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
 from worker.prefill_pace import PrefillPace, unpadded
 from worker.rows import Outcome, Row
-from worker.scheduler import Prepared, Scheduler, SchedulerOutput, Seed, StepResult, Ticket
+from worker.scheduler import Scheduler
+from worker.tickets import Prepared, SchedulerOutput, Seed, StepResult, Ticket
 
 logger = logging.getLogger(__name__)
 

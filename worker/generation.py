@@ -11,7 +11,7 @@ from shared.job_stream import Resumed
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from worker.rows import Outcome, TextSink
-from worker.scheduler import StopReason
+from worker.tickets import StopReason
 
 MISSING_MAX_TOKENS = "max_tokens: a job must carry it (the gateway sets it when it accepts the request)"
 

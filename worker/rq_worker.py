@@ -34,14 +34,14 @@ from shared.settings import Settings
 from shared.text import text
 from worker.affinity import ModelAffinity
 from worker.claiming import IDLE_POLL_S, TurnTakingQueue
-from worker.crash_suspect import CrashSuspect
 from worker.endings import JobEndings, job_fields
 from worker.engine import Engine
 from worker.monitor import Monitor
-from worker.orphans import reclaim_claimed
 from worker.reports import Reports
 from worker.rq_outages import OutageTolerantWorker
 from worker.streaming import StreamPublisher
+from worker.supervision.crash_suspect import CrashSuspect
+from worker.supervision.orphans import reclaim_claimed
 
 logger = logging.getLogger(__name__)
 

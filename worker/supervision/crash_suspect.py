@@ -4,7 +4,7 @@ A job that was running when a worker died (its `crash_attempts` above 0) is a
 suspect. Once claimed it holds further claims back until it has generated
 SUSPECT_CLEARED_AFTER tokens here, and while it runs alone Redis names it
 (keys.worker_suspect): if it kills this worker too, the watchdog counts the death
-for it alone (worker/orphans.py), never for the jobs beside it. Past that it is
+for it alone (worker/supervision/orphans.py), never for the jobs beside it. Past that it is
 batched as any other.
 """
 
