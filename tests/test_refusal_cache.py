@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redis import Redis
-from redis.asyncio import Redis as AsyncRedis
+from fakeredis import FakeAsyncRedis
 
 from gateway.admission.refusals import RefusalCache
 from shared import keys
@@ -61,20 +60,22 @@ def test_the_hold_never_outlasts_retry_after_and_zero_turns_it_off() -> None:
     assert off.check("alice", "single", 1) is None
 
 
-def test_repeated_refusals_reach_the_shared_counters_on_flush(scratch_redis_url: str) -> None:
+def test_repeated_refusals_reach_the_shared_counters_on_flush() -> None:
+    """Counters added in Redis: pure arithmetic, so fakeredis (../STYLE.md gives it that job)."""
     cache = RefusalCache(hold_s=5)
     cache.remember("alice", QueueFull("full", retry_after_s=3), "single", 1)
     for _ in range(4):
         assert cache.check("alice", "single", 1) is not None
 
-    async def flush() -> None:
-        redis = AsyncRedis.from_url(scratch_redis_url)
+    async def flush() -> bytes | None:
+        redis = FakeAsyncRedis()
         await cache.flush(redis)
         await cache.flush(redis)  # nothing new: nothing added twice
+        counted: bytes | None = await redis.hget(keys.REFUSALS, "queue_full")
         await redis.aclose()
+        return counted
 
-    asyncio.run(flush())
-    assert Redis.from_url(scratch_redis_url).hget(keys.REFUSALS, "queue_full") == b"4"
+    assert asyncio.run(flush()) == b"4"
 
 
 def test_a_held_capacity_refusal_answers_only_requests_it_certainly_applies_to() -> None:

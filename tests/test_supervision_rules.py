@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fakeredis
 import pytest
 from redis import Redis
 
-from shared import events
+from shared import circuit, events
 from shared.circuit import CircuitRecord, CircuitState
 from shared.settings import Settings
 from worker.supervision.restart_policy import RestartPolicy
@@ -39,6 +40,17 @@ def test_the_circuit_opens_after_five_failed_starts_and_a_trial_decides() -> Non
     reopened = trial.after_failed_start(now_ms=70_000, threshold=5, open_ms=60_000)
     assert (reopened.state, reopened.next_trial_at_ms) == (CircuitState.OPEN, 130_000)
     assert trial.after_ready() == CircuitRecord()
+
+
+def test_the_circuit_record_reads_back_as_written_and_closed_when_there_is_none() -> None:
+    """Pure Redis arithmetic (a hash written and read): fakeredis, as ../STYLE.md gives it that job."""
+    redis = fakeredis.FakeRedis()
+    assert circuit.read(redis) == CircuitRecord()  # a Redis that came back empty: closed
+    opened = CircuitRecord().after_failed_start(now_ms=5_000, threshold=1, open_ms=60_000)
+    circuit.write(redis, opened)
+    assert circuit.read(redis) == opened == CircuitRecord(CircuitState.OPEN, 1, 5_000, 65_000)
+    circuit.write(redis, opened.after_ready())
+    assert circuit.read(redis) == CircuitRecord()
 
 
 def test_events_are_read_latest_first_then_followed_by_cursor(scratch_redis_url: str) -> None:
