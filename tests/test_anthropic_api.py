@@ -132,6 +132,48 @@ def test_input_tokens_are_the_prompt_as_the_model_sees_it_in_every_count(client:
     with client.messages.stream(**asked) as stream:  # type: ignore[arg-type]
         started = next(event for event in stream if event.type == "message_start")
         final = stream.get_final_message()
-    assert reply.usage.input_tokens > 50  # the tool's schema is in the prompt
-    assert counted.input_tokens == reply.usage.input_tokens == started.message.usage.input_tokens
-    assert final.usage.input_tokens == reply.usage.input_tokens
+    # Anthropic's split: computed, read from a cache, written to one; together the prompt (the second call's
+    # prompt is read from what the first kept).
+    assert total(reply.usage) > 50  # the tool's schema is in the prompt
+    assert counted.input_tokens == total(reply.usage) == total(started.message.usage) == total(final.usage)
+    assert final.usage.cache_read_input_tokens and final.usage.cache_read_input_tokens >= 0.9 * counted.input_tokens
+
+
+def total(usage: anthropic.types.Usage) -> int:
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
+
+
+SHARED_SYSTEM = " ".join(f"Rule {i}: answer in plain words about the repository and its files." for i in range(40))
+
+
+def test_sessions_that_differ_only_in_claude_codes_attribution_line_share_their_prompt(
+    client: anthropic.Anthropic,
+) -> None:
+    """Claude Code's first system block is an attribution line that changes with its version, session and
+    sub-agent: left in, no two sessions would share a kept prefix. It is left out of the prompt, so a second
+    session reads the shared system prompt from the first's cache, and Claude Code is told so."""
+
+    def session(cch: str, question: str) -> anthropic.types.Message:
+        attribution = f"x-anthropic-billing-header: cc_version=2.1.197.{cch[:3]}; cc_entrypoint=cli; cch={cch};"
+        system = [{"type": "text", "text": attribution}, {"type": "text", "text": SHARED_SYSTEM}]
+        asked = {
+            "model": "tiny",
+            "max_tokens": 3,
+            "system": system,
+            "messages": [{"role": "user", "content": question}],
+        }
+        return client.messages.create(**asked)  # type: ignore[arg-type]
+
+    first = session("a1b2c", "Which file holds the settings?")
+    second = session("f9e8d", "Which file holds the tests?")
+    plain = client.messages.create(
+        model="tiny",
+        max_tokens=3,
+        system=SHARED_SYSTEM,
+        messages=[{"role": "user", "content": "Which file holds the tests?"}],
+    )
+    assert total(second.usage) == total(plain.usage)  # the attribution line is not in the prompt
+    assert first.usage.cache_read_input_tokens is not None
+    assert second.usage.cache_read_input_tokens is not None
+    assert second.usage.cache_read_input_tokens >= 0.8 * total(second.usage)
+    assert second.usage.input_tokens == total(second.usage) - second.usage.cache_read_input_tokens

@@ -26,6 +26,7 @@ from gateway.anthropic.shapes import (
     stop_reason,
     stop_sequence,
     tool_use_id,
+    usage,
 )
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
@@ -63,8 +64,8 @@ async def count_tokens(body: CountTokensRequest, gw: GatewayDep) -> dict[str, in
 
 
 async def _events(request: Request, job_id: str, model: str, prompt_tokens: int) -> AsyncIterator[str]:
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
-    started = message(job_id, model, {"text": "", "finish_reason": "stop", "usage": usage})
+    counted = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}  # what is cached is known at the end
+    started = message(job_id, model, {"text": "", "finish_reason": "stop", "usage": counted})
     yield _event("message_start", {"message": {**started, "content": [], "stop_reason": None}})
     blocks = _Blocks()
     async with waiting.streamed(request, job_id) as entries:
@@ -97,12 +98,8 @@ async def _events(request: Request, job_id: str, model: str, prompt_tokens: int)
                 result = entry.data["result"]
                 for line in blocks.close():
                     yield line
-                usage = {
-                    "input_tokens": result["usage"]["prompt_tokens"],
-                    "output_tokens": result["usage"]["completion_tokens"],
-                }
                 delta = {"stop_reason": stop_reason(result), "stop_sequence": stop_sequence(result)}
-                yield _event("message_delta", {"delta": delta, "usage": usage})
+                yield _event("message_delta", {"delta": delta, "usage": usage(result)})
                 yield _event("message_stop", {})
 
 

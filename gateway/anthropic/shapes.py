@@ -8,7 +8,9 @@ schema, enforced). Fields that have no meaning for a local model are accepted
 where ignoring them cannot change the answer: `metadata`, `thinking` (a model
 thinks or not by its own chat template), `output_config.effort`, and
 `context_management`'s thinking edits (past thinking is rendered as the model's
-template renders it). Anything else unknown is refused by name (400).
+template renders it). Anything else unknown is refused by name (400). Claude Code's
+attribution line (`x-anthropic-billing-header: …`, first in `system`) is left out of
+the prompt (`_without_attribution`), and `usage` says what was read from kept caches.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ class MessagesRequest(BaseModel):
 
     def to_generate(self) -> GenerateRequest:
         messages: list[dict[str, Any]] = []
-        if self.system:
-            messages.append({"role": "system", "content": _text(self.system, "system")})
+        system = _without_attribution(self.system)
+        if system:
+            messages.append({"role": "system", "content": _text(system, "system")})
         for index, message in enumerate(self.messages):
             messages.extend(_openai_messages(message, index))
         tools: list[dict[str, Any]] = []
@@ -159,6 +162,28 @@ def _tool_choice(choice: AnthropicToolChoice | None) -> Any:
     if choice.type == "any":
         return "required"
     return {"type": "function", "function": {"name": choice.name or ""}}
+
+
+ATTRIBUTION = "x-anthropic-billing-header:"
+"""How Claude Code's attribution line begins (`x-anthropic-billing-header: cc_version=…; cc_entrypoint=…;
+cch=…;`, its own text block first in `system`)."""
+
+
+def _without_attribution(system: str | list[Block] | None) -> str | list[Block] | None:
+    """The system prompt without Claude Code's attribution line: billing metadata for Anthropic's API,
+    meaningless to a local model, and different from one version, session or sub-agent to the next, so
+    that left first in the prompt no two sessions would share a kept prefix (llama.cpp and Ollama leave
+    it out too)."""
+    if isinstance(system, str):
+        first, _, rest = system.partition("\n")
+        return rest if first.startswith(ATTRIBUTION) else system
+    if system is None:
+        return None
+    return [
+        block
+        for block in system
+        if not (block.type == "text" and (block.text or "").startswith(ATTRIBUTION) and "\n" not in (block.text or ""))
+    ]
 
 
 def _text(content: str | list[Block], where: str) -> str:
@@ -264,10 +289,21 @@ def message(job_id: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
         "content": content_blocks(result),
         "stop_reason": stop_reason(result),
         "stop_sequence": stop_sequence(result),
-        "usage": {
-            "input_tokens": result["usage"]["prompt_tokens"],
-            "output_tokens": result["usage"]["completion_tokens"],
-        },
+        "usage": usage(result),
+    }
+
+
+def usage(result: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's usage: the prompt's tokens read from kept caches apart (`cache_read_input_tokens`,
+    which Claude Code shows as cache reads) from those computed (`input_tokens`). mlxq keeps what it
+    computes without being asked, so nothing counts as written to a cache on request."""
+    counted = result["usage"]
+    cached = int((counted.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return {
+        "input_tokens": counted["prompt_tokens"] - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": counted["completion_tokens"],
     }
 
 
