@@ -294,13 +294,14 @@ def test_the_mlxq_command_pulls_pins_lists_and_watches(stack: tuple[Service, Pat
     wait_until("loaded by `mlxq load`", lambda: "cli-model" in loaded(service), timeout_s=30)
     ps = run_mlxq(service, "ps")
     assert ps.returncode == 0 and "cli-model" in ps.stdout and "yes" in ps.stdout, ps.stdout
+    assert "kept" in ps.stdout and "prompt tokens read from kept caches" in ps.stdout, ps.stdout
     unpinned = run_mlxq(service, "pin", "cli-model", "--off")
     assert unpinned.returncode == 0 and "unpinned" in unpinned.stdout
     jobs = run_mlxq(service, "jobs")
     assert jobs.returncode == 0, jobs.stderr
     top = run_mlxq(service, "top", "--once", "--interval", "0.5")
     assert top.returncode == 0, top.stderr
-    for label in ("queued", "batch", "tokens/s", "memory", "warning"):
+    for label in ("queued", "batch", "tokens/s", "memory", "warning", "read from kept caches"):
         assert label in top.stdout, top.stdout
     # an error is the API's message, and no traceback
     missing = run_mlxq(service, "rm", "no-such-model")

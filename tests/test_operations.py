@@ -99,6 +99,7 @@ def test_metrics_parse_and_move_by_the_right_amounts(ops: Service) -> None:
     worker = ops.http.get("/health").json()["workers"][0]["name"]
     assert value(after, "mlxq_model_loaded", worker=worker, model="tiny") == 1
     assert value(after, "mlxq_model_bytes", worker=worker, model="tiny") > 100_000
+    assert value(after, "mlxq_prefix_cache_bytes", worker=worker, tier="memory") >= 0
     assert 0 < value(after, "mlxq_memory_used_percent", worker=worker) < 100
     assert value(after, "mlxq_circuit_state", state="closed") == 1
     assert ("mlxq_worker_restarts_total", ()) in after

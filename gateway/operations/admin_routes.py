@@ -152,6 +152,7 @@ def service_status(redis: RedisDep, gw: GatewayDep, settings: SettingsDep, _admi
                     "model_budget_bytes",
                     "model_held_bytes",
                     "kv_cache_bytes",
+                    "prefix_cache_bytes",
                     "tokens_generated",
                     "at",
                 )
@@ -170,6 +171,10 @@ def service_status(redis: RedisDep, gw: GatewayDep, settings: SettingsDep, _admi
             "emergency_percent": settings.memory_emergency_percent,
         },
         "tokens_generated": totals.get("tokens_generated", 0.0),
+        "prompt_tokens": {
+            "cached": totals.get("prompt_tokens_cached", 0.0),
+            "computed": totals.get("prompt_tokens_computed", 0.0),
+        },
     }
 
 

@@ -123,7 +123,7 @@ def models() -> None:
 def ps() -> None:
     """Loaded models per worker: memory, requests running, when each unloads if idle."""
     status = call("GET", "/v1/admin/status")
-    table = Table("worker", "model", "size", "active", "pinned", "unloads", "rows", "memory", box=None)
+    table = Table("worker", "model", "size", "active", "pinned", "unloads", "rows", "memory", "kept", box=None)
     for worker in status["workers"]:
         memory = worker.get("memory") or {}
         rows = f"{worker.get('rows', 0)}/{worker.get('batch_limit', '?')}"
@@ -139,8 +139,21 @@ def ps() -> None:
                 when(m.get("expires_at")) if m.get("state") == "loaded" else m.get("state", "-"),
                 rows,
                 used,
+                size(worker.get("prefix_cache_bytes")),
             )
     console.print(table if status["workers"] else "no live worker")
+    console.print(cache_reads(status))
+
+
+def cache_reads(status: dict[str, Any]) -> str:
+    """How much of the prompts so far came from kept caches, and what the workers keep now."""
+    counted = status.get("prompt_tokens") or {}
+    cached, computed = float(counted.get("cached", 0)), float(counted.get("computed", 0))
+    rate = f"{100 * cached / (cached + computed):.0f} %" if cached + computed else "-"
+    kept = sum(int(w.get("prefix_cache_bytes") or 0) for w in status["workers"])
+    return (
+        f"prompt tokens read from kept caches: {rate} ({cached:.0f} of {cached + computed:.0f}); kept now {size(kept)}"
+    )
 
 
 @app.command()
@@ -281,6 +294,7 @@ class Top:
         lines.add_row("batch", f"{rows}/{room} rows", sparkline(list(self.series["rows"])))
         lines.add_row("tokens/s", f"{self.series['tok_s'][-1]:.1f}", sparkline(list(self.series["tok_s"])))
         lines.add_row("memory", memory, sparkline(list(self.series["mem"])))
+        lines.add_row("cache", cache_reads(status), "")
         held = Table("worker", "state", "models", "held / budget", box=None)
         for w in workers:
             names = ", ".join(m["name"] + (" (pinned)" if m.get("pinned") else "") for m in w.get("models") or [])

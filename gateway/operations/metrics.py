@@ -3,7 +3,8 @@
 One registry, one collector: queue depth per queue, jobs by final status,
 admissions and refusals by reason, the workers' histograms (time in queue, time
 to first token, generation time, tokens per second), tokens generated, models
-loaded and their bytes, memory use, circuit state and worker restarts. Nothing
+loaded and their bytes, memory use, prompt tokens by source (computed or read from
+kept caches) and the bytes kept, circuit state and worker restarts. Nothing
 is counted in the gateway process itself, so any gateway answers for all.
 """
 
@@ -78,6 +79,11 @@ class MlxqCollector(Collector):
         )
         size = GaugeMetricFamily("mlxq_model_bytes", "Estimated bytes of each loaded model", labels=["worker", "model"])
         memory = GaugeMetricFamily("mlxq_memory_used_percent", "System memory in use, per worker", labels=["worker"])
+        kept = GaugeMetricFamily(
+            "mlxq_prefix_cache_bytes",
+            "Bytes of KV caches kept for reuse, per worker and tier",
+            labels=["worker", "tier"],
+        )
         alive = GaugeMetricFamily("mlxq_workers", "Live workers")
         workers = live_workers(redis)
         alive.add_metric([], len(workers))
@@ -87,7 +93,8 @@ class MlxqCollector(Collector):
                 size.add_metric([worker["name"], model["name"]], float(model.get("size_bytes") or 0))
             if isinstance(worker.get("memory"), dict):
                 memory.add_metric([worker["name"]], float(worker["memory"]["used_percent"]))
-        yield from (loaded, size, memory, alive)
+            kept.add_metric([worker["name"], "memory"], float(worker.get("prefix_cache_bytes") or 0))
+        yield from (loaded, size, memory, kept, alive)
 
         record = circuit.read(redis)
         state = GaugeMetricFamily("mlxq_circuit_state", "1 for the circuit breaker's current state", labels=["state"])
