@@ -108,6 +108,16 @@ def test_unknown_top_level_fields_are_ignored_as_ollama_ignores_them_and_a_forci
     assert refused.status_code == 422 and "mirostat" in refused.json()["error"]
 
 
+def test_prompt_eval_count_counts_what_was_evaluated_not_what_was_read_from_a_kept_cache(
+    client: ollama.Client,
+) -> None:
+    prompt = "Twice " * 300
+    first = client.generate(model="tiny", prompt=prompt, options={"num_predict": 2, "temperature": 0})
+    again = client.generate(model="tiny", prompt=prompt, options={"num_predict": 2, "temperature": 0})
+    assert first.prompt_eval_count and first.prompt_eval_count > 300
+    assert again.prompt_eval_count is not None and 0 < again.prompt_eval_count < 0.1 * first.prompt_eval_count
+
+
 def test_eval_duration_counts_the_decoding_alone(client: ollama.Client) -> None:
     reply = client.generate(model="tiny", prompt="Once " * 400, options={"num_predict": 4, "temperature": 0})
     assert reply.eval_count == 4 and reply.prompt_eval_count and reply.prompt_eval_count > 400

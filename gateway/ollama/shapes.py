@@ -253,7 +253,9 @@ def done_fields(result: dict[str, Any], reason: str) -> dict[str, Any]:
         "done_reason": reason,
         "total_duration": int((float(timings["queued_s"]) + load_s + generate_s) * 1e9),
         "load_duration": int(load_s * 1e9),
-        "prompt_eval_count": usage["prompt_tokens"],
+        # What was evaluated, as Ollama counts it: a prompt read from a kept cache was not.
+        "prompt_eval_count": usage["prompt_tokens"]
+        - int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
         "prompt_eval_duration": int(prompt_s * 1e9),
         "eval_count": usage["completion_tokens"],
         "eval_duration": int((generate_s - prompt_s) * 1e9),
