@@ -146,8 +146,10 @@ def mlxq_hops(base: str, redis: Redis, timed: list[Timed]) -> dict[str, float]:
         if enqueued and last:
             at = datetime.strptime(enqueued.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
             seen.setdefault("end_written", []).append(int(last[0][0].decode().split("-")[0]) - 1000 * at)
-        seen.setdefault("client's first text", []).append(1000 * first)
-        seen.setdefault("client's end", []).append(1000 * done)
+        if first == first:  # NaN: an answer with no text (the table leaves it out too)
+            seen.setdefault("client's first text", []).append(1000 * first)
+        if done == done:
+            seen.setdefault("client's end", []).append(1000 * done)
     return {hop: statistics.median(values) for hop, values in seen.items()}
 
 
