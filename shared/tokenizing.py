@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,20 @@ class ModelText:
         included); None when the tokenizer or the template is not here to count with."""
         if self.tokenizer is None:
             return None
-        if request.prompt is not None:
-            return self.count(request.prompt)
+        # Encoded as the worker encodes it (worker/rows.py `encode_prompt`), by transformers' tokenizer: the
+        # tokenizer file read alone can merge differently (a model's own settings) and adds no special tokens.
         chat = self._chat_tokenizer()
+        if request.prompt is not None:
+            return len(chat.encode(request.prompt)) if chat is not None else self.count(request.prompt)
         if chat is None or getattr(chat, "chat_template", None) is None:
             return None
         messages, tools, kwargs = request.for_template()
         try:
-            text = chat.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)
+            ids = chat.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, **kwargs)
         except Exception as exc:  # the template's own refusal (an unsupported role order, say)
             logger.info("cannot render the chat template of %s: %s", self.directory, type(exc).__name__)
             return None
-        return self.count(str(text))
+        return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
     def warm(self) -> None:
         if self.tokenizer is not None:

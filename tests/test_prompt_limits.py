@@ -124,6 +124,22 @@ def test_the_prompt_is_counted_as_the_model_sees_it_tools_and_template_included(
     assert with_tools.max_tokens == min(8192, 4096 - with_tools.prompt_tokens)
 
 
+@pytest.mark.parametrize("shape", ["messages", "prompt"])
+def test_the_gateway_counts_exactly_the_tokens_the_worker_encodes(demo_dir: Path, tmp_path: Path, shape: str) -> None:
+    """The count that admits a prompt (and answers Anthropic's count_tokens) is the worker's own: the tokenizer
+    file read alone merges "23" where the model's tokenizer does not, and adds no special tokens."""
+    from mlx_lm.utils import load_tokenizer
+
+    from worker.rows import encode_prompt
+
+    rules = " ".join(f"Rule {i}: answer in plain words about the files." for i in range(40))
+    body = {"messages": [{"role": "system", "content": rules}, {"role": "user", "content": "Which?"}]}
+    request = ask(prompt=None, **body) if shape == "messages" else ask(prompt=rules)
+    fitted = limits(demo_dir, tmp_path).check(request)
+    tokenizer = load_tokenizer(Settings(data_dir=demo_dir).builtin_model_dir("tiny"))
+    assert fitted.prompt_tokens == len(encode_prompt(tokenizer, request))
+
+
 def test_tool_definitions_that_do_not_fit_are_named(demo_dir: Path, tmp_path: Path) -> None:
     checker = small_chat_model(demo_dir, tmp_path, context=100)
     assert checker.check(chat()).max_tokens > 0
