@@ -34,7 +34,8 @@ from shared.errors import (
 from worker.cache_shape import cuttable, recurrent
 from worker.generation import Generation
 from worker.kv_manager import KVCacheManager
-from worker.model_cache import LoadedModel, ModelCache, is_allocation_failure
+from worker.model_cache import LoadedModel, ModelCache
+from worker.model_files import is_allocation_failure
 from worker.prefill_pace import PrefillPace, unpadded
 from worker.rows import Outcome, Row
 from worker.scheduler import Scheduler

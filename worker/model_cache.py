@@ -7,8 +7,9 @@ is never evicted. System-memory thresholds (psutil) evict on their own: at the
 warning level down to the most recently used model, at the critical level every
 idle model, and no load starts while memory stays critical.
 
-Only the engine thread loads and unloads (MLX arrays belong to the thread that
-runs them); the heartbeat thread reads `snapshot()` under the lock.
+Reading the files is worker/model_files.py's. Only the engine thread loads and
+unloads (MLX arrays belong to the thread that runs them); the heartbeat thread
+reads `snapshot()` under the lock.
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ from typing import Any
 
 import mlx.core as mx
 import psutil
-from mlx_lm import load
 
 from shared import sizing
-from shared.errors import ExceedsMemoryBudget, InsufficientMemory, ModelUnavailable
+from shared.errors import ExceedsMemoryBudget, InsufficientMemory
 from shared.models import ModelRegistry, ModelSpec
 from shared.settings import Settings
 from shared.sizing import KvShape, format_bytes
 from shared.tokenizing import context_length
-from worker import cache_shape
-from worker.demo_model import build_builtin
+from worker import cache_shape, model_files
 from worker.ledger import MemoryLedger
 
 logger = logging.getLogger(__name__)
@@ -275,7 +274,7 @@ class ModelCache:
 
     def _load(self, spec: ModelSpec, context_tokens: int) -> LoadedModel:
         started = time.perf_counter()
-        directory = self._files(spec)
+        directory = model_files.files(spec)
         estimate = sizing.estimate(directory)
         need = estimate.total(context_tokens)
         what = (
@@ -347,37 +346,12 @@ class ModelCache:
         return entry
 
     def _read(self, spec: ModelSpec, directory: Path, what: str) -> tuple[Any, Any]:
-        """The model and its tokenizer from `directory`, mlx-lm's errors translated."""
+        """The model and its tokenizer; memory that ran out is freed and said."""
         try:
-            model, tokenizer = load(str(directory))[:2]
-            return model, tokenizer
+            return model_files.read(spec, directory)
         except (MemoryError, RuntimeError) as exc:
-            if not is_allocation_failure(exc):
-                raise _unavailable(spec, exc) from exc
             self.emergency_cleanup(f"allocation failed while loading {spec.name}")
             raise InsufficientMemory(f"Memory ran out while loading the {what}: {exc}") from exc
-        except Exception as exc:  # mlx-lm raises bare ValueError/OSError/hub errors: translate here
-            raise _unavailable(spec, exc) from exc
-
-    def _files(self, spec: ModelSpec) -> Path:
-        """The local directory of the model's files (the demo's built if need be). A hub model is
-        never downloaded here, inside a job: a pull does that (worker/downloads.py), and the job waits
-        for it in its queue."""
-        problem = spec.problem()
-        if problem is not None:
-            raise ModelUnavailable(problem, param="model")
-        if spec.path is not None:
-            if spec.builtin:
-                build_builtin(spec.name, spec.path)
-            return spec.path
-        directory = spec.local_files()
-        if directory is None:
-            raise ModelUnavailable(
-                f"Model '{spec.name}' ({spec.repo}) is not on this machine: pull it first"
-                f" (`mlxq pull {spec.repo} --name {spec.name}`, or POST /v1/admin/models/pull)",
-                param="model",
-            )
-        return directory
 
     def _held_description(self) -> str:
         held = [
@@ -390,19 +364,3 @@ class ModelCache:
     def _free() -> None:
         gc.collect()
         mx.clear_cache()
-
-
-def is_allocation_failure(exc: BaseException) -> bool:
-    """MemoryError, or one of MLX's allocator errors (Metal, CUDA, CPU word them differently)."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("malloc", "allocat", "out of memory", "outofmemory")
-    )
-
-
-def _unavailable(spec: ModelSpec, exc: BaseException) -> ModelUnavailable:
-    return ModelUnavailable(
-        f"Model '{spec.name}' could not be loaded from {spec.source}: {type(exc).__name__}: {exc}", param="model"
-    )
