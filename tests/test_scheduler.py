@@ -53,7 +53,7 @@ class Record:
         for ticket, error in out.ended:
             self.ended[ticket.job_id] = error
         self.closed += out.close
-        self.opened += out.open is not None
+        self.opened += out.open
         if out.kv_bytes is not None:
             self.ledger.give_up_kept(kv_bytes=out.kv_bytes)
         for ticket, seed in out.joins:

@@ -20,7 +20,6 @@ from functools import partial
 from typing import Any
 
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
 
 from shared.errors import (
     ContextLengthExceeded,
@@ -31,7 +30,6 @@ from shared.errors import (
     MlxqError,
     ModelUnavailable,
 )
-from worker.cache_shape import cuttable, recurrent
 from worker.generation import Generation
 from worker.kv_manager import KVCacheManager
 from worker.model_cache import LoadedModel, ModelCache
@@ -120,7 +118,7 @@ class BatchRunner:
             self.close_batch()
         if not out.joins:
             return result
-        if out.open is not None:
+        if out.open:
             self._open(out.joins[0][0])
         if out.kv_bytes is not None and not self.cache.room_for(out.kv_bytes):
             for ticket, _ in out.joins:
@@ -173,23 +171,21 @@ class BatchRunner:
         if max_tokens <= 0:
             self._finish(run, row.outcome("length"), None)  # the earlier attempt got to the end
             return None
-        fresh = make_prompt_cache(run.loaded.model)
-        unbatched = sorted({type(layer).__name__ for layer in fresh if not hasattr(layer, "merge")})
-        if unbatched:
+        caches = run.loaded.caches
+        if caches.unbatched:
             error = ModelUnavailable(
-                f"Model '{ticket.model}' keeps a cache mlx-lm cannot batch ({', '.join(unbatched)}); "
+                f"Model '{ticket.model}' keeps a cache mlx-lm cannot batch ({', '.join(caches.unbatched)}); "
                 "mlxq serves every model through mlx-lm's BatchGenerator"
             )
             self._finish(run, None, error)
             return None
         run.max_tokens = max_tokens
-        return Prepared(ticket, row.context_ids, max_tokens, run.loaded.kv, run.loaded.size_bytes, cuttable(fresh))
+        return Prepared(ticket, row.context_ids, max_tokens, run.loaded.kv, run.loaded.size_bytes, caches.cuttable)
 
     def _open(self, ticket: Ticket) -> None:
         """A batch for the ticket's model (prepared: its model is held)."""
         loaded = self.runs[ticket].loaded
         assert loaded is not None
-        fresh = make_prompt_cache(loaded.model)
         self.pace.serving(ticket.model)
         self._turn_ended = None
         self.generator = BatchGenerator(
@@ -199,11 +195,11 @@ class BatchRunner:
             # The ceiling: its prompt batch prefills what each step is given (`_next_piece`) in one call.
             prefill_step_size=self.pace.max_tokens,
         )
-        if recurrent(fresh):
+        if loaded.caches.recurrent:
             # mlx-lm pads the rows of a prompt batch to the longest, and its batched Mamba layers are not
             # exact over that padding (a row's answer would depend on its neighbours): one row at a time.
             self.generator.prefill_batch_size = 1
-        self._keeps_states = not cuttable(fresh)
+        self._keeps_states = not loaded.caches.cuttable
 
     def close_batch(self) -> None:
         generator, self.generator = self.generator, None  # gone even if its close fails

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -21,6 +22,24 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 from shared.sizing import KvShape
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """What a model's caches can do, asked once of a fresh one when the model is loaded."""
+
+    unbatched: tuple[str, ...]
+    """Layer cache types mlx-lm's BatchGenerator cannot merge (none in today's families)."""
+    cuttable: bool
+    """`cuttable` below: a member's cache may be cut and copied for others."""
+    recurrent: bool
+    """`recurrent` below: its rows are prefilled one at a time (batched Mamba layers are not exact over padding)."""
+
+
+def kind(model: Any) -> CacheKind:
+    fresh = make_prompt_cache(model)
+    unbatched = tuple(sorted({type(layer).__name__ for layer in fresh if not hasattr(layer, "merge")}))
+    return CacheKind(unbatched, cuttable(fresh), recurrent(fresh))
 
 
 def layers(cache: Sequence[Any]) -> Iterator[Any]:

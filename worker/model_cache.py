@@ -63,6 +63,8 @@ class LoadedModel:
     """MLX active memory that the load added."""
     kv: KvShape
     """What a row's cache holds, measured once loaded (worker/cache_shape.py)."""
+    caches: cache_shape.CacheKind
+    """What its caches can do (batched, cut, prefilled together), asked once loaded."""
     context_tokens: int | None
     """Its context length (the models file's, else its config.json's), when known."""
     loaded_at: float
@@ -327,6 +329,7 @@ class ModelCache:
             size_bytes=estimate.weights_bytes,
             measured_bytes=measured,
             kv=cache_shape.measured(model, fallback=estimate.kv),
+            caches=cache_shape.kind(model),
             context_tokens=spec.context_tokens or context_length(directory / "config.json"),
             loaded_at=now,
             last_used=now,

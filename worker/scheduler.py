@@ -148,7 +148,7 @@ class Scheduler:
             return "room"
         if self.batch is None:
             self.batch = Batch(ticket.model, shareable=ticket.cuttable)
-            out.open = ticket.model
+            out.open = True
         seed = self.seed_for(ticket)
         if seed is None:
             return "prefix"

@@ -69,8 +69,8 @@ class SchedulerOutput:
     """Tickets that end without joining (canceled, late, too large, no room), and why."""
     close: bool = False
     """The batch closes (another model's turn, or it drained)."""
-    open: str | None = None
-    """The batch opens for this model (after a close, if both)."""
+    open: bool = False
+    """The batch opens, for the model of the first to join (after a close, if both)."""
     kv_bytes: int | None = None
     """The batch's KV cache grows to this: room is made for it (kept caches, then idle models, give way)."""
     joins: list[tuple[Ticket, Seed]] = field(default_factory=list)
