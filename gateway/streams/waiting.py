@@ -103,10 +103,10 @@ async def streamed(request: Request, job_id: str, pings: bool = True) -> AsyncIt
     try:
         yield following
     finally:
-        await following.aclose()
-        if not ended:
+        if not ended:  # first: the await below may be where the client's cancellation lands
             logger.info("stream client went away; canceling its job", extra={"job_id": job_id})
             cancel_quietly(request, job_id)
+        await following.aclose()
 
 
 def failure(data: dict[str, Any]) -> JobFailed:
