@@ -36,8 +36,17 @@ def worker_claimed(worker_name: str) -> str:
 WORKER_MODELS = f"{PREFIX}:workers:models"
 """Hash: worker name -> the model of the last job it claimed (other workers leave that model's jobs to it)."""
 
+def worker_prefixes(worker_name: str) -> str:
+    """Set of the routing names of the prompt blocks a worker holds, in memory or on disk
+    (shared/prefix_blocks.py); expires with its heartbeat."""
+    return PREFIXES_AFFIXES[0] + worker_name + PREFIXES_AFFIXES[1]
+
+
 HEARTBEAT_AFFIXES = (f"{PREFIX}:worker:", ":heartbeat")
 """worker_heartbeat(name) is the name between these (for claim.lua)."""
+
+PREFIXES_AFFIXES = (f"{PREFIX}:worker:", ":prefixes")
+"""worker_prefixes(name) likewise."""
 
 CLAIMING_WORKERS = f"{PREFIX}:workers:claiming"
 """Set of worker names that have had a claimed list, so a new watchdog finds a dead worker's claims."""

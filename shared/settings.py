@@ -104,6 +104,17 @@ class Settings(BaseSettings):
         le=0.5,
         description="share of the model budget kept for computed prompt prefixes (0 turns prefix reuse off)",
     )
+    prefix_disk_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes of computed prompt prefixes kept on disk under the data directory, across restarts"
+        " (default: a quarter of the free space there, at most 64 GiB; 0 turns the disk tier off)",
+    )
+    prefix_wait_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="how long a job waits for the worker that holds its prompt's start before another takes it",
+    )
     default_max_tokens: int | None = Field(
         default=None,
         ge=1,

@@ -48,12 +48,23 @@ class ModelText:
         included); None when the tokenizer or the template is not here to count with."""
         if self.tokenizer is None:
             return None
+        if request.prompt is not None and self._chat_tokenizer() is None:
+            return self.count(request.prompt)
+        ids = self.prompt_ids(request)
+        return None if ids is None else len(ids)
+
+    def prompt_ids(self, request: GenerateRequest) -> list[int] | None:
+        """The request's prompt as the model's token ids; None when they cannot be known here."""
+        if self.tokenizer is None:
+            return None
         # Encoded as the worker encodes it (worker/rows.py `encode_prompt`), by transformers' tokenizer: the
         # tokenizer file read alone can merge differently (a model's own settings) and adds no special tokens.
         chat = self._chat_tokenizer()
+        if chat is None:
+            return None
         if request.prompt is not None:
-            return len(chat.encode(request.prompt)) if chat is not None else self.count(request.prompt)
-        if chat is None or getattr(chat, "chat_template", None) is None:
+            return list(chat.encode(request.prompt))
+        if getattr(chat, "chat_template", None) is None:
             return None
         messages, tools, kwargs = request.for_template()
         try:
@@ -61,7 +72,7 @@ class ModelText:
         except Exception as exc:  # the template's own refusal (an unsupported role order, say)
             logger.info("cannot render the chat template of %s: %s", self.directory, type(exc).__name__)
             return None
-        return len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
     def warm(self) -> None:
         if self.tokenizer is not None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from tests.scripted_model import (
 )
 from tests.support.processes import Service
 from tests.support.redis_servers import PersistentRedis, RedisServer
+
+# Engines built in this process (Settings() reads MLXQ_*) keep no prefixes on disk: the default directory is
+# the user's own. The disk tier's tests give it a directory and a budget of their own.
+os.environ["MLXQ_PREFIX_DISK_BYTES"] = "0"
 
 MISSING_MODEL_PATH = "/nonexistent/mlxq-test-model"
 

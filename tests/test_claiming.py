@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -36,11 +37,13 @@ class Queues:
         self.owner: dict[str, str] = {}
         self.claims = TurnTakingQueue.for_worker("w1")
 
-    def admit(self, client: Client, count: int, queue_index: int = 2, model: str = "tiny") -> list[str]:
+    def admit(
+        self, client: Client, count: int, queue_index: int = 2, model: str = "tiny", meta: dict[str, Any] | None = None
+    ) -> list[str]:
         queue = self.queues[queue_index]
         tier: Tier = "batch" if queue_index == 2 else "single"
         factory = JobFactory(queue, self.settings)
-        jobs = [factory.build(GenerateRequest(model=model, prompt="hi")) for _ in range(count)]
+        jobs = [factory.build(GenerateRequest(model=model, prompt="hi"), meta=meta) for _ in range(count)]
 
         async def run() -> None:
             aredis = AsyncRedis.from_url(self.settings.redis_url)
@@ -163,3 +166,27 @@ def test_a_higher_priority_job_for_another_model_holds_back_lower_priority_work(
     assert queues.claim_ids() == []  # the batch drains instead of growing with lower-priority x work
     queues.claims.preference = lambda: running("x", busy=False, swap_after_s=60)
     assert queues.claim_ids() == [y_interactive, x_normal]
+
+
+def test_a_job_waits_a_bounded_moment_for_the_worker_that_holds_its_prompts_start(queues: Queues) -> None:
+    names = ["f" * 16, "e" * 16, "d" * 16]  # its blocks' routing names, deepest first
+    [job] = queues.admit(ALICE, 1, queue_index=1, meta={"prefix": names})
+    # w2 is live and holds the job's second-deepest block; w1 holds only its shallowest.
+    for worker, held in (("w2", names[1]), ("w1", names[2])):
+        queues.redis.set(keys.worker_heartbeat(worker), "{}")
+        queues.redis.sadd(keys.CLAIMING_WORKERS, worker)
+        queues.redis.sadd(keys.worker_prefixes(worker), held)
+    w1, w2 = TurnTakingQueue.for_worker("w1"), TurnTakingQueue.for_worker("w2")
+    for claims in (w1, w2):
+        claims.prefix_wait_s = 3.0
+    queues.redis.delete(keys.WAKE)
+    assert w1.dequeue_any(queues.queues, None, connection=queues.redis) is None  # held back for w2...
+    assert queues.redis.lpop(keys.WAKE) == b"held"  # ...and a wake-up passed on, in case w2 sleeps
+    found = w2.dequeue_any(queues.queues, None, connection=queues.redis)
+    assert found is not None and found[0].id == job
+
+    # Once it has waited out the moment (its holder busy), any worker takes it.
+    [late] = queues.admit(ALICE, 1, queue_index=1, meta={"prefix": names})
+    w1.clock = lambda: time.time() + 3.5
+    found = w1.dequeue_any(queues.queues, None, connection=queues.redis)
+    assert found is not None and found[0].id == late

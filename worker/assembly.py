@@ -10,6 +10,7 @@ from worker.kv_manager import KVCacheManager
 from worker.ledger import MemoryLedger
 from worker.model_cache import MemoryProbe, ModelCache, system_memory_percent
 from worker.prefill_pace import PrefillPace
+from worker.prefix_disk import PrefixDisk, default_budget
 from worker.scheduler import Scheduler
 
 
@@ -25,7 +26,9 @@ def build_engine(
     models are pinned."""
     if prefix_cache_bytes is None:
         prefix_cache_bytes = int(budget_bytes * settings.prefix_cache_fraction)
-    kv = KVCacheManager(prefix_cache_bytes)
+    disk_root = settings.data_dir.expanduser() / "prefixes"
+    disk_bytes = settings.prefix_disk_bytes if settings.prefix_disk_bytes is not None else default_budget(disk_root)
+    kv = KVCacheManager(prefix_cache_bytes, PrefixDisk(disk_root, disk_bytes))
     ledger = MemoryLedger(budget_bytes, kv)
     cache = ModelCache(settings, ledger, probe, registry)
     scheduler = Scheduler(

@@ -147,6 +147,8 @@ class BatchRunner:
             return None
         finally:
             self._progress(None)
+        loaded = run.loaded
+        self.kv.serving(ticket.model, loaded.model, loaded.identity, loaded.caches.cuttable)
         try:
             row = Row.start(run.loaded.tokenizer, sub.request, sub.max_tokens, sub.on_text, sub.spec.reasoning)
             if sub.resume is not None and sub.resume.seq:

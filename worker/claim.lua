@@ -36,6 +36,13 @@
 -- ARGV[11] how many jobs of a queue to look at
 -- ARGV[12] the set of models still downloading (shared/pulls.py): their jobs wait where they are,
 --          passed over without holding back anything below them
+-- ARGV[13], ARGV[14]  prefix and suffix of a worker's set of held prefix blocks (shared/prefix_blocks.py)
+-- ARGV[15] prefix_wait, seconds: how long a job waits for the worker that holds its prompt's start
+-- ARGV[16] the wake-up list idle workers block on: a job held back for its holder wakes it
+--
+-- Prefix affinity: a job carries the routing names of its prompt's blocks, deepest first (meta.prefix).
+-- While it has waited less than prefix_wait, a worker passes it over when another live worker holds a
+-- deeper block of it than this one does: that worker starts it without prefilling what it holds.
 --
 -- Returns {queue key, job id}; "wait" when jobs wait that this worker may take later (another
 -- model's, not yet overdue); nil when there is nothing.
@@ -58,16 +65,49 @@ local function epoch(stamp)
   return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)
 end
 
--- the job's model (nil when it names none) and how long it has waited (huge when unknown)
+-- the job's model (nil when it names none), how long it has waited (huge when unknown) and the
+-- routing names of its prompt's blocks (nil when it has none)
 local function about(id)
   local fields = redis.call("HMGET", job_prefix .. id, "meta", "enqueued_at")
-  local model = nil
+  local model, prefix = nil, nil
   if fields[1] then
     local ok, meta = pcall(cjson.decode, fields[1])
-    if ok and type(meta) == "table" and type(meta.model) == "string" then model = meta.model end
+    if ok and type(meta) == "table" then
+      if type(meta.model) == "string" then model = meta.model end
+      if type(meta.prefix) == "table" and #meta.prefix > 0 then prefix = meta.prefix end
+    end
   end
   local at = fields[2] and epoch(fields[2])
-  return model, at and (now - at) or math.huge
+  return model, at and (now - at) or math.huge, prefix
+end
+
+-- the place in `prefix` of the deepest block the worker holds (1 is the deepest); nil when none
+local function depth(worker, prefix)
+  local held = ARGV[13] .. worker .. ARGV[14]
+  for i, name in ipairs(prefix) do
+    if redis.call("SISMEMBER", held, name) == 1 then return i end
+  end
+  return nil
+end
+
+local others = nil
+-- whether another live worker holds a deeper block of `prefix` than this one
+local function held_deeper_elsewhere(prefix)
+  if others == nil then
+    others = {}
+    for _, worker in ipairs(redis.call("SMEMBERS", claiming)) do
+      if worker ~= me and redis.call("EXISTS", ARGV[9] .. worker .. ARGV[10]) == 1 then
+        others[#others + 1] = worker
+      end
+    end
+  end
+  if #others == 0 then return false end
+  local mine = depth(me, prefix) or math.huge
+  for _, worker in ipairs(others) do
+    local theirs = depth(worker, prefix)
+    if theirs and theirs < mine then return true end
+  end
+  return false
 end
 
 local elsewhere = nil
@@ -85,10 +125,15 @@ local function runs_elsewhere(model)
 end
 
 -- "now": take it before anything after it; "idle": take it if nothing in its queue is "now"
-local passed_over = false
+local passed_over, held_back = false, false
+local prefix_wait = tonumber(ARGV[15])
 local function verdict(id)
-  local model, waited = about(id)
+  local model, waited, prefix = about(id)
   if model ~= nil and redis.call("SISMEMBER", ARGV[12], model) == 1 then return nil, model end
+  if prefix and waited < prefix_wait and held_deeper_elsewhere(prefix) then
+    held_back = true  -- not `passed_over`: nothing below it waits on this
+    return nil, model
+  end
   if model == nil or mine == "" or model == mine then return "now", model end
   if waited >= swap_after and may_swap then return "now", model end
   if busy or runs_elsewhere(model) then
@@ -132,7 +177,11 @@ local function take(id, model)
   return claimed(batch, id, model)
 end
 
-local nothing = function() return passed_over and "wait" or nil end
+local nothing = function()
+  -- The wake-up admission sent may have reached this worker rather than the holder: pass one on.
+  if held_back and redis.call("LLEN", ARGV[16]) < 8 then redis.call("RPUSH", ARGV[16], "held") end
+  return (passed_over or held_back) and "wait" or nil
+end
 
 local fallback = nil
 local head = redis.call("LINDEX", batch, 0)

@@ -66,6 +66,8 @@ class TurnTakingQueue(Queue):
     """Set on the class a worker claims with (`for_worker`): whose claimed list a claim goes to."""
     preference: ClassVar[Callable[[], Preference]] = Preference
     """Set by the worker: its model and whether it may swap, read at each claim."""
+    prefix_wait_s: ClassVar[float] = 0.0
+    """Set by the worker (MLXQ_PREFIX_WAIT_S): how long a job waits for the worker holding its prompt's start."""
     clock: ClassVar[Callable[[], float]] = time.time
     """Now, in seconds since the epoch, as each claim tells the script (a test's own clock steps past a
     swap window without sleeping through it)."""
@@ -109,6 +111,9 @@ class TurnTakingQueue(Queue):
                     *keys.HEARTBEAT_AFFIXES,
                     SCAN,
                     keys.PULLING,
+                    *keys.PREFIXES_AFFIXES,
+                    cls.prefix_wait_s,
+                    keys.WAKE,
                 ]
                 reply = claim(keys=script_keys, args=args)
                 if reply == b"wait":

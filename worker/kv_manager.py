@@ -15,6 +15,11 @@ prompts extend it (`segments` says where: the end of the system messages;
 (`shrink_to`, `clear`). The batch runner only copies bytes in and out of the
 generator; the scheduler decides who shares with whom.
 
+Behind memory, a disk tier (worker/prefix_disk.py) keeps what was kept past the
+process: every copy kept in memory is written there too, off the engine thread,
+and a prompt whose start the disk holds further than memory does is read back
+(a new worker after a crash, a model loaded again, a session that left memory).
+
 mlx-lm's LRUPromptCache holds the caches (a token trie per model, byte budget,
 copies handed out, longer entries trimmed to a shared prefix). The code asks each
 cache what it can do rather than listing types: a cache that can be trimmed
@@ -25,15 +30,21 @@ exactly the tokens it holds, and serves only prompts that extend them.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache
 
+from shared.prefix_blocks import routes
 from worker.cache_shape import compact, copied, layers, nbytes, trim
+from worker.prefix_disk import PrefixDisk
 from worker.rows import Row
 from worker.scheduler import shared_length
 
@@ -48,17 +59,93 @@ KEPT_SEGMENT_TOKENS = 128
 """The system messages are a segment of their own (their state kept where a cache cannot be cut) from this
 long: shorter ones cost less to compute again than to keep."""
 
+HELD_ROUTES = 100_000
+"""Routing names a worker publishes at most (about 3 MB in Redis): past it, it starts over."""
+
 OPENINGS_KEPT = 64
 """System openings remembered per worker: a few kilobytes of token ids each."""
 
 
-class KVCacheManager:
-    """KV caches kept for every model (prefixes and states), under one byte budget."""
+@dataclass
+class Hits:
+    """Prompts that started from a kept prefix, by tier, and the tokens those prefixes held."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    lookups: int = 0
+    memory: int = 0
+    memory_tokens: int = 0
+    disk: int = 0
+    disk_tokens: int = 0
+
+
+class HeldRoutes:
+    """The routing names (shared/prefix_blocks.py) of the blocks this worker has kept, for the claim script
+    to send a job to the worker that holds its start. A hint: a name stays after its cache left (the
+    worker then computes what it lacks), and all of them go once there are more than HELD_ROUTES."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._new: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, model: str, ids: Sequence[int]) -> None:
+        names = routes(model, ids)
+        with self._lock:
+            if len(self._held) + len(names) > HELD_ROUTES:
+                self._held.clear()
+                self._new.clear()
+            fresh = [name for name in names if name not in self._held]
+            self._held.update(fresh)
+            self._new.extend(fresh)
+
+    def take_new(self) -> list[str]:
+        with self._lock:
+            new, self._new = self._new, []
+            return new
+
+    def put_back(self, names: list[str]) -> None:
+        with self._lock:
+            self._new[:0] = names
+
+    def all(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+
+@dataclass
+class _Served:
+    """What the disk tier needs of a model: its files' identity, whether its caches can be cut, and a
+    fresh cache to fill (from the model while it is loaded: a weak reference, never what keeps it)."""
+
+    identity: str
+    cuttable: bool
+    model: weakref.ref[Any] = field(repr=False)
+
+    def fresh(self) -> list[Any]:
+        model = self.model()
+        if model is None:
+            raise ValueError("the model was unloaded")
+        return list(make_prompt_cache(model))
+
+
+class KVCacheManager:
+    """KV caches kept for every model (prefixes and states), under one byte budget in memory and another
+    on disk."""
+
+    def __init__(self, budget_bytes: int, disk: PrefixDisk | None = None) -> None:
         self.budget_bytes = budget_bytes
         self._lru = LRUPromptCache(max_size=1 << 16, max_bytes=max(0, budget_bytes))
         self._openings = Openings()
+        self.disk = disk if disk is not None and disk.enabled and budget_bytes > 0 else None
+        """Only behind memory: what the disk gives back is kept in memory first."""
+        self.hits = Hits()
+        self.routes = HeldRoutes()
+        self._served: dict[str, _Served] = {}
+
+    def serving(self, model: str, loaded: Any, identity: str, cuttable: bool) -> None:
+        """`model` is `loaded` now, its files `identity`: its caches on disk can be found and filled."""
+        served = self._served.get(model)
+        if served is None or served.model() is not loaded or served.identity != identity:
+            self._served[model] = _Served(identity, cuttable, weakref.ref(loaded))
 
     @property
     def enabled(self) -> bool:
@@ -78,6 +165,23 @@ class KVCacheManager:
         if not self.enabled or len(ids) <= MIN_REUSED_TOKENS:
             return None, 0
         ids = list(ids)
+        self.hits.lookups += 1
+        cache, reused = self._from_memory(model, ids)
+        stored = self._from_disk(model, ids, reused)
+        if stored is not None:
+            cache, reused = stored
+            self.hits.disk += 1
+            self.hits.disk_tokens += reused
+        elif cache is not None and reused >= MIN_REUSED_TOKENS:
+            self.hits.memory += 1
+            self.hits.memory_tokens += reused
+        if cache is None or reused < MIN_REUSED_TOKENS:
+            return None, 0
+        for layer in layers(cache):
+            compact(layer)  # a longer entry the trie cut to the shared part holds all of its buffer
+        return cache, reused
+
+    def _from_memory(self, model: str, ids: list[int]) -> tuple[list[Any] | None, int]:
         cache, rest = self._lru.fetch_nearest_cache(model, ids)
         if cache is not None and not rest:
             # All of it is kept: a cache that can be trimmed gives back its last token; one that cannot
@@ -88,12 +192,23 @@ class KVCacheManager:
             else:
                 cache, rest = self._lru.fetch_nearest_cache(model, ids[:-1])
                 rest = [*rest, ids[-1]]
-        reused = len(ids) - len(rest)
-        if cache is None or reused < MIN_REUSED_TOKENS:
-            return None, 0
-        for layer in layers(cache):
-            compact(layer)  # a longer entry the trie cut to the shared part holds all of its buffer
-        return cache, reused
+        return (None, 0) if cache is None else (cache, len(ids) - len(rest))
+
+    def _from_disk(self, model: str, ids: list[int], reused: int) -> tuple[list[Any], int] | None:
+        """A longer start of `ids` than memory's `reused` tokens, read from disk and kept in memory."""
+        served = self._served.get(model)
+        if self.disk is None or served is None:
+            return None
+        found = self.disk.find(served.identity, ids, served.cuttable, max(reused, MIN_REUSED_TOKENS - 1))
+        if found is None:
+            return None
+        read = self.disk.read(found, ids, served.fresh)
+        if read is None or read[1] <= reused:
+            return None
+        stored, tokens = read
+        self._lru.insert_cache(model, ids[:tokens], stored)
+        self.routes.add(model, ids[:tokens])
+        return copy.deepcopy(stored), tokens
 
     def segments(self, model: str, row: Row, reused: int, keeps_states: bool) -> list[list[int]]:
         """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,
@@ -115,6 +230,10 @@ class KVCacheManager:
         if kept is None or nbytes(kept) > self.budget_bytes:
             return False
         self._lru.insert_cache(model, list(ids), kept)
+        self.routes.add(model, ids)
+        served = self._served.get(model)
+        if self.disk is not None and served is not None:
+            self.disk.keep(served.identity, ids, kept, served.cuttable)
         return True
 
     def finished(self, model: str, tokens: list[int], cache: list[Any], job_id: str) -> None:

@@ -67,6 +67,8 @@ class LoadedModel:
     """What its caches can do (batched, cut, prefilled together), asked once loaded."""
     context_tokens: int | None
     """Its context length (the models file's, else its config.json's), when known."""
+    identity: str
+    """Its files' identity (worker/model_files.py): what its caches on disk are filed under."""
     loaded_at: float
     last_used: float
     active: int = 0
@@ -331,6 +333,7 @@ class ModelCache:
             kv=cache_shape.measured(model, fallback=estimate.kv),
             caches=cache_shape.kind(model),
             context_tokens=spec.context_tokens or context_length(directory / "config.json"),
+            identity=model_files.identity(directory),
             loaded_at=now,
             last_used=now,
         )

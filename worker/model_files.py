@@ -8,6 +8,7 @@ it in its queue. What is read, and what holds it, is the model cache's
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,29 @@ def read(spec: ModelSpec, directory: Path) -> tuple[Any, Any]:
         raise ModelUnavailable(
             f"Model '{spec.name}' could not be loaded from {spec.source}: {type(exc).__name__}: {exc}", param="model"
         ) from exc
+
+
+IDENTITY_SAMPLE_BYTES = 1 << 20
+"""Bytes read from each end of each weights file for its identity: weights retrained to the same shapes
+differ there, and reading 70 GB to name a model would take minutes."""
+
+
+def identity(directory: Path) -> str:
+    """A name for the model in `directory` that changes when its files do (its config, its weights'
+    names, sizes and first and last bytes), the same wherever the files are copied: states computed
+    by one model are never read by another (worker/prefix_disk.py)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(directory.iterdir()):
+        if path.name == "config.json" or (path.suffix == ".json" and "index" in path.name):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        elif path.suffix == ".safetensors":
+            size = path.stat().st_size
+            digest.update(f"{path.name}\0{size}\0".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+                f.seek(max(0, size - IDENTITY_SAMPLE_BYTES))
+                digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def is_allocation_failure(exc: BaseException) -> bool:

@@ -21,6 +21,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
 
 from redis import Redis
 
@@ -28,6 +30,7 @@ from shared import keys, memory
 from shared.outage import REDIS, UNREACHABLE
 from shared.settings import Settings
 from worker.engine import Engine
+from worker.kv_manager import KVCacheManager
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +167,43 @@ class Monitor:
             "model_held_bytes": ledger.held_bytes,
             "kv_cache_bytes": ledger.kv_bytes,
             "prefix_cache_bytes": ledger.kept_bytes,
+            **prefix_tiers(self.engine.runner.kv),
             "batch_limit": self.engine.batch_limit,
             "tokens_generated": self.engine.runner.tokens_generated,
             "memory": snapshot,
             "at": time.time(),
         }
         self.connection.set(keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s)
+        self._publish_routes()
+
+    def _publish_routes(self) -> None:
+        """The routing names of what this worker keeps, for the claim script; all of them again when Redis
+        lost the set (it came back empty), as long-lived as the heartbeat."""
+        held = self.engine.runner.kv.routes
+        new, key, ttl = held.take_new(), keys.worker_prefixes(self.name), self.settings.heartbeat_ttl_s
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                if new:
+                    pipe.sadd(key, *new)
+                pipe.expire(key, ttl)
+                kept = pipe.execute()[-1]
+        except BaseException:
+            held.put_back(new)  # written at the next beat
+            raise
+        if not kept:
+            every = held.all()
+            if every:
+                with self.connection.pipeline(transaction=False) as pipe:
+                    pipe.sadd(key, *every)
+                    pipe.expire(key, ttl)
+                    pipe.execute()
+
+
+def prefix_tiers(kv: KVCacheManager) -> dict[str, Any]:
+    """What the kept prefixes' disk tier holds and how often each tier served a prompt's start."""
+    disk = kv.disk
+    return {
+        "prefix_disk_bytes": disk.nbytes if disk is not None else 0,
+        "prefix_disk_writing": disk is not None and disk.writing,
+        "prefix_hits": asdict(kv.hits),
+    }

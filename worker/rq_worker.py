@@ -74,6 +74,7 @@ class MlxqWorker(OutageTolerantWorker):
         self.queue_class = TurnTakingQueue.for_worker(self.name)
         self.affinity = ModelAffinity(self.connection, self.name, settings.swap_after_s)
         self.queue_class.preference = lambda: self.affinity.preference(busy=bool(self._running))
+        self.queue_class.prefix_wait_s = settings.prefix_wait_s
         self.settings = settings
         self.engine = engine
         self.publisher = publisher
@@ -127,6 +128,7 @@ class MlxqWorker(OutageTolerantWorker):
         reclaim_claimed(self.connection, self.name, self.settings.stream_ttl_s)
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.delete(keys.worker_heartbeat(self.name))
+            pipe.delete(keys.worker_prefixes(self.name))
             pipe.srem(keys.CLAIMING_WORKERS, self.name)
             pipe.delete(keys.worker_suspect(self.name))
             pipe.hdel(keys.WORKER_MODELS, self.name)

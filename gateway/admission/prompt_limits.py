@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from shared.errors import ContextLengthExceeded, InvalidRequest, ModelFilesMissing
 from shared.models import ModelRegistry, ModelSpec
+from shared.prefix_blocks import job_routes
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
 from shared.tokenizing import ModelText, ModelTexts, import_chat_library
@@ -42,6 +43,9 @@ class Fitted:
     prompt_tokens: int
     """Its prompt in tokens as the model sees it when `exact`, else a lower bound (the message text)."""
     exact: bool
+    routes: tuple[str, ...] = ()
+    """The routing names of its prompt's whole blocks, deepest first (shared/prefix_blocks.py): the worker
+    that holds its start takes it first (claim.lua)."""
 
     @property
     def max_tokens(self) -> int:
@@ -87,7 +91,8 @@ class PromptLimits:
             raise InvalidRequest(f"The prompt has {chars} characters; the limit is {char_limit}", param=field)
         self._check_chars(model_text, chars, field)
 
-        rendered = model_text.prompt_tokens(request)
+        ids = model_text.prompt_ids(request)
+        rendered = len(ids) if ids is not None else model_text.prompt_tokens(request)
         counted = rendered if rendered is not None else self._lower_bound(model_text, request)
         limit = settings.max_tokens_cap
         if model_text.context is not None:
@@ -97,7 +102,8 @@ class PromptLimits:
         wanted = request.max_tokens or settings.default_max_tokens or limit
         # An alias is resolved here too: the job names the model itself (model affinity, /api/ps).
         resolved = request.model_copy(update={"max_tokens": min(wanted, limit), "model": spec.name})
-        return Fitted(resolved, counted, exact=rendered is not None)
+        routes = tuple(job_routes(spec.name, ids)) if ids is not None else ()
+        return Fitted(resolved, counted, exact=rendered is not None, routes=routes)
 
     @staticmethod
     def _check_chars(model_text: ModelText, chars: int, field: str) -> None:

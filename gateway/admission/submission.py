@@ -114,6 +114,7 @@ async def accept(
                 "owner": client.tag,
                 "accepted_at": accepted_at,
                 **({} if streamed else {"quiet": True}),
+                **({"prefix": list(fitted[i].routes)} if fitted[i].routes else {}),
             },
         )
         for i, request in enumerate(requests)

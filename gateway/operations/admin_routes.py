@@ -153,6 +153,9 @@ def service_status(redis: RedisDep, gw: GatewayDep, settings: SettingsDep, _admi
                     "model_held_bytes",
                     "kv_cache_bytes",
                     "prefix_cache_bytes",
+                    "prefix_disk_bytes",
+                    "prefix_disk_writing",
+                    "prefix_hits",
                     "tokens_generated",
                     "at",
                 )

@@ -123,7 +123,9 @@ def models() -> None:
 def ps() -> None:
     """Loaded models per worker: memory, requests running, when each unloads if idle."""
     status = call("GET", "/v1/admin/status")
-    table = Table("worker", "model", "size", "active", "pinned", "unloads", "rows", "memory", "kept", box=None)
+    table = Table(
+        "worker", "model", "size", "active", "pinned", "unloads", "rows", "memory", "kept", "on disk", box=None
+    )
     for worker in status["workers"]:
         memory = worker.get("memory") or {}
         rows = f"{worker.get('rows', 0)}/{worker.get('batch_limit', '?')}"
@@ -140,6 +142,7 @@ def ps() -> None:
                 rows,
                 used,
                 size(worker.get("prefix_cache_bytes")),
+                size(worker.get("prefix_disk_bytes")) + ("" if worker.get("prefix_disk_writing", True) else " (full)"),
             )
     console.print(table if status["workers"] else "no live worker")
     console.print(cache_reads(status))
@@ -151,8 +154,18 @@ def cache_reads(status: dict[str, Any]) -> str:
     cached, computed = float(counted.get("cached", 0)), float(counted.get("computed", 0))
     rate = f"{100 * cached / (cached + computed):.0f} %" if cached + computed else "-"
     kept = sum(int(w.get("prefix_cache_bytes") or 0) for w in status["workers"])
+    on_disk = sum(int(w.get("prefix_disk_bytes") or 0) for w in status["workers"])
+    hits = {tier: 0 for tier in ("lookups", "memory", "disk")}
+    for worker in status["workers"]:
+        for tier in hits:
+            hits[tier] += int((worker.get("prefix_hits") or {}).get(tier) or 0)
+    tiers = (
+        f"prompts starting from a kept prefix: {hits['memory']} from memory, {hits['disk']} from disk,"
+        f" of {hits['lookups']}"
+    )
     return (
-        f"prompt tokens read from kept caches: {rate} ({cached:.0f} of {cached + computed:.0f}); kept now {size(kept)}"
+        f"prompt tokens read from kept caches: {rate} ({cached:.0f} of {cached + computed:.0f}); {tiers};"
+        f" kept now {size(kept)} in memory, {size(on_disk)} on disk"
     )
 
 

@@ -11,6 +11,7 @@ is counted in the gateway process itself, so any gateway answers for all.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -84,6 +85,24 @@ class MlxqCollector(Collector):
             "Bytes of KV caches kept for reuse, per worker and tier",
             labels=["worker", "tier"],
         )
+        served = CounterMetricFamily(
+            "mlxq_prefix_cache_hits",
+            "Prompts that started from a kept prefix, per worker and the tier that held it (since it started)",
+            labels=["worker", "tier"],
+        )
+        served_tokens = CounterMetricFamily(
+            "mlxq_prefix_cache_hit_tokens",
+            "Prompt tokens read from kept prefixes, per worker and tier",
+            labels=["worker", "tier"],
+        )
+        lookups = CounterMetricFamily(
+            "mlxq_prefix_cache_lookups", "Prompts looked up in the kept prefixes, per worker", labels=["worker"]
+        )
+        writing = GaugeMetricFamily(
+            "mlxq_prefix_disk_writing",
+            "1 while the prefix disk tier writes (0: off, or the disk refused a write)",
+            labels=["worker"],
+        )
         alive = GaugeMetricFamily("mlxq_workers", "Live workers")
         workers = live_workers(redis)
         alive.add_metric([], len(workers))
@@ -94,7 +113,14 @@ class MlxqCollector(Collector):
             if isinstance(worker.get("memory"), dict):
                 memory.add_metric([worker["name"]], float(worker["memory"]["used_percent"]))
             kept.add_metric([worker["name"], "memory"], float(worker.get("prefix_cache_bytes") or 0))
-        yield from (loaded, size, memory, kept, alive)
+            kept.add_metric([worker["name"], "disk"], float(worker.get("prefix_disk_bytes") or 0))
+            hits: dict[str, Any] = worker["prefix_hits"] if isinstance(worker.get("prefix_hits"), dict) else {}
+            for tier in ("memory", "disk"):
+                served.add_metric([worker["name"], tier], float(hits.get(tier) or 0))
+                served_tokens.add_metric([worker["name"], tier], float(hits.get(f"{tier}_tokens") or 0))
+            lookups.add_metric([worker["name"]], float(hits.get("lookups") or 0))
+            writing.add_metric([worker["name"]], 1.0 if worker.get("prefix_disk_writing") else 0.0)
+        yield from (loaded, size, memory, kept, served, served_tokens, lookups, writing, alive)
 
         record = circuit.read(redis)
         state = GaugeMetricFamily("mlxq_circuit_state", "1 for the circuit breaker's current state", labels=["state"])

@@ -68,6 +68,9 @@ def service_env(redis_url: str, data_dir: Path, env: dict[str, str] | None = Non
         # A request without max_tokens runs to the model's limit (8192 tokens of a random model);
         # tests that send none want short answers. test_context_limits.py checks the real default.
         MLXQ_DEFAULT_MAX_TOKENS="256",
+        # Prefixes kept on disk outlive a test's worker in the shared data directory and would serve the
+        # next test's: the tests of the disk tier (test_prefix_disk.py) turn it on in a directory of their own.
+        MLXQ_PREFIX_DISK_BYTES="0",
     )
     environ.update(env or {})
     environ.update({f"MLXQ_{k.upper()}": str(v) for k, v in overrides.items() if v is not None})

@@ -1,0 +1,444 @@
+"""The disk tier of kept prefixes: KV caches that outlive the worker, for every session that starts alike.
+
+A prefix computed once is worth keeping past the process that computed it: an
+agent's system prompt and tools are tens of thousands of tokens, minutes of
+prefill on a large model, and a worker restart (a crash, a deploy) or a model
+unloaded under memory pressure would otherwise start every session cold again.
+
+The layout is content-addressed, one directory per model identity (a hash of
+the model's files, worker/model_files.py, so a changed model never reads an old
+state), owner only. A cache that can be cut at any token is kept in blocks of
+`BLOCK_TOKENS`: block k is named by a chain of hashes over the token ids of
+blocks 0..k, so sessions that share a start share its files, and a later turn
+writes only its new blocks. A cache that cannot be cut (a sliding window that
+wrapped, a recurrent state) is kept whole, at exactly the tokens it holds, in
+mlx-lm's own prompt-cache format. Each file's name carries a digest of its bytes:
+a read checks it, then the identity and token ids the file says it holds, so a
+truncated, corrupt or foreign file is a miss (and is removed), never wrong text.
+
+Writes go through a bounded queue to a thread of their own: the engine thread
+hands over arrays already computed and goes on. The tier holds at most
+`budget_bytes`, least recently used out first (a file's mtime is its last use,
+so the order survives restarts). A write the disk refuses (full, over quota)
+turns writing off with one log line; reads go on and nothing fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from shared.prefix_blocks import BLOCK_TOKENS, chain
+from worker.cache_shape import layers
+
+logger = logging.getLogger(__name__)
+
+MIN_STATE_TOKENS = 256
+"""A whole state this long is worth a file: shorter prompts cost less to compute than to read back."""
+
+QUEUED_WRITES = 64
+"""Writes waiting for the writer thread; past this the newest are not written (the engine never waits)."""
+
+DEFAULT_SHARE_OF_FREE = 0.25
+DEFAULT_CEILING_BYTES = 64 << 30
+"""The default budget: a quarter of the free space where the tier lives, at most 64 GiB."""
+
+_NAME = re.compile(r"^(?P<key>b-[0-9a-f]{32}|s-[0-9a-f]{32}-(?P<tokens>\d+))\.(?P<digest>[0-9a-f]{32})\.safetensors$")
+
+
+_IDENTITY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def default_budget(root: Path) -> int:
+    """A sane disk budget from the free space of the filesystem `root` is (or will be) on."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return 0
+    return int(min(free * DEFAULT_SHARE_OF_FREE, DEFAULT_CEILING_BYTES))
+
+
+def _state_key(names: list[bytes], ids: Sequence[int], tokens: int) -> str:
+    whole = tokens // BLOCK_TOKENS
+    tail = array("q", ids[whole * BLOCK_TOKENS : tokens]).tobytes()
+    return f"s-{hashlib.blake2b(names[whole] + b'state' + tail, digest_size=16).hexdigest()}-{tokens}"
+
+
+def _block_key(names: list[bytes], k: int) -> str:
+    return f"b-{names[k].hex()}"
+
+
+@dataclass
+class _File:
+    path: Path
+    size: int
+    used: float
+    """When it was last written or read (its mtime, across restarts)."""
+    depth: int = 0
+    """A block's place in its chain: of two used together, the later block leaves first."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the disk holds of a prompt's start: `tokens` of it, in the files of `keys`."""
+
+    identity: str
+    tokens: int
+    keys: tuple[str, ...]
+    whole: bool
+    """One state file (a cache that cannot be cut) rather than blocks."""
+
+
+@dataclass
+class DiskStats:
+    hits: int = 0
+    hit_tokens: int = 0
+    misses_bad_file: int = 0
+    written_bytes: int = 0
+    dropped_writes: int = 0
+
+
+@dataclass
+class _Write:
+    identity: str
+    key: str
+    at: float
+    depth: int
+    span: tuple[int, int] = (0, 0)
+    kv: list[tuple[mx.array, mx.array]] = field(default_factory=list)
+    """A block: each layer's keys and values (computed already), of which positions `span` are written."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    cache: list[Any] | None = None
+    """A whole state, written by mlx-lm's save_prompt_cache."""
+
+
+class PrefixDisk:
+    """Kept prefixes on disk under `root`, at most `budget_bytes` of them."""
+
+    def __init__(self, root: Path, budget_bytes: int) -> None:
+        self.root = root
+        self.budget_bytes = max(0, budget_bytes)
+        self.writing = self.budget_bytes > 0
+        """False once the disk refused a write (or with no budget): reads go on."""
+        self.stats = DiskStats()
+        self._files: dict[str, dict[str, _File]] = {}
+        """identity -> key -> its file."""
+        self._states: dict[str, set[int]] = {}
+        """identity -> the lengths of its whole states."""
+        self._pending: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Write | None] = queue.Queue(QUEUED_WRITES)
+        self._writer: threading.Thread | None = None
+        if self.budget_bytes > 0:
+            self._open()
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(f.size for files in self._files.values() for f in files.values())
+
+    def _open(self) -> None:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)  # the caches hold what the prompts said
+            for directory in self.root.iterdir():
+                if directory.is_dir() and _IDENTITY.match(directory.name):
+                    self._scan(directory)
+        except OSError as exc:
+            logger.warning("the prefix disk tier at %s cannot be used (%s); it is off", self.root, exc)
+            self.budget_bytes, self.writing = 0, False
+
+    def _scan(self, directory: Path) -> None:
+        files = self._files.setdefault(directory.name, {})
+        for path in directory.iterdir():
+            match = _NAME.match(path.name)
+            if match is None:
+                if path.is_file() and path.name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)  # a write cut short
+                continue
+            stat = path.stat()
+            files[match["key"]] = _File(path, stat.st_size, stat.st_mtime)
+            if match["tokens"] is not None:
+                self._states.setdefault(directory.name, set()).add(int(match["tokens"]))
+
+    # -- finding and reading ---------------------------------------------------------------
+
+    def find(self, identity: str, ids: Sequence[int], cuttable: bool, longer_than: int) -> Found | None:
+        """The longest start of `ids` (but its last token: generation starts from its logits) that the
+        disk holds, when longer than `longer_than` tokens. Nothing is read."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            files = self._files.get(identity)
+            if not files:
+                return None
+            names = chain(identity, ids[:-1])
+            if cuttable:
+                k = 0
+                while k + 1 < len(names) and _block_key(names, k + 1) in files:
+                    k += 1
+                if k * BLOCK_TOKENS <= longer_than:
+                    return None
+                return Found(identity, k * BLOCK_TOKENS, tuple(_block_key(names, j) for j in range(1, k + 1)), False)
+            for tokens in sorted(self._states.get(identity, ()), reverse=True):
+                if tokens <= longer_than:
+                    return None
+                if tokens < len(ids):
+                    key = _state_key(names, ids, tokens)
+                    if key in files:
+                        return Found(identity, tokens, (key,), True)
+        return None
+
+    def read(self, found: Found, ids: Sequence[int], fresh: Callable[[], list[Any]]) -> tuple[list[Any], int] | None:
+        """The cache of `found` (or of the blocks of it that read well) verified against `ids`, and the
+        tokens it holds; None when nothing does. A missing, truncated, corrupt or foreign file is removed."""
+        try:
+            read = self._read_whole(found, ids) if found.whole else self._read_blocks(found, ids, fresh)
+        except Exception as exc:
+            self._bad(exc)
+            read = None
+        if read is None:
+            return None
+        self.stats.hits += 1
+        self.stats.hit_tokens += read[1]
+        return read
+
+    def _bad(self, exc: BaseException) -> None:
+        self.stats.misses_bad_file += 1
+        logger.warning("a kept prefix on disk could not be read (%s: %s); computing it", type(exc).__name__, exc)
+
+    def _verified(self, identity: str, key: str, at: float) -> tuple[_File, bytes] | None:
+        """A file's entry and bytes, checked against the digest in its name; None when it is gone."""
+        with self._lock:
+            entry = self._files.get(identity, {}).get(key)
+        if entry is None:
+            return None
+        try:
+            data = entry.path.read_bytes()
+            match = _NAME.match(entry.path.name)
+            if match is None or hashlib.blake2b(data, digest_size=16).hexdigest() != match["digest"]:
+                raise ValueError("its bytes are not those written")
+            os.utime(entry.path, (at, at))  # its last use, for the order files leave in (across restarts too)
+        except Exception:
+            self._forget(identity, key, remove=True)
+            raise
+        entry.used = at  # a chain's blocks, read together, share it: the later ones leave first
+        return entry, data
+
+    def _check(self, identity: str, key: str, metadata: dict[str, Any], ids: Sequence[int]) -> None:
+        if metadata.get("mlxq_identity") != identity or json.loads(metadata.get("mlxq_tokens", "null")) != list(ids):
+            self._forget(identity, key, remove=True)
+            raise ValueError("it holds another model's state or other tokens than its name says")
+
+    def _read_blocks(
+        self, found: Found, ids: Sequence[int], fresh: Callable[[], list[Any]]
+    ) -> tuple[list[Any], int] | None:
+        pieces: list[dict[str, mx.array]] = []
+        at = time.time()
+        for k, key in enumerate(found.keys):
+            try:
+                verified = self._verified(found.identity, key, at)
+                if verified is None:
+                    break
+                loaded: Any = mx.load(io.BytesIO(verified[1]), format="safetensors", return_metadata=True)
+                arrays, metadata = loaded
+                self._check(found.identity, key, metadata, ids[k * BLOCK_TOKENS : (k + 1) * BLOCK_TOKENS])
+            except Exception as exc:
+                self._bad(exc)
+                break  # the blocks before it serve
+            pieces.append(arrays)
+        if not pieces:
+            return None
+        cache = fresh()
+        flat = list(layers(cache))
+        if any(len(piece) != 2 * len(flat) for piece in pieces):
+            raise ValueError("its layers are not the model's")
+        tokens = len(pieces) * BLOCK_TOKENS
+        for i, layer in enumerate(flat):
+            layer.keys = mx.concatenate([piece[f"{i}.keys"] for piece in pieces], axis=2)
+            layer.values = mx.concatenate([piece[f"{i}.values"] for piece in pieces], axis=2)
+            layer.offset = tokens
+        mx.eval([(layer.keys, layer.values) for layer in flat])
+        return cache, tokens
+
+    def _read_whole(self, found: Found, ids: Sequence[int]) -> tuple[list[Any], int] | None:
+        [key] = found.keys
+        verified = self._verified(found.identity, key, time.time())  # before mlx-lm reads it
+        if verified is None:
+            return None
+        cache, metadata = load_prompt_cache(str(verified[0].path), return_metadata=True)  # type: ignore[no-untyped-call]
+        self._check(found.identity, key, metadata, ids[: found.tokens])
+        return list(cache), found.tokens
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def keep(self, identity: str, ids: Sequence[int], cache: Sequence[Any], cuttable: bool) -> None:
+        """Write what the disk lacks of `cache` (which holds exactly `ids`) off the engine thread: its new
+        blocks, or the whole state of a cache that cannot be cut. Never waits on the disk."""
+        if not self.writing:
+            return
+        names, at = chain(identity, ids), time.time()
+        if cuttable:
+            flat = list(layers(cache))
+            if not all(_positional(layer, len(ids)) for layer in flat):
+                return  # not laid out by position: nothing here knows how to cut it into blocks
+            for k in range(1, len(names)):
+                key = _block_key(names, k)
+                if not self._wanted(identity, key, at):
+                    continue
+                a, b = (k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS
+                kv = [(layer.keys, layer.values) for layer in flat]
+                self._submit(_Write(identity, key, at, k, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
+        elif len(ids) >= MIN_STATE_TOKENS:
+            key = _state_key(names, ids, len(ids))
+            if self._wanted(identity, key, at):
+                tokens = {"mlxq_tokens": json.dumps(list(ids))}
+                self._submit(_Write(identity, key, at, 0, metadata=tokens, cache=list(cache)))
+
+    def _wanted(self, identity: str, key: str, at: float) -> bool:
+        """Whether the file is neither on disk (it is used again now) nor on its way there."""
+        with self._lock:
+            kept = self._files.get(identity, {}).get(key)
+            if kept is not None:
+                kept.used = at
+                return False
+            return (identity, key) not in self._pending
+
+    def _submit(self, write: _Write) -> None:
+        with self._lock:
+            self._pending.add((write.identity, write.key))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_all, name="prefix-disk", daemon=True)
+                self._writer.start()
+        try:
+            self._queue.put_nowait(write)
+        except queue.Full:
+            with self._lock:
+                self._pending.discard((write.identity, write.key))
+            self.stats.dropped_writes += 1
+
+    def _write_all(self) -> None:
+        # MLX's streams are its threads' own: this one slices and saves on a stream of its own.
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        while True:
+            write = self._queue.get()
+            if write is None:
+                return
+            try:
+                if self.writing:
+                    self._write(write)
+            except OSError as exc:
+                self.writing = False
+                logger.warning("the disk refused a kept prefix (%s); the prefix disk tier stops writing", exc)
+            except Exception:
+                logger.exception("could not write a kept prefix to disk")
+            finally:
+                with self._lock:
+                    self._pending.discard((write.identity, write.key))
+                self._queue.task_done()
+
+    def _write(self, write: _Write) -> None:
+        directory = self.root / write.identity
+        directory.mkdir(mode=0o700, exist_ok=True)
+        temporary = directory / f".{write.key}.{threading.get_ident()}.tmp"
+        metadata = {"mlxq_identity": write.identity, **write.metadata}
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as out:
+                if write.cache is not None:
+                    save_prompt_cache(out, write.cache, metadata)  # type: ignore[arg-type]
+                else:
+                    a, b = write.span
+                    arrays: dict[str, mx.array] = {}
+                    for i, (keys, values) in enumerate(write.kv):
+                        arrays[f"{i}.keys"], arrays[f"{i}.values"] = keys[..., a:b, :], values[..., a:b, :]
+                    mx.save_safetensors(out, arrays, metadata)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = _digest(temporary)
+            final = directory / f"{write.key}.{digest}.safetensors"
+            os.utime(temporary, (write.at, write.at))
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        size = final.stat().st_size
+        with self._lock:
+            self._files.setdefault(write.identity, {})[write.key] = _File(final, size, write.at, write.depth)
+            if write.cache is not None:
+                self._states.setdefault(write.identity, set()).add(int(write.key.rsplit("-", 1)[1]))
+        self.stats.written_bytes += size
+        self._evict()
+
+    def _evict(self) -> None:
+        """Least recently used out, until the tier is within its budget."""
+        with self._lock:
+            entries = [
+                (f.used, -f.depth, identity, key) for identity, files in self._files.items() for key, f in files.items()
+            ]
+            total = sum(self._files[identity][key].size for _, _, identity, key in entries)
+            for _, _, identity, key in sorted(entries):
+                if total <= self.budget_bytes:
+                    break
+                total -= self._files[identity][key].size
+                self._forget_locked(identity, key, remove=True)
+
+    def flush(self) -> None:
+        """Wait for the writes queued so far (tests, and a worker that stops)."""
+        self._queue.join()
+
+    def _forget(self, identity: str, key: str, remove: bool) -> None:
+        with self._lock:
+            self._forget_locked(identity, key, remove)
+
+    def _forget_locked(self, identity: str, key: str, remove: bool) -> None:
+        entry = self._files.get(identity, {}).pop(key, None)
+        if key.startswith("s-"):
+            tokens = int(key.rsplit("-", 1)[1])
+            if not any(k.endswith(f"-{tokens}") for k in self._files.get(identity, {})):
+                self._states.get(identity, set()).discard(tokens)
+        if entry is not None and remove:
+            with contextlib.suppress(OSError):
+                entry.path.unlink()
+
+
+def _positional(layer: Any, tokens: int) -> bool:
+    """Whether a layer holds its keys and values by position, `tokens` of them from the first."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return (
+        isinstance(keys, mx.array)
+        and isinstance(values, mx.array)
+        and getattr(layer, "offset", None) == tokens
+        and keys.ndim == 4
+        and keys.shape[2] >= tokens
+        and values.shape[2] >= tokens
+    )
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
