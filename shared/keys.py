@@ -36,6 +36,7 @@ def worker_claimed(worker_name: str) -> str:
 WORKER_MODELS = f"{PREFIX}:workers:models"
 """Hash: worker name -> the model of the last job it claimed (other workers leave that model's jobs to it)."""
 
+
 def worker_prefixes(worker_name: str) -> str:
     """Set of the routing names of the prompt blocks a worker holds, in memory or on disk
     (shared/prefix_blocks.py); expires with its heartbeat."""
