@@ -119,6 +119,27 @@ def test_claude_code_answers_with_its_default_prompt(agents_service: Service, tm
     assert out.strip()
 
 
+def test_claude_code_reads_its_prompt_from_the_cache_on_its_next_turn_and_in_a_new_session(
+    agents_service: Service, tmp_path: Path
+) -> None:
+    """Its default prompt, unmodified: the second turn of a session and the first of a new one (a new
+    attribution line, the same system prompt and tools) report cache reads in Anthropic's usage."""
+    claude = binary("claude")
+    env = {**claude_env(agents_service, tmp_path), "PWD": str(tmp_path)}
+    asked = ["-p", "--output-format", "json", "--model", "demo"]
+
+    def usage(out: str) -> dict[str, int]:
+        found: dict[str, int] = json.loads(out)["usage"]
+        return found
+
+    first = usage(run([claude, *asked, "say hi"], env, tmp_path))
+    assert first["input_tokens"] + first.get("cache_read_input_tokens", 0) > 15_000
+    again = usage(run([claude, *asked, "--continue", "and again"], env, tmp_path))
+    assert again["cache_read_input_tokens"] > 15_000, again
+    fresh = usage(run([claude, *asked, "say hello"], env, tmp_path))
+    assert fresh["cache_read_input_tokens"] > 15_000, fresh
+
+
 def test_claude_code_compacts_its_conversation_when_mlxq_says_the_prompt_is_too_long(
     agents_service: Service, tmp_path: Path
 ) -> None:

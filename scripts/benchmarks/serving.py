@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.admission import free_port  # noqa: E402
+from scripts.benchmarks.agent_sessions import run_agent_sessions  # noqa: E402
 from scripts.benchmarks.ceiling import ceiling_tok_s  # noqa: E402
 from scripts.benchmarks.chat_session import run_chat_sessions  # noqa: E402
 from scripts.benchmarks.latency import run_latency  # noqa: E402
@@ -237,11 +238,15 @@ def main() -> None:
     parser.add_argument("--chat-session", action="store_true", help="only the chat-session shape, on three families")
     parser.add_argument("--latency", action="store_true", help="only the latency shape: short requests, demo model")
     parser.add_argument("--chat-system-words", type=int, default=1000, help="the chat session's system message")
+    parser.add_argument("--agent-sessions", type=int, default=0, help="only the agent-sessions shape, N at once")
+    parser.add_argument("--agent-turns", type=int, default=3, help="turns of each agent session")
+    parser.add_argument("--agent-system-words", type=int, default=1500, help="each agent's system prompt")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
     args = parser.parse_args()
     alone = [
         (args.latency, latency, LATENCY_HEADING, latency_section),
         (args.chat_session, chat_sessions, CHAT_HEADING, chat_section),
+        (args.agent_sessions > 0, agent_sessions, AGENT_HEADING, agent_section),
     ]
     for asked, run, heading, section in alone:
         if asked:
@@ -455,6 +460,7 @@ the streams; delay: a text event's arrival at its client less its stream id (the
 
 
 CHAT_HEADING = "## Chat sessions on three families"
+AGENT_HEADING = "## Agent sessions: cold, warm, a new session, after a worker restart"
 LATENCY_HEADING = "## Latency of short requests"
 
 
@@ -478,6 +484,24 @@ Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platfor
 def chat_sessions(args: argparse.Namespace) -> str:
     """The chat-session shape (scripts/benchmarks/chat_session.py) with a Redis of its own."""
     return with_redis(args, "chat", run_chat_sessions)
+
+
+def agent_sessions(args: argparse.Namespace) -> str:
+    """The agent-sessions shape (scripts/benchmarks/agent_sessions.py) with a Redis of its own."""
+    return with_redis(args, "agents", run_agent_sessions)
+
+
+def agent_section(table: str, args: argparse.Namespace) -> str:
+    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    return f"""{AGENT_HEADING}
+
+Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
+{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs: mlxq beside `mlx_lm.server` and vllm-mlx on
+random-weight models (worker/tiny_families.py at hidden {args.hidden}, {args.dtype}) of a plain family (llama)
+and a hybrid one (qwen3_next). The shape is described in scripts/benchmarks/agent_sessions.py.
+
+{table}
+"""
 
 
 def with_redis(args: argparse.Namespace, name: str, shape: Any) -> str:
