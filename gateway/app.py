@@ -37,7 +37,9 @@ from gateway.jobs.routes import router as job_routes
 from gateway.models import management
 from gateway.models.routes import router as model_routes
 from gateway.ollama import shapes as ollama_shapes
+from gateway.ollama.embeddings import router as ollama_embedding_routes
 from gateway.ollama.routes import router as ollama_routes
+from gateway.openai.embeddings import router as openai_embedding_routes
 from gateway.openai.routes import router as openai_routes
 from gateway.operations.admin_routes import router as admin_routes
 from gateway.operations.events_routes import router as events_routes
@@ -119,11 +121,13 @@ def create_app(settings: Settings) -> FastAPI:
     authenticated = [Depends(get_client)]
     app.include_router(job_routes, dependencies=authenticated)
     app.include_router(openai_routes, dependencies=authenticated)
+    app.include_router(openai_embedding_routes, dependencies=authenticated)
     app.include_router(batch_routes, dependencies=authenticated)
     app.include_router(model_routes, dependencies=authenticated)
     app.include_router(admin_routes, dependencies=authenticated)
     app.include_router(events_routes, dependencies=authenticated)
     app.include_router(ollama_routes, dependencies=authenticated)
+    app.include_router(ollama_embedding_routes, dependencies=authenticated)
     app.include_router(anthropic_routes, dependencies=authenticated)
     app.include_router(responses_routes, dependencies=authenticated)
     app.include_router(system_routes)

@@ -21,6 +21,7 @@ random-weight model built offline.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tomllib
@@ -37,9 +38,11 @@ logger = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
 TINY_MODEL = "tiny"
+EMBED_MODEL = "embed"
 BUILTIN_MODELS = {
     DEMO_MODEL: "random weights, built offline: counts tokens like a real model (32k vocabulary), 128k context",
     TINY_MODEL: "tiny random-weight model, built offline: fast, for tests (512-token vocabulary, 32k context)",
+    EMBED_MODEL: "random-weight BERT embedding model, built offline: 128-dimensional vectors, 512 tokens an input",
 }
 """The models every mlxq serves (worker/demo_model.py builds them), with their notes."""
 ALLOWED_KEYS = {
@@ -56,7 +59,11 @@ ALLOWED_KEYS = {
     "pin",
     "warm",
     "pulled",
+    "kind",
 }
+KINDS = ("generate", "embed", "rerank")
+"""What a model does: generate text (mlx-lm), embed texts as vectors (mlx-embeddings), or judge documents
+against a query (an LLM reranker such as Qwen3-Reranker, read by mlx-lm: worker/reranking.py)."""
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DEFAULT_FIELDS: dict[str, tuple[float, float, bool]] = {
@@ -102,6 +109,8 @@ class ModelSpec:
     """Loaded by a worker as soon as it starts (and when the entry appears), before any request."""
     pulled: bool = False
     """Its files came from a pull (removing the model deletes them)."""
+    kind: str | None = None
+    """"generate", "embed" or "rerank" as the models file says; None: as its files say (`kind_of`)."""
 
     @property
     def source(self) -> str:
@@ -167,7 +176,13 @@ class ModelRegistry:
         admin API's, by name) laid over them: a stored entry for a file's model changes only the
         fields it names."""
         specs = {
-            name: ModelSpec(name, path=settings.builtin_model_dir(name), notes=notes, builtin=True)
+            name: ModelSpec(
+                name,
+                path=settings.builtin_model_dir(name),
+                notes=notes,
+                builtin=True,
+                kind="embed" if name == EMBED_MODEL else "generate",
+            )
             for name, notes in BUILTIN_MODELS.items()
         }
         entries: dict[str, dict[str, Any]] = {}
@@ -286,8 +301,11 @@ def parse_entry(name: str, entry: dict[str, Any], where: str, base: Path | None 
     aliases = entry.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and NAME.fullmatch(a) for a in aliases):
         raise ValueError(f"{where}: `aliases` must be a list of names")
+    if "kind" in entry and entry["kind"] not in KINDS:
+        raise ValueError(f"{where}: `kind` must be one of {', '.join(KINDS)}")
     return ModelSpec(
         name,
+        kind=entry.get("kind"),
         path=local,
         reasoning=tuple(reasoning) if isinstance(reasoning, list) else reasoning,
         chat_template_kwargs=tuple(sorted(kwargs.items())),
@@ -322,3 +340,30 @@ def _defaults(table: object, where: str) -> tuple[tuple[str, float | int], ...]:
 
 def _two_strings(value: object) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v for v in value)
+
+
+_EMBEDDING_HEADS = ("Model", "ForMaskedLM", "EmbeddingModel")
+"""How an embedding model's architecture is named in its config.json (BertModel, XLMRobertaModel,
+ModernBertModel, Qwen3Model...), where a text generator's ends in ForCausalLM or ForConditionalGeneration."""
+
+
+def kind_of(spec: ModelSpec) -> str:
+    """What `spec` does: its models-file `kind`, else what its config.json's architectures say (a model
+    whose files are not here yet counts as a generator until they are)."""
+    if spec.kind is not None:
+        return spec.kind
+    directory = spec.local_files()
+    if directory is None:
+        return "generate"
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return "generate"
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if (
+        isinstance(architectures, list)
+        and architectures
+        and all(isinstance(a, str) and a.endswith(_EMBEDDING_HEADS) for a in architectures)
+    ):
+        return "embed"
+    return "generate"

@@ -342,4 +342,7 @@ class JobView(BaseModel):
         default=None, description="what a queued job waits for besides its turn: {'pull': its model's download}"
     )
     result: GenerationResult | None = None
+    embedding: dict[str, Any] | None = Field(
+        default=None, description="an embedding or rerank job's result: its vectors (or scores) and tokens"
+    )
     error: dict[str, Any] | None = None

@@ -6,3 +6,6 @@ GENERATE = "worker.tasks.generate"
 
 SYNTHESIZE = "worker.tasks.synthesize"
 """A batch's synthesis: the batch id and a request whose placeholders its children's texts fill."""
+
+EMBED = "worker.tasks.embed"
+"""Vectors for texts (an `EmbedRequest` as a dict), or a rerank's scores."""

@@ -17,14 +17,14 @@ def registry(tmp_path: Path, text: str) -> ModelRegistry:
 
 def test_demo_and_tiny_are_built_in_and_other_models_come_from_the_file(tmp_path: Path) -> None:
     models = registry(tmp_path, '[models.coder]\nrepo = "mlx-community/some-model"\nnotes = "coding"\n')
-    assert [m.name for m in models.all()] == ["coder", "demo", "tiny"]
+    assert [m.name for m in models.all()] == ["coder", "demo", "embed", "tiny"]
     assert models.get("coder").repo == "mlx-community/some-model"
     assert models.get("tiny").builtin and models.get("demo").builtin
 
 
 def test_an_unknown_model_is_model_not_found_listing_the_known_ones(tmp_path: Path) -> None:
     models = registry(tmp_path, "")
-    with pytest.raises(ModelNotFound, match="known: demo, tiny"):
+    with pytest.raises(ModelNotFound, match="known: demo, embed, tiny"):
         models.get("llama")
 
 

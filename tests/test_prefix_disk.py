@@ -196,7 +196,8 @@ def disk_service(
     models_file = tmp_path / "models.toml"
     models_file.write_text("".join(f'[models.{f}]\npath = "{t.path}"\n' for f, t in models.items()))
     data = tmp_path / "data"
-    build_builtin("demo", Settings(data_dir=data).builtin_model_dir("demo"))  # not by a worker whose files are fenced
+    for builtin in ("demo", "embed"):  # not by a worker whose files are fenced
+        build_builtin(builtin, Settings(data_dir=data).builtin_model_dir(builtin))
     logs = tmp_path / "logs"
     logs.mkdir()
     svc = Service(

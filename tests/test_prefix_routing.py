@@ -5,6 +5,7 @@ gateway they come through: each later turn reads at least 90 % of its prompt fro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,10 @@ def test_a_sessions_turns_reach_the_worker_that_holds_its_start_through_either_g
 ) -> None:
     hosts, redis = two_hosts
     clients = [OpenAI(base_url=h.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) for h in hosts]
-    for host in hosts:
-        host.worker_pid()
+    deadline = time.monotonic() + 120
+    while len(hosts[0].http.get("/health").json()["workers"]) < 2:  # both hosts' workers, on the one Redis
+        assert time.monotonic() < deadline, "the second host's worker did not come up"
+        time.sleep(0.1)
     for n, session in enumerate(("first", "second")):
         messages: list[dict[str, Any]] = [{"role": "system", "content": f"{SYSTEM} Session {session}."}]
         previous = 0

@@ -10,7 +10,8 @@ from worker.kv_manager import KVCacheManager
 from worker.ledger import MemoryLedger
 from worker.model_cache import MemoryProbe, ModelCache, system_memory_percent
 from worker.prefill_pace import PrefillPace
-from worker.prefix_disk import PrefixDisk, default_budget
+from worker.prefix_disk import PrefixDisk
+from worker.prefix_files import default_budget
 from worker.scheduler import Scheduler
 
 

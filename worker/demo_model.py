@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEMO = "demo"
 TINY = "tiny"
+EMBED = "embed"
 
 TINY_CONTEXT = 32768
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -111,14 +112,17 @@ Shaping = Callable[[dict[str, Any]], dict[str, Any]]
 """What becomes of a model's random weights before they are saved."""
 
 
-def _write_weights(directory: Path, config: dict[str, Any], shaping: Shaping | None = None) -> None:
-    """Random weights for mlx-lm's own class of the config's `model_type`, saved as it loads them."""
+def _write_weights(
+    directory: Path, config: dict[str, Any], shaping: Shaping | None = None, library: str = "mlx_lm"
+) -> None:
+    """Random weights for `library`'s own class of the config's `model_type` (mlx-lm's, or mlx-embeddings'
+    for an embedding model), saved as it loads them."""
     import importlib
 
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    architecture = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    architecture = importlib.import_module(f"{library}.models.{config['model_type']}")
     mx.random.seed(SEED)
     args = architecture.ModelArgs.from_dict(config)
     model = architecture.Model(args)
@@ -136,7 +140,11 @@ head of its own (worker/demo_answers.py)."""
 
 def build_builtin(name: str, directory: Path) -> Path:
     """Build the built-in model `name` into `directory` unless it is already there; return it."""
-    builders: dict[str, Callable[[Path], Path]] = {DEMO: build_demo_model, TINY: build_tiny_model}
+    builders: dict[str, Callable[[Path], Path]] = {
+        DEMO: build_demo_model,
+        TINY: build_tiny_model,
+        EMBED: build_embedding_model,
+    }
     return builders[name](directory)
 
 
@@ -149,6 +157,32 @@ def build_tiny_model(directory: Path, **config_overrides: Any) -> Path:
     """
     config = {**CONFIG, **config_overrides}
     return _build(directory, config, lambda staging: _write_tokenizer(staging))
+
+
+EMBED_CONFIG: dict[str, Any] = {
+    "architectures": ["BertModel"],
+    "model_type": "bert",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+}
+"""The built-in embedding model: a BERT of mlx-embeddings' own class, 128-dimensional vectors, 512 tokens."""
+
+
+def build_embedding_model(directory: Path, **config_overrides: Any) -> Path:
+    """Build the built-in embedding model (random weights, the demo's tokenizer) into `directory` unless it is
+    already there; `config_overrides` (e.g. `hidden_size=384`) make others of known sizes (scripts/bench)."""
+    config = {**EMBED_CONFIG, **config_overrides}
+
+    def tokenizer(staging: Path) -> None:
+        size = demo_tokenizer.write_tokenizer(staging, int(config["max_position_embeddings"]))
+        (staging / "config.json").write_text(json.dumps({**config, "vocab_size": size}, indent=2))
+
+    return _build(directory, config, tokenizer, library="mlx_embeddings")
 
 
 def build_demo_model(directory: Path) -> Path:
@@ -172,17 +206,25 @@ def build_demo_model(directory: Path) -> Path:
 
 
 def _build(
-    directory: Path, config: dict[str, Any], write_tokenizer: Callable[[Path], None], shaping: Shaping | None = None
+    directory: Path,
+    config: dict[str, Any],
+    write_tokenizer: Callable[[Path], None],
+    shaping: Shaping | None = None,
+    library: str = "mlx_lm",
 ) -> Path:
     with _building[directory]:  # a second caller in this process waits for the first's build
-        return _build_once(directory, config, write_tokenizer, shaping)
+        return _build_once(directory, config, write_tokenizer, shaping, library)
 
 
 _building: defaultdict[Path, threading.Lock] = defaultdict(threading.Lock)
 
 
 def _build_once(
-    directory: Path, config: dict[str, Any], write_tokenizer: Callable[[Path], None], shaping: Shaping | None
+    directory: Path,
+    config: dict[str, Any],
+    write_tokenizer: Callable[[Path], None],
+    shaping: Shaping | None,
+    library: str,
 ) -> Path:
     if (directory / "model.safetensors").exists():
         return directory
@@ -192,7 +234,7 @@ def _build_once(
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer(staging)  # it may settle the vocabulary's size in the config
-        _write_weights(staging, json.loads((staging / "config.json").read_text()), shaping)
+        _write_weights(staging, json.loads((staging / "config.json").read_text()), shaping, library)
         try:
             os.rename(staging, directory)
         except OSError:

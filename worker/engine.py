@@ -21,6 +21,8 @@ import mlx.core as mx
 from shared.errors import GenerationFailed
 from shared.models import ModelSpec
 from worker.batch_runner import BatchRunner
+from worker.embedding import EMBED_BATCH_TOKENS, EmbedWork
+from worker.embedding_runs import Embeds
 from worker.generation import Generation, Submission
 from worker.kv_manager import KVCacheManager
 from worker.model_cache import ModelCache
@@ -71,7 +73,7 @@ class Engine:
             prefill_batch_size,
             self._alive_sign,
         )
-        self._inbox: queue.Queue[Generation | Unload | Load | None] = queue.Queue()
+        self._inbox: queue.Queue[Generation | EmbedWork | Unload | Load | None] = queue.Queue()
         self._warming: list[ModelSpec] = []
         """Models to load once no batch runs (a load would stall its streams)."""
         self.state = "idle"
@@ -79,6 +81,8 @@ class Engine:
         self.progress_at = time.monotonic()
         """Last sign of life of the engine thread: a loop turn, a prefill chunk, a token."""
         self._active: dict[str, Generation] = {}
+        self._embedding: dict[str, EmbedWork] = {}
+        self._embeds = Embeds(cache, self._alive_sign)
         self._lock = threading.Lock()
         self._maintained_at = 0.0
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
@@ -109,6 +113,12 @@ class Engine:
         self._inbox.put(handle)
         return handle
 
+    def embed(self, work: EmbedWork) -> None:
+        """Run an embedding job's batches between decode steps; `work` says when it is done."""
+        with self._lock:
+            self._embedding[work.job_id] = work
+        self._inbox.put(work)
+
     def request_unload(self, model: str) -> None:
         """Unload `model` once it is idle; MLX memory is only ever touched on the engine thread."""
         self._inbox.put(Unload(model))
@@ -120,7 +130,7 @@ class Engine:
     def cancel(self, job_id: str) -> bool:
         """Ask a submitted generation to stop; False when the engine does not hold it."""
         with self._lock:
-            handle = self._active.get(job_id)
+            handle: Generation | EmbedWork | None = self._active.get(job_id) or self._embedding.get(job_id)
         if handle is None:
             return False
         handle.cancel()
@@ -144,7 +154,9 @@ class Engine:
         try:
             self._loop()
         finally:
-            self.runner.end_everything(GenerationFailed("The worker's engine stopped before the job ended"))
+            stopped = GenerationFailed("The worker's engine stopped before the job ended")
+            self.runner.end_everything(stopped)
+            self._embeds.end_everything(stopped)
             # MLX's thread-local streams must be destroyed by the thread that made them, before
             # it ends; left to thread teardown they can abort the process ("terminate called
             # without an active exception"; ml-explore/mlx#4327).
@@ -155,9 +167,11 @@ class Engine:
         scheduler = self.scheduler
         while True:
             self.progress_at = time.monotonic()
-            arrived = self._arrivals(wait=not scheduler.busy)
+            arrived = self._arrivals(wait=not scheduler.busy and not self._embeds.waiting)
             for item in arrived:
-                if isinstance(item, Unload):
+                if isinstance(item, EmbedWork):
+                    self._embeds.add(item)
+                elif isinstance(item, Unload):
                     if not self.cache.unload(item.model, "asked to by an operator"):
                         logger.info("not unloading %s: it is not loaded or is serving", item.model)
                 elif isinstance(item, Load):
@@ -177,6 +191,12 @@ class Engine:
                 # serves the rest: a dead engine would take every model down until a restart.
                 logger.exception("an engine turn failed; its batch's jobs fail, the engine goes on")
                 scheduler.update_from_output(self.runner.fail_running(exc))
+            # One batch of vectors between decode steps, no longer than a piece of prefill beside them.
+            decoding = scheduler.batch is not None and bool(scheduler.batch.members)
+            tokens = self.runner.pace.piece(decoding=True, rows=1) if decoding else EMBED_BATCH_TOKENS
+            for ended in self._embeds.piece(tokens):
+                with self._lock:
+                    self._embedding.pop(ended, None)
             if scheduler.batch is None and self._warming:
                 self._warm(self._warming.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"
@@ -207,9 +227,9 @@ class Engine:
         finally:
             self._alive_sign("idle")
 
-    def _arrivals(self, wait: bool) -> list[Generation | Unload | Load | None]:
+    def _arrivals(self, wait: bool) -> list[Generation | EmbedWork | Unload | Load | None]:
         """Everything in the inbox; when idle, wait up to the maintenance interval for something."""
-        arrived: list[Generation | Unload | Load | None] = []
+        arrived: list[Generation | EmbedWork | Unload | Load | None] = []
         try:
             if wait:
                 arrived.append(self._inbox.get(timeout=self.maintenance_interval_s))

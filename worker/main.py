@@ -20,7 +20,7 @@ from shared.sizing import format_bytes
 from worker import tasks
 from worker.assembly import build_engine
 from worker.claiming import TurnTakingQueue
-from worker.demo_model import DEMO, build_builtin
+from worker.demo_model import DEMO, EMBED, build_builtin
 from worker.downloads import Downloads
 from worker.engine import Engine
 from worker.model_cache import device_memory_bytes
@@ -43,10 +43,11 @@ def main() -> None:
             logger.warning("model will fail to load: %s", problem)
         elif spec.builtin and spec.path is not None:
             # Built now, so that gateways count its tokens (and show its shape) from the first request. The
-            # demo takes seconds, once: on a thread of its own, so that the worker serves meanwhile (a job
-            # for it waits for its build); the tiny model, well under a second, before the worker serves.
-            if spec.name == DEMO:
-                threading.Thread(target=build_builtin, args=(spec.name, spec.path), name="build-demo").start()
+            # demo and the embedding model take seconds, once: on threads of their own, so that the worker
+            # serves meanwhile (a job for one waits for its build); the tiny model, well under a second,
+            # before the worker serves.
+            if spec.name in (DEMO, EMBED):
+                threading.Thread(target=build_builtin, args=(spec.name, spec.path), name=f"build-{spec.name}").start()
             else:
                 build_builtin(spec.name, spec.path)
 

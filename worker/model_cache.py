@@ -28,7 +28,7 @@ import psutil
 
 from shared import sizing
 from shared.errors import ExceedsMemoryBudget, InsufficientMemory
-from shared.models import ModelRegistry, ModelSpec
+from shared.models import ModelRegistry, ModelSpec, kind_of
 from shared.settings import Settings
 from shared.sizing import KvShape, format_bytes
 from shared.tokenizing import context_length
@@ -67,6 +67,8 @@ class LoadedModel:
     """What its caches can do (batched, cut, prefilled together), asked once loaded."""
     context_tokens: int | None
     """Its context length (the models file's, else its config.json's), when known."""
+    kind: str
+    """"generate" (mlx-lm) or "embed" (mlx-embeddings: worker/embedding.py)."""
     identity: str
     """Its files' identity (worker/model_files.py): what its caches on disk are filed under."""
     loaded_at: float
@@ -324,15 +326,18 @@ class ModelCache:
             with self._lock:
                 self._loading.discard(spec.name)
         now = time.time()
+        kind = kind_of(spec)
+        embeds = kind == "embed"  # no KV cache to measure: it encodes, it does not generate
         entry = LoadedModel(
             spec=spec,
             model=model,
             tokenizer=tokenizer,
             size_bytes=estimate.weights_bytes,
             measured_bytes=measured,
-            kv=cache_shape.measured(model, fallback=estimate.kv),
-            caches=cache_shape.kind(model),
+            kv=estimate.kv if embeds else cache_shape.measured(model, fallback=estimate.kv),
+            caches=cache_shape.CacheKind((), False, False) if embeds else cache_shape.kind(model),
             context_tokens=spec.context_tokens or context_length(directory / "config.json"),
+            kind=kind,
             identity=model_files.identity(directory),
             loaded_at=now,
             last_used=now,

@@ -15,7 +15,8 @@ from typing import Any
 from mlx_lm import load
 
 from shared.errors import ModelUnavailable
-from shared.models import ModelSpec
+from shared.models import ModelSpec, kind_of
+from worker import embedding
 from worker.demo_model import build_builtin
 
 
@@ -43,6 +44,8 @@ def read(spec: ModelSpec, directory: Path) -> tuple[Any, Any]:
     frees memory and says so); anything else mlx-lm raises (bare ValueError, OSError, hub errors) is
     ModelUnavailable."""
     try:
+        if kind_of(spec) == "embed":
+            return embedding.read(directory)
         model, tokenizer = load(str(directory))[:2]
         return model, tokenizer
     except Exception as exc:

@@ -32,11 +32,8 @@ import json
 import logging
 import os
 import queue
-import re
-import shutil
 import threading
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +44,15 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from shared.prefix_blocks import BLOCK_TOKENS, chain
 from worker.cache_shape import layers
+from worker.prefix_files import (
+    IDENTITY,
+    NAME,
+    KeptFile,
+    block_key,
+    digest,
+    positional,
+    state_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,47 +61,6 @@ MIN_STATE_TOKENS = 256
 
 QUEUED_WRITES = 64
 """Writes waiting for the writer thread; past this the newest are not written (the engine never waits)."""
-
-DEFAULT_SHARE_OF_FREE = 0.25
-DEFAULT_CEILING_BYTES = 64 << 30
-"""The default budget: a quarter of the free space where the tier lives, at most 64 GiB."""
-
-_NAME = re.compile(r"^(?P<key>b-[0-9a-f]{32}|s-[0-9a-f]{32}-(?P<tokens>\d+))\.(?P<digest>[0-9a-f]{32})\.safetensors$")
-
-
-_IDENTITY = re.compile(r"^[0-9a-f]{32}$")
-
-
-def default_budget(root: Path) -> int:
-    """A sane disk budget from the free space of the filesystem `root` is (or will be) on."""
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return 0
-    return int(min(free * DEFAULT_SHARE_OF_FREE, DEFAULT_CEILING_BYTES))
-
-
-def _state_key(names: list[bytes], ids: Sequence[int], tokens: int) -> str:
-    whole = tokens // BLOCK_TOKENS
-    tail = array("q", ids[whole * BLOCK_TOKENS : tokens]).tobytes()
-    return f"s-{hashlib.blake2b(names[whole] + b'state' + tail, digest_size=16).hexdigest()}-{tokens}"
-
-
-def _block_key(names: list[bytes], k: int) -> str:
-    return f"b-{names[k].hex()}"
-
-
-@dataclass
-class _File:
-    path: Path
-    size: int
-    used: float
-    """When it was last written or read (its mtime, across restarts)."""
-    depth: int = 0
-    """A block's place in its chain: of two used together, the later block leaves first."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +106,7 @@ class PrefixDisk:
         self.writing = self.budget_bytes > 0
         """False once the disk refused a write (or with no budget): reads go on."""
         self.stats = DiskStats()
-        self._files: dict[str, dict[str, _File]] = {}
+        self._files: dict[str, dict[str, KeptFile]] = {}
         """identity -> key -> its file."""
         self._states: dict[str, set[int]] = {}
         """identity -> the lengths of its whole states."""
@@ -166,7 +131,7 @@ class PrefixDisk:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)  # the caches hold what the prompts said
             for directory in self.root.iterdir():
-                if directory.is_dir() and _IDENTITY.match(directory.name):
+                if directory.is_dir() and IDENTITY.match(directory.name):
                     self._scan(directory)
         except OSError as exc:
             logger.warning("the prefix disk tier at %s cannot be used (%s); it is off", self.root, exc)
@@ -175,13 +140,13 @@ class PrefixDisk:
     def _scan(self, directory: Path) -> None:
         files = self._files.setdefault(directory.name, {})
         for path in directory.iterdir():
-            match = _NAME.match(path.name)
+            match = NAME.match(path.name)
             if match is None:
                 if path.is_file() and path.name.endswith(".tmp"):
                     path.unlink(missing_ok=True)  # a write cut short
                 continue
             stat = path.stat()
-            files[match["key"]] = _File(path, stat.st_size, stat.st_mtime)
+            files[match["key"]] = KeptFile(path, stat.st_size, stat.st_mtime)
             if match["tokens"] is not None:
                 self._states.setdefault(directory.name, set()).add(int(match["tokens"]))
 
@@ -199,16 +164,16 @@ class PrefixDisk:
             names = chain(identity, ids[:-1])
             if cuttable:
                 k = 0
-                while k + 1 < len(names) and _block_key(names, k + 1) in files:
+                while k + 1 < len(names) and block_key(names, k + 1) in files:
                     k += 1
                 if k * BLOCK_TOKENS <= longer_than:
                     return None
-                return Found(identity, k * BLOCK_TOKENS, tuple(_block_key(names, j) for j in range(1, k + 1)), False)
+                return Found(identity, k * BLOCK_TOKENS, tuple(block_key(names, j) for j in range(1, k + 1)), False)
             for tokens in sorted(self._states.get(identity, ()), reverse=True):
                 if tokens <= longer_than:
                     return None
                 if tokens < len(ids):
-                    key = _state_key(names, ids, tokens)
+                    key = state_key(names, ids, tokens)
                     if key in files:
                         return Found(identity, tokens, (key,), True)
         return None
@@ -231,7 +196,7 @@ class PrefixDisk:
         self.stats.misses_bad_file += 1
         logger.warning("a kept prefix on disk could not be read (%s: %s); computing it", type(exc).__name__, exc)
 
-    def _verified(self, identity: str, key: str, at: float) -> tuple[_File, bytes] | None:
+    def _verified(self, identity: str, key: str, at: float) -> tuple[KeptFile, bytes] | None:
         """A file's entry and bytes, checked against the digest in its name; None when it is gone."""
         with self._lock:
             entry = self._files.get(identity, {}).get(key)
@@ -239,7 +204,7 @@ class PrefixDisk:
             return None
         try:
             data = entry.path.read_bytes()
-            match = _NAME.match(entry.path.name)
+            match = NAME.match(entry.path.name)
             if match is None or hashlib.blake2b(data, digest_size=16).hexdigest() != match["digest"]:
                 raise ValueError("its bytes are not those written")
             os.utime(entry.path, (at, at))  # its last use, for the order files leave in (across restarts too)
@@ -304,17 +269,17 @@ class PrefixDisk:
         names, at = chain(identity, ids), time.time()
         if cuttable:
             flat = list(layers(cache))
-            if not all(_positional(layer, len(ids)) for layer in flat):
+            if not all(positional(layer, len(ids)) for layer in flat):
                 return  # not laid out by position: nothing here knows how to cut it into blocks
             for k in range(1, len(names)):
-                key = _block_key(names, k)
+                key = block_key(names, k)
                 if not self._wanted(identity, key, at):
                     continue
                 a, b = (k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS
                 kv = [(layer.keys, layer.values) for layer in flat]
                 self._submit(_Write(identity, key, at, k, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
         elif len(ids) >= MIN_STATE_TOKENS:
-            key = _state_key(names, ids, len(ids))
+            key = state_key(names, ids, len(ids))
             if self._wanted(identity, key, at):
                 tokens = {"mlxq_tokens": json.dumps(list(ids))}
                 self._submit(_Write(identity, key, at, 0, metadata=tokens, cache=list(cache)))
@@ -379,8 +344,8 @@ class PrefixDisk:
                     mx.save_safetensors(out, arrays, metadata)
                 out.flush()
                 os.fsync(out.fileno())
-            digest = _digest(temporary)
-            final = directory / f"{write.key}.{digest}.safetensors"
+            sealed = digest(temporary)
+            final = directory / f"{write.key}.{sealed}.safetensors"
             os.utime(temporary, (write.at, write.at))
             os.replace(temporary, final)
         except BaseException:
@@ -388,7 +353,7 @@ class PrefixDisk:
             raise
         size = final.stat().st_size
         with self._lock:
-            self._files.setdefault(write.identity, {})[write.key] = _File(final, size, write.at, write.depth)
+            self._files.setdefault(write.identity, {})[write.key] = KeptFile(final, size, write.at, write.depth)
             if write.cache is not None:
                 self._states.setdefault(write.identity, set()).add(int(write.key.rsplit("-", 1)[1]))
         self.stats.written_bytes += size
@@ -424,21 +389,3 @@ class PrefixDisk:
         if entry is not None and remove:
             with contextlib.suppress(OSError):
                 entry.path.unlink()
-
-
-def _positional(layer: Any, tokens: int) -> bool:
-    """Whether a layer holds its keys and values by position, `tokens` of them from the first."""
-    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-    return (
-        isinstance(keys, mx.array)
-        and isinstance(values, mx.array)
-        and getattr(layer, "offset", None) == tokens
-        and keys.ndim == 4
-        and keys.shape[2] >= tokens
-        and values.shape[2] >= tokens
-    )
-
-
-def _digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()

@@ -19,13 +19,15 @@ from rq import get_current_job
 from rq.job import Job
 
 from shared import job_stream
+from shared.embeddings import EmbedRequest
 from shared.errors import GenerationFailed, InvalidRequest, MlxqError
 from shared.models import ModelRegistry
 from shared.outage import until_redis
 from shared.schemas import GenerateRequest, GenerationResult, PromptTokensDetails, Timings, ToolCall, Usage
 from shared.settings import Settings
 from shared.tokenizing import ModelTexts
-from worker import synthesis
+from worker import embedding, synthesis
+from worker.embedding import EmbedWork
 from worker.engine import Engine
 from worker.generation import MISSING_MAX_TOKENS, Generation, Submission
 from worker.rows import Outcome
@@ -82,6 +84,56 @@ def synthesize(batch_id: str, request: dict[str, Any]) -> dict[str, Any]:
         return GenerateRequest.model_validate(filled.request)
 
     return _run(job, runtime, prepare)
+
+
+def embed(request: dict[str, Any]) -> dict[str, Any]:
+    """Vectors for an embedding job's inputs (or a rerank's scores), in batches on the engine thread."""
+    job, runtime = _context()
+    logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
+    try:
+        req = EmbedRequest.model_validate(request)
+        work = EmbedWork(job.id, req, runtime.models.get(req.model))
+        started = time.monotonic()
+        runtime.engine.embed(work)
+        try:
+            while not work.wait(runtime.settings.heartbeat_interval_s):
+                runtime.keep_alive(job)
+        finally:
+            work.cancel()  # whatever interrupted the wait, the engine lets go too
+        if work.error is not None:
+            raise work.error
+    except MlxqError as exc:
+        _record_error(job, exc)
+        raise
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        invalid = InvalidRequest(f"Invalid job arguments: {problems}")
+        _record_error(job, invalid)
+        raise invalid from None
+    except Exception as exc:
+        _record_error(job, GenerationFailed(f"{type(exc).__name__}: {exc}"))
+        raise
+    if work.judged:
+        return {"model": req.model, "prompt_tokens": work.prompt_tokens, "truncated": work.truncated,
+                "load_s": work.load_s, "took_s": time.monotonic() - started,
+                "scores": [v[0] if v else 0.0 for v in work.vectors]}  # fmt: skip
+    vectors = [embedding.shaped(v or [], req.dimensions) for v in work.vectors]
+    result: dict[str, Any] = {
+        "model": req.model,
+        "prompt_tokens": work.prompt_tokens,
+        "truncated": work.truncated,
+        "load_s": work.load_s,
+        "took_s": time.monotonic() - started,
+    }
+    if req.kind == "rerank":
+        result["scores"] = embedding.scores(vectors[0], vectors[1:])
+    else:
+        result["embeddings"] = vectors
+    logger.info(
+        "job finished",
+        extra={"job_id": job.id, "model": req.model, "inputs": len(req.inputs), "prompt_tokens": work.prompt_tokens},
+    )
+    return result
 
 
 def _context() -> tuple[Job, Runtime]:

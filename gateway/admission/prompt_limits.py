@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from shared.embeddings import EmbedRequest
 from shared.errors import ContextLengthExceeded, InvalidRequest, ModelFilesMissing
-from shared.models import ModelRegistry, ModelSpec
+from shared.models import ModelRegistry, ModelSpec, kind_of
 from shared.prefix_blocks import job_routes
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
@@ -75,6 +76,12 @@ class PromptLimits:
         if problem is not None:
             # It would only be queued to fail: say so now, for good (a retry cannot help).
             raise ModelFilesMissing(f"Model '{spec.name}' cannot be loaded: {problem}", param="model")
+        if kind_of(spec) == "embed":
+            raise InvalidRequest(
+                f"Model '{spec.name}' is an embedding model: it answers /v1/embeddings, /api/embed and /v1/rerank,"
+                " not a generation",
+                param="model",
+            )
         settings = self._settings
         if spec.chat_template_kwargs:
             # The model's defaults, under what the request says.
@@ -104,6 +111,44 @@ class PromptLimits:
         resolved = request.model_copy(update={"max_tokens": min(wanted, limit), "model": spec.name})
         routes = tuple(job_routes(spec.name, ids)) if ids is not None else ()
         return Fitted(resolved, counted, exact=rendered is not None, routes=routes)
+
+    def check_embedding(self, request: EmbedRequest) -> EmbedRequest:
+        """An embedding or rerank request for an embedding model, its model's name resolved; an input
+        past the model's limit refused when the request does not allow cutting it (every protocol's
+        answer but Ollama's, whose `truncate` is true by default). Raises `ModelNotFound`,
+        `ModelFilesMissing` or `InvalidRequest`, naming the field."""
+        spec = self._models.get(request.model)
+        problem = spec.problem()
+        if problem is not None:
+            raise ModelFilesMissing(f"Model '{spec.name}' cannot be loaded: {problem}", param="model")
+        kind = kind_of(spec)
+        if kind != "embed" and not (kind == "rerank" and request.kind == "rerank"):
+            wanted = "an embedding model or a reranker" if request.kind == "rerank" else "an embedding model"
+            raise InvalidRequest(
+                f"Model '{spec.name}' generates text; this takes {wanted}"
+                ' (`kind = "embed"` or `"rerank"` in the models file, or files that say so)',
+                param="model",
+            )
+        if request.query is not None and not request.query.strip():
+            raise InvalidRequest("`query` is empty", param="query")
+        model_text = self._texts.get(spec)
+        vocabulary = model_text.tokenizer.get_vocab_size() if model_text.tokenizer is not None else None
+        for index, item in enumerate(request.inputs):
+            if isinstance(item, list) and vocabulary is not None and any(not 0 <= i < vocabulary for i in item):
+                field = f"input[{index}]"
+                raise InvalidRequest(
+                    f"{field} holds token ids outside the vocabulary (0-{vocabulary - 1})", param=field
+                )
+        limit = model_text.context
+        if kind == "embed" and not request.truncate and limit is not None:
+            for index, item in enumerate(request.inputs):
+                tokens = len(item) if isinstance(item, list) else model_text.count(item)
+                if tokens > limit:
+                    raise InvalidRequest(
+                        f"Input {index} has {tokens} tokens; this model takes at most {limit} an input",
+                        param=f"input[{index}]",
+                    )
+        return request.model_copy(update={"model": spec.name})
 
     @staticmethod
     def _check_chars(model_text: ModelText, chars: int, field: str) -> None:

@@ -21,6 +21,7 @@ from rq.utils import now, utcformat
 
 from gateway.admission.clients import Client
 from shared import batch_progress, keys, pulls, stats, task_names
+from shared.embeddings import EmbedRequest
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
@@ -99,16 +100,34 @@ class JobFactory:
         self, request: GenerateRequest, job_id: str | None = None, meta: dict[str, Any] | None = None
     ) -> JobRecord:
         """The hash for one generation; its description names the model, never the prompt."""
+        payload = request.model_dump(exclude_none=True)
+        return self._record(task_names.GENERATE, payload, request.model, self.describe(request, meta), job_id, meta)
+
+    def build_embedding(self, request: EmbedRequest, meta: dict[str, Any] | None = None) -> JobRecord:
+        """The hash for one embedding or rerank job (all of a request's inputs: the worker batches them)."""
+        description = f"{request.kind} model={request.model} inputs={len(request.inputs)} priority={self._priority}"
+        payload = request.model_dump(exclude_none=True)
+        return self._record(task_names.EMBED, payload, request.model, description, None, meta)
+
+    def _record(
+        self,
+        func: str,
+        payload: dict[str, Any],
+        model: str,
+        description: str,
+        job_id: str | None,
+        meta: dict[str, Any] | None,
+    ) -> JobRecord:
         job_id = job_id or str(uuid4())
         moment = now()
         stamp = utcformat(moment).encode()
-        call: list[Any] = [task_names.GENERATE, None, [request.model_dump(exclude_none=True)], {}]
+        call: list[Any] = [func, None, [payload], {}]
         varying = [
             b"created_at", stamp,
             b"enqueued_at", stamp,
             b"data", zlib.compress(json.dumps(call).encode()),
-            b"description", self.describe(request, meta).encode(),
-            b"meta", json.dumps({"model": request.model, **(meta or {})}).encode(),
+            b"description", description.encode(),
+            b"meta", json.dumps({"model": model, **(meta or {})}).encode(),
         ]  # fmt: skip
         return JobRecord(job_id, self._queue_key, varying + self._static, moment)
 
@@ -192,10 +211,12 @@ def view(job: Job, redis: Redis) -> JobView:
     status = _STATUS.get(rq_status, "queued")
     if status == "failed" and error and error.get("code") == "canceled":
         status = "canceled"
-    result = None
+    result, vectors = None, None
     if status == "finished":
         value = job.return_value(refresh=False)
-        if value is not None:
+        if isinstance(value, dict) and job.func_name == task_names.EMBED:
+            vectors = value
+        elif value is not None:
             result = GenerationResult.model_validate(value)
     elif status == "failed" and not error:
         error = _error_from_traceback(job)
@@ -210,6 +231,7 @@ def view(job: Job, redis: Redis) -> JobView:
         attempts=int(job.meta.get("crash_attempts", 0)),
         waiting_for=_waiting_for(job, redis) if status == "queued" else None,
         result=result,
+        embedding=vectors,
         error=error if status == "failed" else None,
     )
 

@@ -11,7 +11,7 @@ from redis import Redis
 
 from gateway.operations.workers import live_workers
 from shared import pulls, sizing
-from shared.models import ModelRegistry
+from shared.models import ModelRegistry, kind_of
 from shared.tokenizing import context_length
 
 
@@ -36,6 +36,7 @@ def listing(models: ModelRegistry, redis: Redis) -> list[dict[str, Any]]:
                 "owned_by": "mlxq",
                 "source": spec.source,
                 "notes": spec.notes,
+                "kind": kind_of(spec),
                 "size_bytes": size,
                 # The context length, by the names vLLM and LM Studio give it.
                 "max_model_len": context,

@@ -58,6 +58,8 @@ def _model_entry(model: dict[str, Any]) -> dict[str, Any]:
         "size": model["size_bytes"] or 0,
         "digest": "",
         "details": {"format": "mlx", "family": "", "families": None, "parameter_size": "", "quantization_level": ""},
+        # Ollama's own word for what a model can do: an embedding model's is "embedding".
+        "capabilities": ["embedding"] if model.get("kind") == "embed" else ["completion"],
     }
 
 

@@ -98,7 +98,7 @@ def when(epoch: Any) -> str:
 @app.command()
 def models() -> None:
     """The models that may be requested: where from, size, loaded, pinned, warm, downloaded."""
-    table = Table("name", "source", "size", "loaded", "pin", "warm", "here", "aliases", box=None)
+    table = Table("name", "kind", "source", "size", "loaded", "pin", "warm", "here", "aliases", box=None)
     for m in call("GET", "/v1/models")["data"]:
         pull = m.get("pull") or {}
         here = "yes" if m.get("downloaded") else "no"
@@ -108,6 +108,7 @@ def models() -> None:
         mark = {True: "yes", False: "-"}
         table.add_row(
             m["id"],
+            m.get("kind") or "generate",
             m.get("source") or "",
             size(m.get("size_bytes")),
             loaded,

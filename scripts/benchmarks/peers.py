@@ -27,6 +27,7 @@ VLLM_MLX_NEEDS = [
     "jsonschema==4.26.0",  # imported by its tool calling at start
     "requests==2.34.2",  # imported by its multimodal module, which it always loads
     "psutil==7.2.2",  # its memory limit; without it a fixed 1.6 GB
+    "mlx-embeddings==0.1.0",  # its /v1/embeddings (`--embedding-model`), for the embeddings shape
 ]
 
 

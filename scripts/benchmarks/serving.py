@@ -60,11 +60,25 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts.benchmarks.admission import free_port  # noqa: E402
-from scripts.benchmarks.agent_sessions import run_agent_sessions  # noqa: E402
 from scripts.benchmarks.ceiling import ceiling_tok_s  # noqa: E402
-from scripts.benchmarks.chat_session import run_chat_sessions  # noqa: E402
-from scripts.benchmarks.latency import run_latency  # noqa: E402
 from scripts.benchmarks.peers import start_mlx_lm, start_vllm_mlx, vllm_mlx_executable  # noqa: E402
+from scripts.benchmarks.sections import (  # noqa: E402
+    AGENT_HEADING,
+    CHAT_HEADING,
+    EMBEDDINGS_HEADING,
+    LATENCY_HEADING,
+    STREAMS_HEADING,
+    agent_section,
+    agent_sessions,
+    chat_section,
+    chat_sessions,
+    embeddings,
+    embeddings_section,
+    latency,
+    latency_section,
+    streams_section,
+    write_section,
+)
 from scripts.benchmarks.stall import WORDS, run_stall  # noqa: E402
 from scripts.benchmarks.streams import report as streams_report  # noqa: E402
 from scripts.benchmarks.streams import run_streams, stop_all  # noqa: E402
@@ -239,6 +253,8 @@ def main() -> None:
     parser.add_argument("--latency", action="store_true", help="only the latency shape: short requests, demo model")
     parser.add_argument("--chat-system-words", type=int, default=1000, help="the chat session's system message")
     parser.add_argument("--agent-sessions", type=int, default=0, help="only the agent-sessions shape, N at once")
+    parser.add_argument("--embeddings", action="store_true", help="only the embeddings shape")
+    parser.add_argument("--embedding-requests", type=int, default=32, help="requests of 32 sentences a concurrency")
     parser.add_argument("--agent-turns", type=int, default=3, help="turns of each agent session")
     parser.add_argument("--agent-system-words", type=int, default=1500, help="each agent's system prompt")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")
@@ -247,6 +263,7 @@ def main() -> None:
         (args.latency, latency, LATENCY_HEADING, latency_section),
         (args.chat_session, chat_sessions, CHAT_HEADING, chat_section),
         (args.agent_sessions > 0, agent_sessions, AGENT_HEADING, agent_section),
+        (args.embeddings, embeddings, EMBEDDINGS_HEADING, embeddings_section),
     ]
     for asked, run, heading, section in alone:
         if asked:
@@ -438,115 +455,6 @@ prompts at the same batch size: the decode step every server here runs, with not
     sections = [old.index(heading) for heading in (STREAMS_HEADING, CHAT_HEADING) if heading in old]
     kept = old[min(sections) :] if sections else ""
     (ROOT / "BENCHMARKS.md").write_text(report + ("\n" + kept if kept else ""))
-
-
-STREAMS_HEADING = "## Streams on one gateway"
-
-
-def streams_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    cpu = platform.processor() or platform.machine()
-    return f"""{STREAMS_HEADING}
-
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{cpu}, {os.cpu_count()} CPUs. mlxq alone (mlx_lm.server has no queue to wait in): one gateway, no worker while
-the streams open, so every one waits queued (`POST /v1/jobs`, then `GET /v1/jobs/{{id}}/events`); then a worker
-(demo model, `MLXQ_MAX_BATCH=64`) runs them, 4 tokens each. Connections: Redis's `connected_clients` with all
-open, less before (the gateway's fixed pool, `MLXQ_REDIS_CONNECTIONS`); memory: the gateway's RSS growth over
-the streams; delay: a text event's arrival at its client less its stream id (the Redis time its worker wrote it).
-
-{table}
-"""
-
-
-CHAT_HEADING = "## Chat sessions on three families"
-AGENT_HEADING = "## Agent sessions: cold, warm, a new session, after a worker restart"
-LATENCY_HEADING = "## Latency of short requests"
-
-
-def latency(args: argparse.Namespace) -> str:
-    """The latency shape (scripts/benchmarks/latency.py) on the demo model, with a Redis of its own."""
-    return with_redis(args, "latency", lambda a, w, env, port: run_latency(a, build_tiny_model(w / "demo"), env, port))
-
-
-def latency_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    cpu = platform.processor() or platform.machine()
-    return f"""{LATENCY_HEADING}
-
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{cpu}, {os.cpu_count()} CPUs; {args.rounds} rounds, 16 requests per shape and server in each.
-
-{table}
-"""
-
-
-def chat_sessions(args: argparse.Namespace) -> str:
-    """The chat-session shape (scripts/benchmarks/chat_session.py) with a Redis of its own."""
-    return with_redis(args, "chat", run_chat_sessions)
-
-
-def agent_sessions(args: argparse.Namespace) -> str:
-    """The agent-sessions shape (scripts/benchmarks/agent_sessions.py) with a Redis of its own."""
-    return with_redis(args, "agents", run_agent_sessions)
-
-
-def agent_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    return f"""{AGENT_HEADING}
-
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs: mlxq beside `mlx_lm.server` and vllm-mlx on
-random-weight models (worker/tiny_families.py at hidden {args.hidden}, {args.dtype}) of a plain family (llama)
-and a hybrid one (qwen3_next). The shape is described in scripts/benchmarks/agent_sessions.py.
-
-{table}
-"""
-
-
-def with_redis(args: argparse.Namespace, name: str, shape: Any) -> str:
-    """Runs `shape(args, workdir, env, redis_port)` beside a redis-server of its own; its table."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"mlxq-bench-{name}-"))
-    redis_port = free_port()
-    redis_bin = os.environ.get("MLXQ_TEST_REDIS_SERVER") or shutil.which("redis-server") or "redis-server"
-    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}
-    redis = subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "", "--dir", str(workdir)], **quiet)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLXQ_")}
-    base_env.update(HF_HUB_OFFLINE="1", MLXQ_DATA_DIR=str(workdir), MLXQ_LOG_LEVEL="warning")
-    base_env.update(MLXQ_RATE_LIMIT_REQUESTS="1000000", MLXQ_MAX_INFLIGHT_PER_CLIENT="1000")
-    try:
-        table: str = shape(args, workdir, base_env, redis_port)
-        return table
-    finally:
-        stop_all([redis])
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def chat_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    cpu = platform.processor() or platform.machine()
-    return f"""{CHAT_HEADING}
-
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{cpu}, {os.cpu_count()} CPUs. mlxq beside `mlx_lm.server` on random-weight models of three families
-(worker/tiny_families.py at hidden {args.hidden}, {args.dtype}): llama (every layer full attention), qwen3_next
-(a gated delta net beside attention) and gemma3_text (64-token sliding windows beside full attention).
-
-{table}
-"""
-
-
-def write_section(heading: str, section: str) -> None:
-    """Puts `section` in place of the one under `heading` (to the next heading), or at the end."""
-    path = ROOT / "BENCHMARKS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if heading not in old:
-        path.write_text(old.rstrip() + "\n\n" + section)
-        return
-    start = old.index(heading)
-    following = old.find("\n## ", start + len(heading))
-    rest = old[following + 1 :] if following >= 0 else ""
-    path.write_text(old[:start] + section.rstrip() + "\n" + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

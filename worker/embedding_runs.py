@@ -1,0 +1,106 @@
+"""The engine's embedding jobs: one batch of vectors per engine turn, between decode steps.
+
+Runs only on the engine thread (worker/engine.py). The first job in line holds
+its model (loaded by the model cache like any other, under the same ledger) from
+its first batch to its last; a job canceled or failed lets go at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, InvalidRequest, MlxqError
+from worker import embedding, reranking
+from worker.embedding import EmbedWork
+from worker.model_cache import LoadedModel, ModelCache
+from worker.model_files import is_allocation_failure
+
+logger = logging.getLogger(__name__)
+
+
+class Embeds:
+    def __init__(self, cache: ModelCache, on_progress: Callable[[str | None], None]) -> None:
+        self.cache = cache
+        self._progress = on_progress
+        self._line: deque[EmbedWork] = deque()
+        self._held: LoadedModel | None = None
+        """The first job's model, once acquired."""
+        self._pad = 0
+        self._answers = (0, 0)
+        """An LLM reranker's "yes" and "no" tokens."""
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._line)
+
+    def add(self, work: EmbedWork) -> None:
+        self._line.append(work)
+
+    def piece(self, tokens: int) -> list[str]:
+        """One batch of the first job in line, at most `tokens` tokens with its padding (one input at
+        least); the ids of the jobs that ended."""
+        if not self._line:
+            return []
+        work = self._line[0]
+        try:
+            if work.canceled:
+                raise GenerationCanceled("The job was canceled while it was running")
+            if self._held is None:
+                self._held = self._acquire(work)
+            batch = work.next_batch(tokens)
+            rows = [work.ids[i] for i in batch]
+            if work.judged:
+                vectors = reranking.forward(self._held.model, rows, *self._answers)
+            else:
+                vectors = embedding.forward(self._held.model, rows, self._pad)
+            for index, vector in zip(batch, vectors, strict=True):
+                work.vectors[index] = vector
+            self._progress(None)
+        except Exception as exc:
+            self._end(work, self._translated(exc, work.job_id))
+            return [work.job_id]
+        if work.remaining:
+            return []
+        self._end(work, None)
+        return [work.job_id]
+
+    def _acquire(self, work: EmbedWork) -> LoadedModel:
+        self._progress("loading")
+        try:
+            loaded, work.load_s = self.cache.acquire(work.spec, 0, work.request.keep_alive)
+        finally:
+            self._progress(None)
+        self._held = loaded
+        if loaded.kind == "rerank" and work.request.kind == "rerank":
+            self._answers = reranking.answer_ids(loaded.tokenizer)
+            work.encode_judged(loaded.tokenizer, loaded.context_tokens or reranking.DEFAULT_CONTEXT)
+            return loaded
+        if loaded.kind != "embed":
+            raise InvalidRequest(
+                f"Model '{work.spec.name}' generates text; it is not an embedding model", param="model"
+            )
+        self._pad = embedding.pad_id(loaded.tokenizer)
+        work.encode(loaded.tokenizer, embedding.max_tokens(loaded.model), embedding.vocabulary(loaded.model))
+        return loaded
+
+    def _end(self, work: EmbedWork, error: BaseException | None) -> None:
+        self._line.popleft()
+        if self._held is not None:
+            self.cache.release(work.spec.name)
+            self._held = None
+        work.finish(error)
+
+    def end_everything(self, error: MlxqError) -> None:
+        while self._line:
+            self._end(self._line[0], error)
+
+    def _translated(self, exc: BaseException, job_id: str) -> BaseException:
+        if isinstance(exc, MlxqError):
+            return exc
+        if is_allocation_failure(exc):
+            self.cache.emergency_cleanup(f"allocation failed during embedding job {job_id}")
+            return InsufficientMemory(f"Memory ran out while embedding: {exc}")
+        logger.error("embedding failed", exc_info=exc, extra={"job_id": job_id})
+        return GenerationFailed(f"Embedding failed: {type(exc).__name__}: {exc}")
