@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway.admission import submission
@@ -30,6 +30,7 @@ from gateway.anthropic.shapes import (
 )
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
+from gateway.http.streaming import StreamingResponse
 from gateway.streams import waiting
 
 router = router_for(error_body, error_status, tags=["anthropic"])

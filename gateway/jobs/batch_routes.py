@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Header, Request, status
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.streaming import StreamingResponse
 from gateway.jobs import batches
 from gateway.streams.batch_following import follow_batch
 from gateway.streams.following import STREAM_ID

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import Header, Request, Response, status
-from fastapi.responses import StreamingResponse
 from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
 from gateway.admission import submission
 from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.streaming import StreamingResponse
 from gateway.jobs import records
 from gateway.streams.following import STREAM_ID, follow
 from shared.schemas import GenerateRequest, JobView

@@ -15,11 +15,12 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gateway.admission import submission
 from gateway.deps import AdminDep, ClientDep, GatewayDep, ModelsDep, RedisDep, SettingsDep, sees_everything
 from gateway.error_shapes import router_for
+from gateway.http.streaming import StreamingResponse
 from gateway.models import catalog, management
 from gateway.ollama.shapes import (
     VERSION,

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from gateway.admission import submission
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.streaming import StreamingResponse
 from gateway.openai.shapes import ChatCompletionRequest, CompletionRequest, Shapes
 from gateway.streams import waiting
 

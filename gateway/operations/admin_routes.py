@@ -11,11 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from rq.job import Job
 
 from gateway.deps import AdminDep, GatewayDep, ModelsDep, RedisDep, SettingsDep
+from gateway.http.streaming import StreamingResponse
 from gateway.models import management
 from gateway.operations.workers import live_workers
 from shared import pulls, stats

@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway.admission import submission
 from gateway.deps import ClientDep, GatewayDep, RedisDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.streaming import StreamingResponse
 from gateway.jobs import records
 from gateway.responses import store
 from gateway.responses.shapes import ResponsesRequest, Shapes
