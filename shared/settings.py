@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="bytes of computed prompt prefixes kept on disk under the data directory, across restarts"
         " (default: a quarter of the free space there, at most 64 GiB; 0 turns the disk tier off)",
     )
+    reload_models: str = Field(
+        default="",
+        description="set by the watchdog for the worker it starts after a death: the models the dead one held,"
+        " comma-separated, loaded again at start",
+    )
     prefix_wait_s: float = Field(
         default=3.0,
         ge=0,

@@ -263,3 +263,26 @@ def test_a_prefill_longer_than_the_hang_check_is_no_hang(
             pytest.skip(f"the prefill took {took:.1f} s, too short beside a {probe_s} s hang check")
     finally:
         svc.stop()
+
+
+def test_the_worker_started_after_a_death_loads_again_the_models_the_dead_one_held(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    svc = supervised(own_redis, data_dir, tmp_path)
+    try:
+        job = svc.submit(model="tiny", prompt="hello", max_tokens=4)
+        svc.wait_for(job["id"], {"finished"})
+        dead = svc.worker_pid()
+        os.kill(dead, signal.SIGKILL)
+        svc.wait_event("worker_died")
+        # No request for it since: the new worker loads it because the dead one held it.
+        deadline = time.monotonic() + 60
+        while True:
+            workers = svc.http.get("/health").json()["workers"]
+            held = [m["name"] for w in workers if w["pid"] != dead for m in w.get("models") or []]
+            if "tiny" in held:
+                break
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.2)
+    finally:
+        svc.stop()

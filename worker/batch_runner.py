@@ -11,7 +11,6 @@ as a `StepResult`; it writes no ticket's state itself.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from mlx_lm.generate import BatchGenerator
 from shared.errors import (
     ContextLengthExceeded,
     GenerationCanceled,
-    GenerationFailed,
     InsufficientMemory,
     JobTimedOut,
     MlxqError,
@@ -33,13 +31,10 @@ from shared.errors import (
 from worker.generation import Generation
 from worker.kv_manager import KVCacheManager
 from worker.model_cache import LoadedModel, ModelCache
-from worker.model_files import is_allocation_failure
 from worker.prefill_pace import PrefillPace, unpadded
 from worker.rows import Outcome, Row
 from worker.scheduler import Scheduler
 from worker.tickets import Prepared, SchedulerOutput, Seed, StepResult, Ticket
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -371,11 +366,4 @@ class BatchRunner:
         self._finished(run.handle, outcome, error)
 
     def _translated(self, exc: BaseException, job_ids: str) -> BaseException:
-        if isinstance(exc, MlxqError):
-            return exc
-        if is_allocation_failure(exc):
-            # The job fails, the process lives: free what can be freed and take the next job.
-            self.cache.emergency_cleanup(f"allocation failed during job {job_ids}")
-            return InsufficientMemory(f"Memory ran out while generating: {exc}")
-        logger.error("generation failed", exc_info=exc, extra={"job_id": job_ids})
-        return GenerationFailed(f"Generation failed: {type(exc).__name__}: {exc}")
+        return self.cache.failure(exc, job_ids, "generating", "Generation")

@@ -7,17 +7,13 @@ its first batch to its last; a job canceled or failed lets go at once.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Callable
 
-from shared.errors import GenerationCanceled, GenerationFailed, InsufficientMemory, InvalidRequest, MlxqError
+from shared.errors import GenerationCanceled, InvalidRequest, MlxqError
 from worker import embedding, reranking
 from worker.embedding import EmbedWork
 from worker.model_cache import LoadedModel, ModelCache
-from worker.model_files import is_allocation_failure
-
-logger = logging.getLogger(__name__)
 
 
 class Embeds:
@@ -97,10 +93,4 @@ class Embeds:
             self._end(self._line[0], error)
 
     def _translated(self, exc: BaseException, job_id: str) -> BaseException:
-        if isinstance(exc, MlxqError):
-            return exc
-        if is_allocation_failure(exc):
-            self.cache.emergency_cleanup(f"allocation failed during embedding job {job_id}")
-            return InsufficientMemory(f"Memory ran out while embedding: {exc}")
-        logger.error("embedding failed", exc_info=exc, extra={"job_id": job_id})
-        return GenerationFailed(f"Embedding failed: {type(exc).__name__}: {exc}")
+        return self.cache.failure(exc, job_id, "embedding", "Embedding")

@@ -57,6 +57,7 @@ def main() -> None:
     engine.start()
     live.on_change = lambda: warm(engine, models)
     warm(engine, models)
+    reload(engine, models, settings.reload_models)
     live.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,
     # the batch tier, in turns by client).
@@ -83,6 +84,15 @@ def warm(engine: Engine, models: ModelRegistry) -> None:
     loaded = set(engine.cache.loaded_names())
     for spec in models.all():
         if spec.warm and spec.name not in loaded and spec.problem() is None and spec.local_files() is not None:
+            engine.request_load(spec)
+
+
+def reload(engine: Engine, models: ModelRegistry, names: str) -> None:
+    """The models the worker before this one held when it died (the watchdog says which), loaded again now."""
+    for name in filter(None, names.split(",")):
+        spec = models.find(name)
+        if spec is not None and spec.problem() is None:
+            logger.info("loading %s again: the worker before this one held it", name)
             engine.request_load(spec)
 
 

@@ -27,13 +27,14 @@ import mlx.core as mx
 import psutil
 
 from shared import sizing
-from shared.errors import ExceedsMemoryBudget, InsufficientMemory
+from shared.errors import ExceedsMemoryBudget, GenerationFailed, InsufficientMemory, MlxqError
 from shared.models import ModelRegistry, ModelSpec, kind_of
 from shared.settings import Settings
 from shared.sizing import KvShape, format_bytes
 from shared.tokenizing import context_length
 from worker import cache_shape, model_files
 from worker.ledger import MemoryLedger
+from worker.model_files import is_allocation_failure
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,17 @@ class ModelCache:
             if unloaded is not None:
                 unloaded.append(victim)
         return True
+
+    def failure(self, exc: BaseException, job_ids: str, doing: str, work: str) -> BaseException:
+        """What a job whose `work` ("Generation", "Embedding") failed while `doing` it ends with: an MlxqError as
+        it is; memory that ran out freed (the process lives on) and said; anything else logged and said."""
+        if isinstance(exc, MlxqError):
+            return exc
+        if is_allocation_failure(exc):
+            self.emergency_cleanup(f"allocation failed during job {job_ids}")
+            return InsufficientMemory(f"Memory ran out while {doing}: {exc}")
+        logger.error("%s failed", work.lower(), exc_info=exc, extra={"job_id": job_ids})
+        return GenerationFailed(f"{work} failed: {type(exc).__name__}: {exc}")
 
     def emergency_cleanup(self, reason: str) -> None:
         """After an allocation failure: every idle model out, and MLX's buffer cache emptied."""

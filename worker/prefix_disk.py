@@ -46,12 +46,15 @@ from shared.prefix_blocks import BLOCK_TOKENS, chain
 from worker.cache_shape import layers
 from worker.prefix_files import (
     IDENTITY,
+    MIN_TAIL_TOKENS,
     NAME,
     KeptFile,
     block_key,
     digest,
+    group,
     positional,
     state_key,
+    tail_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,8 +111,8 @@ class PrefixDisk:
         self.stats = DiskStats()
         self._files: dict[str, dict[str, KeptFile]] = {}
         """identity -> key -> its file."""
-        self._states: dict[str, set[int]] = {}
-        """identity -> the lengths of its whole states."""
+        self._lengths: dict[str, dict[str, set[int]]] = {}
+        """identity -> group ("s" for whole states, a block's name for the tails after it) -> lengths."""
         self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Write | None] = queue.Queue(QUEUED_WRITES)
@@ -147,8 +150,7 @@ class PrefixDisk:
                 continue
             stat = path.stat()
             files[match["key"]] = KeptFile(path, stat.st_size, stat.st_mtime)
-            if match["tokens"] is not None:
-                self._states.setdefault(directory.name, set()).add(int(match["tokens"]))
+            self._index(directory.name, match["key"])
 
     # -- finding and reading ---------------------------------------------------------------
 
@@ -162,14 +164,18 @@ class PrefixDisk:
             if not files:
                 return None
             names = chain(identity, ids[:-1])
+            lengths = self._lengths.get(identity, {})
             if cuttable:
                 k = 0
                 while k + 1 < len(names) and block_key(names, k + 1) in files:
                     k += 1
-                if k * BLOCK_TOKENS <= longer_than:
-                    return None
-                return Found(identity, k * BLOCK_TOKENS, tuple(block_key(names, j) for j in range(1, k + 1)), False)
-            for tokens in sorted(self._states.get(identity, ()), reverse=True):
+                keys, tokens = tuple(block_key(names, j) for j in range(1, k + 1)), k * BLOCK_TOKENS
+                for n in sorted(lengths.get(names[k].hex(), ()), reverse=True):
+                    if tokens < n < len(ids) and (tail := tail_key(names, ids, k, n)) in files:
+                        keys, tokens = (*keys, tail), n
+                        break
+                return Found(identity, tokens, keys, False) if tokens > longer_than else None
+            for tokens in sorted(lengths.get("s", ()), reverse=True):
                 if tokens <= longer_than:
                     return None
                 if tokens < len(ids):
@@ -223,26 +229,27 @@ class PrefixDisk:
         self, found: Found, ids: Sequence[int], fresh: Callable[[], list[Any]]
     ) -> tuple[list[Any], int] | None:
         pieces: list[dict[str, mx.array]] = []
-        at = time.time()
+        at, tokens = time.time(), 0
         for k, key in enumerate(found.keys):
+            end = found.tokens if key.startswith("t-") else (k + 1) * BLOCK_TOKENS
             try:
                 verified = self._verified(found.identity, key, at)
                 if verified is None:
                     break
                 loaded: Any = mx.load(io.BytesIO(verified[1]), format="safetensors", return_metadata=True)
                 arrays, metadata = loaded
-                self._check(found.identity, key, metadata, ids[k * BLOCK_TOKENS : (k + 1) * BLOCK_TOKENS])
+                self._check(found.identity, key, metadata, ids[k * BLOCK_TOKENS : end])
             except Exception as exc:
                 self._bad(exc)
                 break  # the blocks before it serve
             pieces.append(arrays)
+            tokens = end
         if not pieces:
             return None
         cache = fresh()
         flat = list(layers(cache))
         if any(len(piece) != 2 * len(flat) for piece in pieces):
             raise ValueError("its layers are not the model's")
-        tokens = len(pieces) * BLOCK_TOKENS
         for i, layer in enumerate(flat):
             layer.keys = mx.concatenate([piece[f"{i}.keys"] for piece in pieces], axis=2)
             layer.values = mx.concatenate([piece[f"{i}.values"] for piece in pieces], axis=2)
@@ -275,14 +282,23 @@ class PrefixDisk:
                 key = block_key(names, k)
                 if not self._wanted(identity, key, at):
                     continue
-                a, b = (k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS
-                kv = [(layer.keys, layer.values) for layer in flat]
-                self._submit(_Write(identity, key, at, k, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
+                self._submit_span(identity, key, at, k, ids, (k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS, flat)
+            k = len(ids) // BLOCK_TOKENS
+            if len(ids) - k * BLOCK_TOKENS >= MIN_TAIL_TOKENS:
+                key = tail_key(names, ids, k, len(ids))
+                if self._wanted(identity, key, at):
+                    self._submit_span(identity, key, at, k + 1, ids, k * BLOCK_TOKENS, len(ids), flat)
         elif len(ids) >= MIN_STATE_TOKENS:
             key = state_key(names, ids, len(ids))
             if self._wanted(identity, key, at):
                 tokens = {"mlxq_tokens": json.dumps(list(ids))}
                 self._submit(_Write(identity, key, at, 0, metadata=tokens, cache=list(cache)))
+
+    def _submit_span(
+        self, identity: str, key: str, at: float, depth: int, ids: Sequence[int], a: int, b: int, flat: list[Any]
+    ) -> None:
+        kv = [(layer.keys, layer.values) for layer in flat]
+        self._submit(_Write(identity, key, at, depth, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
 
     def _wanted(self, identity: str, key: str, at: float) -> bool:
         """Whether the file is neither on disk (it is used again now) nor on its way there."""
@@ -354,8 +370,7 @@ class PrefixDisk:
         size = final.stat().st_size
         with self._lock:
             self._files.setdefault(write.identity, {})[write.key] = KeptFile(final, size, write.at, write.depth)
-            if write.cache is not None:
-                self._states.setdefault(write.identity, set()).add(int(write.key.rsplit("-", 1)[1]))
+            self._index(write.identity, write.key)
         self.stats.written_bytes += size
         self._evict()
 
@@ -376,16 +391,20 @@ class PrefixDisk:
         """Wait for the writes queued so far (tests, and a worker that stops)."""
         self._queue.join()
 
+    def _index(self, identity: str, key: str) -> None:
+        grouped = group(key)
+        if grouped is not None:
+            self._lengths.setdefault(identity, {}).setdefault(grouped[0], set()).add(grouped[1])
+
     def _forget(self, identity: str, key: str, remove: bool) -> None:
         with self._lock:
             self._forget_locked(identity, key, remove)
 
     def _forget_locked(self, identity: str, key: str, remove: bool) -> None:
         entry = self._files.get(identity, {}).pop(key, None)
-        if key.startswith("s-"):
-            tokens = int(key.rsplit("-", 1)[1])
-            if not any(k.endswith(f"-{tokens}") for k in self._files.get(identity, {})):
-                self._states.get(identity, set()).discard(tokens)
+        grouped = group(key)
+        if grouped is not None and not any(group(other) == grouped for other in self._files.get(identity, {})):
+            self._lengths.get(identity, {}).get(grouped[0], set()).discard(grouped[1])
         if entry is not None and remove:
             with contextlib.suppress(OSError):
                 entry.path.unlink()

@@ -2,6 +2,7 @@
 
 A file's name says what it holds and proves its bytes: `b-<chain>` for a block of
 a cache that can be cut (the chain of hashes of shared/prefix_blocks.py),
+`t-<chain>-<hash>-<tokens>` for such a cache's tail past its last whole block,
 `s-<hash>-<tokens>` for a whole state, then a digest of the file's bytes. The
 identity directory it is in names the model.
 """
@@ -25,7 +26,13 @@ DEFAULT_SHARE_OF_FREE = 0.25
 DEFAULT_CEILING_BYTES = 64 << 30
 """The default budget: a quarter of the free space where the tier lives, at most 64 GiB."""
 
-NAME = re.compile(r"^(?P<key>b-[0-9a-f]{32}|s-[0-9a-f]{32}-(?P<tokens>\d+))\.(?P<digest>[0-9a-f]{32})\.safetensors$")
+NAME = re.compile(
+    r"^(?P<key>b-[0-9a-f]{32}|s-[0-9a-f]{32}-\d+|t-[0-9a-f]{32}-[0-9a-f]{32}-\d+)\.(?P<digest>[0-9a-f]{32})\.safetensors$"
+)
+
+MIN_TAIL_TOKENS = 16
+"""A cut-anywhere cache's tokens past its last whole block are kept (a tail file) from this many: the next
+turn, or the same turn after a restart, then resumes at the exact token, not at the block before it."""
 
 
 IDENTITY = re.compile(r"^[0-9a-f]{32}$")
@@ -51,6 +58,22 @@ def state_key(names: list[bytes], ids: Sequence[int], tokens: int) -> str:
 
 def block_key(names: list[bytes], k: int) -> str:
     return f"b-{names[k].hex()}"
+
+
+def tail_key(names: list[bytes], ids: Sequence[int], k: int, tokens: int) -> str:
+    """The tail of `ids` from block k's end to `tokens`, filed under block k's name."""
+    tail = array("q", ids[k * BLOCK_TOKENS : tokens]).tobytes()
+    return f"t-{names[k].hex()}-{hashlib.blake2b(names[k] + b'tail' + tail, digest_size=16).hexdigest()}-{tokens}"
+
+
+def group(key: str) -> tuple[str, int] | None:
+    """Where a file's length is indexed: ("s", tokens) for a whole state, (its block's name, tokens) for a
+    tail; None for a block (found by its name alone)."""
+    if key.startswith("s-"):
+        return "s", int(key.rsplit("-", 1)[1])
+    if key.startswith("t-"):
+        return key[2:34], int(key.rsplit("-", 1)[1])
+    return None
 
 
 @dataclass

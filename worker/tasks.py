@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC
 from functools import partial
@@ -90,7 +91,7 @@ def embed(request: dict[str, Any]) -> dict[str, Any]:
     """Vectors for an embedding job's inputs (or a rerank's scores), in batches on the engine thread."""
     job, runtime = _context()
     logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
-    try:
+    with _errors_recorded(job):
         req = EmbedRequest.model_validate(request)
         work = EmbedWork(job.id, req, runtime.models.get(req.model))
         started = time.monotonic()
@@ -102,17 +103,6 @@ def embed(request: dict[str, Any]) -> dict[str, Any]:
             work.cancel()  # whatever interrupted the wait, the engine lets go too
         if work.error is not None:
             raise work.error
-    except MlxqError as exc:
-        _record_error(job, exc)
-        raise
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        invalid = InvalidRequest(f"Invalid job arguments: {problems}")
-        _record_error(job, invalid)
-        raise invalid from None
-    except Exception as exc:
-        _record_error(job, GenerationFailed(f"{type(exc).__name__}: {exc}"))
-        raise
     if work.judged:
         return {"model": req.model, "prompt_tokens": work.prompt_tokens, "truncated": work.truncated,
                 "load_s": work.load_s, "took_s": time.monotonic() - started,
@@ -147,7 +137,7 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
     ttl_s = runtime.settings.stream_ttl_s
     redis = job.connection
     logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
-    try:
+    with _errors_recorded(job):
         # An attempt after a crash or a hand-back carries on from what the earlier ones streamed.
         resume = until_redis("starting a job's stream", lambda: job_stream.started(redis, job.id, ttl_s))
         req = prepare()
@@ -171,18 +161,6 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
             handle.cancel()
         runtime.publisher.flush()  # its first piece's write is recorded (its end waits for that anyway)
         first_written = runtime.publisher.first_written(job.id)
-    except MlxqError as exc:
-        _record_error(job, exc)
-        raise
-    except ValidationError as exc:
-        # Field paths and reasons only: pydantic's own message would quote the prompt into logs.
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        invalid = InvalidRequest(f"Invalid job arguments: {problems}")
-        _record_error(job, invalid)
-        raise invalid from None
-    except Exception as exc:
-        _record_error(job, GenerationFailed(f"{type(exc).__name__}: {exc}"))
-        raise
 
     queued_s = 0.0
     if job.enqueued_at and job.started_at:
@@ -250,6 +228,26 @@ def _wait(handle: Generation, job: Job, runtime: Runtime) -> Outcome:
     while not handle.wait(runtime.settings.heartbeat_interval_s):
         runtime.keep_alive(job)
     return handle.result()
+
+
+@contextmanager
+def _errors_recorded(job: Job) -> Iterator[None]:
+    """Whatever the block raises is kept on the job in OpenAI's shape, then raised: an MlxqError as it is,
+    invalid arguments as InvalidRequest, anything else as GenerationFailed."""
+    try:
+        yield
+    except MlxqError as exc:
+        _record_error(job, exc)
+        raise
+    except ValidationError as exc:
+        # Field paths and reasons only: pydantic's own message would quote the prompt into logs.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        invalid = InvalidRequest(f"Invalid job arguments: {problems}")
+        _record_error(job, invalid)
+        raise invalid from None
+    except Exception as exc:
+        _record_error(job, GenerationFailed(f"{type(exc).__name__}: {exc}"))
+        raise
 
 
 def _record_error(job: Any, error: MlxqError) -> None:

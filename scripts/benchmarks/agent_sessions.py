@@ -10,7 +10,7 @@ once, each with a long system prompt and tool list of its own (as an agent's):
 - new session: S more sessions at once, each with the system prompt and tools of
   one of the first S and a new first message (a team's second agent, a sub-agent);
 - after a restart: mlxq's worker killed (SIGKILL: nothing written on the way out)
-  and a new one started, as the watchdog does; a peer's process stopped (SIGTERM,
+  and the one its watchdog starts in its place waited for; a peer's process stopped (SIGTERM,
   so it may save what it keeps) and started again; then each first session's next
   turn.
 
@@ -152,34 +152,34 @@ def mlxq_env(env: dict[str, str], db: int, redis_port: int) -> dict[str, str]:
 
 
 def mlxq_with(env: dict[str, str], quiet: dict[str, Any]) -> Any:
-    """mlxq's start and restart: a gateway and a worker; a restart kills the worker (SIGKILL) and starts
-    another, as the watchdog does after a crash."""
+    """mlxq's start and restart: a gateway and the watchdog with its worker, as `scripts/run` starts them; a
+    restart kills the worker (SIGKILL: nothing written on the way out) and waits for the one the watchdog
+    starts in its place."""
     from scripts.benchmarks.serving import wait_until
 
     base = f"http://127.0.0.1:{env['MLXQ_PORT']}"
 
     def start(first: bool, running: list[subprocess.Popen[bytes]] | None = None) -> Any:
         if first:
-            worker = subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet)
+            watchdog = subprocess.Popen([sys.executable, "-m", "worker.watchdog"], env=env, **quiet)
             gateway = subprocess.Popen([sys.executable, "-m", "gateway"], env=env, **quiet)
             wait_until(base + "/health")
-            return [worker, gateway], base, "bench"
+            return [watchdog, gateway], base, "bench"
         assert running is not None
-        worker, gateway = running
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
-        fresh = subprocess.Popen([sys.executable, "-m", "worker"], env=env, **quiet)
-        wait_worker(base, fresh.pid)
-        return [fresh, gateway], base, "bench"
+        [dead] = [w["pid"] for w in httpx.get(base + "/health", timeout=10).json()["workers"]]
+        os.kill(dead, signal.SIGKILL)
+        wait_worker(base, lambda pid: pid != dead)
+        return running, base, "bench"
 
     return start
 
 
-def wait_worker(base: str, pid: int, timeout_s: float = 180) -> None:
+def wait_worker(base: str, wanted: Any, timeout_s: float = 180) -> None:
+    """Until a live worker's pid is `wanted`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if pid in [w.get("pid") for w in httpx.get(base + "/health", timeout=2).json().get("workers", [])]:
+            if any(wanted(w.get("pid")) for w in httpx.get(base + "/health", timeout=2).json().get("workers", [])):
                 return
         except (httpx.HTTPError, ValueError):
             pass

@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--chat-system-words", type=int, default=1000, help="the chat session's system message")
     parser.add_argument("--agent-sessions", type=int, default=0, help="only the agent-sessions shape, N at once")
     parser.add_argument("--embeddings", action="store_true", help="only the embeddings shape")
-    parser.add_argument("--embedding-requests", type=int, default=32, help="requests of 32 sentences a concurrency")
+    parser.add_argument("--embedding-requests", type=int, default=8, help="requests of 32 sentences a concurrency")
     parser.add_argument("--agent-turns", type=int, default=3, help="turns of each agent session")
     parser.add_argument("--agent-system-words", type=int, default=1500, help="each agent's system prompt")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md")

@@ -128,6 +128,7 @@ def forget_worker(redis: Redis, worker_name: str) -> None:
         worker.register_death()
     with redis.pipeline(transaction=False) as pipe:
         pipe.delete(keys.worker_heartbeat(worker_name))
+        pipe.delete(keys.worker_prefixes(worker_name))  # its prompts' blocks hold no job back any more
         pipe.delete(keys.worker_commands(worker_name))
         pipe.hdel(keys.WORKER_MEMORY, worker_name)
         pipe.hdel(keys.WORKER_CAPACITY, worker_name)

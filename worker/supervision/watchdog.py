@@ -60,6 +60,9 @@ class Slot:
     """While stopping a worker: when SIGTERM's grace runs out and SIGKILL follows."""
     hung: str | None = None
     starts: int = 0
+    held: tuple[str, ...] = ()
+    """The models its last worker held when it died: the next one loads them again before their requests (a
+    session's next turn after a crash waits for its prefix from disk, not for the model too)."""
 
 
 class Watchdog:
@@ -146,6 +149,9 @@ class Watchdog:
             self.policy.record(now)
         slot.name = f"mlxq-{self.host}-{slot.index}-{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "MLXQ_WORKER_NAME": slot.name, "MLXQ_WATCHDOG_PID": str(os.getpid())}
+        if slot.held:
+            env["MLXQ_RELOAD_MODELS"] = ",".join(slot.held)
+            slot.held = ()
         # Its own session: a Ctrl-C in the terminal reaches the watchdog, which stops the workers in order.
         slot.process = subprocess.Popen(self.command, env=env, start_new_session=True)
         slot.started_at = now
@@ -255,6 +261,9 @@ class Watchdog:
         assert slot.process is not None
         failed_start = slot.ready_at is None
         exit_code, by_signal = (None, signal.Signals(-code).name) if code < 0 else (code, None)
+        beat = None if failed_start else self._heartbeat(slot.name)
+        # Models it had loaded, not one it was loading (that load may be what killed it).
+        slot.held = tuple(m["name"] for m in (beat or {}).get("models", []) if m.get("state") == "loaded")
         reclaimed = self.forget(slot.name)
         slot.process = None
         if self.stopping:
