@@ -141,5 +141,12 @@ def test_a_second_scripts_run_in_the_same_place_exits_and_the_first_keeps_servin
         while first.http.get(f"/v1/jobs/{job['id']}").json()["status"] != "finished":
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        # Vectors from the same service, no second server: the built-in embedding model, for RAG's calls.
+        vectors = first.http.post("/v1/embeddings", json={"model": "embed", "input": ["a doc", "a query"]}, timeout=120)
+        assert vectors.status_code == 200 and len(vectors.json()["data"]) == 2, vectors.text
+        ranked = first.http.post(
+            "/v1/rerank", json={"model": "embed", "query": "a query", "documents": ["a doc", "a query"]}, timeout=60
+        )
+        assert ranked.status_code == 200 and ranked.json()["results"][0]["index"] == 1, ranked.text
     finally:
         first.stop()
