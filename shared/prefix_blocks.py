@@ -11,8 +11,9 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-BLOCK_TOKENS = 256
-"""Tokens a block holds: a chat template's opening and a short system prompt share the first."""
+BLOCK_TOKENS = 64
+"""Tokens a block holds (vllm-mlx's paged cache's size): a prompt that leaves a kept one anywhere but at its exact
+end (a client that rewrote the last answer) recomputes at most this many past the shared blocks."""
 
 ROUTE_HASHES = 16
 """Block names a job carries for routing: its deepest 8, then 8 spread over the rest."""

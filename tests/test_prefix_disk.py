@@ -31,13 +31,13 @@ from worker.prefix_disk import PrefixDisk
 from worker.tiny_families import build_family_model
 
 PROMPT = [(i * 7) % 400 + 20 for i in range(600)]
-"""Two whole blocks and a tail of 88 tokens, in the demo tokenizer's vocabulary."""
+"""Whole blocks and a tail, in the demo tokenizer's vocabulary."""
 NEXT = [*PROMPT, 31, 32, 33]
 
 
 class Tiny:
-    def __init__(self, root: Path, family: str) -> None:
-        self.path = build_family_model(root / family, family)
+    def __init__(self, root: Path, family: str, name: str | None = None, **overrides: Any) -> None:
+        self.path = build_family_model(root / (name or family), family, **overrides)
         self.model = load(str(self.path))[0]
         self.identity = model_files.identity(self.path)
         self.cuttable = cache_shape.cuttable(make_prompt_cache(self.model))
@@ -64,7 +64,9 @@ class Tiny:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
     root = tmp_path_factory.mktemp("disk-models")
-    return {family: Tiny(root, family) for family in ("llama", "gemma3_text", "qwen3_next")}
+    tiny = {family: Tiny(root, family) for family in ("llama", "gemma3_text", "qwen3_next")}
+    # Blocks of 128 KiB: the disk-refusal test's file limit (64 KiB) is below them and above the worker's log.
+    return {**tiny, "wide": Tiny(root, "llama", "wide", num_hidden_layers=8)}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_next"])
@@ -79,7 +81,7 @@ def test_a_prefix_kept_by_one_process_continues_in_the_next_as_a_cold_prefill(
 
     restarted = tiny.manager(tmp_path)
     seeded, reused = restarted.seed("m", NEXT)
-    # Exactly the kept tokens: two blocks and a tail where the cache can be cut, the state where it cannot.
+    # Exactly the kept tokens: blocks and a tail where the cache can be cut, the state where it cannot.
     assert reused == len(PROMPT)
     assert restarted.hits.disk == 1 and restarted.hits.disk_tokens == reused
     assert seeded is not None
@@ -96,7 +98,7 @@ def test_a_truncated_corrupt_or_foreign_file_is_a_miss_and_is_removed(models: di
     tiny = models["llama"]
     tiny.keep(tiny.manager(tmp_path), PROMPT)
     directory = tmp_path / tiny.identity
-    assert len(list(directory.iterdir())) == 3  # two blocks and the tail after them
+    assert len(list(directory.iterdir())) == len(PROMPT) // BLOCK_TOKENS + 1  # the blocks and the tail after them
     kv = tiny.manager(tmp_path)
     found = kv.disk.find(tiny.identity, NEXT, True, 0) if kv.disk else None
     assert found is not None
@@ -255,14 +257,15 @@ def test_a_session_goes_on_after_its_worker_is_killed_from_the_disk_tier_as_a_co
 
 def test_a_disk_that_refuses_writes_fails_no_job(disk_service: tuple[Service, OpenAI, Path]) -> None:
     svc, client, logs = disk_service
-    # Files may grow to 64 KiB (the log's own lines fit): every block of this session's cache is larger.
+    # Files may grow to 64 KiB (the log's own lines fit): every block of this session's cache (the wide model's)
+    # is larger.
     limit = 64 << 10
     fenced = f"import resource, runpy; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
     running = worker(svc, logs, [sys.executable, "-c", fenced + "runpy.run_module('worker', run_name='__main__')"])
     messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
     for n in range(3):
         messages.append({"role": "user", "content": f"Turn {n}: which file holds the settings?"})
-        text, _, cached = turn(client, "llama", messages)
+        text, _, cached = turn(client, "wide", messages)
         messages.append({"role": "assistant", "content": text})
         if n > 0:
             assert cached > 2000  # memory serves as before
