@@ -356,6 +356,21 @@ def kind_of(spec: ModelSpec) -> str:
     if directory is None:
         return "generate"
     try:
+        stamp = (directory / "config.json").stat().st_mtime_ns
+    except OSError:
+        return "generate"
+    cached = _KINDS.get(directory)
+    if cached is None or cached[0] != stamp:
+        cached = _KINDS[directory] = (stamp, _kind_in(directory))
+    return cached[1]
+
+
+_KINDS: dict[Path, tuple[int, str]] = {}
+"""A model directory's kind by its config.json's mtime: asked on every request, read once per change."""
+
+
+def _kind_in(directory: Path) -> str:
+    try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return "generate"

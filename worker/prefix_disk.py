@@ -35,12 +35,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import load_prompt_cache
 
 from shared.prefix_blocks import BLOCK_TOKENS, chain
 from worker.cache_shape import layers
@@ -49,12 +49,13 @@ from worker.prefix_files import (
     MIN_TAIL_TOKENS,
     NAME,
     KeptFile,
+    PendingWrite,
     block_key,
-    digest,
     group,
     positional,
     state_key,
     tail_key,
+    write_sealed,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,20 +87,6 @@ class DiskStats:
     dropped_writes: int = 0
 
 
-@dataclass
-class _Write:
-    identity: str
-    key: str
-    at: float
-    depth: int
-    span: tuple[int, int] = (0, 0)
-    kv: list[tuple[mx.array, mx.array]] = field(default_factory=list)
-    """A block: each layer's keys and values (computed already), of which positions `span` are written."""
-    metadata: dict[str, str] = field(default_factory=dict)
-    cache: list[Any] | None = None
-    """A whole state, written by mlx-lm's save_prompt_cache."""
-
-
 class PrefixDisk:
     """Kept prefixes on disk under `root`, at most `budget_bytes` of them."""
 
@@ -115,7 +102,7 @@ class PrefixDisk:
         """identity -> group ("s" for whole states, a block's name for the tails after it) -> lengths."""
         self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
-        self._queue: queue.Queue[_Write | None] = queue.Queue(QUEUED_WRITES)
+        self._queue: queue.Queue[PendingWrite | None] = queue.Queue(QUEUED_WRITES)
         self._writer: threading.Thread | None = None
         if self.budget_bytes > 0:
             self._open()
@@ -292,13 +279,13 @@ class PrefixDisk:
             key = state_key(names, ids, len(ids))
             if self._wanted(identity, key, at):
                 tokens = {"mlxq_tokens": json.dumps(list(ids))}
-                self._submit(_Write(identity, key, at, 0, metadata=tokens, cache=list(cache)))
+                self._submit(PendingWrite(identity, key, at, 0, metadata=tokens, cache=list(cache)))
 
     def _submit_span(
         self, identity: str, key: str, at: float, depth: int, ids: Sequence[int], a: int, b: int, flat: list[Any]
     ) -> None:
         kv = [(layer.keys, layer.values) for layer in flat]
-        self._submit(_Write(identity, key, at, depth, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
+        self._submit(PendingWrite(identity, key, at, depth, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
 
     def _wanted(self, identity: str, key: str, at: float) -> bool:
         """Whether the file is neither on disk (it is used again now) nor on its way there."""
@@ -309,7 +296,7 @@ class PrefixDisk:
                 return False
             return (identity, key) not in self._pending
 
-    def _submit(self, write: _Write) -> None:
+    def _submit(self, write: PendingWrite) -> None:
         with self._lock:
             self._pending.add((write.identity, write.key))
             if self._writer is None:
@@ -342,31 +329,8 @@ class PrefixDisk:
                     self._pending.discard((write.identity, write.key))
                 self._queue.task_done()
 
-    def _write(self, write: _Write) -> None:
-        directory = self.root / write.identity
-        directory.mkdir(mode=0o700, exist_ok=True)
-        temporary = directory / f".{write.key}.{threading.get_ident()}.tmp"
-        metadata = {"mlxq_identity": write.identity, **write.metadata}
-        try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as out:
-                if write.cache is not None:
-                    save_prompt_cache(out, write.cache, metadata)  # type: ignore[arg-type]
-                else:
-                    a, b = write.span
-                    arrays: dict[str, mx.array] = {}
-                    for i, (keys, values) in enumerate(write.kv):
-                        arrays[f"{i}.keys"], arrays[f"{i}.values"] = keys[..., a:b, :], values[..., a:b, :]
-                    mx.save_safetensors(out, arrays, metadata)
-                out.flush()
-                os.fsync(out.fileno())
-            sealed = digest(temporary)
-            final = directory / f"{write.key}.{sealed}.safetensors"
-            os.utime(temporary, (write.at, write.at))
-            os.replace(temporary, final)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+    def _write(self, write: PendingWrite) -> None:
+        final = write_sealed(self.root / write.identity, write)
         size = final.stat().st_size
         with self._lock:
             self._files.setdefault(write.identity, {})[write.key] = KeptFile(final, size, write.at, write.depth)

@@ -1,4 +1,4 @@
-"""How the prefix disk tier (worker/prefix_disk.py) names, sizes and checks its files.
+"""How the prefix disk tier (worker/prefix_disk.py) names, writes, sizes and checks its files.
 
 A file's name says what it holds and proves its bytes: `b-<chain>` for a block of
 a cache that can be cut (the chain of hashes of shared/prefix_blocks.py),
@@ -10,15 +10,18 @@ identity directory it is in names the model.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
+import threading
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import save_prompt_cache
 
 from shared.prefix_blocks import BLOCK_TOKENS
 
@@ -102,3 +105,47 @@ def positional(layer: Any, tokens: int) -> bool:
 def digest(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+@dataclass
+class PendingWrite:
+    """A file on its way to disk: a block's span of each layer's keys and values, or a whole state."""
+
+    identity: str
+    key: str
+    at: float
+    depth: int
+    span: tuple[int, int] = (0, 0)
+    kv: list[tuple[mx.array, mx.array]] = field(default_factory=list)
+    """A block: each layer's keys and values (computed already), of which positions `span` are written."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    cache: list[Any] | None = None
+    """A whole state, written by mlx-lm's save_prompt_cache."""
+
+
+def write_sealed(directory: Path, write: PendingWrite) -> Path:
+    """`write`'s file in `directory`, owner-only, whole or not at all: written beside, flushed to the disk, then
+    renamed to its key and the digest of its bytes (what a read checks)."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    temporary = directory / f".{write.key}.{threading.get_ident()}.tmp"
+    metadata = {"mlxq_identity": write.identity, **write.metadata}
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as out:
+            if write.cache is not None:
+                save_prompt_cache(out, write.cache, metadata)  # type: ignore[arg-type]
+            else:
+                a, b = write.span
+                arrays: dict[str, mx.array] = {}
+                for i, (keys, values) in enumerate(write.kv):
+                    arrays[f"{i}.keys"], arrays[f"{i}.values"] = keys[..., a:b, :], values[..., a:b, :]
+                mx.save_safetensors(out, arrays, metadata)
+            out.flush()
+            os.fsync(out.fileno())
+        final = directory / f"{write.key}.{digest(temporary)}.safetensors"
+        os.utime(temporary, (write.at, write.at))
+        os.replace(temporary, final)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return final
