@@ -30,6 +30,7 @@ from gateway.deps import Gateway, get_client
 from gateway.errors import count_refusal, install_error_handlers
 from gateway.http import openapi_schema
 from gateway.http.body_limit import BodySizeLimit
+from gateway.http.received import ArrivalClock
 from gateway.http.slow_clients import SlowClientLimits
 from gateway.jobs.batch_routes import router as batch_routes
 from gateway.jobs.records import JobFactory, finished_result
@@ -153,6 +154,7 @@ def create_app(settings: Settings) -> FastAPI:
             ],
             max_age=600,
         )
+    app.add_middleware(ArrivalClock)  # last added runs first
     return app
 
 

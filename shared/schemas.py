@@ -303,8 +303,9 @@ class Timings(BaseModel):
     )
     hops_ms: dict[str, float] = Field(
         default_factory=dict,
-        description="milliseconds from the job's enqueueing to each hop: `accepted` (by its gateway, before the "
-        "enqueueing: negative), then on its worker `claimed`, `submitted` (to the engine), `first_token` (made), "
+        description="milliseconds from the job's enqueueing to each hop: `received` (the request's arrival at its "
+        "gateway) and `accepted` (the start of its admission), both before the enqueueing (negative), then on "
+        "its worker `claimed`, `submitted` (to the engine), `first_token` (made), "
         "`first_written` (its first output in the job's stream), `generated` (its whole output, as the job's "
         "thread has it)",
     )

@@ -44,11 +44,12 @@ def test_job_runs_to_finished_with_counted_tokens_and_is_stored_as_json(service:
     assert result["model"] == "tiny"
     assert set(result["timings"]) == {"queued_s", "load_s", "generate_s", "first_token_s", "hops_ms"}
     assert 0 < result["timings"]["first_token_s"] <= result["timings"]["load_s"] + result["timings"]["generate_s"]
-    # Each hop has an owner: accepted by the gateway before its enqueueing, then claimed, submitted, first
-    # token made and written on the worker, the whole output made.
+    # Each hop has an owner: received and accepted by the gateway before its enqueueing, then claimed,
+    # submitted, first token made and written on the worker, the whole output made.
     hops = result["timings"]["hops_ms"]
-    assert list(hops) == ["accepted", "claimed", "submitted", "first_token", "first_written", "generated"]
-    assert hops["accepted"] <= 0 <= hops["claimed"] <= hops["submitted"] <= hops["first_token"] <= hops["first_written"]
+    assert list(hops) == ["received", "accepted", "claimed", "submitted", "first_token", "first_written", "generated"]
+    assert hops["received"] <= hops["accepted"] <= 0 <= hops["claimed"] <= hops["submitted"]
+    assert hops["submitted"] <= hops["first_token"] <= hops["first_written"]
     assert hops["first_token"] <= hops["generated"]
 
     queue = Queue(Job.fetch(job_id, connection=redis, serializer=JSONSerializer).origin, connection=redis)

@@ -211,10 +211,12 @@ def hops(
     if job.enqueued_at is None:
         return {}
     enqueued = job.enqueued_at.replace(tzinfo=UTC).timestamp()
-    accepted = job.meta.get("accepted_at")
+    received, accepted = job.meta.get("received_at"), job.meta.get("accepted_at")
     claimed = job.started_at.replace(tzinfo=UTC).timestamp() if job.started_at else None
     at = {
-        "accepted": float(accepted) if isinstance(accepted, (int, float)) else None,  # by its gateway: before 0
+        # By its gateway, before the enqueueing (negative): the request's arrival, then its admission's start.
+        "received": float(received) if isinstance(received, (int, float)) else None,
+        "accepted": float(accepted) if isinstance(accepted, (int, float)) else None,
         "claimed": claimed,
         "submitted": submitted,
         "first_token": first_token,

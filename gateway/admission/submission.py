@@ -22,6 +22,7 @@ from gateway.admission.admit import BatchWrite, Idempotency, RateState, Tier
 from gateway.admission.clients import Client
 from gateway.admission.prompt_limits import Fitted
 from gateway.deps import Gateway
+from gateway.http.received import RECEIVED_AT
 from gateway.jobs.records import JobRecord
 from shared.errors import InvalidRequest, MlxqError
 from shared.schemas import GenerateRequest
@@ -92,13 +93,20 @@ async def accept(
     its whole answer (`streamed=False`) makes quiet jobs: their streams get only their ends
     (worker/tasks.py), since each token written there costs the engine CPU and nobody reads it."""
     accepted_at = time.time()  # where the job's hops begin (Timings.hops_ms)
-    # Rendering a long prompt's chat template takes a while: off the event loop.
-    fitted = await run_in_threadpool(lambda: [gw.limits.check(request) for request in requests])
+    received_at = RECEIVED_AT.get()
+
+    def checked() -> list[Fitted]:
+        fitted = [gw.limits.check(request) for request in requests]
+        # A hub model not here yet starts its pull before its jobs exist, so that none is claimed before
+        # claim.lua knows to leave it waiting.
+        for model in sorted({fit.request.model for fit in fitted}):
+            gw.pull_missing(model)
+        return fitted
+
+    # Rendering a long prompt's chat template takes a while: off the event loop, in one hop to a thread
+    # (each hop is a wait for the GIL beside everything else this gateway does).
+    fitted = await run_in_threadpool(checked)
     requests = [fit.request for fit in fitted]
-    # A hub model not here yet starts its pull before its jobs exist, so that none is claimed before
-    # claim.lua knows to leave it waiting.
-    for model in sorted({request.model for request in requests}):
-        await run_in_threadpool(gw.pull_missing, model)
     tier: Tier = "batch" if priority == "low" else "single"
     gw.admission.check_size(len(requests), tier)
     held = gw.refusals.check(client.id, tier, len(requests))
@@ -113,6 +121,7 @@ async def accept(
                 **(metas[i] if metas else {}),
                 "owner": client.tag,
                 "accepted_at": accepted_at,
+                **({"received_at": received_at} if received_at is not None else {}),
                 **({} if streamed else {"quiet": True}),
                 **({"prefix": list(fitted[i].routes)} if fitted[i].routes else {}),
             },

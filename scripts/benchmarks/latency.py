@@ -48,21 +48,22 @@ def client() -> httpx.Client:
     return found
 
 
-Timed = tuple[float, float, str]
-"""Seconds to the first text and to the end (NaN when the call failed), and mlxq's job id ("" for a peer)."""
+Timed = tuple[float, float, str, float]
+"""Seconds to the first text and to the end (NaN when the call failed), mlxq's job id ("" for a peer), and when
+the request was sent (seconds since the epoch: the hops' clock, on the same machine)."""
 
 
 def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) -> Timed:
     """One chat completion, timed. A non-streamed call's first text is its answer."""
     body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "stream": stream}
-    started = time.perf_counter()
+    sent, started = time.time(), time.perf_counter()
     first = float("nan")
     try:
         if not stream:
             response = client().post(base + "/v1/chat/completions", json=body)
             response.raise_for_status()
             done = time.perf_counter() - started
-            return done, done, response.headers.get("x-mlxq-job-id", "")
+            return done, done, response.headers.get("x-mlxq-job-id", ""), sent
         with client().stream("POST", base + "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
             job_id = response.headers.get("x-mlxq-job-id", "")
@@ -73,8 +74,8 @@ def call(base: str, model: str, messages: list[dict[str, str]], stream: bool) ->
                 if first != first and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                     first = time.perf_counter() - started
     except httpx.HTTPError:
-        return float("nan"), float("nan"), ""
-    return first, time.perf_counter() - started, job_id
+        return float("nan"), float("nan"), "", sent
+    return first, time.perf_counter() - started, job_id, sent
 
 
 def prompts(kind: str, round_index: int, count: int) -> list[list[dict[str, str]]]:
@@ -97,6 +98,7 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
     base_env = {**base_env, "MLXQ_MODELS_FILE": str(models)}
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[tuple[str, str], list[Timed]] = {}
+    pools: dict[int, ThreadPoolExecutor] = {}
     try:
         processes, servers = beside_mlx_lm(model_dir, 5, redis_port, base_env, quiet)
         if vllm_mlx is not None:
@@ -110,14 +112,19 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
                 call(base, model, messages, stream=False)
         shapes = [(kind, c, stream) for kind in ("cold", "cached") for c in (1, 8) for stream in (True, False)]
         names = list(servers)
+        # One pool for each concurrency, its threads kept across rounds and servers: each thread's client keeps
+        # its connections open, as an SDK's would, rather than pay a new client and connection each round.
+        pools.update({c: ThreadPoolExecutor(c) for c in dict.fromkeys(c for _, c, _ in shapes)})
+        for base, model in servers.values():
+            for c, pool in pools.items():
+                list(pool.map(partial(call, base, model, stream=False), prompts("warm", -1, 2 * c)))
         for round_index in range(args.rounds):
             for kind, concurrency, stream in shapes:
                 shape = f"{kind} c={concurrency} {'streamed' if stream else 'whole'}"
                 asked = prompts(f"{kind}{concurrency}{stream}", round_index, REQUESTS)
                 for name in names[round_index % 2 :] + names[: round_index % 2]:
                     base, model = servers[name]
-                    with ThreadPoolExecutor(concurrency) as pool:
-                        timed = list(pool.map(partial(call, base, model, stream=stream), asked))
+                    timed = list(pools[concurrency].map(partial(call, base, model, stream=stream), asked))
                     results.setdefault((shape, name), []).extend(timed)
                     first = statistics.median(t[0] for t in timed)
                     print(f"round {round_index + 1} {shape:26} {name:14} first {1000 * first:.1f} ms", flush=True)
@@ -127,43 +134,50 @@ def run_latency(args: Any, model_dir: Path, base_env: dict[str, str], redis_port
             for shape in ("cold c=1 streamed", "cold c=1 whole", "cold c=8 streamed", "cold c=8 whole")
         }
     finally:
+        for pool in pools.values():
+            pool.shutdown()
         stop_all(processes)
     return table(results, [name for name in servers if name != "mlxq"]) + "\n\n" + hops_table(hops)
 
 
 def mlxq_hops(base: str, redis: Redis, timed: list[Timed]) -> dict[str, float]:
-    """Medians of mlxq's jobs' hops (ms from enqueueing: Timings.hops_ms), the end's write (its stream id is
-    Redis's clock, this machine's), and the client's first text and end (ms from sending)."""
+    """Medians of mlxq's jobs' hops, all in ms from each job's enqueueing on one clock (this machine's): the
+    client's send, the gateway's and worker's hops (Timings.hops_ms), the end's write (its stream id is Redis's
+    clock) and the client's first text and end."""
     seen: dict[str, list[float]] = {}
-    for first, done, job_id in timed:
-        if not job_id:
+    for first, done, job_id, sent in timed:
+        enqueued = redis.hget(f"rq:job:{job_id}", "enqueued_at") if job_id else None
+        if not enqueued:
             continue
+        at = datetime.strptime(enqueued.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
         job = client().get(f"{base}/v1/jobs/{job_id}").json()
         for hop, ms in ((job.get("result") or {}).get("timings") or {}).get("hops_ms", {}).items():
             seen.setdefault(hop, []).append(ms)
-        enqueued = redis.hget(f"rq:job:{job_id}", "enqueued_at")
         last = redis.xrevrange(keys.job_stream(job_id), count=1)
-        if enqueued and last:
-            at = datetime.strptime(enqueued.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+        if last:
             seen.setdefault("end_written", []).append(int(last[0][0].decode().split("-")[0]) - 1000 * at)
+        seen.setdefault("sent", []).append(1000 * (sent - at))
         if first == first:  # NaN: an answer with no text (the table leaves it out too)
-            seen.setdefault("client's first text", []).append(1000 * first)
+            seen.setdefault("client's first text", []).append(1000 * (sent + first - at))
         if done == done:
-            seen.setdefault("client's end", []).append(1000 * done)
+            seen.setdefault("client's end", []).append(1000 * (sent + done - at))
     return {hop: statistics.median(values) for hop, values in seen.items()}
 
 
 def hops_table(hops: dict[str, dict[str, float]]) -> str:
     lines = [
-        "Where mlxq's milliseconds go (medians): each hop on the worker from the job's enqueueing "
-        "(`timings.hops_ms`), beside the client's first text from sending the request.",
+        "Where mlxq's milliseconds go (medians, ms from each job's enqueueing, one clock): the client's send, the "
+        "request's arrival at the gateway and its admission, the worker's hops (`timings.hops_ms`), the end's "
+        "write to the job's stream, and the client's first text and end.",
         "",
-        "| shape | accepted | claimed | submitted | first token | first written | generated | end written "
-        "| client's first text | client's end |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | sent | received | accepted | claimed | submitted | first token | first written | generated "
+        "| end written | client's first text | client's end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, at in hops.items():
         hops_in_order = (
+            "sent",
+            "received",
             "accepted",
             "claimed",
             "submitted",
