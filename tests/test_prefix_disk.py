@@ -94,6 +94,16 @@ def test_a_prefix_kept_by_one_process_continues_in_the_next_as_a_cold_prefill(
     assert restarted.hits.disk == 1 and restarted.hits.memory == 1
 
 
+def test_a_prompt_shorter_than_a_block_is_not_written(models: dict[str, Tiny], tmp_path: Path) -> None:
+    """It recomputes faster than a file is written and read back: a short chat's turn costs no disk write."""
+    tiny = models["llama"]
+    kv = tiny.manager(tmp_path)
+    tiny.keep(kv, PROMPT[: BLOCK_TOKENS - 1])
+    assert not (tmp_path / tiny.identity).exists() or not list((tmp_path / tiny.identity).iterdir())
+    tiny.keep(kv, PROMPT[: BLOCK_TOKENS + 20])
+    assert len(list((tmp_path / tiny.identity).iterdir())) == 2  # one block and its tail
+
+
 def test_a_truncated_corrupt_or_foreign_file_is_a_miss_and_is_removed(models: dict[str, Tiny], tmp_path: Path) -> None:
     tiny = models["llama"]
     tiny.keep(tiny.manager(tmp_path), PROMPT)

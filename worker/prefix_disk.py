@@ -271,7 +271,8 @@ class PrefixDisk:
                     continue
                 self._submit_span(identity, key, at, k, ids, (k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS, flat)
             k = len(ids) // BLOCK_TOKENS
-            if len(ids) - k * BLOCK_TOKENS >= MIN_TAIL_TOKENS:
+            # A prompt shorter than a block recomputes faster than its file is written and read back.
+            if k and len(ids) - k * BLOCK_TOKENS >= MIN_TAIL_TOKENS:
                 key = tail_key(names, ids, k, len(ids))
                 if self._wanted(identity, key, at):
                     self._submit_span(identity, key, at, k + 1, ids, k * BLOCK_TOKENS, len(ids), flat)
