@@ -143,10 +143,8 @@ class Row:
     ) -> Row:
         """The row of `request`; `reasoning` is its model's setting (models.toml), None: as the tokenizer says."""
         eos = set(tokenizer.eos_token_ids)
-        vocab = tokenizer.get_vocab()  # once: a large vocabulary's dict takes a while to build
-        vocab_size = len(vocab)
+        vocab_size, markers = vocabulary_facts(tokenizer)
         prompt_ids = encode_prompt(tokenizer, request)
-        markers = markers_of(tokenizer, vocab)
         if reasoning is not None:
             markers = replace(markers, think=reasoning if isinstance(reasoning, tuple) else None)
         forced = request.forced_call_schema() is not None
@@ -307,6 +305,19 @@ def markers_of(tokenizer: Any, vocab: dict[str, int]) -> Markers:
     if getattr(parser, "__module__", "").endswith(".json_tools"):
         parser = None  # JSON between the markers: streamed as it forms, by our own reading
     return Markers(think=think, call=(str(start), str(end or "")), parser=parser)
+
+
+_vocabularies: weakref.WeakKeyDictionary[Any, tuple[int, Markers]] = weakref.WeakKeyDictionary()
+
+
+def vocabulary_facts(tokenizer: Any) -> tuple[int, Markers]:
+    """The tokenizer's vocabulary size and its model's markers, once per tokenizer: building the vocabulary's
+    dict takes tens of milliseconds for a 150k-entry one, on the engine thread, in the way of every row."""
+    known = _vocabularies.get(tokenizer)
+    if known is None:
+        vocab = tokenizer.get_vocab()
+        known = _vocabularies[tokenizer] = (len(vocab), markers_of(tokenizer, vocab))
+    return known
 
 
 _unshown: weakref.WeakKeyDictionary[Any, tuple[Markers, frozenset[int]]] = weakref.WeakKeyDictionary()
