@@ -62,6 +62,8 @@ class Monitor:
         """Set by a poke or a stop: the loop's wait ends early."""
         self._poked = False
         self._beating = threading.Lock()
+        self._beat_began = float("-inf")
+        """When the last heartbeat written began to look (time.monotonic())."""
         """Beats come from several threads: each one's record is whole and the last written is the newest."""
         self._thread = threading.Thread(target=self._loop, name="mlxq-monitor", daemon=True)
 
@@ -146,8 +148,15 @@ class Monitor:
                 logger.warning("ignoring unknown worker command %r", command)
 
     def beat(self) -> None:
+        """Write the heartbeat as things are now, or see one written that began after this call: jobs that
+        end together (each wants its model's state shown before its answer) share one beat."""
+        asked = time.monotonic()
         with self._beating:
+            if self._beat_began > asked:
+                return
+            began = time.monotonic()
             self._beat()
+            self._beat_began = began  # a beat that failed covers nobody
 
     def _beat(self) -> None:
         snapshot = memory.snapshot(self.settings)
