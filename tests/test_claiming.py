@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -190,3 +191,49 @@ def test_a_job_waits_a_bounded_moment_for_the_worker_that_holds_its_prompts_star
     w1.clock = lambda: time.time() + 3.5
     found = w1.dequeue_any(queues.queues, None, connection=queues.redis)
     assert found is not None and found[0].id == late
+
+
+def test_a_claim_cut_off_by_an_outage_makes_the_worker_look_for_a_claimed_job_it_never_started(
+    queues: Queues,
+) -> None:
+    """The claim script may have run with its answer lost: only then does the worker read its claimed list
+    (a round trip it would otherwise make before every claim)."""
+    queues.claims.answer_lost = False
+    assert queues.claim_ids() == []  # an answer that came back: nothing in doubt
+    assert not queues.claims.answer_lost
+    gone = Redis(port=1, socket_connect_timeout=0.2)
+    assert queues.claims.dequeue_any(queues.queues, None, connection=gone) is None
+    assert queues.claims.answer_lost
+
+
+def test_one_claim_takes_as_many_jobs_as_the_batch_has_room_for_as_separate_claims_would(queues: Queues) -> None:
+    """Jobs that arrive together start together (their prompts prefilled in one piece): one script call
+    claims up to the room, in the order one claim at a time would, all into the claimed list."""
+    x1, x2, y1, x3 = (queues.admit(ALICE, 1, 1, model)[0] for model in ("x", "x", "y", "x"))
+    queues.claims.preference = lambda: replace(running("", busy=False, swap_after_s=60), room=3)
+    first = queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)
+    assert first is not None and first[0].id == x1
+    # The other two are claimed already, handed out with no further call: x3, not y1 (a busy worker's model).
+    assert [job.id for job, _ in queues.claims.ahead] == [x2, x3]
+    assert [m.decode() for m in queues.redis.lrange(keys.worker_claimed("w1"), 0, -1)] == [x1, x2, x3]
+    queues.redis.delete(*[queue.key for queue in queues.queues])  # the next two come without Redis's queues
+    assert [queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)[0].id for _ in range(2)] == [
+        x2,
+        x3,
+    ]
+    assert y1 not in queues.claim_ids()
+
+
+def test_a_crash_suspect_is_never_claimed_beside_others(queues: Queues) -> None:
+    """A job that was running when a worker died runs alone (worker/supervision/crash_suspect.py): a claim
+    of several stops before it, and one that takes it takes nothing else."""
+    a, b, c = queues.admit(ALICE, 3, 1)
+    job = Job.fetch(b, connection=queues.redis, serializer=JSONSerializer)
+    job.meta["crash_attempts"] = 1
+    job.save_meta()
+    queues.claims.preference = lambda: replace(running("tiny"), room=8)
+    assert queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)[0].id == a  # type: ignore[index]
+    assert queues.claims.ahead == []
+    assert queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)[0].id == b  # type: ignore[index]
+    assert queues.claims.ahead == []  # the suspect alone
+    assert queues.claim_ids() == [c]

@@ -39,13 +39,16 @@
 -- ARGV[13], ARGV[14]  prefix and suffix of a worker's set of held prefix blocks (shared/prefix_blocks.py)
 -- ARGV[15] prefix_wait, seconds: how long a job waits for the worker that holds its prompt's start
 -- ARGV[16] the wake-up list idle workers block on: a job held back for its holder wakes it
+-- ARGV[17] how many jobs to claim at most (the room in the worker's batch)
 --
 -- Prefix affinity: a job carries the routing names of its prompt's blocks, deepest first (meta.prefix).
 -- While it has waited less than prefix_wait, a worker passes it over when another live worker holds a
 -- deeper block of it than this one does: that worker starts it without prefilling what it holds.
 --
--- Returns {queue key, job id}; "wait" when jobs wait that this worker may take later (another
--- model's, not yet overdue); nil when there is nothing.
+-- Returns {queue key, job id, ...}: up to ARGV[17] jobs, each claimed as if by a call of its own made by
+-- the worker once busy with the ones before it (so all for one model, and no second swap); "wait" when
+-- none and jobs wait that this worker may take later (another model's, not yet overdue); nil when there
+-- is nothing. Jobs that arrive together start together: their prompts are prefilled in one piece.
 
 local n = #KEYS
 local batch, owners, ring = KEYS[n - 5], KEYS[n - 4], KEYS[n - 3]
@@ -65,20 +68,22 @@ local function epoch(stamp)
   return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(s)
 end
 
--- the job's model (nil when it names none), how long it has waited (huge when unknown) and the
--- routing names of its prompt's blocks (nil when it has none)
+-- the job's model (nil when it names none), how long it has waited (huge when unknown), the routing
+-- names of its prompt's blocks (nil when it has none) and whether it is a crash suspect (it was running
+-- when a worker died: it runs alone, worker/supervision/crash_suspect.py)
 local function about(id)
   local fields = redis.call("HMGET", job_prefix .. id, "meta", "enqueued_at")
-  local model, prefix = nil, nil
+  local model, prefix, suspect = nil, nil, false
   if fields[1] then
     local ok, meta = pcall(cjson.decode, fields[1])
     if ok and type(meta) == "table" then
       if type(meta.model) == "string" then model = meta.model end
       if type(meta.prefix) == "table" and #meta.prefix > 0 then prefix = meta.prefix end
+      suspect = (tonumber(meta.crash_attempts) or 0) > 0
     end
   end
   local at = fields[2] and epoch(fields[2])
-  return model, at and (now - at) or math.huge, prefix
+  return model, at and (now - at) or math.huge, prefix, suspect
 end
 
 -- the place in `prefix` of the deepest block the worker holds (1 is the deepest); nil when none
@@ -124,11 +129,13 @@ local function runs_elsewhere(model)
   return elsewhere[model] == true
 end
 
--- "now": take it before anything after it; "idle": take it if nothing in its queue is "now"
-local passed_over, held_back = false, false
+-- "now": take it before anything after it; "idle": take it if nothing in its queue is "now"; "stop":
+-- a crash suspect met after the call's first claim, which the call leaves, and everything after it, alone
+local passed_over, held_back, with_others = false, false, false
 local prefix_wait = tonumber(ARGV[15])
 local function verdict(id)
-  local model, waited, prefix = about(id)
+  local model, waited, prefix, suspect = about(id)
+  if suspect and with_others then return "stop", model end
   if model ~= nil and redis.call("SISMEMBER", ARGV[12], model) == 1 then return nil, model end
   if prefix and waited < prefix_wait and held_deeper_elsewhere(prefix) then
     held_back = true  -- not `passed_over`: nothing below it waits on this
@@ -147,27 +154,7 @@ local function claimed(queue, id, model)
   redis.call("RPUSH", claimed_list, id)
   redis.call("SADD", claiming, me)
   if model then redis.call("HSET", worker_models, me, model) end
-  return {queue, id}
-end
-
-for i = 1, n - 6 do
-  local fallback, fallback_model = nil, nil
-  for _, id in ipairs(redis.call("LRANGE", KEYS[i], 0, scan - 1)) do
-    local v, model = verdict(id)
-    if v == "now" then
-      redis.call("LREM", KEYS[i], 1, id)
-      return claimed(KEYS[i], id, model)
-    elseif v == "idle" and not fallback then
-      fallback, fallback_model = id, model
-    end
-  end
-  if fallback then
-    redis.call("LREM", KEYS[i], 1, fallback)
-    return claimed(KEYS[i], fallback, fallback_model)
-  end
-  -- a job passed over here outranks everything below: lower-priority work for this worker's model
-  -- would only prolong the drain it waits for
-  if passed_over then return "wait" end
+  return {queue, id, model}
 end
 
 -- The batch tier. A job with no owner at the head was put back at the front (requeued after a
@@ -177,19 +164,10 @@ local function take(id, model)
   return claimed(batch, id, model)
 end
 
-local nothing = function()
+local function nothing()
   -- The wake-up admission sent may have reached this worker rather than the holder: pass one on.
   if held_back and redis.call("LLEN", ARGV[16]) < 8 then redis.call("RPUSH", ARGV[16], "held") end
   return (passed_over or held_back) and "wait" or nil
-end
-
-local fallback = nil
-local head = redis.call("LINDEX", batch, 0)
-if not head then return nothing() end
-if redis.call("HEXISTS", owners, head) == 0 then
-  local v, model = verdict(head)
-  if v == "now" then return take(head, model) end
-  if v == "idle" then fallback = {nil, head, model} end
 end
 
 -- the client's next turn whose job is still queued (turns of canceled jobs are dropped)
@@ -214,30 +192,87 @@ local function take_turn(tag, id, model)
   return take(id, model)
 end
 
-for _, tag in ipairs(redis.call("LRANGE", ring, 0, -1)) do
-  local id = next_turn(ARGV[1] .. tag)
-  if not id then
-    redis.call("LREM", ring, 1, tag)
-  else
-    local v, model = verdict(id)
-    if v == "now" then return take_turn(tag, id, model) end
-    if v == "idle" and not fallback then fallback = {tag, id, model} end
+local function from_plain_queues()
+  for i = 1, n - 6 do
+    local fallback, fallback_model = nil, nil
+    for _, id in ipairs(redis.call("LRANGE", KEYS[i], 0, scan - 1)) do
+      local v, model = verdict(id)
+      if v == "stop" then return v end
+      if v == "now" then
+        redis.call("LREM", KEYS[i], 1, id)
+        return claimed(KEYS[i], id, model)
+      elseif v == "idle" and not fallback then
+        fallback, fallback_model = id, model
+      end
+    end
+    if fallback then
+      redis.call("LREM", KEYS[i], 1, fallback)
+      return claimed(KEYS[i], fallback, fallback_model)
+    end
+    -- a job passed over here outranks everything below: lower-priority work for this worker's model
+    -- would only prolong the drain it waits for
+    if passed_over then return "wait" end
   end
-end
-if fallback then
-  if fallback[1] then return take_turn(fallback[1], fallback[2], fallback[3]) end
-  return take(fallback[2], fallback[3])
+  return nil
 end
 
--- jobs with an owner but no turn (should not happen; never strand one)
-for _, id in ipairs(redis.call("LRANGE", batch, 0, scan - 1)) do
-  local owner = redis.call("HGET", owners, id)
-  if owner and not redis.call("LPOS", ARGV[1] .. owner, id) then
-    local v, model = verdict(id)
-    if v then
-      redis.call("HDEL", owners, id)
-      return take(id, model)
+local function from_batch_tier()
+  local fallback = nil
+  local head = redis.call("LINDEX", batch, 0)
+  if not head then return nothing() end
+  if redis.call("HEXISTS", owners, head) == 0 then
+    local v, model = verdict(head)
+    if v == "stop" then return v end
+    if v == "now" then return take(head, model) end
+    if v == "idle" then fallback = {nil, head, model} end
+  end
+  for _, tag in ipairs(redis.call("LRANGE", ring, 0, -1)) do
+    local id = next_turn(ARGV[1] .. tag)
+    if not id then
+      redis.call("LREM", ring, 1, tag)
+    else
+      local v, model = verdict(id)
+      if v == "stop" then return v end
+      if v == "now" then return take_turn(tag, id, model) end
+      if v == "idle" and not fallback then fallback = {tag, id, model} end
     end
   end
+  if fallback then
+    if fallback[1] then return take_turn(fallback[1], fallback[2], fallback[3]) end
+    return take(fallback[2], fallback[3])
+  end
+  -- jobs with an owner but no turn (should not happen; never strand one)
+  for _, id in ipairs(redis.call("LRANGE", batch, 0, scan - 1)) do
+    local owner = redis.call("HGET", owners, id)
+    if owner and not redis.call("LPOS", ARGV[1] .. owner, id) then
+      local v, model = verdict(id)
+      if v == "stop" then return v end
+      if v then
+        redis.call("HDEL", owners, id)
+        return take(id, model)
+      end
+    end
+  end
+  return nothing()
 end
-return nothing()
+
+local function claim_one()
+  passed_over, held_back = false, false
+  local found = from_plain_queues()
+  if found ~= nil then return found end
+  return from_batch_tier()
+end
+
+local want, got = tonumber(ARGV[17]) or 1, {}
+while #got < 2 * want do
+  local one = claim_one()
+  if type(one) ~= "table" then
+    if #got == 0 then return one end
+    break
+  end
+  got[#got + 1], got[#got + 2] = one[1], one[2]
+  busy, may_swap, with_others = true, false, true
+  if one[3] then mine = one[3] end
+  if select(4, about(one[2])) then break end  -- a crash suspect runs alone
+end
+return got

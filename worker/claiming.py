@@ -49,6 +49,8 @@ class Preference:
 
     model: str = ""
     """The model it runs (of the last job it claimed); "" before its first."""
+    room: int = 1
+    """How many jobs it may claim now (its batch's room): jobs that arrive together start together."""
     busy: bool = False
     may_swap: bool = True
     """Its last swap is at least `swap_after_s` old."""
@@ -68,14 +70,21 @@ class TurnTakingQueue(Queue):
     """Set by the worker: its model and whether it may swap, read at each claim."""
     prefix_wait_s: ClassVar[float] = 0.0
     """Set by the worker (MLXQ_PREFIX_WAIT_S): how long a job waits for the worker holding its prompt's start."""
+    answer_lost: ClassVar[bool] = True
+    """Whether a claim's answer may have been lost (Redis went away while it ran, or the worker has just
+    started): the worker then looks in its claimed list for a job it holds but never started."""
     clock: ClassVar[Callable[[], float]] = time.time
     """Now, in seconds since the epoch, as each claim tells the script (a test's own clock steps past a
     swap window without sleeping through it)."""
 
+    ahead: ClassVar[list[tuple[Job, Queue]]] = []
+    """Jobs claimed with an earlier one and not handed out yet (a class's own: `for_worker`). They are in
+    the worker's claimed list: a crash or a stop puts them back in line as it does any claimed job."""
+
     @classmethod
     def for_worker(cls, worker_name: str) -> type[TurnTakingQueue]:
         """The class `worker_name` claims jobs with."""
-        return type(cls.__name__, (cls,), {"worker_name": worker_name})
+        return type(cls.__name__, (cls,), {"worker_name": worker_name, "ahead": []})
 
     @classmethod
     def dequeue_any(
@@ -99,13 +108,16 @@ class TurnTakingQueue(Queue):
             keys.CLAIMING_WORKERS,
             keys.WORKER_MODELS,
         ]
+        if cls.ahead:
+            return cls.ahead.pop(0)
         job_prefix = (job_class or Job).redis_job_namespace_prefix
         while True:
             try:
+                preference = cls.preference()
                 args = [
                     keys.batch_turns(""),
                     cls.worker_name,
-                    *cls.preference().argv(),
+                    *preference.argv(),
                     cls.clock(),
                     job_prefix,
                     *keys.HEARTBEAT_AFFIXES,
@@ -114,6 +126,7 @@ class TurnTakingQueue(Queue):
                     *keys.PREFIXES_AFFIXES,
                     cls.prefix_wait_s,
                     keys.WAKE,
+                    max(1, preference.room),
                 ]
                 reply = claim(keys=script_keys, args=args)
                 if reply == b"wait":
@@ -132,22 +145,41 @@ class TurnTakingQueue(Queue):
             except UNREACHABLE as exc:
                 # Not RQ's own retry: it logs every attempt and backs off to a minute, long after Redis is back.
                 REDIS.failed("waiting for jobs", exc)
+                cls.answer_lost = True
                 time.sleep(RETRY_MAX_S)
                 if timeout is None:
                     return None
                 raise DequeueTimeout(timeout, queue_keys) from None
             REDIS.ok()
-            queue_key, job_id = text(reply[0]), text(reply[1])
-            # Claimed: the job is this worker's now, so its fetch waits out an outage rather than drop it.
-            fetch = partial(
-                cls._fetch_dequeued_job,
-                connection,
-                queue_key,
-                job_id,
-                job_class=job_class,
-                serializer=serializer,
-                death_penalty_class=death_penalty_class,
-            )
-            found = until_redis("fetching a claimed job", fetch)
-            if found is not None:
-                return found
+            pairs = [(text(reply[i]), text(reply[i + 1])) for i in range(0, len(reply), 2)]
+            # Claimed: the jobs are this worker's now, so their fetch waits out an outage rather than drop them.
+            fetch = partial(cls._fetch_claimed, connection, pairs, job_class, serializer, death_penalty_class)
+            cls.ahead.extend(until_redis("fetching claimed jobs", fetch))
+            if cls.ahead:
+                return cls.ahead.pop(0)
+
+    @classmethod
+    def _fetch_claimed(
+        cls,
+        connection: Redis,
+        pairs: list[tuple[str, str]],
+        job_class: type[Job] | None,
+        serializer: Any,
+        death_penalty_class: Any,
+    ) -> list[tuple[Job, Queue]]:
+        """The claimed jobs (queue key, job id), fetched in one round trip; a job whose hash is gone is
+        left out, as RQ's own fetch leaves it."""
+        job_cls = job_class or Job
+        jobs = job_cls.fetch_many([job_id for _, job_id in pairs], connection=connection, serializer=serializer)
+        found = []
+        for (queue_key, _), job in zip(pairs, jobs, strict=True):
+            if job is not None:
+                queue = cls.from_queue_key(
+                    queue_key,
+                    connection=connection,
+                    job_class=job_cls,
+                    serializer=serializer,
+                    death_penalty_class=death_penalty_class,
+                )
+                found.append((job, queue))
+        return found

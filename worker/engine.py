@@ -148,7 +148,11 @@ class Engine:
 
     def has_room(self, held: int) -> bool:
         """Whether a job claimed now could join soon (any thread)."""
-        return self.scheduler.has_room(held, self._inbox.qsize())
+        return self.room(held) > 0
+
+    def room(self, held: int) -> int:
+        """How many jobs claimed now could join soon (any thread)."""
+        return self.scheduler.room(held, self._inbox.qsize())
 
     def _run(self) -> None:
         try:

@@ -4,7 +4,7 @@ A `SimpleWorker` (no fork per job) because a forked work-horse would lose the
 loaded model and Metal is unsafe after fork. What SimpleWorker lacks is added
 here: up to `MLXQ_MAX_BATCH` jobs held at once (RQ's main thread claims a job
 while the batch has room, starts its execution and hands it to a thread of its
-own that submits it to the engine, runs RQ's per-job steps and ends it; each is
+own (kept between jobs) that submits it to the engine, runs RQ's per-job steps and ends it; each is
 a proper RQ job with its execution, heartbeats and registries), a heartbeat key
 of our own refreshed by a thread, cancel flags honoured between tokens, and
 RQ's stop-job command routed to the engine.
@@ -16,6 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from rq import Queue
@@ -45,6 +47,9 @@ from worker.supervision.orphans import reclaim_claimed
 
 logger = logging.getLogger(__name__)
 
+JOB_THREADS = 1024
+"""Threads that run jobs at most: far above any batch (the engine's room bounds the jobs held at once)."""
+
 
 class NoDeathPenalty(BaseDeathPenalty):
     """RQ's SIGALRM timeout cannot reach a job's thread (nor a native MLX call); the engine stops a
@@ -71,9 +76,10 @@ class MlxqWorker(OutageTolerantWorker):
             queues, serializer=JSONSerializer, log_job_description=False, queue_class=TurnTakingQueue, **kwargs
         )
         # After RQ checked the queues' class: claims go to this worker's claimed list.
-        self.queue_class = TurnTakingQueue.for_worker(self.name)
+        self.claims = TurnTakingQueue.for_worker(self.name)
+        self.queue_class = self.claims
         self.affinity = ModelAffinity(self.connection, self.name, settings.swap_after_s)
-        self.queue_class.preference = lambda: self.affinity.preference(busy=bool(self._running))
+        self.queue_class.preference = lambda: self.affinity.preference(busy=bool(self._running), room=self._room_now())
         self.queue_class.prefix_wait_s = settings.prefix_wait_s
         self.settings = settings
         self.engine = engine
@@ -81,8 +87,11 @@ class MlxqWorker(OutageTolerantWorker):
         self.endings = JobEndings(self.connection, self.name, publisher, settings.stream_ttl_s)
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
-        self._running: dict[str, tuple[threading.Thread, Any]] = {}
-        """Job id -> the thread that runs it and its RQ execution."""
+        self._running: dict[str, Any] = {}
+        """Job id -> its RQ execution, while a thread of `_threads` runs it."""
+        self._threads = ThreadPoolExecutor(max_workers=JOB_THREADS, thread_name_prefix="job")
+        """Kept between jobs: starting a thread waits for it to take the GIL from the engine's, a few ms a claim."""
+        self._performing: set[Future[None]] = set()
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
         self.suspect = CrashSuspect(self.connection, self.name, engine.generated)
@@ -120,8 +129,8 @@ class MlxqWorker(OutageTolerantWorker):
         # running go back to the front of their queues rather than fail.
         self._hand_back_running()
         deadline = time.monotonic() + self.settings.stop_grace_s
-        for thread, _ in list(self._running.values()):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        futures.wait(list(self._performing), timeout=max(0.0, deadline - time.monotonic()))
+        self._threads.shutdown(wait=False)
         self.monitor.stop()
         super().teardown()  # type: ignore[no-untyped-call]
         # A stop that came between a claim and the job's start: the job goes back first in line.
@@ -141,9 +150,10 @@ class MlxqWorker(OutageTolerantWorker):
         out a Redis outage: a job claimed before or finished during one is recorded once Redis is
         back, never lost."""
         execution = until_redis("starting a job", lambda: self.prepare_execution(job))
-        thread = threading.Thread(target=self._perform, args=(job, queue, execution), name=f"job-{job.id[:8]}")
-        self._running[job.id] = (thread, execution)
-        thread.start()
+        self._running[job.id] = execution
+        performing = self._threads.submit(self._perform, job, queue, execution)
+        self._performing.add(performing)
+        performing.add_done_callback(self._performing.discard)
         self.monitor.poke()  # /health lists the job now, not a beat later
 
     def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
@@ -167,10 +177,14 @@ class MlxqWorker(OutageTolerantWorker):
 
     def _unstarted_claim(self) -> tuple[Job, Queue] | None:
         """A job in this worker's claimed list that it is not running: its claim's answer was lost
-        (Redis went away between the claim and the job's fetch). It is this worker's to start."""
+        (Redis went away between the claim and the job's fetch). It is this worker's to start. Looked for
+        only while an answer may have been lost: otherwise a round trip in the way of every claim."""
+        if not self.claims.answer_lost:
+            return None
         claimed = keys.worker_claimed(self.name)
+        ahead = {job.id for job, _ in self.claims.ahead}
         for job_id in [text(member) for member in self.connection.lrange(claimed, 0, -1)]:
-            if job_id in self._running:
+            if job_id in self._running or job_id in ahead:
                 continue
             try:
                 job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
@@ -182,6 +196,7 @@ class MlxqWorker(OutageTolerantWorker):
                 continue
             logger.info("starting a job whose claim was interrupted", extra={"job_id": job_id})
             return job, self.queue_class(job.origin, connection=self.connection, serializer=JSONSerializer)
+        self.claims.answer_lost = False  # each one looked at: none left to start
         return None
 
     def _drop_stale_executions(self, job: Job, queue: Queue) -> None:
@@ -228,6 +243,11 @@ class MlxqWorker(OutageTolerantWorker):
                 self.log.info("Worker %s: %s: %s", self.name, found[1].name, found[0].id)
                 self.affinity.claimed(found[0])
                 return self.suspect.claimed(found, alone=not self._running)
+
+    def _room_now(self) -> int:
+        """How many jobs a claim may take: the batch's room, one while a crash suspect runs (it holds the
+        claims back until it has shown it does not kill the worker)."""
+        return 1 if self.suspect.present else max(1, self.engine.room(len(self._running)))
 
     def _wait_for_room(self) -> None:
         self._room.wait(0.1 if self.suspect.present else IDLE_POLL_S)
@@ -328,7 +348,7 @@ class MlxqWorker(OutageTolerantWorker):
 
     def keep_alive(self, job: Job) -> None:
         """Refresh RQ's own heartbeats for a running job (SimpleWorker writes them once per job)."""
-        execution = self._running.get(job.id, (None, None))[1]
+        execution = self._running.get(job.id)
         if execution is not None:
             quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
 

@@ -282,10 +282,14 @@ class Scheduler:
     def has_room(self, held: int, arriving: int) -> bool:
         """Whether a job claimed now could join soon (any thread): the worker's `held` jobs, and
         what runs, waits or is `arriving`, are under the batch limit, and no ticket waits for KV room."""
+        return self.room(held, arriving) > 0
+
+    def room(self, held: int, arriving: int) -> int:
+        """How many jobs claimed now could join soon (any thread), as `has_room` counts."""
         batch = self.batch  # once: the engine thread may drop it meanwhile
         members = len(batch.members) if batch is not None else 0
         engine_side = members + len(self.line) + arriving
-        return not self.waiting_for_room and max(held, engine_side) < self.batch_limit
+        return 0 if self.waiting_for_room else max(0, self.batch_limit - max(held, engine_side))
 
 
 def padded_kv_bytes(kv: KvShape, contexts: Sequence[int]) -> int:
