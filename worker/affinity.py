@@ -30,10 +30,9 @@ class ModelAffinity:
         self.model: str | None = None
         self._swapped_at = -float("inf")
 
-    def preference(self, busy: bool, room: int = 1) -> Preference:
+    def preference(self, busy: bool) -> Preference:
         return Preference(
             model=self.model or "",
-            room=room,
             busy=busy,
             may_swap=time.monotonic() - self._swapped_at >= self.swap_after_s,
             swap_after_s=self.swap_after_s,

@@ -71,6 +71,7 @@ end
 -- the job's model (nil when it names none), how long it has waited (huge when unknown), the routing
 -- names of its prompt's blocks (nil when it has none) and whether it is a crash suspect (it was running
 -- when a worker died: it runs alone, worker/supervision/crash_suspect.py)
+local suspects = {}  -- the ids `about` found to be crash suspects
 local function about(id)
   local fields = redis.call("HMGET", job_prefix .. id, "meta", "enqueued_at")
   local model, prefix, suspect = nil, nil, false
@@ -80,6 +81,7 @@ local function about(id)
       if type(meta.model) == "string" then model = meta.model end
       if type(meta.prefix) == "table" and #meta.prefix > 0 then prefix = meta.prefix end
       suspect = (tonumber(meta.crash_attempts) or 0) > 0
+      suspects[id] = suspect or nil
     end
   end
   local at = fields[2] and epoch(fields[2])
@@ -273,6 +275,6 @@ while #got < 2 * want do
   got[#got + 1], got[#got + 2] = one[1], one[2]
   busy, may_swap, with_others = true, false, true
   if one[3] then mine = one[3] end
-  if select(4, about(one[2])) then break end  -- a crash suspect runs alone
+  if suspects[one[2]] then break end  -- a crash suspect runs alone
 end
 return got

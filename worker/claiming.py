@@ -98,6 +98,8 @@ class TurnTakingQueue(Queue):
     ) -> tuple[Job, Queue] | None:
         if cls.worker_name is None:
             raise RuntimeError("claim with TurnTakingQueue.for_worker(name): a claim must name its worker")
+        if cls.ahead:
+            return cls.ahead.pop(0)
         queue_keys = [queue.key for queue in queues]
         claim = connection.register_script(SCRIPT)
         script_keys = [
@@ -108,8 +110,6 @@ class TurnTakingQueue(Queue):
             keys.CLAIMING_WORKERS,
             keys.WORKER_MODELS,
         ]
-        if cls.ahead:
-            return cls.ahead.pop(0)
         job_prefix = (job_class or Job).redis_job_namespace_prefix
         while True:
             try:
@@ -168,12 +168,14 @@ class TurnTakingQueue(Queue):
         death_penalty_class: Any,
     ) -> list[tuple[Job, Queue]]:
         """The claimed jobs (queue key, job id), fetched in one round trip; a job whose hash is gone is
-        left out, as RQ's own fetch leaves it."""
+        left out, as RQ's own fetch leaves it, and leaves the claimed list."""
         job_cls = job_class or Job
         jobs = job_cls.fetch_many([job_id for _, job_id in pairs], connection=connection, serializer=serializer)
         found = []
-        for (queue_key, _), job in zip(pairs, jobs, strict=True):
-            if job is not None:
+        for (queue_key, job_id), job in zip(pairs, jobs, strict=True):
+            if job is None:
+                connection.lrem(keys.worker_claimed(str(cls.worker_name)), 1, job_id)
+            else:
                 queue = cls.from_queue_key(
                     queue_key,
                     connection=connection,

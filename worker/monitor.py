@@ -62,9 +62,9 @@ class Monitor:
         """Set by a poke or a stop: the loop's wait ends early."""
         self._poked = False
         self._beating = threading.Lock()
+        """Beats come from several threads: each one's record is whole and the last written is the newest."""
         self._beat_began = float("-inf")
         """When the last heartbeat written began to look (time.monotonic())."""
-        """Beats come from several threads: each one's record is whole and the last written is the newest."""
         self._thread = threading.Thread(target=self._loop, name="mlxq-monitor", daemon=True)
 
     def start(self) -> None:

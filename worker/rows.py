@@ -316,8 +316,16 @@ def vocabulary_facts(tokenizer: Any) -> tuple[int, Markers]:
     known = _vocabularies.get(tokenizer)
     if known is None:
         vocab = tokenizer.get_vocab()
-        known = _vocabularies[tokenizer] = (len(vocab), markers_of(tokenizer, vocab))
+        known = (len(vocab), markers_of(tokenizer, vocab))
+        _remember(_vocabularies, tokenizer, known)
     return known
+
+
+def _remember(cache: weakref.WeakKeyDictionary[Any, Any], tokenizer: Any, value: Any) -> None:
+    try:
+        cache[tokenizer] = value
+    except TypeError:  # a tokenizer that cannot be referred to weakly is looked at again each time
+        pass
 
 
 _unshown: weakref.WeakKeyDictionary[Any, tuple[Markers, frozenset[int]]] = weakref.WeakKeyDictionary()
@@ -341,10 +349,7 @@ def unshown_specials(tokenizer: Any, markers: Markers) -> frozenset[int]:
             for token_id, token in added.items()
             if getattr(token, "special", False) and not any(str(token.content) in text for text in texts)
         )
-    try:
-        _unshown[tokenizer] = (markers, found)
-    except TypeError:  # a tokenizer that cannot be referred to weakly is looked at again each time
-        pass
+    _remember(_unshown, tokenizer, (markers, found))
     return found
 
 

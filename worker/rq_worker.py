@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from rq import Queue
@@ -79,7 +80,9 @@ class MlxqWorker(OutageTolerantWorker):
         self.claims = TurnTakingQueue.for_worker(self.name)
         self.queue_class = self.claims
         self.affinity = ModelAffinity(self.connection, self.name, settings.swap_after_s)
-        self.queue_class.preference = lambda: self.affinity.preference(busy=bool(self._running), room=self._room_now())
+        self.queue_class.preference = lambda: replace(
+            self.affinity.preference(bool(self._running)), room=self._claimable()
+        )
         self.queue_class.prefix_wait_s = settings.prefix_wait_s
         self.settings = settings
         self.engine = engine
@@ -244,10 +247,10 @@ class MlxqWorker(OutageTolerantWorker):
                 self.affinity.claimed(found[0])
                 return self.suspect.claimed(found, alone=not self._running)
 
-    def _room_now(self) -> int:
+    def _claimable(self) -> int:
         """How many jobs a claim may take: the batch's room, one while a crash suspect runs (it holds the
         claims back until it has shown it does not kill the worker)."""
-        return 1 if self.suspect.present else max(1, self.engine.room(len(self._running)))
+        return 1 if self.suspect.present else self.engine.room(len(self._running))
 
     def _wait_for_room(self) -> None:
         self._room.wait(0.1 if self.suspect.present else IDLE_POLL_S)

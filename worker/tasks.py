@@ -103,11 +103,6 @@ def embed(request: dict[str, Any]) -> dict[str, Any]:
             work.cancel()  # whatever interrupted the wait, the engine lets go too
         if work.error is not None:
             raise work.error
-    if work.judged:
-        return {"model": req.model, "prompt_tokens": work.prompt_tokens, "truncated": work.truncated,
-                "load_s": work.load_s, "took_s": time.monotonic() - started,
-                "scores": [v[0] if v else 0.0 for v in work.vectors]}  # fmt: skip
-    vectors = [embedding.shaped(v or [], req.dimensions) for v in work.vectors]
     result: dict[str, Any] = {
         "model": req.model,
         "prompt_tokens": work.prompt_tokens,
@@ -115,6 +110,10 @@ def embed(request: dict[str, Any]) -> dict[str, Any]:
         "load_s": work.load_s,
         "took_s": time.monotonic() - started,
     }
+    if work.judged:  # a reranker's own scores
+        result["scores"] = [v[0] if v else 0.0 for v in work.vectors]
+        return result
+    vectors = [embedding.shaped(v or [], req.dimensions) for v in work.vectors]
     if req.kind == "rerank":
         result["scores"] = embedding.scores(vectors[0], vectors[1:])
     else:

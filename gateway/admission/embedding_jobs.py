@@ -18,12 +18,11 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from gateway.admission.admit import Tier
 from gateway.admission.clients import Client
+from gateway.admission.submission import admit_jobs
 from gateway.deps import Gateway
 from gateway.streams import waiting
 from shared.embeddings import EmbedRequest
-from shared.errors import MlxqError
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +39,17 @@ class Embedded:
 async def run(gw: Gateway, request: Request, client: Client, body: EmbedRequest) -> Embedded:
     """Check, admit and wait for one embedding or rerank job; raises what a generation's call raises."""
     started = time.monotonic()
-    checked = await run_in_threadpool(gw.limits.check_embedding, body)
-    await run_in_threadpool(gw.pull_missing, checked.model)
-    tier: Tier = "single"
-    gw.admission.check_size(1, tier)
-    held = gw.refusals.check(client.id, tier, 1)
-    if held is not None:
-        raise held
+
+    def check() -> EmbedRequest:
+        checked = gw.limits.check_embedding(body)
+        gw.pull_missing(checked.model)
+        return checked
+
+    checked = await run_in_threadpool(check)  # tokenizing inputs takes a while: off the event loop, one hop
     job = gw.jobs["interactive"].build_embedding(
         checked, meta={"owner": client.tag, "accepted_at": time.time(), "quiet": True}
     )
-    try:
-        decided = await gw.admission.admit(client, [job], tier, job.id, None, None)
-    except MlxqError as refusal:
-        gw.refusals.remember(client.id, refusal, tier, 1)
-        raise
-    logger.info("job admitted", extra={"job_id": job.id, "model": checked.model, "priority": "interactive"})
+    decided = await admit_jobs(gw, client, [job], [checked.model], "single", "interactive", job.id)
     result = await waiting.result(request, job.id)
     headers = {**(decided.rate.headers() if decided.rate else {}), "x-mlxq-job-id": job.id}
     return Embedded(checked, result, headers, time.monotonic() - started)

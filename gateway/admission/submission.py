@@ -18,7 +18,7 @@ from typing import Any, Literal
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from gateway.admission.admit import BatchWrite, Idempotency, RateState, Tier
+from gateway.admission.admit import Admitted, BatchWrite, Idempotency, RateState, Tier
 from gateway.admission.clients import Client
 from gateway.admission.prompt_limits import Fitted
 from gateway.deps import Gateway
@@ -108,10 +108,6 @@ async def accept(
     fitted = await run_in_threadpool(checked)
     requests = [fit.request for fit in fitted]
     tier: Tier = "batch" if priority == "low" else "single"
-    gw.admission.check_size(len(requests), tier)
-    held = gw.refusals.check(client.id, tier, len(requests))
-    if held is not None:
-        raise held
     factory = gw.jobs[priority]
     jobs: list[JobRecord] = [
         factory.build(
@@ -131,13 +127,36 @@ async def accept(
     if idem is not None and len(jobs) == 1 and not idem.remember_id:
         idem = Idempotency(idem.key, idem.request_hash, jobs[0].id)
     request_id = batch.batch_id if batch else jobs[0].id
+    models = [request.model for request in requests]
+    decided = await admit_jobs(gw, client, jobs, models, tier, priority, request_id, idem, batch)
+    if decided.duplicate_of is not None:
+        return Accepted(ids=[decided.duplicate_of], created_at=None, rate=None, fitted=fitted, duplicate=True)
+    return Accepted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate, fitted=fitted)
+
+
+async def admit_jobs(
+    gw: Gateway,
+    client: Client,
+    jobs: list[JobRecord],
+    models: list[str],
+    tier: Tier,
+    priority: Priority,
+    request_id: str,
+    idem: Idempotency | None = None,
+    batch: BatchWrite | None = None,
+) -> Admitted:
+    """Admit `jobs` (for `models`, one each) as one request, or refuse them all: the tier's size limits, a
+    refusal this client was given a moment ago, then admission's script. Each job admitted is logged."""
+    gw.admission.check_size(len(jobs), tier)
+    held = gw.refusals.check(client.id, tier, len(jobs))
+    if held is not None:
+        raise held
     try:
         decided = await gw.admission.admit(client, jobs, tier, request_id, idem, batch)
     except MlxqError as refusal:
         gw.refusals.remember(client.id, refusal, tier, len(jobs))
         raise
-    if decided.duplicate_of is not None:
-        return Accepted(ids=[decided.duplicate_of], created_at=None, rate=None, fitted=fitted, duplicate=True)
-    for job, request in zip(jobs, requests, strict=True):
-        logger.info("job admitted", extra={"job_id": job.id, "model": request.model, "priority": priority})
-    return Accepted(ids=[job.id for job in jobs], created_at=jobs[0].created_at, rate=decided.rate, fitted=fitted)
+    if decided.duplicate_of is None:
+        for job, model in zip(jobs, models, strict=True):
+            logger.info("job admitted", extra={"job_id": job.id, "model": model, "priority": priority})
+    return decided

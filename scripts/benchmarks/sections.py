@@ -28,13 +28,20 @@ ROOT = Path(__file__).resolve().parents[2]
 STREAMS_HEADING = "## Streams on one gateway"
 
 
-def streams_section(table: str, args: argparse.Namespace) -> str:
+def written_by() -> str:
+    """A section's first words: the command that wrote it, when, and on what machine."""
     command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
     cpu = platform.processor() or platform.machine()
+    return (
+        f"Written by `{command.strip()} --write` ({time.strftime('%Y-%m-%d')}) on {platform.system()} "
+        f"{platform.release()},\n{cpu}, {os.cpu_count()} CPUs"
+    )
+
+
+def streams_section(table: str, args: argparse.Namespace) -> str:
     return f"""{STREAMS_HEADING}
 
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{cpu}, {os.cpu_count()} CPUs. mlxq alone (mlx_lm.server has no queue to wait in): one gateway, no worker while
+{written_by()}. mlxq alone (mlx_lm.server has no queue to wait in): one gateway, no worker while
 the streams open, so every one waits queued (`POST /v1/jobs`, then `GET /v1/jobs/{{id}}/events`); then a worker
 (demo model, `MLXQ_MAX_BATCH=64`) runs them, 4 tokens each. Connections: Redis's `connected_clients` with all
 open, less before (the gateway's fixed pool, `MLXQ_REDIS_CONNECTIONS`); memory: the gateway's RSS growth over
@@ -56,12 +63,9 @@ def latency(args: argparse.Namespace) -> str:
 
 
 def latency_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    cpu = platform.processor() or platform.machine()
     return f"""{LATENCY_HEADING}
 
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{cpu}, {os.cpu_count()} CPUs; {args.rounds} rounds, 16 requests per shape and server in each.
+{written_by()}; {args.rounds} rounds, 16 requests per shape and server in each.
 
 {table}
 """
@@ -83,11 +87,9 @@ def embeddings(args: argparse.Namespace) -> str:
 
 
 def embeddings_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
     return f"""{EMBEDDINGS_HEADING}
 
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. The shape is described in
+{written_by()}. The shape is described in
 scripts/benchmarks/embeddings.py.
 
 {table}
@@ -95,11 +97,9 @@ scripts/benchmarks/embeddings.py.
 
 
 def agent_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
     return f"""{AGENT_HEADING}
 
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs: mlxq beside `mlx_lm.server` and vllm-mlx on
+{written_by()}: mlxq beside `mlx_lm.server` and vllm-mlx on
 random-weight models (worker/tiny_families.py at hidden {args.hidden}, {args.dtype}) of a plain family (llama)
 and a hybrid one (qwen3_next). The shape is described in scripts/benchmarks/agent_sessions.py.
 
@@ -126,12 +126,9 @@ def with_redis(args: argparse.Namespace, name: str, shape: Any) -> str:
 
 
 def chat_section(table: str, args: argparse.Namespace) -> str:
-    command = "scripts/bench " + " ".join(a for a in sys.argv[1:] if a != "--write")
-    cpu = platform.processor() or platform.machine()
     return f"""{CHAT_HEADING}
 
-Written by `{command.strip()} --write` ({time.strftime("%Y-%m-%d")}) on {platform.system()} {platform.release()},
-{cpu}, {os.cpu_count()} CPUs. mlxq beside `mlx_lm.server` on random-weight models of three families
+{written_by()}. mlxq beside `mlx_lm.server` on random-weight models of three families
 (worker/tiny_families.py at hidden {args.hidden}, {args.dtype}): llama (every layer full attention), qwen3_next
 (a gated delta net beside attention) and gemma3_text (64-token sliding windows beside full attention).
 
