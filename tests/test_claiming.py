@@ -19,8 +19,10 @@ from gateway.admission.admit import Admission, Tier
 from gateway.admission.clients import Client
 from gateway.jobs.records import JobFactory
 from shared import keys
+from shared.embeddings import EmbedRequest
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
+from worker.affinity import ModelAffinity
 from worker.claiming import Preference, TurnTakingQueue
 from worker.supervision.orphans import reclaim_claimed
 
@@ -237,3 +239,28 @@ def test_a_crash_suspect_is_never_claimed_beside_others(queues: Queues) -> None:
     assert queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)[0].id == b  # type: ignore[index]
     assert queues.claims.ahead == []  # the suspect alone
     assert queues.claim_ids() == [c]
+
+
+def test_an_embedding_job_is_claimed_by_a_busy_worker_at_once_and_is_no_swap(queues: Queues) -> None:
+    """Embedding and rerank jobs run beside any generation (worker/engine.py): a worker generating with one
+    model takes them as they come, and its model stays the one it generates with."""
+    factory = JobFactory(queues.queues[1], queues.settings)
+    embed = factory.build_embedding(EmbedRequest(model="vectors", inputs=["a", "b"]))
+
+    async def admit() -> None:
+        aredis = AsyncRedis.from_url(queues.settings.redis_url)
+        try:
+            await Admission(aredis, queues.settings, queues.queues).admit(ALICE, [embed], "single", embed.id)
+        finally:
+            await aredis.aclose()
+
+    asyncio.run(admit())
+    [x2] = queues.admit(ALICE, 1, 1, "x")
+    queues.redis.hset(keys.WORKER_MODELS, "w1", "x")
+    queues.claims.preference = lambda: replace(running("x", swap_after_s=60), room=4)
+    assert queues.claim_ids() == [embed.id, x2]
+    assert queues.redis.hget(keys.WORKER_MODELS, "w1") == b"x"
+    affinity = ModelAffinity(queues.redis, "w1", swap_after_s=60)
+    affinity.claimed(Job.fetch(x2, connection=queues.redis, serializer=JSONSerializer))
+    affinity.claimed(Job.fetch(embed.id, connection=queues.redis, serializer=JSONSerializer))
+    assert affinity.model == "x"

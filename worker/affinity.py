@@ -39,9 +39,10 @@ class ModelAffinity:
         )
 
     def claimed(self, job: Job) -> None:
-        """A job was claimed: a swap when it is for another model than the last one."""
+        """A job was claimed: a swap when it is for another model than the last one (an embedding or rerank
+        job, which runs beside any generation, is none)."""
         model = job.meta.get("model")
-        if not isinstance(model, str) or model == self.model:
+        if not isinstance(model, str) or model == self.model or job.meta.get("kind"):
             return
         previous = self.model
         self.model = model

@@ -69,23 +69,25 @@ local function epoch(stamp)
 end
 
 -- the job's model (nil when it names none), how long it has waited (huge when unknown), the routing
--- names of its prompt's blocks (nil when it has none) and whether it is a crash suspect (it was running
--- when a worker died: it runs alone, worker/supervision/crash_suspect.py)
+-- names of its prompt's blocks (nil when it has none), whether it is a crash suspect (it was running
+-- when a worker died: it runs alone, worker/supervision/crash_suspect.py) and whether it runs beside any
+-- generation (an embedding or rerank job, meta.kind: taking it is no swap)
 local suspects = {}  -- the ids `about` found to be crash suspects
 local function about(id)
   local fields = redis.call("HMGET", job_prefix .. id, "meta", "enqueued_at")
-  local model, prefix, suspect = nil, nil, false
+  local model, prefix, suspect, beside = nil, nil, false, false
   if fields[1] then
     local ok, meta = pcall(cjson.decode, fields[1])
     if ok and type(meta) == "table" then
       if type(meta.model) == "string" then model = meta.model end
+      beside = type(meta.kind) == "string"
       if type(meta.prefix) == "table" and #meta.prefix > 0 then prefix = meta.prefix end
       suspect = (tonumber(meta.crash_attempts) or 0) > 0
       suspects[id] = suspect or nil
     end
   end
   local at = fields[2] and epoch(fields[2])
-  return model, at and (now - at) or math.huge, prefix, suspect
+  return model, at and (now - at) or math.huge, prefix, suspect, beside
 end
 
 -- the place in `prefix` of the deepest block the worker holds (1 is the deepest); nil when none
@@ -136,9 +138,10 @@ end
 local passed_over, held_back, with_others = false, false, false
 local prefix_wait = tonumber(ARGV[15])
 local function verdict(id)
-  local model, waited, prefix, suspect = about(id)
+  local model, waited, prefix, suspect, beside = about(id)
   if suspect and with_others then return "stop", model end
   if model ~= nil and redis.call("SISMEMBER", ARGV[12], model) == 1 then return nil, model end
+  if beside then return "now", nil end  -- claimed as a job for no model: the worker's stays as it is
   if prefix and waited < prefix_wait and held_deeper_elsewhere(prefix) then
     held_back = true  -- not `passed_over`: nothing below it waits on this
     return nil, model

@@ -107,7 +107,11 @@ class JobFactory:
         """The hash for one embedding or rerank job (all of a request's inputs: the worker batches them)."""
         description = f"{request.kind} model={request.model} inputs={len(request.inputs)} priority={self._priority}"
         payload = request.model_dump(exclude_none=True)
-        return self._record(task_names.EMBED, payload, request.model, description, None, meta)
+        # Its kind tells the claim script and the worker's affinity that it runs beside any generation
+        # (worker/engine.py): taking it is no swap of the worker's model.
+        return self._record(
+            task_names.EMBED, payload, request.model, description, None, {"kind": request.kind, **(meta or {})}
+        )
 
     def _record(
         self,
