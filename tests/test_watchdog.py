@@ -3,6 +3,8 @@ circuit, and no job held by a dead worker is lost or run twice."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import time
@@ -12,11 +14,18 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
+from gateway.admission.admit import Admission
+from gateway.admission.clients import Client
+from gateway.jobs.records import JobFactory
+from shared import keys
+from shared.embeddings import EmbedRequest
+from shared.settings import Settings
 from tests.support.processes import Service
 from tests.support.redis_servers import RedisServer
 
@@ -237,6 +246,46 @@ def test_sigterm_to_the_watchdog_stops_everything_in_grace_and_hands_the_job_bac
         assert len(svc.events("job_handed_back")) == 1
         assert started_registry_is_empty(redis)
         assert [e for e in svc.events("worker_died") if not e.get("stopping")] == []
+    finally:
+        svc.stop()
+
+
+def test_sigterm_mid_embedding_hands_the_embedding_job_back(
+    own_redis: RedisServer, data_dir: Path, tmp_path: Path
+) -> None:
+    """An embedding job is the engine's as a generation is: a stop hands it back to the front of its queue,
+    neither failed nor counted as a crash, even while its 2,048 inputs are still being encoded."""
+    svc = supervised(own_redis, data_dir, tmp_path)
+    redis = Redis.from_url(own_redis.url)
+    settings = Settings(redis_url=own_redis.url)
+    queue = Queue(settings.queue_names[0], connection=redis, serializer=JSONSerializer)
+    long_text = " ".join(["the sea was calm that morning and the team ran its models"] * 60)
+    job = JobFactory(queue, settings).build_embedding(EmbedRequest(model="embed", inputs=[long_text] * 2048))
+
+    async def admit() -> None:
+        aredis = AsyncRedis.from_url(own_redis.url)
+        try:
+            await Admission(aredis, settings, [queue]).admit(Client("key:alice"), [job], "single", job.id)
+        finally:
+            await aredis.aclose()
+
+    try:
+        asyncio.run(admit())
+        svc.wait_for(job.id, {"started"}, timeout_s=60)
+        # Stopped once its model is in (a load is not cut short, for generations either): while its inputs
+        # are encoded or run in batches.
+        while not any(
+            model["name"] == "embed" and model["state"] == "loaded"
+            for key in redis.scan_iter(match=keys.worker_heartbeat("*"))
+            for model in json.loads(redis.get(key) or "{}").get("models", [])
+        ):
+            assert svc.job(job.id)["status"] == "started"
+            time.sleep(0.05)
+        svc.worker.popen.send_signal(signal.SIGTERM)
+        svc.worker.popen.wait(timeout=FAST["stop_grace_s"] + 5)
+        view = svc.job(job.id)
+        assert view["status"] == "queued" and view["attempts"] == 0, view  # handed back, not failed
+        assert [e["job_id"] for e in svc.events("job_handed_back")] == [job.id]
     finally:
         svc.stop()
 

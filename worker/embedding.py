@@ -25,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 
 from shared.embeddings import EmbedRequest
-from shared.errors import InvalidRequest
+from shared.errors import GenerationCanceled, InvalidRequest
 from shared.models import ModelSpec
 from worker import reranking
 
@@ -85,6 +85,7 @@ class EmbedWork:
         are checked against the `vocabulary`'s size: MLX reads past an embedding table without a word."""
         query = self.request.query is not None
         for index, item in enumerate(self.request.texts()):
+            self._go_on()
             if isinstance(item, list) and any(not 0 <= i < vocabulary for i in item):
                 field = f"input[{index - query}]"
                 raise InvalidRequest(
@@ -108,6 +109,7 @@ class EmbedWork:
         assert self.request.query is not None
         cue = list(tokenizer.encode(reranking.SUFFIX, add_special_tokens=False))
         for document in self.request.inputs:
+            self._go_on()
             text = document if isinstance(document, str) else tokenizer.decode(document)
             asked = reranking.prompt(self.request.query, text)[: -len(reranking.SUFFIX)]
             ids = list(tokenizer.encode(asked, add_special_tokens=False))
@@ -117,6 +119,12 @@ class EmbedWork:
             self.ids.append(ids + cue)
         self.judged = True
         self._ready()
+
+    def _go_on(self) -> None:
+        """Between two inputs' encodings: 2,048 long ones take seconds on the engine thread, and a cancel or a
+        stop (which hands the job back) must not wait for all of them."""
+        if self._canceled.is_set():
+            raise GenerationCanceled("The job was canceled while it was running")
 
     def _ready(self) -> None:
         self.prompt_tokens = sum(len(ids) for ids in self.ids)

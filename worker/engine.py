@@ -143,8 +143,10 @@ class Engine:
         return 0 if handle is None else handle.generated
 
     def active_job_ids(self) -> list[str]:
+        """The jobs the engine holds, generations and embeddings alike: what a stop hands back and a cancel
+        flag reaches."""
         with self._lock:
-            return list(self._active)
+            return [*self._active, *self._embedding]
 
     def has_room(self, held: int) -> bool:
         """Whether a job claimed now could join soon (any thread)."""
