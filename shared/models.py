@@ -346,6 +346,9 @@ _EMBEDDING_HEADS = ("Model", "ForMaskedLM", "EmbeddingModel")
 """How an embedding model's architecture is named in its config.json (BertModel, XLMRobertaModel,
 ModernBertModel, Qwen3Model...), where a text generator's ends in ForCausalLM or ForConditionalGeneration."""
 
+_GENERATOR_HEADS = ("LMHeadModel",)
+"""Generators whose names end in Model all the same (GPT2LMHeadModel, GPTNeoXLMHeadModel...)."""
+
 
 def kind_of(spec: ModelSpec) -> str:
     """What `spec` does: its models-file `kind`, else what its config.json's architectures say (a model
@@ -378,7 +381,10 @@ def _kind_in(directory: Path) -> str:
     if (
         isinstance(architectures, list)
         and architectures
-        and all(isinstance(a, str) and a.endswith(_EMBEDDING_HEADS) for a in architectures)
+        and all(
+            isinstance(a, str) and a.endswith(_EMBEDDING_HEADS) and not a.endswith(_GENERATOR_HEADS)
+            for a in architectures
+        )
     ):
         return "embed"
     return "generate"

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from shared.errors import ModelNotFound
-from shared.models import ModelRegistry
+from shared.models import ModelRegistry, ModelSpec, kind_of
 from shared.settings import Settings
 
 
@@ -142,3 +143,19 @@ def test_a_keep_alive_that_is_no_duration_names_the_field() -> None:
     with pytest.raises(InvalidRequest, match="keep_alive") as caught:
         duration_s("soon", "keep_alive")
     assert caught.value.param == "keep_alive"
+
+
+@pytest.mark.parametrize(
+    ("architectures", "kind"),
+    [
+        (["BertModel"], "embed"),
+        (["Qwen3Model"], "embed"),
+        (["XLMRobertaForMaskedLM"], "embed"),
+        (["LlamaForCausalLM"], "generate"),
+        (["GPT2LMHeadModel"], "generate"),
+        (["GPTNeoXLMHeadModel"], "generate"),
+    ],
+)
+def test_a_models_kind_is_what_its_config_names(tmp_path: Path, architectures: list[str], kind: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": architectures}))
+    assert kind_of(ModelSpec("m", path=tmp_path)) == kind

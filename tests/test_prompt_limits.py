@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.admission.prompt_limits import PromptLimits
+from shared.embeddings import EmbedRequest
 from shared.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from shared.models import ModelRegistry
 from shared.schemas import GenerateRequest
@@ -181,3 +182,16 @@ def test_no_character_cap_refuses_a_prompt_whose_tokens_fit(demo_dir: Path, tmp_
     with pytest.raises(ContextLengthExceeded, match="resulted in at least") as caught:
         checker.check(chat(messages=[{"role": "user", "content": "x" * (most + 1)}]))
     assert caught.value.param == "messages"
+
+
+def test_an_embedding_request_for_a_hub_model_not_here_yet_is_not_refused_for_its_kind(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """Its files say what it is once its pull (which the request starts) brings them; a local generator is
+    refused at once."""
+    checked = limits(demo_dir, tmp_path, '[models.vectors]\nrepo = "someone/some-embedder"\n').check_embedding(
+        EmbedRequest(model="vectors", inputs=["a"])
+    )
+    assert checked.model == "vectors"
+    with pytest.raises(InvalidRequest, match="generates text"):
+        limits(demo_dir, tmp_path).check_embedding(EmbedRequest(model="tiny", inputs=["a"]))

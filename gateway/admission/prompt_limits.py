@@ -122,7 +122,10 @@ class PromptLimits:
         if problem is not None:
             raise ModelFilesMissing(f"Model '{spec.name}' cannot be loaded: {problem}", param="model")
         kind = kind_of(spec)
-        if kind != "embed" and not (kind == "rerank" and request.kind == "rerank"):
+        # A hub model whose files are not here yet says nothing of its kind: admitted, it starts its pull,
+        # and the worker refuses it then if it generates text (worker/embedding_runs.py).
+        known = spec.kind is not None or spec.local_files() is not None
+        if known and kind != "embed" and not (kind == "rerank" and request.kind == "rerank"):
             wanted = "an embedding model or a reranker" if request.kind == "rerank" else "an embedding model"
             raise InvalidRequest(
                 f"Model '{spec.name}' generates text; this takes {wanted}"
