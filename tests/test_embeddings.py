@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlx.core as mx
@@ -196,3 +198,27 @@ def test_generation_and_embedding_models_each_refuse_the_others_work(service: Se
     assert vectors.value.body["param"] == "model"  # type: ignore[index]
     response = httpx.post(service.base_url + "/api/embed", json={"model": "demo", "input": "hi"}, timeout=30)
     assert response.status_code in (400, 422) and "error" in response.json()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next", "gemma3_text"])
+def test_a_reranker_reads_only_its_rows_last_logits_where_that_gives_its_own(
+    family: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A batch's logits at every position would take gigabytes for a real vocabulary: the head goes over the
+    rows' last hidden states only, where that is exactly the model's forward (tried once per load)."""
+    model, tokenizer = load(str(build_family_model(tmp_path_factory.mktemp(family) / family, family)))[:2]
+    judged = reranking.judge(model, tokenizer)
+    assert judged.head_apart
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    whole = replace(judged, head_apart=False)
+    apart, full = reranking.forward(model, rows, judged), reranking.forward(model, rows, whole)
+    assert [v for [v] in apart] == pytest.approx([v for [v] in full], abs=1e-5)
+
+    class Capped(type(model)):  # type: ignore[misc]
+        """Logits its head alone does not give (a family that caps or scales them)."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return 2 * super().__call__(*args, **kwargs)
+
+    model.__class__ = Capped
+    assert not reranking.judge(model, tokenizer).head_apart

@@ -24,7 +24,7 @@ class Embeds:
         self._held: LoadedModel | None = None
         """The first job's model, once acquired."""
         self._pad = 0
-        self._answers = (0, 0)
+        self._judge: reranking.Judge | None = None
         """An LLM reranker's "yes" and "no" tokens."""
 
     @property
@@ -48,7 +48,8 @@ class Embeds:
             batch = work.next_batch(tokens)
             rows = [work.ids[i] for i in batch]
             if work.judged:
-                vectors = reranking.forward(self._held.model, rows, *self._answers)
+                assert self._judge is not None
+                vectors = reranking.forward(self._held.model, rows, self._judge)
             else:
                 vectors = embedding.forward(self._held.model, rows, self._pad)
             for index, vector in zip(batch, vectors, strict=True):
@@ -70,7 +71,7 @@ class Embeds:
             self._progress(None)
         self._held = loaded
         if loaded.kind == "rerank" and work.request.kind == "rerank":
-            self._answers = reranking.answer_ids(loaded.tokenizer)
+            self._judge = reranking.judge(loaded.model, loaded.tokenizer)
             work.encode_judged(loaded.tokenizer, loaded.context_tokens or reranking.DEFAULT_CONTEXT)
             return loaded
         if loaded.kind != "embed":
