@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,9 @@ class PrefixDisk:
         self.stats = DiskStats()
         self._files: dict[str, dict[str, KeptFile]] = {}
         """identity -> key -> its file."""
-        self._lengths: dict[str, dict[str, set[int]]] = {}
-        """identity -> group ("s" for whole states, a block's name for the tails after it) -> lengths."""
+        self._lengths: dict[str, dict[str, Counter[int]]] = {}
+        """identity -> group ("s" for whole states, a block's name for the tails after it) -> each length's
+        files (counted, so that forgetting one file never looks through the others)."""
         self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._queue: queue.Queue[PendingWrite | None] = queue.Queue(QUEUED_WRITES)
@@ -128,7 +130,6 @@ class PrefixDisk:
             self.budget_bytes, self.writing = 0, False
 
     def _scan(self, directory: Path) -> None:
-        files = self._files.setdefault(directory.name, {})
         for path in directory.iterdir():
             match = NAME.match(path.name)
             if match is None:
@@ -136,8 +137,7 @@ class PrefixDisk:
                     path.unlink(missing_ok=True)  # a write cut short
                 continue
             stat = path.stat()
-            files[match["key"]] = KeptFile(path, stat.st_size, stat.st_mtime)
-            self._index(directory.name, match["key"])
+            self._add(directory.name, match["key"], KeptFile(path, stat.st_size, stat.st_mtime))
 
     # -- finding and reading ---------------------------------------------------------------
 
@@ -334,8 +334,7 @@ class PrefixDisk:
         final = write_sealed(self.root / write.identity, write)
         size = final.stat().st_size
         with self._lock:
-            self._files.setdefault(write.identity, {})[write.key] = KeptFile(final, size, write.at, write.depth)
-            self._index(write.identity, write.key)
+            self._add(write.identity, write.key, KeptFile(final, size, write.at, write.depth))
         self.stats.written_bytes += size
         self._evict()
 
@@ -356,10 +355,12 @@ class PrefixDisk:
         """Wait for the writes queued so far (tests, and a worker that stops)."""
         self._queue.join()
 
-    def _index(self, identity: str, key: str) -> None:
+    def _add(self, identity: str, key: str, kept: KeptFile) -> None:
+        files = self._files.setdefault(identity, {})
         grouped = group(key)
-        if grouped is not None:
-            self._lengths.setdefault(identity, {}).setdefault(grouped[0], set()).add(grouped[1])
+        if grouped is not None and key not in files:
+            self._lengths.setdefault(identity, {}).setdefault(grouped[0], Counter())[grouped[1]] += 1
+        files[key] = kept
 
     def _forget(self, identity: str, key: str, remove: bool) -> None:
         with self._lock:
@@ -368,8 +369,11 @@ class PrefixDisk:
     def _forget_locked(self, identity: str, key: str, remove: bool) -> None:
         entry = self._files.get(identity, {}).pop(key, None)
         grouped = group(key)
-        if grouped is not None and not any(group(other) == grouped for other in self._files.get(identity, {})):
-            self._lengths.get(identity, {}).get(grouped[0], set()).discard(grouped[1])
+        lengths = self._lengths.get(identity, {}).get(grouped[0]) if grouped is not None else None
+        if entry is not None and grouped is not None and lengths is not None:
+            lengths[grouped[1]] -= 1
+            if lengths[grouped[1]] <= 0:
+                del lengths[grouped[1]]
         if entry is not None and remove:
             with contextlib.suppress(OSError):
                 entry.path.unlink()
