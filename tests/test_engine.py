@@ -11,12 +11,16 @@ import pytest
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.utils import load_tokenizer
 
+from shared.embeddings import EmbedRequest
 from shared.errors import GenerationCanceled, InvalidRequest, JobTimedOut, ModelUnavailable
 from shared.job_stream import Resumed
 from shared.models import ModelSpec
 from shared.schemas import GenerateRequest
 from shared.settings import Settings
+from worker import embedding
 from worker.assembly import build_engine
+from worker.demo_model import build_embedding_model
+from worker.embedding import EmbedWork
 from worker.engine import Engine
 from worker.generation import Submission
 from worker.output_split import Piece
@@ -405,3 +409,40 @@ def test_a_request_beginning_like_one_still_prefilling_copies_the_part_already_c
     begins_alike = next(n for n, (a, b) in enumerate(zip(opening + [-1], whole, strict=False)) if a != b)
     assert copied.cached_tokens == begins_alike >= 8, (begins_alike, copied.cached_tokens)
     assert copied.text == alone.text
+
+
+def test_vectors_beside_a_decoding_stream_come_in_batches_cut_to_its_pause(
+    engine: Engine, demo: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone, an embedding job's 32 inputs are one batch; beside a stream they are cut to the time a piece of
+    prefill may take, at the embedding model's own speed, so the stream pauses no longer than for a piece."""
+    sizes: list[int] = []
+    forward = embedding.forward
+
+    def counted(model: object, rows: list[list[int]], pad_id: int) -> list[list[float]]:
+        sizes.append(len(rows))
+        return forward(model, rows, pad_id)
+
+    monkeypatch.setattr(embedding, "forward", counted)
+    spec = ModelSpec("embed", path=build_embedding_model(tmp_path / "embed"))
+    inputs: list[str | list[int]] = [f"sentence number {i} about the weather and the sea" for i in range(32)]
+
+    def embed(job_id: str) -> EmbedWork:
+        work = EmbedWork(job_id, EmbedRequest(model="embed", inputs=inputs), spec)
+        engine.embed(work)
+        assert work.wait(60) and work.error is None
+        return work
+
+    alone = embed("alone")
+    assert sizes == [32]
+    sizes.clear()
+    made = threading.Event()
+    sub = submit(engine, demo, "stream", max_tokens=100_000, ignore_eos=True)
+    sub.on_text = lambda sent: made.set() if sent.seq >= 30 else None
+    stream = engine.submit(sub)
+    assert made.wait(60)
+    beside = embed("beside")
+    assert stream.generated > 0 and engine.cancel("stream")
+    assert len(sizes) > 2 and sum(sizes) == 32
+    for mine, theirs in zip(beside.vectors, alone.vectors, strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-4)

@@ -150,3 +150,17 @@ def test_a_row_with_a_token_or_two_left_is_cut_no_shorter_than_the_smallest_piec
 def test_rows_done_with_their_prompts_pad_nothing() -> None:
     assert unpadded(256, [0, 4000]) == 256  # a row whose prompt is in: it decodes next
     assert unpadded(256, []) == 256
+
+
+def test_other_work_beside_a_turn_is_sized_by_the_normal_turn_and_not_counted_in_it() -> None:
+    """A batch of vectors between decode steps may take what keeps its turn within the pause; the turn it
+    lengthened is measured without it, or each next batch would be sized by the one before."""
+    pace = PrefillPace(pause_steps=3.5, max_tokens=4096)
+    assert pace.other_work_s() == 0.0  # no normal turn measured: the caller takes a small batch
+    run(pace, tokens_per_s=1000, gap_s=0.01)
+    assert abs(pace.other_work_s() - 0.025) < 1e-9  # 2.5 normal turns beside the normal turn itself
+    for _ in range(30):
+        pace.beside_batch(0.025)
+        pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.035)
+    assert pace.gap_s is not None and abs(pace.gap_s - 0.01) < 1e-9
+    assert abs(pace.other_work_s() - 0.025) < 1e-9

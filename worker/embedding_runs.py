@@ -2,18 +2,53 @@
 
 Runs only on the engine thread (worker/engine.py). The first job in line holds
 its model (loaded by the model cache like any other, under the same ledger) from
-its first batch to its last; a job canceled or failed lets go at once.
+its first batch to its last; a job canceled or failed lets go at once. Beside
+running streams a batch takes no longer than a piece of prefill may
+(worker/prefill_pace.py), at the embedding model's own measured speed: its cost
+per token is not the chat model's.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from shared.errors import GenerationCanceled, InvalidRequest, MlxqError
 from worker import embedding, reranking
-from worker.embedding import EmbedWork
+from worker.embedding import EMBED_BATCH_TOKENS, EmbedWork
 from worker.model_cache import LoadedModel, ModelCache
+from worker.prefill_pace import KEEP
+
+FIRST_BATCH_TOKENS = 64
+"""A batch beside running streams before this model's speed was measured: small, so that it is soon."""
+
+
+@dataclass
+class EmbedPace:
+    """The padded tokens per second of the embedding model being run, from its own batches."""
+
+    _tokens: float = 0.0
+    _seconds: float = 0.0
+    _model: str = ""
+
+    def tokens(self, model: str, budget_s: float | None) -> int:
+        """Padded tokens of `model`'s next batch: as many as take `budget_s`, or a full batch with no
+        budget (no stream waits)."""
+        if model != self._model:
+            self._tokens, self._seconds, self._model = 0.0, 0.0, model
+        if budget_s is None:
+            return EMBED_BATCH_TOKENS
+        if self._seconds <= 0 or budget_s <= 0:  # nothing measured yet, of the model or of the streams
+            return FIRST_BATCH_TOKENS
+        return max(1, round(self._tokens / self._seconds * budget_s))
+
+    def measured(self, tokens: int, seconds: float) -> None:
+        """A batch of `tokens` (padded) took `seconds`: a running mean weighted by time, as the prefill's."""
+        if seconds > 0:
+            self._tokens = KEEP * self._tokens + tokens
+            self._seconds = KEEP * self._seconds + seconds
 
 
 class Embeds:
@@ -26,6 +61,7 @@ class Embeds:
         self._pad = 0
         self._judge: reranking.Judge | None = None
         """An LLM reranker's "yes" and "no" tokens."""
+        self.pace = EmbedPace()
 
     @property
     def waiting(self) -> bool:
@@ -34,9 +70,9 @@ class Embeds:
     def add(self, work: EmbedWork) -> None:
         self._line.append(work)
 
-    def piece(self, tokens: int) -> list[str]:
-        """One batch of the first job in line, at most `tokens` tokens with its padding (one input at
-        least); the ids of the jobs that ended."""
+    def piece(self, budget_s: float | None) -> list[str]:
+        """One batch of the first job in line, taking about `budget_s` (one input at least; as large as a
+        batch goes when None); the ids of the jobs that ended."""
         if not self._line:
             return []
         work = self._line[0]
@@ -45,13 +81,15 @@ class Embeds:
                 raise GenerationCanceled("The job was canceled while it was running")
             if self._held is None:
                 self._held = self._acquire(work)
-            batch = work.next_batch(tokens)
+            batch = work.next_batch(self.pace.tokens(work.spec.name, budget_s))
             rows = [work.ids[i] for i in batch]
+            began = time.perf_counter()
             if work.judged:
                 assert self._judge is not None
                 vectors = reranking.forward(self._held.model, rows, self._judge)
             else:
                 vectors = embedding.forward(self._held.model, rows, self._pad)
+            self.pace.measured(len(rows) * max(map(len, rows)), time.perf_counter() - began)
             for index, vector in zip(batch, vectors, strict=True):
                 work.vectors[index] = vector
             self._progress(None)

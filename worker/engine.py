@@ -21,7 +21,7 @@ import mlx.core as mx
 from shared.errors import GenerationFailed
 from shared.models import ModelSpec
 from worker.batch_runner import BatchRunner
-from worker.embedding import EMBED_BATCH_TOKENS, EmbedWork
+from worker.embedding import EmbedWork
 from worker.embedding_runs import Embeds
 from worker.generation import Generation, Submission
 from worker.kv_manager import KVCacheManager
@@ -197,12 +197,14 @@ class Engine:
                 # serves the rest: a dead engine would take every model down until a restart.
                 logger.exception("an engine turn failed; its batch's jobs fail, the engine goes on")
                 scheduler.update_from_output(self.runner.fail_running(exc))
-            # One batch of vectors between decode steps, no longer than a piece of prefill beside them.
+            # One batch of vectors between decode steps, taking no longer than a piece of prefill beside them.
             decoding = scheduler.batch is not None and bool(scheduler.batch.members)
-            tokens = self.runner.pace.piece(decoding=True, rows=1) if decoding else EMBED_BATCH_TOKENS
-            for ended in self._embeds.piece(tokens):
+            began = time.perf_counter()
+            for ended in self._embeds.piece(self.runner.pace.other_work_s() if decoding else None):
                 with self._lock:
                     self._embedding.pop(ended, None)
+            if decoding:
+                self.runner.pace.beside_batch(time.perf_counter() - began)
             if scheduler.batch is None and self._warming:
                 self._warm(self._warming.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"

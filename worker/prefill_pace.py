@@ -61,6 +61,8 @@ class PrefillPace:
     _tokens: float = 0.0
     _seconds: float = 0.0
     _after_piece: bool = False
+    _other_s: float = 0.0
+    """Time the turn being measured spent on other work than the batch's (a batch of vectors)."""
     _model: str = ""
 
     @property
@@ -97,6 +99,13 @@ class PrefillPace:
             budget_s = self.pause_steps * gap - (gap if beside is None else beside)
         return max(MIN_TOKENS, min(ceiling, round(rate * budget_s / rows)))
 
+    def other_work_s(self) -> float:
+        """The time other work than the batch's (a batch of vectors) may take in a turn while rows decode:
+        the turn, a normal one and that work, stays within `pause_steps` normal turns; 0 before a normal
+        turn was measured."""
+        gap = self.gap_s
+        return 0.0 if gap is None else (self.pause_steps - 1) * gap
+
     def measured(self, prompt_tokens: int, prompt_s: float, steps: int, decode_s: float, turn_s: float | None) -> None:
         """What one turn of the generator did: `prompt_tokens` prefilled in `prompt_s` and `steps`
         decode steps in `decode_s`, in `turn_s` from the previous turn's end (None for a batch's
@@ -104,6 +113,10 @@ class PrefillPace:
 
         A decode step is evaluated asynchronously, while the turn after it runs: so the first turn
         after a piece finds its step computed during the piece, and is no measure of a normal one."""
+        if turn_s is not None:
+            # Other work (`beside_batch`) is sized by the gap: counted in it, it would grow each next batch.
+            turn_s = max(0.0, turn_s - self._other_s)
+        self._other_s = 0.0
         if prompt_tokens > 0:
             if steps > 0 and decode_s > 0:
                 self._steps.append(decode_s / steps)
@@ -120,6 +133,11 @@ class PrefillPace:
                 return
             self._gaps.append(turn_s)
 
+    def beside_batch(self, seconds: float) -> None:
+        """The engine spent `seconds` of this turn on work other than the batch's (a batch of vectors):
+        the turn's time, measured at the next step, is taken without it."""
+        self._other_s += seconds
+
     def serving(self, model: str) -> None:
         """The batch about to open runs `model`: measurements of another model are forgotten."""
         if model != self._model:
@@ -131,7 +149,7 @@ class PrefillPace:
         self._gaps.clear()
         self._steps.clear()
         self._beside.clear()
-        self._tokens, self._seconds, self._after_piece = 0.0, 0.0, False
+        self._tokens, self._seconds, self._after_piece, self._other_s = 0.0, 0.0, False, 0.0
 
 
 def unpadded(piece: int, remaining: Sequence[int]) -> int:
