@@ -19,8 +19,10 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 from openai import OpenAI
+from redis import Redis
 
-from shared.prefix_blocks import BLOCK_TOKENS
+from shared import keys
+from shared.prefix_blocks import BLOCK_TOKENS, routes
 from shared.settings import Settings
 from tests.support.processes import Gateway, Process, Service
 from tests.support.redis_servers import RedisServer
@@ -92,6 +94,18 @@ def test_a_prefix_kept_by_one_process_continues_in_the_next_as_a_cold_prefill(
     # Now in memory too: the next lookup does not read the disk again.
     restarted.seed("m", NEXT)
     assert restarted.hits.disk == 1 and restarted.hits.memory == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_a_process_started_again_publishes_the_routing_names_of_what_its_disk_holds(
+    models: dict[str, Tiny], tmp_path: Path, family: str
+) -> None:
+    """Before any file is read: the claim script sends a session's next turn to the worker whose disk holds its
+    start (blocks name theirs in their file names, a whole state in its header)."""
+    tiny = models[family]
+    tiny.keep(tiny.manager(tmp_path), PROMPT)
+    assert set(tiny.manager(tmp_path).routes.take_new()) == set(routes("m", PROMPT))
+    assert len(routes("m", PROMPT)) == len(PROMPT) // BLOCK_TOKENS
 
 
 def test_a_prompt_shorter_than_a_block_is_not_written(models: dict[str, Tiny], tmp_path: Path) -> None:
@@ -247,6 +261,10 @@ def test_a_session_goes_on_after_its_worker_is_killed_from_the_disk_tier_as_a_co
     os.kill(running.pid, signal.SIGKILL)
     running.popen.wait(30)
     running = worker(svc, logs)
+    # Before its first job, the new worker says what its disk holds: the sessions' next turns come to it.
+    [name] = [w["name"] for w in svc.http.get("/health").json()["workers"] if w["pid"] == running.pid]
+    published = Redis.from_url(svc.env["MLXQ_REDIS_URL"]).scard(keys.worker_prefixes(name))
+    assert published >= 0.9 * sum(before.values()) / BLOCK_TOKENS, (published, before)
     resumed = {family: turn(client, family, messages) for family, messages in sessions.items()}
     for family, (_, _, cached) in resumed.items():
         assert cached >= 0.9 * before[family], (family, cached, before[family])

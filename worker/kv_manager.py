@@ -88,7 +88,9 @@ class HeldRoutes:
         self._lock = threading.Lock()
 
     def add(self, model: str, ids: Sequence[int]) -> None:
-        names = routes(model, ids)
+        self.extend(routes(model, ids))
+
+    def extend(self, names: Sequence[str]) -> None:
         with self._lock:
             if len(self._held) + len(names) > HELD_ROUTES:
                 self._held.clear()
@@ -139,6 +141,8 @@ class KVCacheManager:
         """Only behind memory: what the disk gives back is kept in memory first."""
         self.hits = Hits()
         self.routes = HeldRoutes()
+        if self.disk is not None:
+            self.routes.extend(self.disk.held_routes(HELD_ROUTES))  # published at the first beat, before any is read
         self._served: dict[str, _Served] = {}
 
     def serving(self, model: str, loaded: Any, identity: str, cuttable: bool) -> None:
@@ -233,7 +237,7 @@ class KVCacheManager:
         self.routes.add(model, ids)
         served = self._served.get(model)
         if self.disk is not None and served is not None:
-            self.disk.keep(served.identity, ids, kept, served.cuttable)
+            self.disk.keep(served.identity, ids, kept, served.cuttable, model)
         return True
 
     def finished(self, model: str, tokens: list[int], cache: list[Any], job_id: str) -> None:

@@ -43,18 +43,20 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache
 
-from shared.prefix_blocks import BLOCK_TOKENS, chain
+from shared.prefix_blocks import BLOCK_TOKENS, chain, routes
 from worker.cache_shape import layers
 from worker.prefix_files import (
     IDENTITY,
     MIN_TAIL_TOKENS,
     NAME,
+    ROUTES,
     KeptFile,
     PendingWrite,
     block_key,
     group,
     positional,
     state_key,
+    state_routes,
     tail_key,
     write_sealed,
 )
@@ -137,7 +139,16 @@ class PrefixDisk:
                     path.unlink(missing_ok=True)  # a write cut short
                 continue
             stat = path.stat()
-            self._add(directory.name, match["key"], KeptFile(path, stat.st_size, stat.st_mtime))
+            key = match["key"]
+            named = (match["route"],) if match["route"] else state_routes(path) if key.startswith("s-") else ()
+            self._add(directory.name, key, KeptFile(path, stat.st_size, stat.st_mtime, routes=named))
+
+    def held_routes(self, limit: int) -> list[str]:
+        """The routing names of what the tier holds (shared/prefix_blocks.py), at most `limit`, of the files
+        used last: what a worker started again publishes before any of it is read."""
+        with self._lock:
+            kept = sorted((f for files in self._files.values() for f in files.values()), key=lambda f: -f.used)
+        return [route for f in kept for route in f.routes][:limit]
 
     # -- finding and reading ---------------------------------------------------------------
 
@@ -255,12 +266,14 @@ class PrefixDisk:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def keep(self, identity: str, ids: Sequence[int], cache: Sequence[Any], cuttable: bool) -> None:
+    def keep(self, identity: str, ids: Sequence[int], cache: Sequence[Any], cuttable: bool, model: str) -> None:
         """Write what the disk lacks of `cache` (which holds exactly `ids`) off the engine thread: its new
-        blocks, or the whole state of a cache that cannot be cut. Never waits on the disk."""
+        blocks, or the whole state of a cache that cannot be cut. Never waits on the disk. `model` is the
+        name the routing names are made from (those of the workers' claims)."""
         if not self.writing:
             return
         names, at = chain(identity, ids), time.time()
+        named = routes(model, ids)
         if cuttable:
             flat = list(layers(cache))
             if not all(positional(layer, len(ids)) for layer in flat):
@@ -269,24 +282,34 @@ class PrefixDisk:
                 key = block_key(names, k)
                 if not self._wanted(identity, key, at):
                     continue
-                self._submit_span(identity, key, at, k, ids, (k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS, flat)
+                span = ((k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS)
+                self._submit_span(identity, key, at, k, ids, span, flat, named[k - 1])
             k = len(ids) // BLOCK_TOKENS
             # A prompt shorter than a block recomputes faster than its file is written and read back.
             if k and len(ids) - k * BLOCK_TOKENS >= MIN_TAIL_TOKENS:
                 key = tail_key(names, ids, k, len(ids))
                 if self._wanted(identity, key, at):
-                    self._submit_span(identity, key, at, k + 1, ids, k * BLOCK_TOKENS, len(ids), flat)
+                    self._submit_span(identity, key, at, k + 1, ids, (k * BLOCK_TOKENS, len(ids)), flat, "")
         elif len(ids) >= MIN_STATE_TOKENS:
             key = state_key(names, ids, len(ids))
             if self._wanted(identity, key, at):
-                tokens = {"mlxq_tokens": json.dumps(list(ids))}
-                self._submit(PendingWrite(identity, key, at, 0, metadata=tokens, cache=list(cache)))
+                metadata = {"mlxq_tokens": json.dumps(list(ids)), ROUTES: " ".join(named)}
+                self._submit(PendingWrite(identity, key, at, 0, metadata=metadata, cache=list(cache)))
 
     def _submit_span(
-        self, identity: str, key: str, at: float, depth: int, ids: Sequence[int], a: int, b: int, flat: list[Any]
+        self,
+        identity: str,
+        key: str,
+        at: float,
+        depth: int,
+        ids: Sequence[int],
+        span: tuple[int, int],
+        flat: list[Any],
+        route: str,
     ) -> None:
         kv = [(layer.keys, layer.values) for layer in flat]
-        self._submit(PendingWrite(identity, key, at, depth, (a, b), kv, {"mlxq_tokens": json.dumps(list(ids[a:b]))}))
+        tokens = {"mlxq_tokens": json.dumps(list(ids[span[0] : span[1]]))}
+        self._submit(PendingWrite(identity, key, at, depth, span, kv, tokens, route=route))
 
     def _wanted(self, identity: str, key: str, at: float) -> bool:
         """Whether the file is neither on disk (it is used again now) nor on its way there."""
@@ -333,8 +356,9 @@ class PrefixDisk:
     def _write(self, write: PendingWrite) -> None:
         final = write_sealed(self.root / write.identity, write)
         size = final.stat().st_size
+        named = (write.route,) if write.route else tuple(write.metadata.get(ROUTES, "").split())
         with self._lock:
-            self._add(write.identity, write.key, KeptFile(final, size, write.at, write.depth))
+            self._add(write.identity, write.key, KeptFile(final, size, write.at, write.depth, named))
         self.stats.written_bytes += size
         self._evict()
 

@@ -3,8 +3,10 @@
 A file's name says what it holds and proves its bytes: `b-<chain>` for a block of
 a cache that can be cut (the chain of hashes of shared/prefix_blocks.py),
 `t-<chain>-<hash>-<tokens>` for such a cache's tail past its last whole block,
-`s-<hash>-<tokens>` for a whole state, then a digest of the file's bytes. The
-identity directory it is in names the model.
+`s-<hash>-<tokens>` for a whole state, then a digest of the file's bytes, and for
+a block its routing name (shared/prefix_blocks.py: a worker started again
+publishes what its disk holds without reading a file). The identity directory it
+is in names the model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_unflatten
 from mlx_lm.models.cache import save_prompt_cache
+from safetensors import safe_open
 
 from shared.prefix_blocks import BLOCK_TOKENS
 
@@ -30,7 +34,7 @@ DEFAULT_CEILING_BYTES = 64 << 30
 """The default budget: a quarter of the free space where the tier lives, at most 64 GiB."""
 
 NAME = re.compile(
-    r"^(?P<key>b-[0-9a-f]{32}|s-[0-9a-f]{32}-\d+|t-[0-9a-f]{32}-[0-9a-f]{32}-\d+)\.(?P<digest>[0-9a-f]{32})\.safetensors$"
+    r"^(?P<key>b-[0-9a-f]{32}|s-[0-9a-f]{32}-\d+|t-[0-9a-f]{32}-[0-9a-f]{32}-\d+)\.(?P<digest>[0-9a-f]{32})(?:\.(?P<route>[0-9a-f]{16}))?\.safetensors$"
 )
 
 MIN_TAIL_TOKENS = 16
@@ -87,6 +91,8 @@ class KeptFile:
     """When it was last written or read (its mtime, across restarts)."""
     depth: int = 0
     """A block's place in its chain: of two used together, the later block leaves first."""
+    routes: tuple[str, ...] = ()
+    """The routing names of the blocks it holds (a block's own; a whole state's, from its metadata)."""
 
 
 def positional(layer: Any, tokens: int) -> bool:
@@ -100,6 +106,23 @@ def positional(layer: Any, tokens: int) -> bool:
         and keys.shape[2] >= tokens
         and values.shape[2] >= tokens
     )
+
+
+ROUTES = "mlxq_routes"
+"""A whole state's metadata field: the routing names of its whole blocks, space-separated."""
+
+
+def state_routes(path: Path) -> tuple[str, ...]:
+    """The routing names a whole state's file holds, from its header alone; none from a file that does not
+    read (its first use finds it bad)."""
+    try:
+        with safe_open(str(path), framework="numpy") as opened:
+            flat = opened.metadata() or {}
+        # Laid out as mlx-lm's save_prompt_cache writes it (and its load_prompt_cache reads it): ours first.
+        metadata = tree_unflatten(list(flat.items()))[0]
+        return tuple(str(metadata.get(ROUTES, "")).split())
+    except Exception:
+        return ()
 
 
 def digest(path: Path) -> str:
@@ -121,6 +144,8 @@ class PendingWrite:
     metadata: dict[str, str] = field(default_factory=dict)
     cache: list[Any] | None = None
     """A whole state, written by mlx-lm's save_prompt_cache."""
+    route: str = ""
+    """A block's routing name, in its file's name."""
 
 
 def write_sealed(directory: Path, write: PendingWrite) -> Path:
@@ -142,7 +167,8 @@ def write_sealed(directory: Path, write: PendingWrite) -> Path:
                 mx.save_safetensors(out, arrays, metadata)
             out.flush()
             os.fsync(out.fileno())
-        final = directory / f"{write.key}.{digest(temporary)}.safetensors"
+        route = f".{write.route}" if write.route else ""
+        final = directory / f"{write.key}.{digest(temporary)}{route}.safetensors"
         os.utime(temporary, (write.at, write.at))
         os.replace(temporary, final)
     except BaseException:
