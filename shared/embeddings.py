@@ -21,6 +21,10 @@ class EmbedRequest(BaseModel):
     inputs: Annotated[list[Input], Field(min_length=1, max_length=MAX_INPUTS)]
     truncate: bool = Field(default=True, description="cut an input past the model's limit rather than refuse it")
     dimensions: Annotated[int, Field(ge=1)] | None = None
+    strict_dimensions: bool = Field(
+        default=False,
+        description="refuse `dimensions` past the model's vectors (OpenAI) rather than give them whole (Ollama)",
+    )
     query: str | None = Field(default=None, description="a rerank: the query the inputs are scored against")
     keep_alive: float | None = None
     kind: Literal["embed", "rerank"] = "embed"

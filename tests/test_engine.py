@@ -446,3 +446,25 @@ def test_vectors_beside_a_decoding_stream_come_in_batches_cut_to_its_pause(
     assert len(sizes) > 2 and sum(sizes) == 32
     for mine, theirs in zip(beside.vectors, alone.vectors, strict=True):
         assert mine == pytest.approx(theirs, abs=1e-4)
+
+
+def test_dimensions_past_the_models_vectors_are_refused_on_the_first_batch(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's rule (Ollama's gives whole vectors): known once a batch has run, not after all of them."""
+    batches: list[int] = []
+    forward = embedding.forward
+    monkeypatch.setattr(embedding, "forward", lambda *args: batches.append(1) or forward(*args))
+    spec = ModelSpec("embed", path=build_embedding_model(tmp_path / "embed"))
+    inputs: list[str | list[int]] = [f"a sentence of {'many ' * i}words" for i in range(200)]
+    for strict, ends in ((True, "refused"), (False, "whole")):
+        batches.clear()
+        asked = EmbedRequest(model="embed", inputs=inputs, dimensions=100_000, strict_dimensions=strict)
+        work = EmbedWork(f"wide-{strict}", asked, spec)
+        engine.embed(work)
+        assert work.wait(60)
+        if ends == "refused":
+            assert isinstance(work.error, InvalidRequest) and work.error.param == "dimensions"
+            assert len(batches) == 1
+        else:
+            assert work.error is None and len(batches) > 1 and all(v is not None for v in work.vectors)

@@ -120,6 +120,13 @@ class EmbedWork:
         self.judged = True
         self._ready()
 
+    def check_width(self, width: int) -> None:
+        """The model's vectors have `width` numbers: with OpenAI's rules a `dimensions` past it is refused, on the
+        first batch rather than once every input has run."""
+        asked = self.request.dimensions
+        if self.request.strict_dimensions and asked is not None and asked > width:
+            raise InvalidRequest(f"dimensions is {asked}; this model's vectors have {width}", param="dimensions")
+
     def _go_on(self) -> None:
         """Between two inputs' encodings: 2,048 long ones take seconds on the engine thread, and a cancel or a
         stop (which hands the job back) must not wait for all of them."""

@@ -89,6 +89,7 @@ class Embeds:
                 vectors = reranking.forward(self._held.model, rows, self._judge)
             else:
                 vectors = embedding.forward(self._held.model, rows, self._pad)
+                work.check_width(len(vectors[0]))
             self.pace.measured(len(rows) * max(map(len, rows)), time.perf_counter() - began)
             for index, vector in zip(batch, vectors, strict=True):
                 work.vectors[index] = vector

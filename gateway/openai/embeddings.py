@@ -22,7 +22,6 @@ from gateway.admission import embedding_jobs
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import openai_error, router_for
 from shared.embeddings import MAX_INPUTS, EmbedRequest
-from shared.errors import InvalidRequest
 
 router = router_for(openai_error, tags=["openai"])
 
@@ -75,10 +74,11 @@ class RerankBody(BaseModel):
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingsBody, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
     """OpenAI's embeddings: one vector per input, in order."""
-    asked = EmbedRequest(model=body.model, inputs=body.inputs(), truncate=False, dimensions=body.dimensions)
+    asked = EmbedRequest(
+        model=body.model, inputs=body.inputs(), truncate=False, dimensions=body.dimensions, strict_dimensions=True
+    )
     done = await embedding_jobs.run(gw, request, client, asked)
     vectors: list[list[float]] = done.result["embeddings"]
-    _check_dimensions(body.dimensions, vectors)
     data = [
         {"object": "embedding", "index": i, "embedding": _encoded(vector, body.encoding_format)}
         for i, vector in enumerate(vectors)
@@ -116,11 +116,6 @@ async def rerank(body: RerankBody, request: Request, client: ClientDep, gw: Gate
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
     return JSONResponse(answer, headers=done.headers)
-
-
-def _check_dimensions(asked: int | None, vectors: list[list[float]]) -> None:
-    if asked is not None and vectors and len(vectors[0]) < asked:
-        raise InvalidRequest(f"dimensions is {asked}; this model's vectors have {len(vectors[0])}", param="dimensions")
 
 
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:
