@@ -95,6 +95,14 @@ class ModelText:
                 self._chat.append(_load_chat_tokenizer(self.directory))
             return self._chat[0]
 
+    def embedding_tokens(self, texts: list[str]) -> list[int] | None:
+        """Tokens of each text as an embedding model encodes it (worker/embedding.py: transformers' tokenizer,
+        its special tokens included), in one call; None when that tokenizer is not here."""
+        chat = self._chat_tokenizer() if self.tokenizer is not None else None
+        if chat is None or not texts:
+            return None if chat is None else []
+        return [len(ids) for ids in chat(texts, add_special_tokens=True)["input_ids"]]
+
     def count(self, text: str) -> int:
         """Tokens in `text`; without a tokenizer, its UTF-8 bytes (a token covers at least one)."""
         if self.tokenizer is None:

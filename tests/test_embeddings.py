@@ -19,10 +19,14 @@ from mlx_lm import load
 from openai import APIStatusError, OpenAI
 from pydantic import SecretStr
 
+from shared.embeddings import EmbedRequest
+from shared.errors import InvalidRequest
+from shared.models import ModelSpec
 from shared.settings import Settings
 from tests.support.processes import Service
 from tests.support.redis_servers import RedisServer
 from worker import embedding, reranking
+from worker.embedding import EmbedWork
 from worker.tiny_families import build_family_model
 
 SENTENCES = [
@@ -152,6 +156,30 @@ def test_openai_refuses_an_input_past_the_models_limit(client: OpenAI) -> None:
         client.embeddings.create(model="embed", input=["short", " ".join(["the sea and the settings"] * 400)])
     assert refused.value.body["param"] == "input[1]"  # type: ignore[index]
     assert "512" in refused.value.body["message"]  # type: ignore[index]
+
+
+def test_an_input_at_the_limit_is_counted_and_refused_alike_by_the_gateway_and_the_worker(
+    client: OpenAI, data_dir: Path
+) -> None:
+    """Counted as the worker encodes it (the model's own tokenizer, its special tokens included): one token past
+    the limit is refused, and the gateway's refusal is the worker's, word for word."""
+    _, tokenizer = embedding.read(Settings(data_dir=data_dir).builtin_model_dir("embed"))
+
+    def of_tokens(count: int) -> str:
+        texts = (("sea " * n).strip() + tail for n in range(count) for tail in ("", "x", " x", ". x"))
+        return next(t for t in texts if len(tokenizer.encode(t, add_special_tokens=True)) == count)
+
+    text = of_tokens(513)
+    assert len(client.embeddings.create(model="embed", input=of_tokens(512)).data) == 1  # the limit: taken
+    with pytest.raises(APIStatusError) as refused:
+        client.embeddings.create(model="embed", input=["short", text])
+    work = EmbedWork(
+        "in-process", EmbedRequest(model="embed", inputs=["short", text], truncate=False), ModelSpec("embed")
+    )
+    with pytest.raises(InvalidRequest) as worker_refused:
+        work.encode(tokenizer, 512, 1 << 20)
+    assert refused.value.body["message"] == worker_refused.value.message  # type: ignore[index]
+    assert refused.value.body["param"] == worker_refused.value.param == "input[1]"  # type: ignore[index]
 
 
 def test_a_rerank_as_open_webui_sends_it(service: Service) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from shared.embeddings import EmbedRequest
+from shared.embeddings import DEFAULT_MAX_TOKENS, EmbedRequest, input_field, too_long
 from shared.errors import GenerationCanceled, InvalidRequest
 from shared.models import ModelSpec
 from worker import reranking
@@ -34,9 +34,6 @@ EMBED_BATCH = 32
 
 EMBED_BATCH_TOKENS = 8192
 """Tokens of one forward pass, padding included: a batch of long inputs is smaller."""
-
-DEFAULT_MAX_TOKENS = 512
-"""An input's tokens when the model's config names no limit (BERT's)."""
 
 
 def read(directory: Path) -> tuple[Any, Any]:
@@ -87,17 +84,14 @@ class EmbedWork:
         for index, item in enumerate(self.request.texts()):
             self._go_on()
             if isinstance(item, list) and any(not 0 <= i < vocabulary for i in item):
-                field = f"input[{index - query}]"
+                field = input_field(index, query)
                 raise InvalidRequest(
                     f"{field} holds token ids outside the vocabulary (0-{vocabulary - 1})", param=field
                 )
             ids = list(item) if isinstance(item, list) else list(tokenizer.encode(item, add_special_tokens=True))
             if len(ids) > limit:
                 if not self.request.truncate:
-                    field = "query" if query and index == 0 else f"input[{index - query}]"
-                    raise InvalidRequest(
-                        f"{field} has {len(ids)} tokens; this model takes at most {limit} an input", param=field
-                    )
+                    raise too_long(input_field(index, query), len(ids), limit)
                 ids = ids[:limit]
                 self.truncated += 1
             self.ids.append(ids)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from shared.embeddings import EmbedRequest
+from shared.embeddings import DEFAULT_MAX_TOKENS, EmbedRequest, input_field, too_long
 from shared.errors import ContextLengthExceeded, InvalidRequest, ModelFilesMissing
 from shared.models import ModelRegistry, ModelSpec, kind_of
 from shared.prefix_blocks import job_routes
@@ -142,15 +142,15 @@ class PromptLimits:
                 raise InvalidRequest(
                     f"{field} holds token ids outside the vocabulary (0-{vocabulary - 1})", param=field
                 )
-        limit = model_text.context
-        if kind == "embed" and not request.truncate and limit is not None:
-            for index, item in enumerate(request.inputs):
-                tokens = len(item) if isinstance(item, list) else model_text.count(item)
-                if tokens > limit:
-                    raise InvalidRequest(
-                        f"Input {index} has {tokens} tokens; this model takes at most {limit} an input",
-                        param=f"input[{index}]",
-                    )
+        if kind == "embed" and not request.truncate:
+            # Counted and worded as the worker's check (worker/embedding.py), which stands where this cannot.
+            limit = model_text.context or DEFAULT_MAX_TOKENS
+            texts = request.texts()
+            counted = iter(model_text.embedding_tokens([t for t in texts if isinstance(t, str)]) or ())
+            for index, item in enumerate(texts):
+                tokens = len(item) if isinstance(item, list) else next(counted, None)
+                if tokens is not None and tokens > limit:
+                    raise too_long(input_field(index, request.query is not None), tokens, limit)
         return request.model_copy(update={"model": spec.name})
 
     @staticmethod
