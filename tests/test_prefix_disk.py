@@ -96,6 +96,27 @@ def test_a_prefix_kept_by_one_process_continues_in_the_next_as_a_cold_prefill(
     assert restarted.hits.disk == 1 and restarted.hits.memory == 1
 
 
+def test_a_finished_turn_resumes_after_a_restart_at_its_prompts_end_when_the_client_rewrote_the_answer(
+    models: dict[str, Tiny], tmp_path: Path
+) -> None:
+    """An agent keeps its own record of each answer: its next turn goes on from the last prompt's end, not from
+    what was generated. From disk, as from memory, that end is resumed exactly, not the block before it."""
+    tiny = models["llama"]
+    kv = tiny.manager(tmp_path)
+    generated = [41, 42, 43, 44, 45, 46, 47, 48]
+    cache, _ = tiny.prefill(PROMPT + generated)
+    kv.finished("m", PROMPT + generated, cache, "job", prompt=len(PROMPT))
+    assert kv.disk is not None
+    kv.disk.flush()
+    rewritten = [*PROMPT, 51, 52, 53, 54]
+    seeded, reused = tiny.manager(tmp_path).seed("m", rewritten)
+    assert reused == len(PROMPT) > len(PROMPT) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert seeded is not None
+    _, resumed = tiny.prefill(rewritten[reused:], seeded)
+    _, cold = tiny.prefill(rewritten)
+    assert mx.allclose(resumed, cold, atol=1e-4).item()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3_next"])
 def test_a_process_started_again_publishes_the_routing_names_of_what_its_disk_holds(
     models: dict[str, Tiny], tmp_path: Path, family: str

@@ -284,7 +284,10 @@ class BatchRunner:
             result.in_cache[run.ticket] = len(run.row.context_ids) + len(run.generated)
             run.handle.generated = len(run.generated)
             if response.finish_reason is not None and response.prompt_cache is not None:
-                self.kv.finished(run.ticket.model, response.all_tokens, response.prompt_cache, run.ticket.job_id)
+                prompt = len(run.row.prompt_ids)
+                self.kv.finished(
+                    run.ticket.model, response.all_tokens, response.prompt_cache, run.ticket.job_id, prompt
+                )
             finish = run.row.take(response.token, response.finish_reason, response.logprobs)
             if finish is None and response.finish_reason is not None:
                 finish = "stop"

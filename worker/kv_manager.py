@@ -240,13 +240,16 @@ class KVCacheManager:
             self.disk.keep(served.identity, ids, kept, served.cuttable, model)
         return True
 
-    def finished(self, model: str, tokens: list[int], cache: list[Any], job_id: str) -> None:
-        """A finished row's cache (its prompt and what it generated, `tokens`): the next turn of the
-        same chat starts from it."""
+    def finished(self, model: str, tokens: list[int], cache: list[Any], job_id: str, prompt: int) -> None:
+        """A finished row's cache (its `prompt` tokens and what it generated, `tokens`): the next turn of the
+        same chat starts from it, and on disk from its prompt's end too (`PrefixDisk.keep_tail`)."""
         if not cache or not self.enabled:
             return
         try:
             self.keep_copy(model, tokens, cache, len(tokens))
+            served = self._served.get(model)
+            if self.disk is not None and served is not None and served.cuttable and prompt < len(tokens):
+                self.disk.keep_tail(served.identity, tokens[:prompt], cache, len(tokens))
         except Exception:
             logger.exception("could not keep a finished prompt's cache", extra={"job_id": job_id})
 

@@ -296,6 +296,22 @@ class PrefixDisk:
                 metadata = {"mlxq_tokens": json.dumps(list(ids)), ROUTES: " ".join(named)}
                 self._submit(PendingWrite(identity, key, at, 0, metadata=metadata, cache=list(cache)))
 
+    def keep_tail(self, identity: str, ids: Sequence[int], cache: Sequence[Any], held: int) -> None:
+        """Write the tail of `ids` past its last whole block from `cache`, which holds `held` tokens beginning
+        with them (a finished row's: its prompt, then what it generated). A client that keeps its own record of
+        the answer sends a next turn that goes on from the prompt's end, not from what was generated: after a
+        restart it resumes there exactly, as it does from memory, rather than at the block before."""
+        if not self.writing:
+            return
+        flat = list(layers(cache))
+        k = len(ids) // BLOCK_TOKENS
+        if not k or len(ids) - k * BLOCK_TOKENS < MIN_TAIL_TOKENS or not all(positional(x, held) for x in flat):
+            return
+        at = time.time()
+        key = tail_key(chain(identity, ids), ids, k, len(ids))
+        if self._wanted(identity, key, at):
+            self._submit_span(identity, key, at, k + 1, ids, (k * BLOCK_TOKENS, len(ids)), flat, "")
+
     def _submit_span(
         self,
         identity: str,
