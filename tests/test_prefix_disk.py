@@ -117,6 +117,23 @@ def test_a_finished_turn_resumes_after_a_restart_at_its_prompts_end_when_the_cli
     assert mx.allclose(resumed, cold, atol=1e-4).item()
 
 
+def test_two_long_sessions_kept_together_are_written_whole(models: dict[str, Tiny], tmp_path: Path) -> None:
+    """Every block is a file: two agents' first turns of 4,500 tokens finishing together leave 140 of them,
+    none dropped for the writer being behind."""
+    tiny = models["llama"]
+    kv = tiny.manager(tmp_path)
+    starts = [[(i * 7 + s) % 400 + 20 for i in range(70 * BLOCK_TOKENS)] for s in (1, 2)]
+    for ids in starts:
+        cache, _ = tiny.prefill(ids)
+        assert kv.keep_copy("m", ids, cache, len(ids))
+    assert kv.disk is not None
+    kv.disk.flush()
+    assert kv.disk.stats.dropped_writes == 0
+    assert len(list((tmp_path / tiny.identity).iterdir())) == 140
+    restarted = tiny.manager(tmp_path)
+    assert [restarted.seed("m", [*ids, 7])[1] for ids in starts] == [len(ids) for ids in starts]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3_next"])
 def test_a_process_started_again_publishes_the_routing_names_of_what_its_disk_holds(
     models: dict[str, Tiny], tmp_path: Path, family: str

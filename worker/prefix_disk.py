@@ -66,8 +66,11 @@ logger = logging.getLogger(__name__)
 MIN_STATE_TOKENS = 256
 """A whole state this long is worth a file: shorter prompts cost less to compute than to read back."""
 
-QUEUED_WRITES = 64
-"""Writes waiting for the writer thread; past this the newest are not written (the engine never waits)."""
+QUEUED_WRITES = 4096
+"""Files waiting for the writer thread; past this the newest are not written (the engine never waits), and are
+offered again the next time their prefix is kept. A block is a file: an agent's first turn of 6,000 tokens is
+94 of them, two sessions finishing together twice that, and 64 dropped most of a second session's start. The
+arrays they slice are the kept caches' own (no copy); a long backlog keeps an evicted one alive until written."""
 
 
 @dataclass(frozen=True)
