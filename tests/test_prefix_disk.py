@@ -117,21 +117,20 @@ def test_a_finished_turn_resumes_after_a_restart_at_its_prompts_end_when_the_cli
     assert mx.allclose(resumed, cold, atol=1e-4).item()
 
 
-def test_two_long_sessions_kept_together_are_written_whole(models: dict[str, Tiny], tmp_path: Path) -> None:
-    """Every block is a file: two agents' first turns of 4,500 tokens finishing together leave 140 of them,
-    none dropped for the writer being behind."""
+def test_long_prompts_kept_together_are_written_whole(models: dict[str, Tiny], tmp_path: Path) -> None:
+    """Every block is a file: two 4,500-token starts kept at once (here one start under two models' names)
+    leave 140 of them, none dropped for the writer being behind."""
     tiny = models["llama"]
     kv = tiny.manager(tmp_path)
-    starts = [[(i * 7 + s) % 400 + 20 for i in range(70 * BLOCK_TOKENS)] for s in (1, 2)]
-    for ids in starts:
-        cache, _ = tiny.prefill(ids)
-        assert kv.keep_copy("m", ids, cache, len(ids))
+    kv.serving("copy", tiny.model, "f" * 32, tiny.cuttable)
+    ids = [(i * 7) % 400 + 20 for i in range(70 * BLOCK_TOKENS)]
+    cache, _ = tiny.prefill(ids)
+    assert kv.keep_copy("m", ids, cache, len(ids)) and kv.keep_copy("copy", ids, cache, len(ids))
     assert kv.disk is not None
     kv.disk.flush()
     assert kv.disk.stats.dropped_writes == 0
-    assert len(list((tmp_path / tiny.identity).iterdir())) == 140
-    restarted = tiny.manager(tmp_path)
-    assert [restarted.seed("m", [*ids, 7])[1] for ids in starts] == [len(ids) for ids in starts]
+    assert len(list((tmp_path / tiny.identity).iterdir())) == len(list((tmp_path / ("f" * 32)).iterdir())) == 70
+    assert tiny.manager(tmp_path).seed("m", [*ids, 7])[1] == len(ids)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_next"])
