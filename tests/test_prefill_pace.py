@@ -160,7 +160,10 @@ def test_other_work_beside_a_turn_is_sized_by_the_normal_turn_and_not_counted_in
     run(pace, tokens_per_s=1000, gap_s=0.01)
     assert abs(pace.other_work_s() - 0.025) < 1e-9  # 2.5 normal turns beside the normal turn itself
     for _ in range(30):
-        pace.beside_batch(0.025)
+        pace.beside_batch()
         pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.035)
     assert pace.gap_s is not None and abs(pace.gap_s - 0.01) < 1e-9
     assert abs(pace.other_work_s() - 0.025) < 1e-9
+    for _ in range(30):  # the batches are done: turns are normal ones again
+        pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.012)
+    assert pace.gap_s is not None and abs(pace.gap_s - 0.012) < 1e-9

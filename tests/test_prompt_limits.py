@@ -195,3 +195,7 @@ def test_an_embedding_request_for_a_hub_model_not_here_yet_is_not_refused_for_it
     assert checked.model == "vectors"
     with pytest.raises(InvalidRequest, match="generates text"):
         limits(demo_dir, tmp_path).check_embedding(EmbedRequest(model="tiny", inputs=["a"]))
+    # Nor for a length the gateway cannot know: its limit is in files not here yet (the worker checks it).
+    long_ids = EmbedRequest(model="vectors", inputs=[list(range(1, 1001))], truncate=False)
+    hub = limits(demo_dir, tmp_path, '[models.vectors]\nrepo = "someone/some-embedder"\nkind = "embed"\n')
+    assert hub.check_embedding(long_ids).model == "vectors"

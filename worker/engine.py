@@ -199,12 +199,12 @@ class Engine:
                 scheduler.update_from_output(self.runner.fail_running(exc))
             # One batch of vectors between decode steps, taking no longer than a piece of prefill beside them.
             decoding = scheduler.batch is not None and bool(scheduler.batch.members)
-            began = time.perf_counter()
+            waiting = self._embeds.waiting
             for ended in self._embeds.piece(self.runner.pace.other_work_s() if decoding else None):
                 with self._lock:
                     self._embedding.pop(ended, None)
-            if decoding:
-                self.runner.pace.beside_batch(time.perf_counter() - began)
+            if decoding and waiting:
+                self.runner.pace.beside_batch()
             if scheduler.batch is None and self._warming:
                 self._warm(self._warming.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"

@@ -61,8 +61,6 @@ class PrefillPace:
     _tokens: float = 0.0
     _seconds: float = 0.0
     _after_piece: bool = False
-    _other_s: float = 0.0
-    """Time the turn being measured spent on other work than the batch's (a batch of vectors)."""
     _model: str = ""
 
     @property
@@ -113,10 +111,6 @@ class PrefillPace:
 
         A decode step is evaluated asynchronously, while the turn after it runs: so the first turn
         after a piece finds its step computed during the piece, and is no measure of a normal one."""
-        if turn_s is not None:
-            # Other work (`beside_batch`) is sized by the gap: counted in it, it would grow each next batch.
-            turn_s = max(0.0, turn_s - self._other_s)
-        self._other_s = 0.0
         if prompt_tokens > 0:
             if steps > 0 and decode_s > 0:
                 self._steps.append(decode_s / steps)
@@ -133,10 +127,12 @@ class PrefillPace:
                 return
             self._gaps.append(turn_s)
 
-    def beside_batch(self, seconds: float) -> None:
-        """The engine spent `seconds` of this turn on work other than the batch's (a batch of vectors):
-        the turn's time, measured at the next step, is taken without it."""
-        self._other_s += seconds
+    def beside_batch(self) -> None:
+        """The engine did other work than the batch's in this turn (a batch of vectors): the turn it lengthened,
+        measured at the next step, is no measure of a normal one, as after a piece. Other work is sized by
+        the gap: counted in it, each next batch would grow; less the work's own time, the turn would count
+        the decode step computed meanwhile as nothing."""
+        self._after_piece = True
 
     def serving(self, model: str) -> None:
         """The batch about to open runs `model`: measurements of another model are forgotten."""
@@ -149,7 +145,7 @@ class PrefillPace:
         self._gaps.clear()
         self._steps.clear()
         self._beside.clear()
-        self._tokens, self._seconds, self._after_piece, self._other_s = 0.0, 0.0, False, 0.0
+        self._tokens, self._seconds, self._after_piece = 0.0, 0.0, False
 
 
 def unpadded(piece: int, remaining: Sequence[int]) -> int:

@@ -142,9 +142,10 @@ class PromptLimits:
                 raise InvalidRequest(
                     f"{field} holds token ids outside the vocabulary (0-{vocabulary - 1})", param=field
                 )
-        if kind == "embed" and not request.truncate:
-            # Counted and worded as the worker's check (worker/embedding.py), which stands where this cannot.
-            limit = model_text.context or DEFAULT_MAX_TOKENS
+        # Counted and worded as the worker's check (worker/embedding.py), which stands where this cannot: a
+        # model whose files are not here yet says neither its limit nor its tokens.
+        limit = model_text.context or (DEFAULT_MAX_TOKENS if model_text.tokenizer is not None else None)
+        if kind == "embed" and not request.truncate and limit is not None:
             texts = request.texts()
             counted = iter(model_text.embedding_tokens([t for t in texts if isinstance(t, str)]) or ())
             for index, item in enumerate(texts):
