@@ -82,7 +82,7 @@ class EmbedWork:
         are checked against the `vocabulary`'s size: MLX reads past an embedding table without a word."""
         query = self.request.query is not None
         for index, item in enumerate(self.request.texts()):
-            self._go_on()
+            self.stop_if_canceled()
             if isinstance(item, list) and any(not 0 <= i < vocabulary for i in item):
                 field = input_field(index, query)
                 raise InvalidRequest(
@@ -103,7 +103,7 @@ class EmbedWork:
         assert self.request.query is not None
         cue = list(tokenizer.encode(reranking.SUFFIX, add_special_tokens=False))
         for document in self.request.inputs:
-            self._go_on()
+            self.stop_if_canceled()
             text = document if isinstance(document, str) else tokenizer.decode(document)
             asked = reranking.prompt(self.request.query, text)[: -len(reranking.SUFFIX)]
             ids = list(tokenizer.encode(asked, add_special_tokens=False))
@@ -121,9 +121,9 @@ class EmbedWork:
         if self.request.strict_dimensions and asked is not None and asked > width:
             raise InvalidRequest(f"dimensions is {asked}; this model's vectors have {width}", param="dimensions")
 
-    def _go_on(self) -> None:
-        """Between two inputs' encodings: 2,048 long ones take seconds on the engine thread, and a cancel or a
-        stop (which hands the job back) must not wait for all of them."""
+    def stop_if_canceled(self) -> None:
+        """Before each batch, and between two inputs' encodings: 2,048 long ones take seconds on the engine
+        thread, and a cancel or a stop (which hands the job back) must not wait for all of them."""
         if self._canceled.is_set():
             raise GenerationCanceled("The job was canceled while it was running")
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.errors import GenerationCanceled, InvalidRequest, MlxqError
+from shared.errors import InvalidRequest, MlxqError
 from worker import embedding, reranking
 from worker.embedding import EMBED_BATCH_TOKENS, EmbedWork
 from worker.model_cache import LoadedModel, ModelCache
@@ -77,8 +77,7 @@ class Embeds:
             return []
         work = self._line[0]
         try:
-            if work.canceled:
-                raise GenerationCanceled("The job was canceled while it was running")
+            work.stop_if_canceled()
             if self._held is None:
                 self._held = self._acquire(work)
             batch = work.next_batch(self.pace.tokens(work.spec.name, budget_s))

@@ -228,33 +228,30 @@ class KVCacheManager:
         """Keep a copy of the first `len(ids)` positions of `cache`, which holds `held` tokens
         beginning with `ids`; older entries go past the budget. False when it is not kept (too short,
         too big, or a cache that cannot be cut there)."""
-        return self._kept(model, ids, cache, held) is not None
+        return self._keep(model, ids, cache, held, ())
 
-    def _kept(self, model: str, ids: Sequence[int], cache: Sequence[Any], held: int) -> list[Any] | None:
-        """`keep_copy`, giving the copy kept (None when none is)."""
+    def _keep(self, model: str, ids: Sequence[int], cache: Sequence[Any], held: int, ends: Sequence[int]) -> bool:
+        """`keep_copy`; on disk also the tails ending at `ends` (`PrefixDisk.keep`)."""
         if not self.enabled or len(ids) < MIN_REUSED_TOKENS:
-            return None
+            return False
         kept = copied(cache, held, len(ids))
         if kept is None or nbytes(kept) > self.budget_bytes:
-            return None
+            return False
         self._lru.insert_cache(model, list(ids), kept)
-        self.routes.add(model, ids)
+        named = routes(model, ids)
+        self.routes.extend(named)
         served = self._served.get(model)
         if self.disk is not None and served is not None:
-            self.disk.keep(served.identity, ids, kept, served.cuttable, model)
-        return list(kept)
+            self.disk.keep(served.identity, ids, kept, served.cuttable, named, ends)
+        return True
 
     def finished(self, model: str, tokens: list[int], cache: list[Any], job_id: str, prompt: int) -> None:
         """A finished row's cache (its `prompt` tokens and what it generated, `tokens`): the next turn of the
-        same chat starts from it, and on disk from its prompt's end too (`PrefixDisk.keep_tail`)."""
+        same chat starts from it, and on disk from its prompt's end too (`PrefixDisk.keep`'s `ends`)."""
         if not cache or not self.enabled:
             return
         try:
-            kept = self._kept(model, tokens, cache, len(tokens))
-            served = self._served.get(model)
-            if kept and self.disk is not None and served is not None and served.cuttable and prompt < len(tokens):
-                # From the copy kept in memory, as its blocks are: the row's own cache is not held for the writer.
-                self.disk.keep_tail(served.identity, tokens[:prompt], kept, len(tokens))
+            self._keep(model, tokens, cache, len(tokens), (prompt,))
         except Exception:
             logger.exception("could not keep a finished prompt's cache", extra={"job_id": job_id})
 

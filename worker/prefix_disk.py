@@ -43,7 +43,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache
 
-from shared.prefix_blocks import BLOCK_TOKENS, chain, routes
+from shared.prefix_blocks import BLOCK_TOKENS, chain
 from worker.cache_shape import layers
 from worker.prefix_files import (
     IDENTITY,
@@ -269,14 +269,23 @@ class PrefixDisk:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def keep(self, identity: str, ids: Sequence[int], cache: Sequence[Any], cuttable: bool, model: str) -> None:
+    def keep(
+        self,
+        identity: str,
+        ids: Sequence[int],
+        cache: Sequence[Any],
+        cuttable: bool,
+        named: Sequence[str],
+        ends: Sequence[int] = (),
+    ) -> None:
         """Write what the disk lacks of `cache` (which holds exactly `ids`) off the engine thread: its new
-        blocks, or the whole state of a cache that cannot be cut. Never waits on the disk. `model` is the
-        name the routing names are made from (those of the workers' claims)."""
+        blocks and its tail, or the whole state of a cache that cannot be cut. Never waits on the disk. `named`
+        are the routing names of `ids`' blocks (those of the workers' claims); `ends` are earlier lengths whose
+        tails are written too: a finished row's prompt's, where a client that keeps its own record of the answer
+        goes on (after a restart it resumes there exactly, as it does from memory, not at the block before)."""
         if not self.writing:
             return
         names, at = chain(identity, ids), time.time()
-        named = routes(model, ids)
         if cuttable:
             flat = list(layers(cache))
             if not all(positional(layer, len(ids)) for layer in flat):
@@ -287,33 +296,18 @@ class PrefixDisk:
                     continue
                 span = ((k - 1) * BLOCK_TOKENS, k * BLOCK_TOKENS)
                 self._submit_span(identity, key, at, k, ids, span, flat, named[k - 1])
-            k = len(ids) // BLOCK_TOKENS
-            # A prompt shorter than a block recomputes faster than its file is written and read back.
-            if k and len(ids) - k * BLOCK_TOKENS >= MIN_TAIL_TOKENS:
-                key = tail_key(names, ids, k, len(ids))
-                if self._wanted(identity, key, at):
-                    self._submit_span(identity, key, at, k + 1, ids, (k * BLOCK_TOKENS, len(ids)), flat, "")
+            for end in (len(ids), *ends):
+                k = end // BLOCK_TOKENS
+                # A prompt shorter than a block recomputes faster than its file is written and read back.
+                if k and MIN_TAIL_TOKENS <= end - k * BLOCK_TOKENS and end <= len(ids):
+                    key = tail_key(names, ids, k, end)
+                    if self._wanted(identity, key, at):
+                        self._submit_span(identity, key, at, k + 1, ids, (k * BLOCK_TOKENS, end), flat, "")
         elif len(ids) >= MIN_STATE_TOKENS:
             key = state_key(names, ids, len(ids))
             if self._wanted(identity, key, at):
                 metadata = {"mlxq_tokens": json.dumps(list(ids)), ROUTES: " ".join(named)}
                 self._submit(PendingWrite(identity, key, at, 0, metadata=metadata, cache=list(cache)))
-
-    def keep_tail(self, identity: str, ids: Sequence[int], cache: Sequence[Any], held: int) -> None:
-        """Write the tail of `ids` past its last whole block from `cache`, which holds `held` tokens beginning
-        with them (a finished row's: its prompt, then what it generated). A client that keeps its own record of
-        the answer sends a next turn that goes on from the prompt's end, not from what was generated: after a
-        restart it resumes there exactly, as it does from memory, rather than at the block before."""
-        if not self.writing:
-            return
-        flat = list(layers(cache))
-        k = len(ids) // BLOCK_TOKENS
-        if not k or len(ids) - k * BLOCK_TOKENS < MIN_TAIL_TOKENS or not all(positional(x, held) for x in flat):
-            return
-        at = time.time()
-        key = tail_key(chain(identity, ids), ids, k, len(ids))
-        if self._wanted(identity, key, at):
-            self._submit_span(identity, key, at, k + 1, ids, (k * BLOCK_TOKENS, len(ids)), flat, "")
 
     def _submit_span(
         self,
