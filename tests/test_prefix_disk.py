@@ -133,7 +133,7 @@ def test_long_prompts_kept_together_are_written_whole(models: dict[str, Tiny], t
     assert tiny.manager(tmp_path).seed("m", [*ids, 7])[1] == len(ids)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_next"])
 def test_a_process_started_again_publishes_the_routing_names_of_what_its_disk_holds(
     models: dict[str, Tiny], tmp_path: Path, family: str
 ) -> None:
