@@ -37,6 +37,11 @@ def job_ended(redis: Redis, job: Job, status: str, ttl_s: int, **data: Any) -> N
     """Write the end of the job's stream (finished, failed or canceled) and, for a batch child,
     record it in its batch."""
     job_stream.end(redis, job.id, status, ttl_s, **data)
+    child_ended(redis, job, status, ttl_s, **data)
+
+
+def child_ended(redis: Redis, job: Job, status: str, ttl_s: int, **data: Any) -> None:
+    """`job_ended` for a job whose stream's end is written: record it in its batch, if it is a batch's child."""
     batch_id = job.meta.get("batch_id")
     custom_id = job.meta.get("custom_id")
     if not batch_id or custom_id is None or job.meta.get("role") == "synthesis":

@@ -61,8 +61,6 @@ class RedisUnblocked(RedisRefusing):
     condition = "changing role (UNBLOCKED)"
 
 
-
-
 _BY_CODE = {
     "MISCONF": RedisCannotPersist,
     "READONLY": RedisReadOnly,

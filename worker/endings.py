@@ -10,9 +10,11 @@ where it is only a count.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq.job import Job
 
 from shared import batch_progress, events, job_stream, keys, stats
@@ -31,21 +33,30 @@ class JobEndings:
         self.publisher = publisher
         self.stream_ttl_s = stream_ttl_s
 
-    def finished(self, job: Job, result: Any) -> None:
-        self.publisher.flush()
-        until_redis(
-            "ending a job's stream",
-            lambda: batch_progress.job_ended(self.connection, job, "finished", self.stream_ttl_s, result=result),
-        )
+    def finished(self, job: Job, result: Any, record: Callable[[Pipeline], None]) -> Callable[[], None]:
+        """The writes that end a finished job, for until_redis: RQ's record of it (`record` adds it), its
+        stream's end and its counts in one transaction, one round trip between the answer and a client
+        waiting for it. The text still buffered is written first, so a follower sees it before the end."""
 
-        def count() -> None:
-            with self.connection.pipeline(transaction=False) as pipe:
+        def write() -> None:
+            self.publisher.flush()
+            with self.connection.pipeline() as pipe:
+                record(pipe)
+                job_stream.add(pipe, job.id, "end", self.stream_ttl_s, status="finished", result=result)
+                job_stream.notice(pipe, [keys.job_stream(job.id)])
                 stats.count(pipe, keys.STATS_JOBS, "finished")
                 if isinstance(result, dict) and "timings" in result:
                     stats.record_generation(pipe, result, result["timings"].get("first_token_s"))
                 pipe.execute()
 
-        quietly("counting a job", count)
+        return write
+
+    def child_finished(self, job: Job, result: Any) -> None:
+        """A finished job that is a batch's child, recorded in its batch (once its own end is written)."""
+        until_redis(
+            "recording a batch child's end",
+            lambda: batch_progress.child_ended(self.connection, job, "finished", self.stream_ttl_s, result=result),
+        )
 
     def failed(self, job: Job, error: dict[str, Any], canceled: bool) -> None:
         """A job that ended without a result: failed, or canceled (logged at INFO, it is no fault)."""

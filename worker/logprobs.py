@@ -43,4 +43,3 @@ def entry(tokenizer: Any, token: int, logprobs: mx.array, top: int) -> dict[str,
             alternatives.append(_named(tokenizer, index, value))
     found["top_logprobs"] = alternatives
     return found
-

@@ -182,16 +182,17 @@ class Monitor:
             "memory": snapshot,
             "at": time.time(),
         }
-        self.connection.set(keys.worker_heartbeat(self.name), json.dumps(record), ex=self.settings.heartbeat_ttl_s)
-        self._publish_routes()
+        self._publish(json.dumps(record))
 
-    def _publish_routes(self) -> None:
-        """The routing names of what this worker keeps, for the claim script; all of them again when Redis
-        lost the set (it came back empty), as long-lived as the heartbeat."""
+    def _publish(self, record: str) -> None:
+        """The heartbeat `record`, and the routing names of what this worker keeps for the claim script (all
+        of them again when Redis lost the set: it came back empty), as long-lived as the heartbeat; in one
+        round trip, since a beat comes before each answer."""
         held = self.engine.runner.kv.routes
         new, key, ttl = held.take_new(), keys.worker_prefixes(self.name), self.settings.heartbeat_ttl_s
         try:
             with self.connection.pipeline(transaction=False) as pipe:
+                pipe.set(keys.worker_heartbeat(self.name), record, ex=ttl)
                 if new:
                     pipe.sadd(key, *new)
                 pipe.expire(key, ttl)

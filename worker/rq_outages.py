@@ -12,8 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from redis.client import Pipeline
 from rq import Queue, SimpleWorker
-from rq.job import Job
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.utils import now
 
 from shared import keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
@@ -32,15 +35,53 @@ class OutageTolerantWorker(SimpleWorker):
     _suspension_due = 0.0
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        prepare = super().prepare_job_execution
-        until_redis("starting a job", lambda: prepare(job, remove_from_intermediate_queue))
-        # Started now (RQ's registry has it): no longer the claimed list's to put back.
-        until_redis("starting a job", lambda: self.connection.lrem(keys.worker_claimed(self.name), 1, job.id))
+        """RQ's start of a job (its worker record, the job's heartbeat and status, its queue's intermediate
+        list), and the job's entry in the claimed list taken out in the same transaction: started now, it
+        is no longer the claimed list's to put back. RQ's own method writes the rest alone, a round trip
+        more on the way to every job's first token."""
+
+        def prepare() -> None:
+            with self.connection.pipeline() as pipe:
+                heartbeat_ttl = self.get_heartbeat_ttl(job)
+                self.heartbeat(heartbeat_ttl, pipeline=pipe)
+                job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
+                job.prepare_for_execution(self.name, pipeline=pipe)
+                pipe.persist(job.key)
+                if remove_from_intermediate_queue:
+                    pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+                pipe.lrem(keys.worker_claimed(self.name), 1, job.id)
+                pipe.execute()
+
+        until_redis("starting a job", prepare)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
-        until_redis(
-            "ending a job", lambda: super(OutageTolerantWorker, self).handle_execution_ended(job, queue, heartbeat_ttl)
-        )
+        # RQ refreshes the job's heartbeat here too, for the success or failure callback it runs next:
+        # mlxq's jobs have none, and their end is recorded at once after (a round trip for nothing).
+        job.ended_at = now()
+
+    def success_writes(self, job: Job, execution: Execution, pipe: Pipeline) -> None:
+        """RQ's record of a finished job (its status and result, its registries, the worker's counts) on
+        `pipe`, a transaction the caller executes with its own writes. RQ's `handle_job_success` reads
+        the job's dependents first and writes apart from the caller's: two round trips more between the
+        answer and its client, for what mlxq's jobs never have (gateway/jobs/records.py enqueues none
+        with RQ's dependencies, repeats or rate limits: a batch does without them,
+        shared/batch_progress.py)."""
+        assert job.started_at is not None and job.ended_at is not None
+        self.increment_successful_job_count(pipeline=pipe)
+        self.increment_total_working_time(job.ended_at - job.started_at, pipe)
+        result_ttl = job.get_result_ttl(self.default_result_ttl)
+        if result_ttl != 0:
+            job._handle_success(
+                result_ttl,
+                pipeline=pipe,
+                worker_name=self.name,
+                execution_id=execution.id,
+                execution_started_at=execution.created_at,
+                execution_ended_at=job.ended_at,
+            )
+        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+        job._status = JobStatus.FINISHED
+        self.cleanup_execution(job, pipeline=pipe, execution=execution)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         # RQ's worker record; ours (the heartbeat key) is what supervision reads. RQ refreshes it

@@ -152,21 +152,29 @@ class MlxqWorker(OutageTolerantWorker):
         RQ's loop claims the next job while this one runs. Each of RQ's bookkeeping steps waits
         out a Redis outage: a job claimed before or finished during one is recorded once Redis is
         back, never lost."""
-        execution = until_redis("starting a job", lambda: self.prepare_execution(job))
+        tries = 0
+
+        def prepare() -> Any:
+            nonlocal tries
+            tries += 1
+            return self.prepare_execution(job)
+
+        execution = until_redis("starting a job", prepare)
         self._running[job.id] = execution
-        performing = self._threads.submit(self._perform, job, queue, execution)
+        performing = self._threads.submit(self._perform, job, queue, execution, tries > 1)
         self._performing.add(performing)
         performing.add_done_callback(self._performing.discard)
         self.monitor.poke()  # /health lists the job now, not a beat later
 
-    def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
+    def _perform(self, job: Job, queue: Queue, execution: Any, retried: bool) -> None:
         began = time.monotonic()
         try:
             self.perform_job(job, queue, execution)
         finally:
-            # An execution retried across a Redis outage may have been recorded twice; the one RQ
-            # did not end must not stay in the started registry as if the job still ran.
-            quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
+            if retried:
+                # An execution retried across a Redis outage may have been recorded twice; the one RQ
+                # did not end must not stay in the started registry as if the job still ran.
+                quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self._running.pop(job.id, None)
             self.suspect.clear(job.id)
             if not self._running:
@@ -314,12 +322,10 @@ class MlxqWorker(OutageTolerantWorker):
             quietly("writing the heartbeat", self.monitor.beat)
         except Exception:
             logger.exception("writing the heartbeat failed")  # the job's result is recorded all the same
-        record = super().handle_job_success
-        until_redis(
-            "recording a finished job",
-            once(job, JobStatus.FINISHED, lambda: record(job, queue, started_job_registry, execution)),
-        )
-        self.endings.finished(job, job._result)
+        result = job._result
+        write = self.endings.finished(job, result, lambda pipe: self.success_writes(job, execution, pipe))
+        until_redis("recording a finished job", once(job, JobStatus.FINISHED, write))
+        self.endings.child_finished(job, result)
 
     def _record_canceled(self, job: Job, execution: Any) -> None:
         """A canceled job goes to RQ's canceled registry, not the failed one: nothing to requeue."""
