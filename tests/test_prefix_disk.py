@@ -5,6 +5,7 @@ refuses writes turns writing off and fails nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -198,6 +199,19 @@ def test_a_truncated_corrupt_or_foreign_file_is_a_miss_and_is_removed(models: di
     kv = tiny.manager(tmp_path)  # finds it as it starts
     assert kv.seed("m", NEXT) == (None, 0)
     assert not target.exists()
+
+
+def test_files_named_by_the_digest_of_an_earlier_version_still_serve(models: dict[str, Tiny], tmp_path: Path) -> None:
+    """Files written before the digest in their names was SHA-256's carry blake2b's: an upgrade keeps them."""
+    tiny = models["llama"]
+    tiny.keep(tiny.manager(tmp_path), PROMPT)
+    for path in (tmp_path / tiny.identity).iterdir():
+        key, _, rest = path.name.split(".", 2)
+        earlier = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        path.rename(path.with_name(f"{key}.{earlier}.{rest}"))
+    kv = tiny.manager(tmp_path)
+    assert kv.seed("m", NEXT)[1] == len(PROMPT)
+    assert kv.disk is not None and kv.disk.stats.misses_bad_file == 0
 
 
 def test_the_tier_keeps_within_its_budget_the_earlier_blocks_last(models: dict[str, Tiny], tmp_path: Path) -> None:

@@ -126,8 +126,17 @@ def state_routes(path: Path) -> tuple[str, ...]:
 
 
 def digest(path: Path) -> str:
+    """The digest a file's name carries: SHA-256's first 16 bytes, which processors compute in hardware
+    (several times blake2b's speed: it was a third of a kept prefix's read)."""
     with path.open("rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()[:32]
+
+
+def digest_matches(data: bytes, expected: str) -> bool:
+    """Whether `data` has the digest `expected`: SHA-256's, or blake2b's in files written before it."""
+    if hashlib.sha256(data).hexdigest()[:32] == expected:
+        return True
+    return hashlib.blake2b(data, digest_size=16).hexdigest() == expected
 
 
 @dataclass
