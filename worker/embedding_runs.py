@@ -78,20 +78,25 @@ class Embeds:
         work = self._line[0]
         try:
             work.stop_if_canceled()
+            # The pace counts all that the turn waits for: a job's first batch also encodes its inputs,
+            # and the vectors are handed over after the forward; the forward's time alone made every
+            # batch beside streams overrun its budget by half.
+            began = time.perf_counter()
             if self._held is None:
                 self._held = self._acquire(work)
+                if work.load_s > 0:
+                    began = time.perf_counter()  # a model's load is no measure of its batches
             batch = work.next_batch(self.pace.tokens(work.spec.name, budget_s))
             rows = [work.ids[i] for i in batch]
-            began = time.perf_counter()
             if work.judged:
                 assert self._judge is not None
                 vectors = reranking.forward(self._held.model, rows, self._judge)
             else:
                 vectors = embedding.forward(self._held.model, rows, self._pad)
                 work.check_width(len(vectors[0]))
-            self.pace.measured(len(rows) * max(map(len, rows)), time.perf_counter() - began)
             for index, vector in zip(batch, vectors, strict=True):
                 work.vectors[index] = vector
+            self.pace.measured(len(rows) * max(map(len, rows)), time.perf_counter() - began)
             self._progress(None)
         except Exception as exc:
             self._end(work, self._translated(exc, work.job_id))

@@ -17,7 +17,13 @@ its tokens) is measured too, as what a turn with a piece took beyond its tokens
 at the measured prefill rate; that rate is the piece's own time, the wait for the
 step it shares a stream with included, so it errs slow, and a slow rate only
 makes the next piece smaller. Recent medians, not means: a turn that also encoded
-a long arriving prompt or probed memory must not size the pieces after it.
+a long arriving prompt or probed memory must not size the pieces after it. The
+normal turn is the first quartile of the recent ones rather than their median:
+what disturbs a turn (other threads of the worker taking the interpreter while
+a burst of requests arrives, other processes taking the cores) only ever
+lengthens it, and once other work runs beside every turn (a flood of vectors)
+no normal turn is measured until it ends, so a median taken while half of the
+recent turns were disturbed would size everything after it for as long.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ FIRST_TOKENS = 64
 
 MAX_PADDING = 1 / 3
 """The share of a piece's computed positions that may be padding (see `unpadded`)."""
+
+
+def undisturbed(turns: Sequence[float]) -> float:
+    """A normal turn's time among recent `turns`: their first quartile (see the module's notes)."""
+    return sorted(turns)[len(turns) // 4]
 
 
 @dataclass
@@ -74,7 +85,7 @@ class PrefillPace:
         Until a turn without prefill is measured (rows that began decoding while others still prefill,
         every turn carrying a piece), the decode steps of the turns with pieces stand in for it."""
         if self._gaps:
-            return statistics.median(self._gaps)
+            return undisturbed(self._gaps)
         return statistics.median(self._steps) if self._steps else None
 
     @property
