@@ -78,14 +78,13 @@ def test_a_turn_that_also_did_something_slow_does_not_size_the_pieces_after_it()
     assert pace.piece(decoding=True, rows=1) == 50
 
 
-def test_turns_slowed_by_a_burst_of_arrivals_do_not_size_what_comes_after() -> None:
-    """Nine of fifteen turns slowed tenfold (the worker's other threads busy with a flood of requests), then
-    other work beside every turn, so no normal one is measured: the budget is still the normal turns'."""
+def test_turns_slowed_by_a_flood_s_arrival_do_not_size_the_work_beside_them() -> None:
+    """Nine of fifteen turns slowed tenfold (the flood's own arrival taking the cores), then other work beside
+    every turn, so no normal one is measured: that work's budget is still the normal turns'."""
     pace = PrefillPace(pause_steps=4, max_tokens=4096)
     run(pace, tokens_per_s=1000, gap_s=0.007)
     for _ in range(9):
         pace.measured(prompt_tokens=0, prompt_s=0.0, steps=1, decode_s=0.0, turn_s=0.07)
-    assert pace.gap_s == 0.007
     assert abs(pace.other_work_s() - 3 * 0.007) < 1e-9
 
 

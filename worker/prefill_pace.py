@@ -17,13 +17,11 @@ its tokens) is measured too, as what a turn with a piece took beyond its tokens
 at the measured prefill rate; that rate is the piece's own time, the wait for the
 step it shares a stream with included, so it errs slow, and a slow rate only
 makes the next piece smaller. Recent medians, not means: a turn that also encoded
-a long arriving prompt or probed memory must not size the pieces after it. The
-normal turn is the first quartile of the recent ones rather than their median:
-what disturbs a turn (other threads of the worker taking the interpreter while
-a burst of requests arrives, other processes taking the cores) only ever
-lengthens it, and once other work runs beside every turn (a flood of vectors)
-no normal turn is measured until it ends, so a median taken while half of the
-recent turns were disturbed would size everything after it for as long.
+a long arriving prompt or probed memory must not size the pieces after it. Other
+work beside the batch (a flood of vectors) is sized by the first quartile of the
+recent turns instead: once it runs beside every turn no normal turn is measured
+until it ends, so a median taken while half of the recent turns were slowed (the
+flood's own arrival taking the cores) would size all of it.
 """
 
 from __future__ import annotations
@@ -85,7 +83,7 @@ class PrefillPace:
         Until a turn without prefill is measured (rows that began decoding while others still prefill,
         every turn carrying a piece), the decode steps of the turns with pieces stand in for it."""
         if self._gaps:
-            return undisturbed(self._gaps)
+            return statistics.median(self._gaps)
         return statistics.median(self._steps) if self._steps else None
 
     @property
@@ -111,8 +109,9 @@ class PrefillPace:
     def other_work_s(self) -> float:
         """The time other work than the batch's (a batch of vectors) may take in a turn while rows decode:
         the turn, a normal one and that work, stays within `pause_steps` normal turns; 0 before a normal
-        turn was measured."""
-        gap = self.gap_s
+        turn was measured. The normal turn here is the first quartile of the recent ones (see the module's
+        notes)."""
+        gap = undisturbed(self._gaps) if self._gaps else self.gap_s
         return 0.0 if gap is None else (self.pause_steps - 1) * gap
 
     def measured(self, prompt_tokens: int, prompt_s: float, steps: int, decode_s: float, turn_s: float | None) -> None:
