@@ -97,6 +97,24 @@ def test_a_prefix_kept_by_one_process_continues_in_the_next_as_a_cold_prefill(
     assert restarted.hits.disk == 1 and restarted.hits.memory == 1
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_a_process_started_again_reads_its_recent_prompts_back_into_memory_before_it_is_asked(
+    models: dict[str, Tiny], tmp_path: Path, family: str
+) -> None:
+    tiny = models[family]
+    tiny.keep(tiny.manager(tmp_path), PROMPT)
+    restarted = tiny.manager(tmp_path)
+    assert restarted.recent_prompts("m", 8) == [PROMPT]
+    assert restarted.room_to_read_ahead and restarted.read_ahead("m", PROMPT)
+    assert restarted.hits.read_ahead == 1
+    seeded, reused = restarted.seed("m", NEXT)
+    assert reused == len(PROMPT) and seeded is not None
+    assert (restarted.hits.memory, restarted.hits.disk) == (1, 0)  # the request found it in memory
+    _, resumed = tiny.prefill(NEXT[reused:], seeded)
+    _, cold = tiny.prefill(NEXT)
+    assert mx.allclose(resumed, cold, atol=1e-4).item()
+
+
 def test_a_finished_turn_resumes_after_a_restart_at_its_prompts_end_when_the_client_rewrote_the_answer(
     models: dict[str, Tiny], tmp_path: Path
 ) -> None:
@@ -247,15 +265,23 @@ SYSTEM = (
 block's tail of it."""
 
 
-def worker(svc: Service, logs: Path, command: list[str] | None = None) -> Process:
-    """A worker process for `svc` (as the watchdog would start one), its pid reported healthy."""
-    process = Process("worker", svc.env, logs / "worker.log", command)
+def worker(svc: Service, logs: Path, command: list[str] | None = None, **env: str) -> Process:
+    """A worker process for `svc` (as the watchdog would start one, with `env` beside its settings), its pid
+    reported healthy."""
+    process = Process("worker", {**svc.env, **env}, logs / "worker.log", command)
     deadline = time.monotonic() + 120
     while process.pid not in [w["pid"] for w in svc.http.get("/health").json()["workers"]]:
         assert process.alive(), process.tail()
         assert time.monotonic() < deadline, process.tail()
         time.sleep(0.1)
     return process
+
+
+def prefix_hits(svc: Service, pid: int) -> dict[str, int]:
+    """The prefix tiers' hits of the worker `pid`, from its heartbeat."""
+    names = [w["name"] for w in svc.http.get("/health").json()["workers"] if w["pid"] == pid]
+    workers = svc.http.get("/v1/admin/status").json()["workers"]
+    return next((w.get("prefix_hits") or {} for w in workers if w.get("name") in names), {})
 
 
 def turn(client: OpenAI, family: str, messages: list[dict[str, Any]]) -> tuple[str, int, int]:
@@ -292,6 +318,7 @@ def disk_service(
     svc.stop()
 
 
+@pytest.mark.timeout(300)  # four workers started in turn, on a loaded machine
 def test_a_session_goes_on_after_its_worker_is_killed_from_the_disk_tier_as_a_cold_run_would(
     disk_service: tuple[Service, OpenAI, Path],
 ) -> None:
@@ -321,6 +348,20 @@ def test_a_session_goes_on_after_its_worker_is_killed_from_the_disk_tier_as_a_co
         assert cached >= 0.9 * before[family], (family, cached, before[family])
     hits = svc.http.get("/v1/admin/status").json()["workers"]
     assert any((w.get("prefix_hits") or {}).get("disk", 0) >= 2 for w in hits), hits
+
+    # Started again by the watchdog (which names the models the dead worker held), a worker loads them and reads
+    # their recent prompts back from disk before any request: the sessions' turns find them in memory.
+    os.kill(running.pid, signal.SIGKILL)
+    running.popen.wait(30)
+    running = worker(svc, logs, MLXQ_RELOAD_MODELS=",".join(sessions))
+    deadline = time.monotonic() + 120
+    while (read := prefix_hits(svc, running.pid).get("read_ahead", 0)) < len(sessions):
+        assert time.monotonic() < deadline, (read, running.tail())
+        time.sleep(0.2)
+    for family, messages in sessions.items():
+        assert turn(client, family, messages)[2] >= 0.9 * before[family], family
+    hits = prefix_hits(svc, running.pid)
+    assert hits["memory"] >= len(sessions) and hits["disk"] == 0, hits
 
     # Cold: nothing kept anywhere, the same answers.
     os.kill(running.pid, signal.SIGKILL)

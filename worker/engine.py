@@ -32,6 +32,10 @@ from worker.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+READ_AHEAD_PROMPTS = 32
+"""Prompts of a model loaded ahead of its requests whose kept prefixes are read back into memory (the most
+recently used first), while memory has room."""
+
 
 @dataclass(frozen=True)
 class Unload:
@@ -75,6 +79,9 @@ class Engine:
         )
         self._inbox: queue.Queue[Generation | EmbedWork | Unload | Load | None] = queue.Queue()
         self._warming: list[ModelSpec] = []
+        self._reading_ahead: list[tuple[str, list[int]]] = []
+        """Prompts whose kept prefixes are read back from disk while nothing else runs, after a model's load
+        ahead of its requests: a worker started again has its sessions' next turns in memory, as before."""
         """Models to load once no batch runs (a load would stall its streams)."""
         self.state = "idle"
         """idle, loading or generating: what the watchdog's probe tolerates differs."""
@@ -173,7 +180,8 @@ class Engine:
         scheduler = self.scheduler
         while True:
             self.progress_at = time.monotonic()
-            arrived = self._arrivals(wait=not scheduler.busy and not self._embeds.waiting)
+            idle = not scheduler.busy and not self._embeds.waiting
+            arrived = self._arrivals(wait=idle and not self._reading_ahead)
             for item in arrived:
                 if isinstance(item, EmbedWork):
                     self._embeds.add(item)
@@ -207,6 +215,8 @@ class Engine:
                 self.runner.pace.beside_batch()
             if scheduler.batch is None and self._warming:
                 self._warm(self._warming.pop(0))
+            elif idle and not arrived and self._reading_ahead:
+                self._read_ahead(*self._reading_ahead.pop(0))
             self.state = "generating" if scheduler.batch is not None else "idle"
 
     def _turn(self) -> None:
@@ -227,13 +237,31 @@ class Engine:
             return
         self._alive_sign("loading")
         try:
-            self.cache.acquire(spec, 0)
+            loaded, _ = self.cache.acquire(spec, 0)
             self.cache.release(spec.name)
             logger.info("loaded model %s ahead of its requests", spec.name)
+            if loaded.kind == "generate":
+                kv = self.runner.kv
+                kv.serving(spec.name, loaded.model, loaded.identity, loaded.caches.cuttable)
+                prompts = kv.recent_prompts(spec.name, READ_AHEAD_PROMPTS)
+                self._reading_ahead += [(spec.name, prompt) for prompt in prompts]
         except Exception as exc:
             logger.warning("could not load model %s ahead of its requests: %s", spec.name, exc)
         finally:
             self._alive_sign("idle")
+
+    def _read_ahead(self, model: str, prompt: list[int]) -> None:
+        if model not in self.cache.loaded_names():
+            return  # unloaded meanwhile: its prefixes wait on disk for a request
+        kv = self.runner.kv
+        if not kv.room_to_read_ahead:
+            self._reading_ahead.clear()
+            return
+        try:
+            kv.read_ahead(model, prompt)
+        except Exception as exc:
+            logger.warning("could not read a kept prefix of %s back from disk: %s", model, exc)
+        self._alive_sign(None)
 
     def _arrivals(self, wait: bool) -> list[Generation | EmbedWork | Unload | Load | None]:
         """Everything in the inbox; when idle, wait up to the maintenance interval for something."""

@@ -75,6 +75,8 @@ class Hits:
     memory_tokens: int = 0
     disk: int = 0
     disk_tokens: int = 0
+    read_ahead: int = 0
+    """Prompts read back from disk into memory as the worker started, before any asked for them."""
 
 
 class HeldRoutes:
@@ -199,7 +201,11 @@ class KVCacheManager:
         return (None, 0) if cache is None else (cache, len(ids) - len(rest))
 
     def _from_disk(self, model: str, ids: list[int], reused: int) -> tuple[list[Any], int] | None:
-        """A longer start of `ids` than memory's `reused` tokens, read from disk and kept in memory."""
+        """A copy of a longer start of `ids` than memory's `reused` tokens, read from disk and kept in memory."""
+        read = self._into_memory(model, ids, reused)
+        return None if read is None else (copy.deepcopy(read[0]), read[1])
+
+    def _into_memory(self, model: str, ids: list[int], reused: int) -> tuple[list[Any], int] | None:
         served = self._served.get(model)
         if self.disk is None or served is None:
             return None
@@ -212,7 +218,28 @@ class KVCacheManager:
         stored, tokens = read
         self._lru.insert_cache(model, ids[:tokens], stored)
         self.routes.add(model, ids[:tokens])
-        return copy.deepcopy(stored), tokens
+        return stored, tokens
+
+    def recent_prompts(self, model: str, limit: int) -> list[list[int]]:
+        """The prompts whose ends the disk holds for `model` (served: `serving`), the most recently used first."""
+        served = self._served.get(model)
+        if self.disk is None or served is None:
+            return []
+        return self.disk.recent_prompts(served.identity, limit)
+
+    @property
+    def room_to_read_ahead(self) -> bool:
+        """Memory is less than half full: the rest is for what is computed next."""
+        return self.nbytes < self.budget_bytes // 2
+
+    def read_ahead(self, model: str, prompt: list[int]) -> bool:
+        """Read `prompt`'s kept prefix from disk into memory before any request asks for it; whether it was."""
+        # Its last token is one a request would compute (generation starts from its logits): one more is added,
+        # so that the whole prompt is what is looked for.
+        if self._into_memory(model, [*prompt, 0], 0) is None:
+            return False
+        self.hits.read_ahead += 1
+        return True
 
     def segments(self, model: str, row: Row, reused: int, keeps_states: bool) -> list[list[int]]:
         """The prompt's tokens still to compute, in segments: the generator stops at each segment's end,

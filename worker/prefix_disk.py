@@ -47,12 +47,14 @@ from worker.prefix_files import (
     IDENTITY,
     MIN_TAIL_TOKENS,
     NAME,
+    PROMPT,
     ROUTES,
     KeptFile,
     PendingWrite,
     block_key,
     digest_matches,
     group,
+    kept_prompt,
     positional,
     state_key,
     state_routes,
@@ -151,6 +153,15 @@ class PrefixDisk:
         with self._lock:
             kept = sorted((f for files in self._files.values() for f in files.values()), key=lambda f: -f.used)
         return [route for f in kept for route in f.routes][:limit]
+
+    def recent_prompts(self, identity: str, limit: int) -> list[list[int]]:
+        """The prompts whose ends the tier holds for `identity` (a tail or a whole state each), the most
+        recently used first, at most `limit`: what a worker started again reads back before it is asked."""
+        with self._lock:
+            ends = [f for key, f in self._files.get(identity, {}).items() if key[0] in "ts"]
+        ends.sort(key=lambda f: -f.used)
+        prompts = (kept_prompt(f.path) for f in ends[:limit])
+        return [ids for ids in prompts if ids]
 
     # -- finding and reading ---------------------------------------------------------------
 
@@ -303,7 +314,8 @@ class PrefixDisk:
                 if k and MIN_TAIL_TOKENS <= end - k * BLOCK_TOKENS and end <= len(ids):
                     key = tail_key(names, ids, k, end)
                     if self._wanted(identity, key, at):
-                        self._submit_span(identity, key, at, k + 1, ids, (k * BLOCK_TOKENS, end), flat, "")
+                        span = (k * BLOCK_TOKENS, end)
+                        self._submit_span(identity, key, at, k + 1, ids, span, flat, "", prompt=True)
         elif len(ids) >= MIN_STATE_TOKENS:
             key = state_key(names, ids, len(ids))
             if self._wanted(identity, key, at):
@@ -320,9 +332,13 @@ class PrefixDisk:
         span: tuple[int, int],
         flat: list[Any],
         route: str,
+        prompt: bool = False,
     ) -> None:
+        """A block or, with `prompt`, a prompt's tail, which also names the whole prompt it ends (`PROMPT`)."""
         kv = [(layer.keys, layer.values) for layer in flat]
         tokens = {"mlxq_tokens": json.dumps(list(ids[span[0] : span[1]]))}
+        if prompt:
+            tokens[PROMPT] = json.dumps(list(ids[: span[1]]))
         self._submit(PendingWrite(identity, key, at, depth, span, kv, tokens, route=route))
 
     def _wanted(self, identity: str, key: str, at: float) -> bool:

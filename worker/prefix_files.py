@@ -12,6 +12,7 @@ is in names the model.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -111,6 +112,10 @@ def positional(layer: Any, tokens: int) -> bool:
 ROUTES = "mlxq_routes"
 """A whole state's metadata field: the routing names of its whole blocks, space-separated."""
 
+PROMPT = "mlxq_prompt"
+"""A tail's header: the whole prompt it ends (the ids of its blocks and its own), read back by a worker started
+again (worker/prefix_disk.py `recent_prompts`)."""
+
 
 def state_routes(path: Path) -> tuple[str, ...]:
     """The routing names a whole state's file holds, from its header alone; none from a file that does not
@@ -123,6 +128,22 @@ def state_routes(path: Path) -> tuple[str, ...]:
         return tuple(str(metadata.get(ROUTES, "")).split())
     except Exception:
         return ()
+
+
+def kept_prompt(path: Path) -> list[int] | None:
+    """The whole prompt a tail's or a whole state's file ends, from its header alone; None from a file that
+    does not say (a block, a tail written before tails named their prompts) or does not read."""
+    try:
+        with safe_open(str(path), framework="numpy") as opened:
+            flat = opened.metadata() or {}
+        if path.name.startswith("s-"):
+            # A state is laid out as mlx-lm's save_prompt_cache writes it: ours first; its tokens are the prompt.
+            ids = json.loads(str(tree_unflatten(list(flat.items()))[0].get("mlxq_tokens", "null")))
+        else:
+            ids = json.loads(flat.get(PROMPT, "null"))
+    except Exception:
+        return None
+    return [int(i) for i in ids] if isinstance(ids, list) else None
 
 
 def digest(path: Path) -> str:
