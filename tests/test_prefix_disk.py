@@ -102,9 +102,18 @@ def test_a_process_started_again_reads_its_recent_prompts_back_into_memory_befor
     models: dict[str, Tiny], tmp_path: Path, family: str
 ) -> None:
     tiny = models[family]
-    tiny.keep(tiny.manager(tmp_path), PROMPT)
+    kv = tiny.manager(tmp_path)
+    tiny.keep(kv, PROMPT)
+    shorter = PROMPT[
+        : 5 * BLOCK_TOKENS + 20
+    ]  # an earlier turn's prompt, where the cache can be cut: the longer serves it
+    cache, _ = tiny.prefill(shorter)
+    kv.keep_copy("m", shorter, cache, len(shorter))
+    assert kv.disk is not None
+    kv.disk.flush()
     restarted = tiny.manager(tmp_path)
-    assert restarted.recent_prompts("m", 8) == [PROMPT]
+    recent = restarted.recent_prompts("m", 8)
+    assert recent == ([PROMPT] if tiny.cuttable else [shorter, PROMPT]), [len(p) for p in recent]
     assert restarted.room_to_read_ahead and restarted.read_ahead("m", PROMPT)
     assert restarted.hits.read_ahead == 1
     seeded, reused = restarted.seed("m", NEXT)

@@ -221,11 +221,16 @@ class KVCacheManager:
         return stored, tokens
 
     def recent_prompts(self, model: str, limit: int) -> list[list[int]]:
-        """The prompts whose ends the disk holds for `model` (served: `serving`), the most recently used first."""
+        """The prompts whose ends the disk holds for `model` (served: `serving`), the most recently used first.
+        Where a cache can be cut, a prompt that starts another one is left out: the longer one's cache, cut,
+        serves it (a turn's prompt and the same turn with its answer are both kept: read once, not twice)."""
         served = self._served.get(model)
         if self.disk is None or served is None:
             return []
-        return self.disk.recent_prompts(served.identity, limit)
+        prompts = self.disk.recent_prompts(served.identity, limit)
+        if not served.cuttable:
+            return prompts
+        return [a for a in prompts if not any(len(a) < len(b) and b[: len(a)] == a for b in prompts)]
 
     @property
     def room_to_read_ahead(self) -> bool:
