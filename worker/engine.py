@@ -79,10 +79,10 @@ class Engine:
         )
         self._inbox: queue.Queue[Generation | EmbedWork | Unload | Load | None] = queue.Queue()
         self._warming: list[ModelSpec] = []
+        """Models to load once no batch runs (a load would stall its streams)."""
         self._reading_ahead: list[tuple[str, list[int]]] = []
         """Prompts whose kept prefixes are read back from disk while nothing else runs, after a model's load
         ahead of its requests: a worker started again has its sessions' next turns in memory, as before."""
-        """Models to load once no batch runs (a load would stall its streams)."""
         self.state = "idle"
         """idle, loading or generating: what the watchdog's probe tolerates differs."""
         self.progress_at = time.monotonic()
