@@ -1,10 +1,10 @@
 """How a job's end is told: its stream's last entry, the batch's progress, the counters, one log line.
 
-RQ records the job's status and registries (worker/rq_worker.py calls it); what
-follows is mlxq's: the text still buffered goes out first, then the stream's end
-(so a follower sees exactly the job's result), then the statistics. Each step
-waits out a Redis outage where losing it would lose the end, and is best effort
-where it is only a count.
+The text still buffered goes out first, then the stream's end (so a follower sees
+exactly the job's result). A finished job's end is one transaction with RQ's record
+of it and its counts (worker/rq_worker.py); a failed or canceled one's stream end
+follows RQ's record, its count is best effort. Each write that would lose the end
+waits out a Redis outage.
 """
 
 from __future__ import annotations

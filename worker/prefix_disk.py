@@ -32,7 +32,6 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,6 @@ from worker.prefix_files import (
     PendingWrite,
     block_key,
     digest_matches,
-    group,
     kept_prompt,
     positional,
     state_key,
@@ -61,6 +59,7 @@ from worker.prefix_files import (
     tail_key,
     write_sealed,
 )
+from worker.prefix_index import KeptFiles
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +102,7 @@ class PrefixDisk:
         self.writing = self.budget_bytes > 0
         """False once the disk refused a write (or with no budget): reads go on."""
         self.stats = DiskStats()
-        self._files: dict[str, dict[str, KeptFile]] = {}
-        """identity -> key -> its file."""
-        self._lengths: dict[str, dict[str, Counter[int]]] = {}
-        """identity -> group ("s" for whole states, a block's name for the tails after it) -> each length's
-        files (counted, so that forgetting one file never looks through the others)."""
+        self._files = KeptFiles()
         self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._queue: queue.Queue[PendingWrite | None] = queue.Queue(QUEUED_WRITES)
@@ -122,7 +117,7 @@ class PrefixDisk:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(f.size for files in self._files.values() for f in files.values())
+            return self._files.nbytes
 
     def _open(self) -> None:
         try:
@@ -145,20 +140,20 @@ class PrefixDisk:
             stat = path.stat()
             key = match["key"]
             named = (match["route"],) if match["route"] else state_routes(path) if key.startswith("s-") else ()
-            self._add(directory.name, key, KeptFile(path, stat.st_size, stat.st_mtime, routes=named))
+            self._files.add(directory.name, key, KeptFile(path, stat.st_size, stat.st_mtime, routes=named))
 
     def held_routes(self, limit: int) -> list[str]:
         """The routing names of what the tier holds (shared/prefix_blocks.py), at most `limit`, of the files
         used last: what a worker started again publishes before any of it is read."""
         with self._lock:
-            kept = sorted((f for files in self._files.values() for f in files.values()), key=lambda f: -f.used)
+            kept = sorted((f for _, _, f in self._files.every()), key=lambda f: -f.used)
         return [route for f in kept for route in f.routes][:limit]
 
     def recent_prompts(self, identity: str, limit: int) -> list[list[int]]:
         """The prompts whose ends the tier holds for `identity` (a tail or a whole state each), the most
         recently used first, at most `limit`: what a worker started again reads back before it is asked."""
         with self._lock:
-            ends = [f for key, f in self._files.get(identity, {}).items() if key[0] in "ts"]
+            ends = [f for key, f in self._files.of(identity).items() if key[0] in "ts"]
         ends.sort(key=lambda f: -f.used)
         prompts = (kept_prompt(f.path) for f in ends[:limit])
         return [ids for ids in prompts if ids]
@@ -171,22 +166,21 @@ class PrefixDisk:
         if not self.enabled:
             return None
         with self._lock:
-            files = self._files.get(identity)
+            files = self._files.of(identity)
             if not files:
                 return None
             names = chain(identity, ids[:-1])
-            lengths = self._lengths.get(identity, {})
             if cuttable:
                 k = 0
                 while k + 1 < len(names) and block_key(names, k + 1) in files:
                     k += 1
                 keys, tokens = tuple(block_key(names, j) for j in range(1, k + 1)), k * BLOCK_TOKENS
-                for n in sorted(lengths.get(names[k].hex(), ()), reverse=True):
+                for n in self._files.lengths(identity, names[k].hex()):
                     if tokens < n < len(ids) and (tail := tail_key(names, ids, k, n)) in files:
                         keys, tokens = (*keys, tail), n
                         break
                 return Found(identity, tokens, keys, False) if tokens > longer_than else None
-            for tokens in sorted(lengths.get("s", ()), reverse=True):
+            for tokens in self._files.lengths(identity, "s"):
                 if tokens <= longer_than:
                     return None
                 if tokens < len(ids):
@@ -219,7 +213,7 @@ class PrefixDisk:
         same bytes handed over from Python. (A file is never rewritten under its name, which is its
         digest; one removed meanwhile fails that load, as a bad file.)"""
         with self._lock:
-            entry = self._files.get(identity, {}).get(key)
+            entry = self._files.of(identity).get(key)
         if entry is None:
             return None
         try:
@@ -344,7 +338,7 @@ class PrefixDisk:
     def _wanted(self, identity: str, key: str, at: float) -> bool:
         """Whether the file is neither on disk (it is used again now) nor on its way there."""
         with self._lock:
-            kept = self._files.get(identity, {}).get(key)
+            kept = self._files.of(identity).get(key)
             if kept is not None:
                 kept.used = at
                 return False
@@ -388,46 +382,31 @@ class PrefixDisk:
         size = final.stat().st_size
         named = (write.route,) if write.route else tuple(write.metadata.get(ROUTES, "").split())
         with self._lock:
-            self._add(write.identity, write.key, KeptFile(final, size, write.at, write.depth, named))
+            self._files.add(write.identity, write.key, KeptFile(final, size, write.at, write.depth, named))
         self.stats.written_bytes += size
         self._evict()
 
     def _evict(self) -> None:
         """Least recently used out, until the tier is within its budget."""
         with self._lock:
-            entries = [
-                (f.used, -f.depth, identity, key) for identity, files in self._files.items() for key, f in files.items()
-            ]
-            total = sum(self._files[identity][key].size for _, _, identity, key in entries)
-            for _, _, identity, key in sorted(entries):
+            entries = sorted(self._files.every(), key=lambda entry: (entry[2].used, -entry[2].depth))
+            total = sum(f.size for _, _, f in entries)
+            for identity, key, f in entries:
                 if total <= self.budget_bytes:
                     break
-                total -= self._files[identity][key].size
+                total -= f.size
                 self._forget_locked(identity, key, remove=True)
 
     def flush(self) -> None:
         """Wait for the writes queued so far (tests, and a worker that stops)."""
         self._queue.join()
 
-    def _add(self, identity: str, key: str, kept: KeptFile) -> None:
-        files = self._files.setdefault(identity, {})
-        grouped = group(key)
-        if grouped is not None and key not in files:
-            self._lengths.setdefault(identity, {}).setdefault(grouped[0], Counter())[grouped[1]] += 1
-        files[key] = kept
-
     def _forget(self, identity: str, key: str, remove: bool) -> None:
         with self._lock:
             self._forget_locked(identity, key, remove)
 
     def _forget_locked(self, identity: str, key: str, remove: bool) -> None:
-        entry = self._files.get(identity, {}).pop(key, None)
-        grouped = group(key)
-        lengths = self._lengths.get(identity, {}).get(grouped[0]) if grouped is not None else None
-        if entry is not None and grouped is not None and lengths is not None:
-            lengths[grouped[1]] -= 1
-            if lengths[grouped[1]] <= 0:
-                del lengths[grouped[1]]
+        entry = self._files.pop(identity, key)
         if entry is not None and remove:
             with contextlib.suppress(OSError):
                 entry.path.unlink()
