@@ -97,7 +97,7 @@ def test_a_prefix_kept_by_one_process_continues_in_the_next_as_a_cold_prefill(
     assert restarted.hits.disk == 1 and restarted.hits.memory == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_next"])
 def test_a_process_started_again_reads_its_recent_prompts_back_into_memory_before_it_is_asked(
     models: dict[str, Tiny], tmp_path: Path, family: str
 ) -> None:
