@@ -78,14 +78,20 @@ class Embeds:
         work = self._line[0]
         try:
             work.stop_if_canceled()
-            # The pace counts all that the turn waits for: a job's first batch also encodes its inputs,
-            # and the vectors are handed over after the forward; the forward's time alone made every
-            # batch beside streams overrun its budget by half.
-            began = time.perf_counter()
             if self._held is None:
+                began = time.perf_counter()
                 self._held = self._acquire(work)
-                if work.load_s > 0:
-                    began = time.perf_counter()  # a model's load is no measure of its batches
+                if budget_s is not None:
+                    # A job's first turn also encodes its inputs (and may load its model): the batch beside
+                    # that gets what is left of the budget, none when they took all of it (a batch of the
+                    # pace's size after the encoding overran the budget by a third at each job's start).
+                    budget_s -= time.perf_counter() - began
+                    if budget_s <= 0:
+                        self._progress(None)
+                        return []
+            # The pace counts all that the turn waits for after the encoding: the forward, and the vectors
+            # handed over after it (the forward's time alone made every batch beside streams overrun).
+            began = time.perf_counter()
             batch = work.next_batch(self.pace.tokens(work.spec.name, budget_s))
             rows = [work.ids[i] for i in batch]
             if work.judged:
