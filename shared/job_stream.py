@@ -21,18 +21,21 @@ that ends a job (worker, gateway cancel, watchdog quarantine) writes `end`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis import Redis
 from redis.client import Pipeline
 
 from shared import keys
 
 
-def entry(kind: str, **data: Any) -> dict[str, str]:
-    return {"type": kind, "data": json.dumps(data)}
+def entry(kind: str, **data: Any) -> dict[str, str | bytes]:
+    # orjson: an embedding job's end carries thousands of floats (2 ms to write with the standard library's
+    # encoder, 1 ms to read, on the worker's and the gateway's one thread; a tenth of that here). Keys that
+    # are not strings are written as strings, as that encoder does.
+    return {"type": kind, "data": orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)}
 
 
 def append(target: Redis | Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) -> None:
@@ -74,7 +77,7 @@ def decode(fields: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
     kind = fields.get(b"type", fields.get("type", b""))
     raw = fields.get(b"data", fields.get("data", b"{}"))
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-    data: dict[str, Any] = json.loads(raw)
+    data: dict[str, Any] = orjson.loads(raw)
     return kind, data
 
 

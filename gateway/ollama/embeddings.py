@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.admission import embedding_jobs
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
+from gateway.http.json_answer import json_answer
 from gateway.ollama.shapes import duration_s, error_body
 from shared.embeddings import MAX_INPUTS, EmbedRequest
 
@@ -48,7 +49,7 @@ class EmbeddingsBody(_Common):
 
 
 @router.post("/api/embed")
-async def embed(body: EmbedBody, request: Request, client: ClientDep, gw: GatewayDep) -> dict[str, Any]:
+async def embed(body: EmbedBody, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
     inputs: list[str | list[int]] = [body.input] if isinstance(body.input, str) else list(body.input)
     asked = EmbedRequest(
         model=body.model,
@@ -58,17 +59,18 @@ async def embed(body: EmbedBody, request: Request, client: ClientDep, gw: Gatewa
         keep_alive=body.keep_alive_s(),
     )
     done = await embedding_jobs.run(gw, request, client, asked)
-    return {
+    answer = {
         "model": done.request.model,
         "embeddings": done.result["embeddings"],
         "total_duration": int(done.took_s * 1e9),
         "load_duration": int(float(done.result.get("load_s") or 0) * 1e9),
         "prompt_eval_count": int(done.result["prompt_tokens"]),
     }
+    return json_answer(answer, done.headers)
 
 
 @router.post("/api/embeddings")
-async def embeddings(body: EmbeddingsBody, request: Request, client: ClientDep, gw: GatewayDep) -> dict[str, Any]:
+async def embeddings(body: EmbeddingsBody, request: Request, client: ClientDep, gw: GatewayDep) -> Response:
     asked = EmbedRequest(model=body.model, inputs=[body.prompt], keep_alive=body.keep_alive_s())
     done = await embedding_jobs.run(gw, request, client, asked)
-    return {"embedding": done.result["embeddings"][0]}
+    return json_answer({"embedding": done.result["embeddings"][0]}, done.headers)

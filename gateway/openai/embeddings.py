@@ -15,12 +15,12 @@ import struct
 from typing import Annotated, Any, Literal
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.admission import embedding_jobs
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.json_answer import json_answer
 from shared.embeddings import MAX_INPUTS, EmbedRequest
 
 router = router_for(openai_error, tags=["openai"])
@@ -90,7 +90,7 @@ async def embeddings(body: EmbeddingsBody, request: Request, client: ClientDep, 
         "model": done.request.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    return JSONResponse(answer, headers=done.headers)
+    return json_answer(answer, done.headers)
 
 
 @router.post("/v1/rerank")
@@ -115,7 +115,7 @@ async def rerank(body: RerankBody, request: Request, client: ClientDep, gw: Gate
         "results": results,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    return JSONResponse(answer, headers=done.headers)
+    return json_answer(answer, done.headers)
 
 
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:
