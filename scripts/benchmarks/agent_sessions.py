@@ -10,9 +10,10 @@ once, each with a long system prompt and tool list of its own (as an agent's):
 - new session: S more sessions at once, each with the system prompt and tools of
   one of the first S and a new first message (a team's second agent, a sub-agent);
 - after a restart: mlxq's worker killed (SIGKILL: nothing written on the way out)
-  and the one its watchdog starts in its place waited for; a peer's process stopped (SIGTERM,
-  so it may save what it keeps) and started again; then each first session's next
-  turn.
+  and the one its watchdog starts in its place waited for until it has loaded the model
+  again; a peer's process stopped (SIGTERM, so it may save what it keeps), started again
+  and waited for until its health answers (its model loaded); then each first session's
+  next turn.
 
 Each phase's time to first token is the median over its sessions; its ratio is to
 the cold turn's. Every round's prompts are new, so only what a server kept within
@@ -168,18 +169,20 @@ def mlxq_with(env: dict[str, str], quiet: dict[str, Any]) -> Any:
         assert running is not None
         [dead] = [w["pid"] for w in httpx.get(base + "/health", timeout=10).json()["workers"]]
         os.kill(dead, signal.SIGKILL)
-        wait_worker(base, lambda pid: pid != dead)
+        # Ready as a peer is when the bench's clock starts again: the new worker has loaded the model the dead
+        # one held (a peer's restart is timed from its health answering, its model loaded).
+        wait_worker(base, lambda w: w.get("pid") != dead and any(m.get("name") == "bench" for m in w["models"] or []))
         return running, base, "bench"
 
     return start
 
 
 def wait_worker(base: str, wanted: Any, timeout_s: float = 180) -> None:
-    """Until a live worker's pid is `wanted`."""
+    """Until a live worker (its fields in /health) is `wanted`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if any(wanted(w.get("pid")) for w in httpx.get(base + "/health", timeout=2).json().get("workers", [])):
+            if any(wanted(w) for w in httpx.get(base + "/health", timeout=2).json().get("workers", [])):
                 return
         except (httpx.HTTPError, ValueError):
             pass
