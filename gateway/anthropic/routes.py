@@ -8,7 +8,6 @@ format. Errors have Anthropic's shape.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +29,7 @@ from gateway.anthropic.shapes import (
 )
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import router_for
+from gateway.http.json_answer import json_text
 from gateway.http.streaming import StreamingResponse
 from gateway.streams import waiting
 
@@ -54,7 +54,7 @@ async def messages(body: MessagesRequest, request: Request, client: ClientDep, g
 
 
 def _event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+    return f"event: {kind}\ndata: {json_text({'type': kind, **data})}\n\n"
 
 
 @router.post("/v1/messages/count_tokens")

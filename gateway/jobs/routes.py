@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -13,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway.admission import submission
 from gateway.deps import ClientDep, GatewayDep, RedisDep, SettingsDep, StreamsDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.json_answer import json_text
 from gateway.http.streaming import StreamingResponse
 from gateway.jobs import records
 from gateway.streams.following import STREAM_ID, follow
@@ -90,6 +90,6 @@ async def job_events(
             if entry.kind == "ping":
                 yield ": ping\n\n"
             else:
-                yield f"id: {entry.id}\nevent: {entry.kind}\ndata: {json.dumps(entry.data)}\n\n"
+                yield f"id: {entry.id}\nevent: {entry.kind}\ndata: {json_text(entry.data)}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from gateway.admission import submission
 from gateway.deps import AdminDep, ClientDep, GatewayDep, ModelsDep, RedisDep, SettingsDep, sees_everything
 from gateway.error_shapes import router_for
+from gateway.http.json_answer import json_text
 from gateway.http.streaming import StreamingResponse
 from gateway.models import catalog, management
 from gateway.ollama.shapes import (
@@ -224,12 +225,12 @@ async def _lines(request: Request, job_id: str, model: str, chat: bool) -> Async
     async with waiting.streamed(request, job_id, pings=False) as entries:
         async for entry in entries:
             if entry.kind == "text" and entry.data["text"]:
-                yield json.dumps(_piece(model, chat, entry.data["text"])) + "\n"
+                yield json_text(_piece(model, chat, entry.data["text"])) + "\n"
             elif entry.kind == "reasoning" and entry.data["text"]:
-                yield json.dumps(_piece(model, chat, "", thinking=entry.data["text"])) + "\n"
+                yield json_text(_piece(model, chat, "", thinking=entry.data["text"])) + "\n"
             elif entry.kind == "end":
                 if entry.data["status"] == "finished":
                     result = entry.data["result"]
-                    yield json.dumps(_final(model, chat, result, "")) + "\n"
+                    yield json_text(_final(model, chat, result, "")) + "\n"
                 else:
-                    yield json.dumps({"error": waiting.failure(entry.data).message}) + "\n"
+                    yield json_text({"error": waiting.failure(entry.data).message}) + "\n"

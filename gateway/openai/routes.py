@@ -8,7 +8,6 @@ waits for its result as every protocol does (gateway/streams/waiting.py).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from fastapi.responses import JSONResponse
 from gateway.admission import submission
 from gateway.deps import ClientDep, GatewayDep
 from gateway.error_shapes import openai_error, router_for
+from gateway.http.json_answer import json_text
 from gateway.http.streaming import StreamingResponse
 from gateway.openai.shapes import ChatCompletionRequest, CompletionRequest, Shapes
 from gateway.streams import waiting
@@ -92,4 +92,4 @@ async def _stream(request: Request, job_id: str, shapes: Shapes, include_usage: 
 
 
 def _sse(document: dict[str, Any]) -> str:
-    return f"data: {json.dumps(document)}\n\n"
+    return f"data: {json_text(document)}\n\n"

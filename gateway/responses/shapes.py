@@ -13,12 +13,12 @@ the text are accepted (`reasoning`, `include`, `metadata`, `prompt_cache_key`,
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.http.json_answer import json_text
 from shared.errors import InvalidRequest
 from shared.schemas import GenerateRequest
 
@@ -337,7 +337,7 @@ class Shapes:
         """One server-sent event of the stream, numbered."""
         document = {"type": kind, "sequence_number": self.sequence, **data}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(document)}\n\n"
+        return f"event: {kind}\ndata: {json_text(document)}\n\n"
 
 
 def response_error(error: dict[str, Any]) -> dict[str, Any]:

@@ -8,13 +8,13 @@ so a child's end that nobody recorded still shows up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
+from gateway.http.json_answer import json_text
 from gateway.streams.following import BLOCK_MS, Entry, follow
 from gateway.streams.hub import StreamHub
 from shared import batch_progress, job_stream, keys
@@ -25,7 +25,7 @@ SYNTHESIS = "synthesis:"
 
 def _event(event_id: str | None, kind: str, data: dict[str, Any]) -> str:
     head = f"id: {event_id}\n" if event_id else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data)}\n\n"
+    return f"{head}event: {kind}\ndata: {json_text(data)}\n\n"
 
 
 async def follow_batch(
