@@ -91,7 +91,8 @@ class MlxqWorker(OutageTolerantWorker):
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
         self._running: dict[str, Any] = {}
-        """Job id -> its RQ execution, while a thread of `_threads` runs it."""
+        """Job id -> its RQ execution (None until its thread has started it), while a thread of `_threads`
+        runs it."""
         self._threads = ThreadPoolExecutor(max_workers=JOB_THREADS, thread_name_prefix="job")
         """Kept between jobs: starting a thread waits for it to take the GIL from the engine's, a few ms a claim."""
         self._performing: set[Future[None]] = set()
@@ -148,10 +149,20 @@ class MlxqWorker(OutageTolerantWorker):
         self.reports.withdraw()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Start the job's execution and hand it to a thread of its own; return at once, so that
-        RQ's loop claims the next job while this one runs. Each of RQ's bookkeeping steps waits
-        out a Redis outage: a job claimed before or finished during one is recorded once Redis is
-        back, never lost."""
+        """Hand the job to a thread of its own, which starts and runs it; return at once, so that RQ's
+        loop claims the next job meanwhile. Started here, each start (RQ's execution record, a round
+        trip) held the next one back: eight jobs claimed together reached the engine one by one, 20 ms
+        from the first to the last, and were prefilled in as many pieces. Each of RQ's bookkeeping steps
+        waits out a Redis outage: a job claimed before or finished during one is recorded once Redis is
+        back, never lost (until started, it is in this worker's claimed list)."""
+        self._running[job.id] = None  # counted against the batch's room from now
+        performing = self._threads.submit(self._perform, job, queue)
+        self._performing.add(performing)
+        performing.add_done_callback(self._performing.discard)
+        self.monitor.poke()  # /health lists the job now, not a beat later
+
+    def _perform(self, job: Job, queue: Queue) -> None:
+        began = time.monotonic()
         tries = 0
 
         def prepare() -> Any:
@@ -159,16 +170,17 @@ class MlxqWorker(OutageTolerantWorker):
             tries += 1
             return self.prepare_execution(job)
 
-        execution = until_redis("starting a job", prepare)
-        self._running[job.id] = execution
-        performing = self._threads.submit(self._perform, job, queue, execution, tries > 1)
-        self._performing.add(performing)
-        performing.add_done_callback(self._performing.discard)
-        self.monitor.poke()  # /health lists the job now, not a beat later
-
-    def _perform(self, job: Job, queue: Queue, execution: Any, retried: bool) -> None:
-        began = time.monotonic()
+        retried = False
         try:
+            try:
+                execution = until_redis("starting a job", prepare)
+            except Exception:
+                # Not started: it is still in the claimed list, and the next claim looks there for it.
+                logger.exception("starting a job failed; it is started again", extra={"job_id": job.id})
+                self.claims.answer_lost = True
+                return
+            retried = tries > 1
+            self._running[job.id] = execution
             self.perform_job(job, queue, execution)
         finally:
             if retried:
