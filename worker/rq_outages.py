@@ -17,6 +17,7 @@ from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.utils import now
+from rq.worker import WorkerStatus
 
 from shared import keys
 from shared.outage import REDIS, RETRY_MAX_S, UNREACHABLE, quietly, until_redis
@@ -33,26 +34,53 @@ class OutageTolerantWorker(SimpleWorker):
 
     _record_due = 0.0
     _suspension_due = 0.0
+    _started: set[str]
+    """Jobs `start_execution` started, whose `prepare_job_execution` has nothing left to write."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._started = set()
+
+    def start_execution(self, job: Job) -> Execution:
+        """A claimed job's start, in one transaction: RQ's record of its execution (`prepare_execution`, a
+        round trip of its own in RQ) and its start (`prepare_job_execution`, called by RQ's `perform_job`
+        after, which then writes nothing). Not waited out here: the caller's `until_redis` does, and
+        tells a retried start (an execution may have been recorded twice)."""
+        with self.connection.pipeline() as pipe:
+            heartbeat_ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(job, heartbeat_ttl, pipeline=pipe, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self._job_start_writes(job, pipe, remove_from_intermediate_queue=len(self.queues) == 1)
+            pipe.execute()
+        self._started.add(job.id)
+        return execution
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's start of a job (its worker record, the job's heartbeat and status, its queue's intermediate
         list), and the job's entry in the claimed list taken out in the same transaction: started now, it
         is no longer the claimed list's to put back. RQ's own method writes the rest alone, a round trip
-        more on the way to every job's first token."""
+        more on the way to every job's first token. Nothing for a job `start_execution` started."""
+        if job.id in self._started:
+            self._started.discard(job.id)
+            return
 
         def prepare() -> None:
             with self.connection.pipeline() as pipe:
-                heartbeat_ttl = self.get_heartbeat_ttl(job)
-                self.heartbeat(heartbeat_ttl, pipeline=pipe)
-                job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
-                job.prepare_for_execution(self.name, pipeline=pipe)
-                pipe.persist(job.key)
-                if remove_from_intermediate_queue:
-                    pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
-                pipe.lrem(keys.worker_claimed(self.name), 1, job.id)
+                self._job_start_writes(job, pipe, remove_from_intermediate_queue)
                 pipe.execute()
 
         until_redis("starting a job", prepare)
+
+    def _job_start_writes(self, job: Job, pipe: Pipeline, remove_from_intermediate_queue: bool) -> None:
+        heartbeat_ttl = self.get_heartbeat_ttl(job)
+        self.heartbeat(heartbeat_ttl, pipeline=pipe)
+        job.heartbeat(now(), heartbeat_ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(job.key)
+        if remove_from_intermediate_queue:
+            pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+        pipe.lrem(keys.worker_claimed(self.name), 1, job.id)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # RQ refreshes the job's heartbeat here too, for the success or failure callback it runs next:

@@ -168,7 +168,7 @@ class MlxqWorker(OutageTolerantWorker):
         def prepare() -> Any:
             nonlocal tries
             tries += 1
-            return self.prepare_execution(job)
+            return self.start_execution(job)
 
         retried = False
         try:
