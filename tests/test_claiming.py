@@ -264,3 +264,23 @@ def test_an_embedding_job_is_claimed_by_a_busy_worker_at_once_and_is_no_swap(que
     affinity.claimed(Job.fetch(x2, connection=queues.redis, serializer=JSONSerializer))
     affinity.claimed(Job.fetch(embed.id, connection=queues.redis, serializer=JSONSerializer))
     assert affinity.model == "x"
+
+
+def test_a_claim_answers_each_job_as_rq_records_it_and_leaves_out_one_whose_record_is_gone(queues: Queues) -> None:
+    """The claim reads the jobs' hashes itself (no fetch after it): each job handed out is the one RQ's own
+    fetch gives, and a job whose hash is gone (deleted meanwhile) is left out and leaves the claimed list."""
+    kept, gone = queues.admit(ALICE, 2, 1, meta={"note": "kept"})
+    queues.redis.delete(Job.key_for(gone))
+    queues.claims.preference = lambda: replace(running("", busy=False, swap_after_s=60), room=2)
+    found = queues.claims.dequeue_any(queues.queues, None, connection=queues.redis, serializer=JSONSerializer)
+    assert found is not None and found[0].id == kept and not queues.claims.ahead
+    fetched = Job.fetch(kept, connection=queues.redis, serializer=JSONSerializer)
+    job = found[0]
+    assert (job.origin, job.meta, job.data, job.enqueued_at) == (
+        fetched.origin,
+        fetched.meta,
+        fetched.data,
+        fetched.enqueued_at,
+    )
+    assert found[1].key == queues.queues[1].key
+    assert [m.decode() for m in queues.redis.lrange(keys.worker_claimed("w1"), 0, -1)] == [kept]

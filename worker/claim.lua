@@ -268,14 +268,17 @@ local function claim_one()
   return from_batch_tier()
 end
 
+-- Each job claimed is answered with its queue, its id and its hash (RQ's record of it, read here: the
+-- worker's fetch of it was a round trip more before every job's start).
 local want, got = tonumber(ARGV[17]) or 1, {}
-while #got < 2 * want do
+while #got < 3 * want do
   local one = claim_one()
   if type(one) ~= "table" then
     if #got == 0 then return one end
     break
   end
   got[#got + 1], got[#got + 2] = one[1], one[2]
+  got[#got + 1] = redis.call("HGETALL", ARGV[8] .. one[2])
   busy, may_swap, with_others = true, false, true
   if one[3] then mine = one[3] end
   if suspects[one[2]] then break end  -- a crash suspect runs alone

@@ -151,31 +151,32 @@ class TurnTakingQueue(Queue):
                     return None
                 raise DequeueTimeout(timeout, queue_keys) from None
             REDIS.ok()
-            pairs = [(text(reply[i]), text(reply[i + 1])) for i in range(0, len(reply), 2)]
-            # Claimed: the jobs are this worker's now, so their fetch waits out an outage rather than drop them.
-            fetch = partial(cls._fetch_claimed, connection, pairs, job_class, serializer, death_penalty_class)
-            cls.ahead.extend(until_redis("fetching claimed jobs", fetch))
+            claims = [(text(reply[i]), text(reply[i + 1]), reply[i + 2]) for i in range(0, len(reply), 3)]
+            cls.ahead.extend(cls._claimed_jobs(connection, claims, job_class, serializer, death_penalty_class))
             if cls.ahead:
                 return cls.ahead.pop(0)
 
     @classmethod
-    def _fetch_claimed(
+    def _claimed_jobs(
         cls,
         connection: Redis,
-        pairs: list[tuple[str, str]],
+        claims: list[tuple[str, str, list[Any]]],
         job_class: type[Job] | None,
         serializer: Any,
         death_penalty_class: Any,
     ) -> list[tuple[Job, Queue]]:
-        """The claimed jobs (queue key, job id), fetched in one round trip; a job whose hash is gone is
-        left out, as RQ's own fetch leaves it, and leaves the claimed list."""
+        """The claimed jobs (queue key, job id, its hash as the claim read it, flat), as RQ's fetch makes
+        them; a job whose hash is gone is left out, as RQ's own fetch leaves it, and leaves the claimed list
+        (waiting out an outage: the job is this worker's now)."""
         job_cls = job_class or Job
-        jobs = job_cls.fetch_many([job_id for _, job_id in pairs], connection=connection, serializer=serializer)
         found = []
-        for (queue_key, job_id), job in zip(pairs, jobs, strict=True):
-            if job is None:
-                connection.lrem(keys.worker_claimed(str(cls.worker_name)), 1, job_id)
+        for queue_key, job_id, fields in claims:
+            if not fields:
+                claimed = keys.worker_claimed(str(cls.worker_name))
+                until_redis("dropping a claimed job that is gone", partial(connection.lrem, claimed, 1, job_id))
             else:
+                job = job_cls(job_id, connection=connection, serializer=serializer)
+                job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
                 queue = cls.from_queue_key(
                     queue_key,
                     connection=connection,
