@@ -21,6 +21,7 @@ that ends a job (worker, gateway cancel, watchdog quarantine) writes `end`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,11 @@ def entry(kind: str, **data: Any) -> dict[str, str | bytes]:
     # orjson: an embedding job's end carries thousands of floats (2 ms to write with the standard library's
     # encoder, 1 ms to read, on the worker's and the gateway's one thread; a tenth of that here). Keys that
     # are not strings are written as strings, as that encoder does.
-    return {"type": kind, "data": orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)}
+    try:
+        written = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        written = json.dumps(data).encode()  # an integer past 64 bits, which orjson does not write
+    return {"type": kind, "data": written}
 
 
 def append(target: Redis | Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) -> None:

@@ -96,6 +96,8 @@ class MlxqWorker(OutageTolerantWorker):
         self._threads = ThreadPoolExecutor(max_workers=JOB_THREADS, thread_name_prefix="job")
         """Kept between jobs: starting a thread waits for it to take the GIL from the engine's, a few ms a claim."""
         self._performing: set[Future[None]] = set()
+        self._start_failed: Exception | None = None
+        """What a job's thread could not start it with, raised on RQ's loop (which then ends the worker)."""
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
         self.suspect = CrashSuspect(self.connection, self.name, engine.generated)
@@ -156,6 +158,10 @@ class MlxqWorker(OutageTolerantWorker):
         waits out a Redis outage: a job claimed before or finished during one is recorded once Redis is
         back, never lost (until started, it is in this worker's claimed list)."""
         self._running[job.id] = None  # counted against the batch's room from now
+        # RQ's signal handler raises StopRequested wherever this thread is unless the worker is busy: busy from
+        # here (the start's transaction records it), a stop waits for the loop, and cannot land between the
+        # thread's start and its tracking below (teardown would put the job back while the thread ran it).
+        self._state = WorkerStatus.BUSY
         performing = self._threads.submit(self._perform, job, queue)
         self._performing.add(performing)
         performing.add_done_callback(self._performing.discard)
@@ -174,10 +180,12 @@ class MlxqWorker(OutageTolerantWorker):
         try:
             try:
                 execution = until_redis("starting a job", prepare)
-            except Exception:
-                # Not started: it is still in the claimed list, and the next claim looks there for it.
-                logger.exception("starting a job failed; it is started again", extra={"job_id": job.id})
-                self.claims.answer_lost = True
+            except Exception as exc:
+                # Not an outage (until_redis waits those out): the worker ends as it did when starts were made
+                # on RQ's loop, whose teardown puts the claimed job back first in line; the watchdog starts
+                # another worker.
+                logger.exception("starting a job failed; the worker stops", extra={"job_id": job.id})
+                self._start_failed = exc
                 return
             retried = tries > 1
             self._running[job.id] = execution
@@ -241,6 +249,8 @@ class MlxqWorker(OutageTolerantWorker):
         """The next job, claimed only while the batch has room; a stop request ends the wait."""
         quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
         while True:
+            if self._start_failed is not None:
+                raise self._start_failed
             if self._stop_requested:
                 raise StopRequested()
             if self.suspect.holds_claims() or not self.engine.has_room(len(self._running)):

@@ -11,6 +11,7 @@ model takes is refused, as OpenAI does; errors have OpenAI's shape.
 from __future__ import annotations
 
 import base64
+import math
 import struct
 from typing import Annotated, Any, Literal
 
@@ -121,4 +122,6 @@ async def rerank(body: RerankBody, request: Request, client: ClientDep, gw: Gate
 def _encoded(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "float":
         return vector
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    # A value JSON cannot hold (a model's NaN) came through the job's stream as null.
+    values = [math.nan if value is None else value for value in vector]
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
