@@ -4,7 +4,7 @@ The text still buffered goes out first, then the stream's end (so a follower see
 exactly the job's result). A finished job's end is one transaction with RQ's record
 of it and its counts (worker/rq_worker.py); a failed or canceled one's stream end
 follows RQ's record, its count is best effort. Each write that would lose the end
-waits out a Redis outage.
+waits out a Redis outage, and is retried only if it did not land (`once`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
-from rq.job import Job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from shared import batch_progress, events, job_stream, keys, stats
 from shared.outage import quietly, until_redis
@@ -87,3 +88,24 @@ class JobEndings:
 def job_fields(job: Job) -> dict[str, Any]:
     """The fields every job lifecycle log line carries (never the prompt)."""
     return {"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin}
+
+
+def once(job: Job, done: JobStatus, write: Callable[[], None]) -> Callable[[], None]:
+    """`write` (a job's end or hand-back, in one MULTI/EXEC) for until_redis, made safe to retry: Redis
+    can die after the EXEC and before its reply, so the write is in (the AOF has it) while this side
+    saw an error; a second write would add a second result or push the job twice. A retry first asks
+    whether the job already shows `done` (or is gone: only RQ's own end removes its hash)."""
+    tried = False
+
+    def attempt() -> None:
+        nonlocal tried
+        if tried:
+            try:
+                if job.get_status(refresh=True) == done:
+                    return
+            except NoSuchJobError:
+                return
+        tried = True
+        write()
+
+    return attempt

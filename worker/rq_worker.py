@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -37,7 +37,7 @@ from shared.settings import Settings
 from shared.text import text
 from worker.affinity import ModelAffinity
 from worker.claiming import IDLE_POLL_S, TurnTakingQueue
-from worker.endings import JobEndings, job_fields
+from worker.endings import JobEndings, job_fields, once
 from worker.engine import Engine
 from worker.monitor import Monitor
 from worker.reports import Reports
@@ -382,24 +382,3 @@ class MlxqWorker(OutageTolerantWorker):
         execution = self._running.get(job.id)
         if execution is not None:
             quietly("refreshing a job's heartbeat", lambda: self.maintain_heartbeats(job, execution))
-
-
-def once(job: Job, done: JobStatus, write: Callable[[], None]) -> Callable[[], None]:
-    """`write` (a job's end or hand-back, in one MULTI/EXEC) for until_redis, made safe to retry: Redis
-    can die after the EXEC and before its reply, so the write is in (the AOF has it) while this side
-    saw an error; a second write would add a second result or push the job twice. A retry first asks
-    whether the job already shows `done` (or is gone: only RQ's own end removes its hash)."""
-    tried = False
-
-    def attempt() -> None:
-        nonlocal tried
-        if tried:
-            try:
-                if job.get_status(refresh=True) == done:
-                    return
-            except NoSuchJobError:
-                return
-        tried = True
-        write()
-
-    return attempt
