@@ -16,8 +16,8 @@ mlx-lm's own prompt-cache format. Each file's name carries a digest of its bytes
 a read checks it, then the identity and token ids the file says it holds, so a
 truncated, corrupt or foreign file is a miss (and is removed), never wrong text.
 
-Writes go through a bounded queue to a thread of their own: the engine thread
-hands over arrays already computed and goes on. The tier holds at most
+Writes go through a bounded queue to a thread of their own (worker/prefix_writer.py):
+the engine thread hands over arrays already computed and goes on. The tier holds at most
 `budget_bytes`, least recently used out first (a file's mtime is its last use,
 so the order survives restarts). A write the disk refuses (full, over quota)
 turns writing off with one log line; reads go on and nothing fails.
@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,17 +59,12 @@ from worker.prefix_files import (
     write_sealed,
 )
 from worker.prefix_index import KeptFiles
+from worker.prefix_writer import PrefixWriter
 
 logger = logging.getLogger(__name__)
 
 MIN_STATE_TOKENS = 256
 """A whole state this long is worth a file: shorter prompts cost less to compute than to read back."""
-
-QUEUED_WRITES = 4096
-"""Files waiting for the writer thread; past this the newest are not written (the engine never waits), and are
-offered again the next time their prefix is kept. A block is a file: an agent's first turn of 6,000 tokens is
-94 of them, two sessions finishing together twice that, and 64 dropped most of a second session's start. The
-arrays they slice are the kept caches' own (no copy); a long backlog keeps an evicted one alive until written."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +97,8 @@ class PrefixDisk:
         """False once the disk refused a write (or with no budget): reads go on."""
         self.stats = DiskStats()
         self._files = KeptFiles()
-        self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
-        self._queue: queue.Queue[PendingWrite | None] = queue.Queue(QUEUED_WRITES)
-        self._writer: threading.Thread | None = None
+        self._writer = PrefixWriter(self._write, self._refused)
         if self.budget_bytes > 0:
             self._open()
 
@@ -336,48 +328,24 @@ class PrefixDisk:
         self._submit(PendingWrite(identity, key, at, depth, span, kv, tokens, route=route))
 
     def _wanted(self, identity: str, key: str, at: float) -> bool:
-        """Whether the file is neither on disk (it is used again now) nor on its way there."""
+        """Whether the file is neither on its way to disk nor on it (it is used again now)."""
+        # The writer's record first: a write that ends meanwhile has made the file's record before it leaves it.
+        if self._writer.pending(identity, key):
+            return False
         with self._lock:
             kept = self._files.of(identity).get(key)
-            if kept is not None:
-                kept.used = at
-                return False
-            return (identity, key) not in self._pending
+            if kept is None:
+                return True
+            kept.used = at
+            return False
 
     def _submit(self, write: PendingWrite) -> None:
-        with self._lock:
-            self._pending.add((write.identity, write.key))
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_all, name="prefix-disk", daemon=True)
-                self._writer.start()
-        try:
-            self._queue.put_nowait(write)
-        except queue.Full:
-            with self._lock:
-                self._pending.discard((write.identity, write.key))
+        if not self._writer.submit(write):
             self.stats.dropped_writes += 1
 
-    def _write_all(self) -> None:
-        # MLX's streams are its threads' own: this one slices and saves on a stream of its own.
-        mx.set_default_stream(mx.new_stream(mx.default_device()))
-        while True:
-            write = self._queue.get()
-            if write is None:
-                return
-            try:
-                if self.writing:
-                    self._write(write)
-            except OSError as exc:
-                self.writing = False
-                logger.warning("the disk refused a kept prefix (%s); the prefix disk tier stops writing", exc)
-            except Exception:
-                logger.exception("could not write a kept prefix to disk")
-            finally:
-                with self._lock:
-                    self._pending.discard((write.identity, write.key))
-                self._queue.task_done()
-
     def _write(self, write: PendingWrite) -> None:
+        if not self.writing:
+            return
         final = write_sealed(self.root / write.identity, write)
         size = final.stat().st_size
         named = (write.route,) if write.route else tuple(write.metadata.get(ROUTES, "").split())
@@ -385,6 +353,10 @@ class PrefixDisk:
             self._files.add(write.identity, write.key, KeptFile(final, size, write.at, write.depth, named))
         self.stats.written_bytes += size
         self._evict()
+
+    def _refused(self, exc: OSError) -> None:
+        self.writing = False
+        logger.warning("the disk refused a kept prefix (%s); the prefix disk tier stops writing", exc)
 
     def _evict(self) -> None:
         """Least recently used out, until the tier is within its budget."""
@@ -399,7 +371,7 @@ class PrefixDisk:
 
     def flush(self) -> None:
         """Wait for the writes queued so far (tests, and a worker that stops)."""
-        self._queue.join()
+        self._writer.flush()
 
     def _forget(self, identity: str, key: str, remove: bool) -> None:
         with self._lock:
