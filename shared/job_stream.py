@@ -21,7 +21,6 @@ that ends a job (worker, gateway cancel, watchdog quarantine) writes `end`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +28,11 @@ import orjson
 from redis import Redis
 from redis.client import Pipeline
 
-from shared import keys
+from shared import json_bytes, keys
 
 
 def entry(kind: str, **data: Any) -> dict[str, str | bytes]:
-    # orjson: an embedding job's end carries thousands of floats (2 ms to write with the standard library's
-    # encoder, 1 ms to read, on the worker's and the gateway's one thread; a tenth of that here). Keys that
-    # are not strings are written as strings, as that encoder does.
-    try:
-        written = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
-    except orjson.JSONEncodeError:
-        written = json.dumps(data).encode()  # an integer past 64 bits, which orjson does not write
-    return {"type": kind, "data": written}
+    return {"type": kind, "data": json_bytes.dumps(data)}
 
 
 def append(target: Redis | Pipeline, job_id: str, kind: str, ttl_s: int | None, **data: Any) -> None:
