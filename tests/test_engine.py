@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -468,3 +468,38 @@ def test_dimensions_past_the_models_vectors_are_refused_on_the_first_batch(
             assert len(batches) == 1
         else:
             assert work.error is None and len(batches) > 1 and all(v is not None for v in work.vectors)
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_jobs_claimed_together_are_prefilled_together(engine: Engine, demo: ModelSpec) -> None:
+    """A job reaching an idle engine waits for the jobs claimed with it (worker/rq_worker.py tells the engine
+    of each claim): a prefill begun on it alone would hold the others back by its whole length."""
+    engine.gather_s = 60.0  # only the second job's arrival may end the wait
+    engine.expect("first")
+    engine.expect("second")
+    first = engine.submit(submit(engine, demo, "first", max_tokens=4, ignore_eos=True))
+    wait_until(lambda: engine._inbox.empty())  # the engine holds the first job
+    time.sleep(0.3)  # long enough for the first job's tokens, were it prefilled alone
+    assert first.generated == 0
+    second_at = time.time()
+    second = engine.submit(submit(engine, demo, "second", max_tokens=4, ignore_eos=True))
+    assert first.wait(30) and second.wait(30)
+    made = [handle.result().first_token_at for handle in (first, second)]
+    assert all(at is not None and at >= second_at for at in made)
+
+
+def test_a_claimed_job_that_ends_before_the_engine_lets_the_others_start(engine: Engine, demo: ModelSpec) -> None:
+    engine.gather_s = 60.0
+    engine.expect("runs")
+    engine.expect("fails before submitting")
+    handle = engine.submit(submit(engine, demo, "runs", max_tokens=4, ignore_eos=True))
+    wait_until(lambda: engine._inbox.empty())
+    engine.unexpect("fails before submitting")
+    assert handle.wait(30)  # well before the gather's bound
+    assert handle.result().completion_tokens == 4

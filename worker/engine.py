@@ -32,9 +32,20 @@ from worker.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+GATHER_S = 0.03
+"""How long an idle engine's first prefill waits at most for the jobs claimed with its job to be submitted:
+they arrive a millisecond or so apart (each job's thread starts it in Redis and renders its prompt first),
+and a prefill begun on the first would hold the rest back by its whole length. The wait ends as soon as the
+last of them is submitted (or ends before submitting); the bound only guards against a slow one."""
+
 READ_AHEAD_PROMPTS = 32
 """Prompts of a model loaded ahead of its requests whose kept prefixes are read back into memory (the most
 recently used first), while memory has room."""
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Ends an engine's wait for claimed jobs: one of them ended before it was submitted."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,10 @@ class Engine:
             prefill_batch_size,
             self._alive_sign,
         )
-        self._inbox: queue.Queue[Generation | EmbedWork | Unload | Load | None] = queue.Queue()
+        self._inbox: queue.Queue[Generation | EmbedWork | Unload | Load | Wake | None] = queue.Queue()
+        self._expected: set[str] = set()
+        """Jobs the worker has claimed for this engine and not yet submitted (`expect`)."""
+        self.gather_s = GATHER_S
         self._warming: list[ModelSpec] = []
         """Models to load once no batch runs (a load would stall its streams)."""
         self._reading_ahead: list[tuple[str, list[int]]] = []
@@ -113,10 +127,21 @@ class Engine:
     def batch_limit(self) -> int:
         return self.scheduler.batch_limit
 
+    def expect(self, job_id: str) -> None:
+        """A job was claimed for this engine (any thread): a prefill from idle waits for it (GATHER_S)."""
+        self._expected.add(job_id)
+
+    def unexpect(self, job_id: str) -> None:
+        """The claimed job ended without being submitted (any thread): nothing waits for it any more."""
+        if job_id in self._expected:
+            self._expected.discard(job_id)
+            self._inbox.put(Wake())
+
     def submit(self, submission: Submission) -> Generation:
         handle = Generation(submission)
         with self._lock:
             self._active[submission.job_id] = handle
+        self._expected.discard(submission.job_id)
         self._inbox.put(handle)
         return handle
 
@@ -124,6 +149,7 @@ class Engine:
         """Run an embedding job's batches between decode steps; `work` says when it is done."""
         with self._lock:
             self._embedding[work.job_id] = work
+        self._expected.discard(work.job_id)
         self._inbox.put(work)
 
     def request_unload(self, model: str) -> None:
@@ -182,6 +208,8 @@ class Engine:
             self.progress_at = time.monotonic()
             idle = not scheduler.busy and not self._embeds.waiting
             arrived = self._arrivals(wait=idle and not self._reading_ahead)
+            if idle and any(isinstance(item, (Generation, EmbedWork)) for item in arrived):
+                arrived += self._gathered()
             for item in arrived:
                 if isinstance(item, EmbedWork):
                     self._embeds.add(item)
@@ -190,7 +218,7 @@ class Engine:
                         logger.info("not unloading %s: it is not loaded or is serving", item.model)
                 elif isinstance(item, Load):
                     self._warming.append(item.spec)
-                elif item is not None:
+                elif isinstance(item, Generation):
                     self.runner.add(item)
             if None in arrived:
                 return  # what was submitted ends as failed (_run)
@@ -263,9 +291,21 @@ class Engine:
             logger.warning("could not read a kept prefix of %s back from disk: %s", model, exc)
         self._alive_sign(None)
 
-    def _arrivals(self, wait: bool) -> list[Generation | EmbedWork | Unload | Load | None]:
+    def _gathered(self) -> list[Generation | EmbedWork | Unload | Load | Wake | None]:
+        """What arrives until every job claimed meanwhile is submitted (GATHER_S at most): jobs claimed
+        together are prefilled together."""
+        arrived: list[Generation | EmbedWork | Unload | Load | Wake | None] = []
+        deadline = time.monotonic() + self.gather_s
+        while self._expected and None not in arrived and (left := deadline - time.monotonic()) > 0:
+            try:
+                arrived.append(self._inbox.get(timeout=left))
+            except queue.Empty:
+                break
+        return arrived
+
+    def _arrivals(self, wait: bool) -> list[Generation | EmbedWork | Unload | Load | Wake | None]:
         """Everything in the inbox; when idle, wait up to the maintenance interval for something."""
-        arrived: list[Generation | EmbedWork | Unload | Load | None] = []
+        arrived: list[Generation | EmbedWork | Unload | Load | Wake | None] = []
         try:
             if wait:
                 arrived.append(self._inbox.get(timeout=self.maintenance_interval_s))

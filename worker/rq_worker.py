@@ -158,6 +158,7 @@ class MlxqWorker(OutageTolerantWorker):
         waits out a Redis outage: a job claimed before or finished during one is recorded once Redis is
         back, never lost (until started, it is in this worker's claimed list)."""
         self._running[job.id] = None  # counted against the batch's room from now
+        self.engine.expect(job.id)  # jobs claimed together are prefilled together
         # RQ's signal handler raises StopRequested wherever this thread is unless the worker is busy: busy from
         # here (the start's transaction records it), a stop waits for the loop, and cannot land between the
         # thread's start and its tracking below (teardown would put the job back while the thread ran it).
@@ -195,6 +196,7 @@ class MlxqWorker(OutageTolerantWorker):
                 # An execution retried across a Redis outage may have been recorded twice; the one RQ
                 # did not end must not stay in the started registry as if the job still ran.
                 quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
+            self.engine.unexpect(job.id)  # if it ended before reaching the engine
             self._running.pop(job.id, None)
             self.suspect.clear(job.id)
             if not self._running:
