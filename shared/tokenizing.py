@@ -74,6 +74,11 @@ class ModelText:
             return None
         return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
+    @property
+    def ready(self) -> bool:
+        """Both its tokenizers are read: counting with them reads no file."""
+        return self.tokenizer is not None and bool(self._chat) and self._chat[0] is not None
+
     def warm(self) -> None:
         if self.tokenizer is not None:
             self._chat_tokenizer()
@@ -148,6 +153,11 @@ class ModelTexts:
         found = ModelText(tokenizer, context, directory)
         self._cache[key] = (found, time.monotonic())
         return found
+
+    def ready(self, spec: ModelSpec) -> bool:
+        """Whether `spec`'s text is read with both its tokenizers (`ModelText.ready`)."""
+        cached = self._cache.get((spec.name, spec.source, spec.context_tokens))
+        return cached is not None and cached[0].ready
 
     @staticmethod
     def _may_have_appeared(spec: ModelSpec, looked_at: float) -> bool:

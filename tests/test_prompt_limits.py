@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.admission.prompt_limits import PromptLimits
+from gateway.admission.prompt_limits import QUICK_CHARS, PromptLimits
 from shared.embeddings import EmbedRequest
 from shared.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from shared.models import ModelRegistry
@@ -199,3 +199,14 @@ def test_an_embedding_request_for_a_hub_model_not_here_yet_is_not_refused_for_it
     long_ids = EmbedRequest(model="vectors", inputs=[list(range(1, 1001))], truncate=False)
     hub = limits(demo_dir, tmp_path, '[models.vectors]\nrepo = "someone/some-embedder"\nkind = "embed"\n')
     assert hub.check_embedding(long_ids).model == "vectors"
+
+
+def test_a_short_prompt_is_checked_in_place_only_once_its_tokenizers_are_read(demo_dir: Path, tmp_path: Path) -> None:
+    """The gateway checks a short prompt on its event loop (gateway/admission/submission.py): only when that reads
+    no file, writes nothing and counts little."""
+    checker = small_chat_model(demo_dir, tmp_path, context=4096)
+    assert not checker.quick(["chat"], 100)  # its tokenizers not read yet: a file read, on a thread
+    checker.warm()
+    assert checker.quick(["chat"], 100)
+    assert not checker.quick(["chat"], QUICK_CHARS + 1)
+    assert not checker.quick(["chat", "nowhere"], 100)  # refused on a thread, as before
