@@ -503,3 +503,17 @@ def test_a_claimed_job_that_ends_before_the_engine_lets_the_others_start(engine:
     engine.unexpect("fails before submitting")
     assert handle.wait(30)  # well before the gather's bound
     assert handle.result().completion_tokens == 4
+
+
+def test_a_job_claimed_after_the_wait_began_does_not_lengthen_it(engine: Engine, demo: ModelSpec) -> None:
+    """Under a steady flow of claims one more job is always on its way: the wait is for those claimed by then."""
+    engine.gather_s = 60.0
+    engine.expect("first")
+    engine.expect("second")
+    first = engine.submit(submit(engine, demo, "first", max_tokens=4, ignore_eos=True))
+    wait_until(lambda: engine._inbox.empty())
+    time.sleep(0.5)  # the engine is waiting for the second
+    engine.expect("claimed later")
+    second = engine.submit(submit(engine, demo, "second", max_tokens=4, ignore_eos=True))
+    assert first.wait(30) and second.wait(30)  # well before the bound, without the one claimed later
+    engine.unexpect("claimed later")

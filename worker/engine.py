@@ -292,11 +292,15 @@ class Engine:
         self._alive_sign(None)
 
     def _gathered(self) -> list[Generation | EmbedWork | Unload | Load | Wake | None]:
-        """What arrives until every job claimed meanwhile is submitted (GATHER_S at most): jobs claimed
+        """What arrives until every job claimed by now is submitted (GATHER_S at most): jobs claimed
         together are prefilled together."""
         arrived: list[Generation | EmbedWork | Unload | Load | Wake | None] = []
         deadline = time.monotonic() + self.gather_s
-        while self._expected and None not in arrived and (left := deadline - time.monotonic()) > 0:
+        # Only those claimed already: under a steady flow of claims there is always one more on its way.
+        claimed = set(self._expected)
+        while (
+            not claimed.isdisjoint(self._expected) and None not in arrived and (left := deadline - time.monotonic()) > 0
+        ):
             try:
                 arrived.append(self._inbox.get(timeout=left))
             except queue.Empty:

@@ -45,10 +45,7 @@ async def run(gw: Gateway, request: Request, client: Client, body: EmbedRequest)
         gw.pull_missing(checked.model)
         return checked
 
-    # Tokenizing many inputs takes a while: off the event loop, in one hop to a thread; a few short ones are
-    # quicker here (gateway/admission/prompt_limits.py, QUICK_CHARS).
-    chars = sum(len(text) for text in body.texts())
-    checked = check() if gw.limits.quick([body.model], chars) else await run_in_threadpool(check)
+    checked = await run_in_threadpool(check)  # tokenizing inputs takes a while: off the event loop, one hop
     job = gw.jobs["interactive"].build_embedding(
         checked, meta={"owner": client.tag, "accepted_at": time.time(), "quiet": True}
     )
