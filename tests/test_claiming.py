@@ -284,3 +284,18 @@ def test_a_claim_answers_each_job_as_rq_records_it_and_leaves_out_one_whose_reco
     )
     assert found[1].key == queues.queues[1].key
     assert [m.decode() for m in queues.redis.lrange(keys.worker_claimed("w1"), 0, -1)] == [kept]
+
+
+def test_jobs_claimed_take_their_wake_ups_with_them_and_leave_those_of_jobs_still_queued(queues: Queues) -> None:
+    """Each admission wakes one idle worker: a wake-up left for a job claimed meanwhile would only wake a
+    worker to find nothing (a round trip on its loop beside the starts of the jobs it has)."""
+    x1, _, _, x3 = (queues.admit(ALICE, 1, 1, model)[0] for model in ("x", "x", "y", "x"))
+    assert queues.redis.llen(keys.WAKE) == 4
+    queues.claims.preference = lambda: replace(running("x", swap_after_s=60), room=2)
+    first = queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)
+    assert first is not None and first[0].id == x1
+    assert queues.redis.llen(keys.WAKE) == 2  # for y1 and x3, still queued: another worker may take them
+    queues.claims.ahead.clear()
+    queues.claims.preference = lambda: replace(running("x", swap_after_s=60), room=4)
+    assert queues.claims.dequeue_any(queues.queues, None, connection=queues.redis)[0].id == x3
+    assert queues.redis.llen(keys.WAKE) == 1  # y1's, which this worker passes over for now

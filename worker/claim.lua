@@ -283,4 +283,15 @@ while #got < 3 * want do
   if one[3] then mine = one[3] end
   if suspects[one[2]] then break end  -- a crash suspect runs alone
 end
+-- Admission pushed a wake-up with each job: those of the jobs claimed here would only wake a worker to
+-- find nothing, a round trip each on its loop beside the starts of these. As many are left as jobs are
+-- still queued, at most (and never more than there were: a job no worker takes yet does not wake one
+-- again and again).
+if #got > 0 then
+  local queued = 0
+  for i = 1, n - 5 do queued = queued + redis.call("LLEN", KEYS[i]) end
+  if redis.call("LLEN", ARGV[16]) > queued then
+    if queued == 0 then redis.call("DEL", ARGV[16]) else redis.call("LTRIM", ARGV[16], -queued, -1) end
+  end
+end
 return got
