@@ -101,10 +101,15 @@ def started(redis: Redis, job_id: str, ttl_s: int) -> Resumed:
     """Mark the job's stream as started (kept `ttl_s` from now) and read what earlier attempts put in it,
     in one round trip: a job's start is on the way to its first token."""
     with redis.pipeline(transaction=False) as pipe:
-        append(pipe, job_id, "status", ttl_s, status="started")
-        pipe.xrange(keys.job_stream(job_id))
+        start_on(pipe, job_id, ttl_s)
         *_, entries = pipe.execute()
     return resumed(entries)
+
+
+def start_on(pipe: Pipeline, job_id: str, ttl_s: int) -> None:
+    """`started`'s commands on `pipe`, the last one the read whose answer `resumed` takes."""
+    append(pipe, job_id, "status", ttl_s, status="started")
+    pipe.xrange(keys.job_stream(job_id))
 
 
 def resumed(entries: list[Any] | None) -> Resumed:

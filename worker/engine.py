@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 GATHER_S = 0.03
 """How long an idle engine's first prefill waits at most for the jobs claimed with its job to be submitted:
-they arrive a millisecond or so apart (each job's thread starts it in Redis and renders its prompt first),
+they arrive a millisecond or so apart (each job's thread records its start in Redis and reads its request first),
 and a prefill begun on the first would hold the rest back by its whole length. The wait ends as soon as the
 last of them is submitted (or ends before submitting); the bound only guards against a slow one."""
 

@@ -68,7 +68,12 @@ def main() -> None:
     Downloads(connection, name, budget).start()
     tasks.bind(
         tasks.Runtime(
-            engine=engine, models=models, settings=settings, keep_alive=worker.keep_alive, publisher=publisher
+            engine=engine,
+            models=models,
+            settings=settings,
+            keep_alive=worker.keep_alive,
+            publisher=publisher,
+            resumed=worker.take_resumed,
         )
     )
     try:

@@ -52,9 +52,18 @@ class OutageTolerantWorker(SimpleWorker):
             self.executions[execution.id] = execution
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             self._job_start_writes(job, pipe, remove_from_intermediate_queue=len(self.queues) == 1)
-            pipe.execute()
+            ours = len(pipe)
+            self.starting(job, pipe)
+            replies = pipe.execute()
         self._started.add(job.id)
+        self.started(job, replies[ours:])
         return execution
+
+    def starting(self, job: Job, pipe: Pipeline) -> None:
+        """A subclass's own writes (and reads) at a job's start, in the start's transaction."""
+
+    def started(self, job: Job, replies: list[Any]) -> None:
+        """What Redis answered to `starting`'s commands, once the start is in."""
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ's start of a job (its worker record, the job's heartbeat and status, its queue's intermediate

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+from redis.client import Pipeline
 from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
@@ -30,7 +31,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
-from shared import keys
+from shared import job_stream, keys
 from shared.errors import GenerationCanceled
 from shared.outage import quietly, until_redis
 from shared.settings import Settings
@@ -90,6 +91,8 @@ class MlxqWorker(OutageTolerantWorker):
         self.endings = JobEndings(self.connection, self.name, publisher, settings.stream_ttl_s)
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
+        self._resumed: dict[str, job_stream.Resumed] = {}
+        """Job id -> what earlier attempts left in its stream, read at its start, until its task takes it."""
         self._running: dict[str, Any] = {}
         """Job id -> its RQ execution (None until its thread has started it), while a thread of `_threads`
         runs it."""
@@ -197,6 +200,7 @@ class MlxqWorker(OutageTolerantWorker):
                 # did not end must not stay in the started registry as if the job still ran.
                 quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self.engine.unexpect(job.id)  # if it ended before reaching the engine
+            self._resumed.pop(job.id, None)
             self._running.pop(job.id, None)
             self.suspect.clear(job.id)
             if not self._running:
@@ -238,6 +242,18 @@ class MlxqWorker(OutageTolerantWorker):
         stale = [m for m in members if m.startswith(job.id + ":")]
         if stale:
             self.connection.zrem(registry, *stale)
+
+    def starting(self, job: Job, pipe: Pipeline) -> None:
+        # The job's stream marked started, and what earlier attempts left in it read, in the start's own
+        # transaction: a round trip less between a job's claim and its first token.
+        job_stream.start_on(pipe, job.id, self.settings.stream_ttl_s)
+
+    def started(self, job: Job, replies: list[Any]) -> None:
+        self._resumed[job.id] = job_stream.resumed(replies[-1])
+
+    def take_resumed(self, job_id: str) -> job_stream.Resumed | None:
+        """What earlier attempts left in the job's stream, as its start read it (None: not read)."""
+        return self._resumed.pop(job_id, None)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         # RQ goes idle between claims; the worker is busy while any of its jobs runs.

@@ -47,6 +47,8 @@ class Runtime:
     keep_alive: Callable[[Job], None]
     """Refreshes RQ's heartbeats for a job while RQ's main thread waits on the engine."""
     publisher: StreamPublisher
+    resumed: Callable[[str], job_stream.Resumed | None] = lambda job_id: None
+    """What the job's start read of its stream (worker/rq_worker.py `starting`), once; None: read it here."""
     texts: ModelTexts = field(default_factory=ModelTexts)
     """Tokenizers and context lengths, for sizing a batch's synthesis prompt."""
 
@@ -138,7 +140,9 @@ def _run(job: Job, runtime: Runtime, prepare: Callable[[], GenerateRequest]) -> 
     logger.info("job started", extra={"job_id": job.id, "model": job.meta.get("model"), "queue": job.origin})
     with _errors_recorded(job):
         # An attempt after a crash or a hand-back carries on from what the earlier ones streamed.
-        resume = until_redis("starting a job's stream", lambda: job_stream.started(redis, job.id, ttl_s))
+        resume = runtime.resumed(job.id) or until_redis(
+            "starting a job's stream", lambda: job_stream.started(redis, job.id, ttl_s)
+        )
         req = prepare()
         spec = runtime.models.get(req.model)
         timeout_s = float(job.timeout) if job.timeout and job.timeout > 0 else float("inf")
