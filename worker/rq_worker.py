@@ -31,7 +31,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
-from shared import job_stream, keys
+from shared import job_stream, keys, task_names
 from shared.errors import GenerationCanceled
 from shared.outage import quietly, until_redis
 from shared.settings import Settings
@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 JOB_THREADS = 1024
 """Threads that run jobs at most: far above any batch (the engine's room bounds the jobs held at once)."""
+
+GENERATING = frozenset({task_names.GENERATE, task_names.SYNTHESIZE})
+"""The tasks whose jobs stream text (worker/tasks.py `_run`): their start marks their stream started."""
 
 
 class NoDeathPenalty(BaseDeathPenalty):
@@ -244,12 +247,15 @@ class MlxqWorker(OutageTolerantWorker):
             self.connection.zrem(registry, *stale)
 
     def starting(self, job: Job, pipe: Pipeline) -> None:
-        # The job's stream marked started, and what earlier attempts left in it read, in the start's own
-        # transaction: a round trip less between a job's claim and its first token.
-        job_stream.start_on(pipe, job.id, self.settings.stream_ttl_s)
+        # A generation's stream marked started, and what earlier attempts left in it read, in the start's own
+        # transaction: a round trip less between a job's claim and its first token. (An embedding's stream
+        # gets only its end.)
+        if job.func_name in GENERATING:
+            job_stream.start_on(pipe, job.id, self.settings.stream_ttl_s)
 
     def started(self, job: Job, replies: list[Any]) -> None:
-        self._resumed[job.id] = job_stream.resumed(replies[-1])
+        if replies:
+            self._resumed[job.id] = job_stream.resumed(replies[-1])
 
     def take_resumed(self, job_id: str) -> job_stream.Resumed | None:
         """What earlier attempts left in the job's stream, as its start read it (None: not read)."""
