@@ -41,8 +41,9 @@ QUICK_CHARS = 8_000
 a millisecond or two. A longer one is checked on a thread; so was every one, and the hop cost more than the
 check it moved for a burst of short requests (each waits for the GIL beside the others): 8 short chats at once
 reached the queue 5-10 ms later than checked in place. Embedding inputs stay on a thread: a flood of them
-checked in place held running streams' tokens longer (`scripts/bench --embeddings`, the stall: 12.5 gaps against
-9.2, one run each)."""
+checked in place would tokenize back to back on the event loop, between running streams' tokens (the stall of
+`scripts/bench --embeddings` was 12.5 gaps in place against 9.2, one run each, within that shape's spread of 7
+to 14 across runs: not settled either way)."""
 
 
 @dataclass(frozen=True)
