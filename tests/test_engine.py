@@ -22,7 +22,7 @@ from worker.assembly import build_engine
 from worker.demo_model import build_embedding_model
 from worker.embedding import EmbedWork
 from worker.engine import Engine
-from worker.generation import Submission
+from worker.generation import Generation, Submission
 from worker.output_split import Piece
 from worker.rows import Outcome, Sent
 
@@ -477,14 +477,21 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def waiting_with(engine: Engine, demo: ModelSpec, first: str, *claimed: str) -> Generation:
+    """`first` submitted to the idle engine, which holds it, with `claimed` claimed beside it and not submitted;
+    the wait's bound set so far off that only an event can end it."""
+    engine.gather_s = 60.0
+    for job_id in (first, *claimed):
+        engine.expect(job_id)
+    handle = engine.submit(submit(engine, demo, first, max_tokens=4, ignore_eos=True))
+    wait_until(lambda: engine._inbox.empty())
+    return handle
+
+
 def test_jobs_claimed_together_are_prefilled_together(engine: Engine, demo: ModelSpec) -> None:
     """A job reaching an idle engine waits for the jobs claimed with it (worker/rq_worker.py tells the engine
     of each claim): a prefill begun on it alone would hold the others back by its whole length."""
-    engine.gather_s = 60.0  # only the second job's arrival may end the wait
-    engine.expect("first")
-    engine.expect("second")
-    first = engine.submit(submit(engine, demo, "first", max_tokens=4, ignore_eos=True))
-    wait_until(lambda: engine._inbox.empty())  # the engine holds the first job
+    first = waiting_with(engine, demo, "first", "second")
     time.sleep(0.3)  # long enough for the first job's tokens, were it prefilled alone
     assert first.generated == 0
     second_at = time.time()
@@ -495,23 +502,15 @@ def test_jobs_claimed_together_are_prefilled_together(engine: Engine, demo: Mode
 
 
 def test_a_claimed_job_that_ends_before_the_engine_lets_the_others_start(engine: Engine, demo: ModelSpec) -> None:
-    engine.gather_s = 60.0
-    engine.expect("runs")
-    engine.expect("fails before submitting")
-    handle = engine.submit(submit(engine, demo, "runs", max_tokens=4, ignore_eos=True))
-    wait_until(lambda: engine._inbox.empty())
+    handle = waiting_with(engine, demo, "runs", "fails before submitting")
     engine.unexpect("fails before submitting")
-    assert handle.wait(30)  # well before the gather's bound
+    assert handle.wait(30)  # well before the wait's bound
     assert handle.result().completion_tokens == 4
 
 
 def test_a_job_claimed_after_the_wait_began_does_not_lengthen_it(engine: Engine, demo: ModelSpec) -> None:
     """Under a steady flow of claims one more job is always on its way: the wait is for those claimed by then."""
-    engine.gather_s = 60.0
-    engine.expect("first")
-    engine.expect("second")
-    first = engine.submit(submit(engine, demo, "first", max_tokens=4, ignore_eos=True))
-    wait_until(lambda: engine._inbox.empty())
+    first = waiting_with(engine, demo, "first", "second")
     time.sleep(0.5)  # the engine is waiting for the second
     engine.expect("claimed later")
     second = engine.submit(submit(engine, demo, "second", max_tokens=4, ignore_eos=True))
