@@ -73,7 +73,7 @@ def main() -> None:
             settings=settings,
             keep_alive=worker.keep_alive,
             publisher=publisher,
-            resumed=worker.take_resumed,
+            resumed=worker.stream_starts.take,
         )
     )
     try:

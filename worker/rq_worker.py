@@ -31,7 +31,7 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
-from shared import job_stream, keys, task_names
+from shared import keys
 from shared.errors import GenerationCanceled
 from shared.outage import quietly, until_redis
 from shared.settings import Settings
@@ -43,6 +43,7 @@ from worker.engine import Engine
 from worker.monitor import Monitor
 from worker.reports import Reports
 from worker.rq_outages import OutageTolerantWorker
+from worker.stream_starts import StreamStarts
 from worker.streaming import StreamPublisher
 from worker.supervision.crash_suspect import CrashSuspect
 from worker.supervision.orphans import reclaim_claimed
@@ -51,9 +52,6 @@ logger = logging.getLogger(__name__)
 
 JOB_THREADS = 1024
 """Threads that run jobs at most: far above any batch (the engine's room bounds the jobs held at once)."""
-
-GENERATING = frozenset({task_names.GENERATE, task_names.SYNTHESIZE})
-"""The tasks whose jobs stream text (worker/tasks.py `_run`): their start marks their stream started."""
 
 
 class NoDeathPenalty(BaseDeathPenalty):
@@ -94,8 +92,7 @@ class MlxqWorker(OutageTolerantWorker):
         self.endings = JobEndings(self.connection, self.name, publisher, settings.stream_ttl_s)
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
-        self._resumed: dict[str, job_stream.Resumed] = {}
-        """Job id -> what earlier attempts left in its stream, read at its start, until its task takes it."""
+        self.stream_starts = StreamStarts(settings.stream_ttl_s)
         self._running: dict[str, Any] = {}
         """Job id -> its RQ execution (None until its thread has started it), while a thread of `_threads`
         runs it."""
@@ -203,7 +200,7 @@ class MlxqWorker(OutageTolerantWorker):
                 # did not end must not stay in the started registry as if the job still ran.
                 quietly("cleaning the started registry", lambda: self._drop_stale_executions(job, queue))
             self.engine.unexpect(job.id)  # if it ended before reaching the engine
-            self._resumed.pop(job.id, None)
+            self.stream_starts.take(job.id)  # if its task never took it
             self._running.pop(job.id, None)
             self.suspect.clear(job.id)
             if not self._running:
@@ -247,19 +244,10 @@ class MlxqWorker(OutageTolerantWorker):
             self.connection.zrem(registry, *stale)
 
     def starting(self, job: Job, pipe: Pipeline) -> None:
-        # A generation's stream marked started, and what earlier attempts left in it read, in the start's own
-        # transaction: a round trip less between a job's claim and its first token. (An embedding's stream
-        # gets only its end.)
-        if job.func_name in GENERATING:
-            job_stream.start_on(pipe, job.id, self.settings.stream_ttl_s)
+        self.stream_starts.writes(job, pipe)
 
     def started(self, job: Job, replies: list[Any]) -> None:
-        if replies:
-            self._resumed[job.id] = job_stream.resumed(replies[-1])
-
-    def take_resumed(self, job_id: str) -> job_stream.Resumed | None:
-        """What earlier attempts left in the job's stream, as its start read it (None: not read)."""
-        return self._resumed.pop(job_id, None)
+        self.stream_starts.answered(job, replies)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         # RQ goes idle between claims; the worker is busy while any of its jobs runs.

@@ -48,7 +48,7 @@ class Runtime:
     """Refreshes RQ's heartbeats for a job while RQ's main thread waits on the engine."""
     publisher: StreamPublisher
     resumed: Callable[[str], job_stream.Resumed | None] = lambda job_id: None
-    """What the job's start read of its stream (worker/rq_worker.py `starting`), once; None: read it here."""
+    """What the job's start read of its stream (worker/stream_starts.py), once; None: read it here."""
     texts: ModelTexts = field(default_factory=ModelTexts)
     """Tokenizers and context lengths, for sizing a batch's synthesis prompt."""
 
