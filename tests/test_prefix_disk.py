@@ -293,6 +293,20 @@ def prefix_hits(svc: Service, pid: int) -> dict[str, int]:
     return next((w.get("prefix_hits") or {} for w in workers if w.get("name") in names), {})
 
 
+def disk_written(svc: Service, pid: int) -> None:
+    """Wait until the worker `pid` has written to disk what it was given to keep. Its heartbeat before each
+    answer is taken after the answer's prefix went to the writer, so any beat read now counts it."""
+    names = [w["name"] for w in svc.http.get("/health").json()["workers"] if w["pid"] == pid]
+    deadline = time.monotonic() + 120
+    while True:
+        workers = svc.http.get("/v1/admin/status").json()["workers"]
+        [queued] = [w["prefix_disk_queued"] for w in workers if w.get("name") in names]
+        if queued == 0:
+            return
+        assert time.monotonic() < deadline, queued
+        time.sleep(0.1)
+
+
 def turn(client: OpenAI, family: str, messages: list[dict[str, Any]]) -> tuple[str, int, int]:
     answer = client.chat.completions.create(model=family, messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
     usage = answer.usage
@@ -345,6 +359,7 @@ def test_a_session_goes_on_after_its_worker_is_killed_from_the_disk_tier_as_a_co
         sessions[family], before[family] = messages, prompt
     assert before["llama"] > 2000
 
+    disk_written(svc, running.pid)  # a kill in a file's write makes it a miss (test_a_truncated_corrupt_...)
     os.kill(running.pid, signal.SIGKILL)
     running.popen.wait(30)
     running = worker(svc, logs)
@@ -358,6 +373,7 @@ def test_a_session_goes_on_after_its_worker_is_killed_from_the_disk_tier_as_a_co
     hits = svc.http.get("/v1/admin/status").json()["workers"]
     assert any((w.get("prefix_hits") or {}).get("disk", 0) >= 2 for w in hits), hits
 
+    disk_written(svc, running.pid)
     # Started again by the watchdog (which names the models the dead worker held), a worker loads them and reads
     # their recent prompts back from disk before any request: the sessions' turns find them in memory.
     os.kill(running.pid, signal.SIGKILL)
@@ -402,5 +418,6 @@ def test_a_disk_that_refuses_writes_fails_no_job(disk_service: tuple[Service, Op
     assert status["prefix_disk_writing"] is False and status["prefix_disk_bytes"] == 0
     metrics = svc.http.get("/metrics").text
     assert f'mlxq_prefix_disk_writing{{worker="{status["name"]}"}} 0.0' in metrics
+    assert f'mlxq_prefix_disk_queued{{worker="{status["name"]}"}}' in metrics
     assert "the prefix disk tier stops writing" in running.tail(200)
     running.stop()

@@ -215,5 +215,6 @@ def prefix_tiers(kv: KVCacheManager) -> dict[str, Any]:
     return {
         "prefix_disk_bytes": disk.nbytes if disk is not None else 0,
         "prefix_disk_writing": disk is not None and disk.writing,
+        "prefix_disk_queued": disk.queued if disk is not None else 0,
         "prefix_hits": asdict(kv.hits),
     }

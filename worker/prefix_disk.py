@@ -369,6 +369,11 @@ class PrefixDisk:
                 total -= f.size
                 self._forget_locked(identity, key, remove=True)
 
+    @property
+    def queued(self) -> int:
+        """Files on their way to disk: what a worker killed now would not find there when it starts again."""
+        return self._writer.queued
+
     def flush(self) -> None:
         """Wait for the writes queued so far (tests, and a worker that stops)."""
         self._writer.flush()

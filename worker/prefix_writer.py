@@ -58,6 +58,11 @@ class PrefixWriter:
             return False
         return True
 
+    @property
+    def queued(self) -> int:
+        """Writes submitted and not yet ended (the one being written included)."""
+        return self._queue.unfinished_tasks
+
     def flush(self) -> None:
         """Wait for the writes queued so far (tests, and a worker that stops)."""
         self._queue.join()

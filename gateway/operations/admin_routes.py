@@ -156,6 +156,7 @@ def service_status(redis: RedisDep, gw: GatewayDep, settings: SettingsDep, _admi
                     "prefix_cache_bytes",
                     "prefix_disk_bytes",
                     "prefix_disk_writing",
+                    "prefix_disk_queued",
                     "prefix_hits",
                     "tokens_generated",
                     "at",

@@ -103,6 +103,11 @@ class MlxqCollector(Collector):
             "1 while the prefix disk tier writes (0: off, or the disk refused a write)",
             labels=["worker"],
         )
+        queued = GaugeMetricFamily(
+            "mlxq_prefix_disk_queued",
+            "Kept prefixes' files waiting for the disk tier's writer (lost if the worker dies now)",
+            labels=["worker"],
+        )
         alive = GaugeMetricFamily("mlxq_workers", "Live workers")
         workers = live_workers(redis)
         alive.add_metric([], len(workers))
@@ -120,7 +125,8 @@ class MlxqCollector(Collector):
                 served_tokens.add_metric([worker["name"], tier], float(hits.get(f"{tier}_tokens") or 0))
             lookups.add_metric([worker["name"]], float(hits.get("lookups") or 0))
             writing.add_metric([worker["name"]], 1.0 if worker.get("prefix_disk_writing") else 0.0)
-        yield from (loaded, size, memory, kept, served, served_tokens, lookups, writing, alive)
+            queued.add_metric([worker["name"]], float(worker.get("prefix_disk_queued") or 0))
+        yield from (loaded, size, memory, kept, served, served_tokens, lookups, writing, queued, alive)
 
         record = circuit.read(redis)
         state = GaugeMetricFamily("mlxq_circuit_state", "1 for the circuit breaker's current state", labels=["state"])
