@@ -147,6 +147,12 @@ class ModelCache:
             return None
         return entry.last_used + keep_alive
 
+    def serving(self, name: str) -> bool:
+        """Whether the model is loaded and a job still uses it (its keep-alive does not count yet)."""
+        with self._lock:
+            entry = self._loaded.get(name)
+            return entry is not None and entry.active > 0
+
     def release(self, name: str) -> None:
         with self._lock:
             entry = self._loaded.get(name)

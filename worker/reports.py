@@ -6,7 +6,10 @@ must come from the same clock, not from this machine's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from redis import Redis
+from redis.client import Pipeline
 
 from shared import keys
 
@@ -47,15 +50,18 @@ class Reports:
         """A job left this worker (any outcome; `took_s` for one that finished), with room for `batch`
         at a time: the drain rate and the capacity behind the Retry-After of queue_full and
         too_many_inflight."""
+        self.ending(job_id, took_s, batch)(self._redis)
+
+    def ending(self, job_id: str, took_s: float | None, batch: int) -> Callable[[Redis | Pipeline], None]:
+        """`job_ended`, its time counted now and its write left to the caller: alone, or in the transaction
+        that ends the job (as often as that is retried)."""
         if took_s is not None:
             took_s = max(took_s, 0.05)
             last = self._mean_job_s
             self._mean_job_s = took_s if last is None else last + SMOOTHING * (took_s - last)
         capacity = "" if self._mean_job_s is None else f"{batch / self._mean_job_s:.3f}"
-        self._job_end(
-            keys=[keys.JOB_ENDS, keys.WORKER_CAPACITY],
-            args=[job_id, self._drain_window_ms, self._name, capacity],
-        )
+        args: list[str | int] = [job_id, self._drain_window_ms, self._name, capacity]
+        return lambda client: self._job_end(keys=[keys.JOB_ENDS, keys.WORKER_CAPACITY], args=args, client=client)
 
     def withdraw(self) -> None:
         self._redis.hdel(keys.WORKER_MEMORY, self._name)

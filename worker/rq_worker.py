@@ -92,6 +92,10 @@ class MlxqWorker(OutageTolerantWorker):
         self.endings = JobEndings(self.connection, self.name, publisher, settings.stream_ttl_s)
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
         self._handed_back: set[str] = set()
+        self._began: dict[str, float] = {}
+        """Job id -> when its thread took it (monotonic), while it runs: a finished job's time."""
+        self._reported: set[str] = set()
+        """Jobs whose end the drain rate counts already (a finished one's, in its end's transaction)."""
         self.stream_starts = StreamStarts(settings.stream_ttl_s)
         self._running: dict[str, Any] = {}
         """Job id -> its RQ execution (None until its thread has started it), while a thread of `_threads`
@@ -172,7 +176,7 @@ class MlxqWorker(OutageTolerantWorker):
         self.monitor.poke()  # /health lists the job now, not a beat later
 
     def _perform(self, job: Job, queue: Queue) -> None:
-        began = time.monotonic()
+        self._began[job.id] = time.monotonic()
         tries = 0
 
         def prepare() -> Any:
@@ -205,10 +209,13 @@ class MlxqWorker(OutageTolerantWorker):
             self.suspect.clear(job.id)
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
-            # Only a finished job's time says what a job takes: a cancel or a failure is over at once.
-            took_s = time.monotonic() - began if job.get_status(refresh=False) == JobStatus.FINISHED else None
-            batch = self.engine.batch_limit
-            quietly("recording a job's end", lambda: self.reports.job_ended(job.id, took_s, batch))
+            self._began.pop(job.id, None)
+            if job.id in self._reported:
+                self._reported.discard(job.id)
+            else:
+                # A cancel, a failure or a hand-back: over at once, its time says nothing of what a job takes.
+                batch = self.engine.batch_limit
+                quietly("recording a job's end", lambda: self.reports.job_ended(job.id, None, batch))
             self.monitor.poke()  # the job is no longer listed
             self._room.set()
 
@@ -352,13 +359,25 @@ class MlxqWorker(OutageTolerantWorker):
         # Before the result, not only once the job has left (_perform): a client that has its answer
         # and then lists the loaded models (ollama ps) sees the model this job loaded, idle, its
         # keep-alive counting from now; written after the result, it raced the client's next request.
-        try:
-            quietly("writing the heartbeat", self.monitor.beat)
-        except Exception:
-            logger.exception("writing the heartbeat failed")  # the job's result is recorded all the same
+        # While another job still uses the model nothing listed for it changes but a count: the last
+        # of them writes it (a beat each cost a burst of eight ~1 ms of the GIL apiece at its end).
+        model = job.meta.get("model")
+        if not (isinstance(model, str) and self.engine.cache.serving(model)):
+            try:
+                quietly("writing the heartbeat", self.monitor.beat)
+            except Exception:
+                logger.exception("writing the heartbeat failed")  # the job's result is recorded all the same
         result = job._result
-        write = self.endings.finished(job, result, lambda pipe: self.success_writes(job, execution, pipe))
+        took_s = time.monotonic() - self._began.get(job.id, time.monotonic())
+        report = self.reports.ending(job.id, took_s, self.engine.batch_limit)
+
+        def record(pipe: Pipeline) -> None:
+            self.success_writes(job, execution, pipe)
+            report(pipe)  # the drain rate counts it with its end, not a round trip after
+
+        write = self.endings.finished(job, result, record)
         until_redis("recording a finished job", once(job, JobStatus.FINISHED, write))
+        self._reported.add(job.id)
         self.endings.child_finished(job, result)
 
     def _record_canceled(self, job: Job, execution: Any) -> None:
