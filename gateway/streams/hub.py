@@ -74,11 +74,16 @@ class Subscription:
 
     async def next(self, timeout_s: float) -> list[tuple[str, dict[Any, Any]]]:
         """What arrived, waiting up to `timeout_s` for the first of it; [] when nothing did."""
-        try:
-            first = await asyncio.wait_for(self.queue.get(), timeout_s)
-        except TimeoutError:
-            return []
-        batch = [first]
+        if self.queue.empty():
+            # A timeout scope, not wait_for: on Python 3.11 wait_for makes a task of each get, a third of
+            # what handing an entry to its follower costs (12 against 4 us a call, measured alone).
+            try:
+                async with asyncio.timeout(timeout_s):
+                    batch = [await self.queue.get()]
+            except TimeoutError:
+                return []
+        else:
+            batch = []
         while not self.queue.empty():
             batch.append(self.queue.get_nowait())
         return batch
