@@ -32,6 +32,10 @@ from shared.settings import Settings
 from worker.engine import Engine
 from worker.kv_manager import KVCacheManager
 
+POKE_GATHER_S = 0.025
+"""How long a poke's beat waits for more: a burst of eight claims or ends poked a beat each, ten in 18 ms (~1 ms
+of the GIL apiece, beside the burst's starts and first tokens); one after them says the same a moment later."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,6 +65,8 @@ class Monitor:
         self._wake = threading.Event()
         """Set by a poke or a stop: the loop's wait ends early."""
         self._poked = False
+        self._poked_at = 0.0
+        """When the first poke not yet beaten came (time.monotonic())."""
         self._beating = threading.Lock()
         """Beats come from several threads: each one's record is whole and the last written is the newest."""
         self._beat_began = float("-inf")
@@ -76,19 +82,22 @@ class Monitor:
 
     def poke(self) -> None:
         """Beat soon, on the monitor's thread: a job started or ended."""
-        self._poked = True
+        if not self._poked:
+            self._poked_at = time.monotonic()
+            self._poked = True
         self._wake.set()
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.settings.heartbeat_interval_s
         next_tick = time.monotonic()
         while True:
-            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            due = min(next_tick, self._poked_at + POKE_GATHER_S) if self._poked else next_tick
+            self._wake.wait(max(0.0, due - time.monotonic()))
             self._wake.clear()
             if self._stopping:
                 return
             try:
-                if self._poked:
+                if self._poked and time.monotonic() >= self._poked_at + POKE_GATHER_S:
                     self._poked = False
                     self.beat()
                 if time.monotonic() < next_tick:
