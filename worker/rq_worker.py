@@ -360,7 +360,7 @@ class MlxqWorker(OutageTolerantWorker):
         # and then lists the loaded models (ollama ps) sees the model this job loaded, idle, its
         # keep-alive counting from now; written after the result, it raced the client's next request.
         # While another job still uses the model nothing listed for it changes but a count: the last
-        # of them writes it (a beat each cost a burst of eight ~1 ms of the GIL apiece at its end).
+        # of them writes it (worker/monitor.py POKE_GATHER_S: what beats cost a burst).
         model = job.meta.get("model")
         if not (isinstance(model, str) and self.engine.cache.serving(model)):
             try:
