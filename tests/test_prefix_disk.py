@@ -315,15 +315,23 @@ def turn(client: OpenAI, family: str, messages: list[dict[str, Any]]) -> tuple[s
     return answer.choices[0].message.content or "", usage.prompt_tokens, cached or 0
 
 
+@pytest.fixture(scope="module")
+def builtins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder holding the built-in models, built once for the module's services (5-8 s each time)."""
+    data = tmp_path_factory.mktemp("builtins")
+    for builtin in ("demo", "embed"):
+        build_builtin(builtin, Settings(data_dir=data).builtin_model_dir(builtin))
+    return data
+
+
 @pytest.fixture
 def disk_service(
-    redis_server: RedisServer, tmp_path: Path, models: dict[str, Tiny]
+    redis_server: RedisServer, tmp_path: Path, models: dict[str, Tiny], builtins: Path
 ) -> Iterator[tuple[Service, OpenAI, Path]]:
     models_file = tmp_path / "models.toml"
     models_file.write_text("".join(f'[models.{f}]\npath = "{t.path}"\n' for f, t in models.items()))
     data = tmp_path / "data"
-    for builtin in ("demo", "embed"):  # not by a worker whose files are fenced
-        build_builtin(builtin, Settings(data_dir=data).builtin_model_dir(builtin))
+    shutil.copytree(builtins, data)  # not built by a worker whose files are fenced
     logs = tmp_path / "logs"
     logs.mkdir()
     svc = Service(
