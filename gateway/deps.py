@@ -98,7 +98,8 @@ RedisDep = Annotated[Redis, Depends(get_redis)]
 AsyncRedisDep = Annotated[AsyncRedis, Depends(get_async_redis)]
 
 
-def get_streams(request: Request) -> StreamHub:
+async def get_streams(request: Request) -> StreamHub:
+    # async, as every dependency here: FastAPI runs a plain function on its thread pool, a hop per stream opened.
     streams: StreamHub = request.app.state.streams
     return streams
 
