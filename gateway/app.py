@@ -18,7 +18,6 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from gateway.admission.admit import Admission
@@ -50,6 +49,7 @@ from gateway.responses.routes import router as responses_routes
 from gateway.streams.cancels import PendingCancels
 from gateway.streams.hub import StreamHub
 from shared.events import record_outages
+from shared.json_bytes import JobSerializer
 from shared.live_models import LiveModels
 from shared.models import ModelRegistry
 from shared.settings import Settings
@@ -79,7 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.streams = StreamHub(app.state.aredis, lambda job_id: finished_result(job_id, app.state.redis))
         app.state.streams.start()
         names = {"interactive": settings.queue_interactive, "normal": settings.queue_name, "low": settings.queue_batch}
-        queues = {p: Queue(name, connection=app.state.redis, serializer=JSONSerializer) for p, name in names.items()}
+        queues = {p: Queue(name, connection=app.state.redis, serializer=JobSerializer) for p, name in names.items()}
         try:
             # Registered up front, so rq-dashboard lists every queue before its first job.
             app.state.redis.sadd(queues["normal"].redis_queues_keys, *[q.key for q in queues.values()])

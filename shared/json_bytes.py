@@ -20,3 +20,19 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError:
         return json.dumps(value).encode()
+
+
+class JobSerializer:
+    """RQ's serializer for mlxq's jobs (their arguments, meta and results), JSON as RQ's own JSONSerializer
+    reads and writes it, written by `dumps`: a job's end serializes its result on the worker's job thread,
+    holding the GIL the engine's decode steps wait on (an embedding job's 4,096 floats: 1.8 ms with the
+    standard library's encoder, 0.1 ms here). Read by the standard library's decoder, which keeps an integer
+    past 64 bits exact (orjson reads it as a float)."""
+
+    @staticmethod
+    def dumps(value: Any) -> bytes:
+        return dumps(value)
+
+    @staticmethod
+    def loads(data: bytes | str) -> Any:
+        return json.loads(data)

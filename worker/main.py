@@ -9,9 +9,9 @@ import threading
 
 import mlx.core as mx
 from redis import Redis
-from rq.serializers import JSONSerializer
 
 from shared import events
+from shared.json_bytes import JobSerializer
 from shared.live_models import LiveModels
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
@@ -61,7 +61,7 @@ def main() -> None:
     live.start()
     # Highest priority first: the first non-empty queue in this order gives the next job (the last one,
     # the batch tier, in turns by client).
-    queues = [TurnTakingQueue(name, connection=connection, serializer=JSONSerializer) for name in settings.queue_names]
+    queues = [TurnTakingQueue(name, connection=connection, serializer=JobSerializer) for name in settings.queue_names]
     name = settings.worker_name or f"mlxq-{socket.gethostname()}-{os.getpid()}"
     publisher = StreamPublisher(connection)
     worker = MlxqWorker(queues, settings=settings, engine=engine, publisher=publisher, connection=connection, name=name)

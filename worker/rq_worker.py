@@ -27,12 +27,12 @@ from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.job_lifecycle import call_exception_handlers
 from rq.registry import CanceledJobRegistry
-from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
 from shared import keys
 from shared.errors import GenerationCanceled
+from shared.json_bytes import JobSerializer
 from shared.outage import quietly, until_redis
 from shared.settings import Settings
 from shared.text import text
@@ -76,7 +76,7 @@ class MlxqWorker(OutageTolerantWorker):
         # A job enqueued around the gateway gets RQ's default description, which quotes
         # its arguments (the prompt); RQ must not log it.
         super().__init__(
-            queues, serializer=JSONSerializer, log_job_description=False, queue_class=TurnTakingQueue, **kwargs
+            queues, serializer=JobSerializer, log_job_description=False, queue_class=TurnTakingQueue, **kwargs
         )
         # After RQ checked the queues' class: claims go to this worker's claimed list.
         self.claims = TurnTakingQueue.for_worker(self.name)
@@ -231,7 +231,7 @@ class MlxqWorker(OutageTolerantWorker):
             if job_id in self._running or job_id in ahead:
                 continue
             try:
-                job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+                job = Job.fetch(job_id, connection=self.connection, serializer=JobSerializer)
             except NoSuchJobError:
                 self.connection.lrem(claimed, 1, job_id)
                 continue
@@ -239,7 +239,7 @@ class MlxqWorker(OutageTolerantWorker):
                 self.connection.lrem(claimed, 1, job_id)
                 continue
             logger.info("starting a job whose claim was interrupted", extra={"job_id": job_id})
-            return job, self.queue_class(job.origin, connection=self.connection, serializer=JSONSerializer)
+            return job, self.queue_class(job.origin, connection=self.connection, serializer=JobSerializer)
         self.claims.answer_lost = False  # each one looked at: none left to start
         return None
 
@@ -386,7 +386,7 @@ class MlxqWorker(OutageTolerantWorker):
         with self.connection.pipeline() as pipe:
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            registry = CanceledJobRegistry(job.origin, connection=self.connection, serializer=JSONSerializer)
+            registry = CanceledJobRegistry(job.origin, connection=self.connection, serializer=JobSerializer)
             registry.add(job, pipeline=pipe)
             pipe.expire(job.key, ttl)  # readable as long as a failed job would be (orphans.prune_canceled)
             pipe.execute()

@@ -21,10 +21,10 @@ from typing import Any
 from redis import Redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from shared import keys
 from shared.errors import ContextLengthExceeded
+from shared.json_bytes import JobSerializer
 from shared.tokenizing import ModelText
 
 _ONE = re.compile(r"\{\{result:([^{}]+)\}\}")
@@ -61,7 +61,7 @@ def child_texts(redis: Redis, batch_id: str) -> list[tuple[str, str]]:
 
 def _text_of(redis: Redis, job_id: str) -> str:
     try:
-        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        job = Job.fetch(job_id, connection=redis, serializer=JobSerializer)
     except NoSuchJobError:
         return "[FAILED: the job's record has expired]"
     status = job.get_status(refresh=False)

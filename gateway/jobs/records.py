@@ -16,13 +16,13 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
-from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from gateway.admission.clients import Client
 from shared import batch_progress, keys, pulls, stats, task_names
 from shared.embeddings import EmbedRequest
 from shared.errors import GenerationCanceled, JobAlreadyEnded, JobNotFound
+from shared.json_bytes import JobSerializer
 from shared.schemas import GenerateRequest, GenerationResult, JobStatus, JobView
 from shared.settings import Settings
 
@@ -186,7 +186,7 @@ def _encoded(value: object) -> bytes:
 
 def fetch(job_id: str, redis: Redis) -> Job:
     try:
-        return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        return Job.fetch(job_id, connection=redis, serializer=JobSerializer)
     except (NoSuchJobError, ValueError):  # ValueError: not even a valid job id
         raise JobNotFound(f"No job with id '{job_id}' (it may have expired)", param="id") from None
 
@@ -194,7 +194,7 @@ def fetch(job_id: str, redis: Redis) -> Job:
 def finished_result(job_id: str, redis: Redis) -> dict[str, Any] | None:
     """The result of a job that finished, as its worker returned it; None for any other job."""
     try:
-        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        job = Job.fetch(job_id, connection=redis, serializer=JobSerializer)
     except (NoSuchJobError, ValueError):
         return None
     value = job.return_value(refresh=False)
@@ -254,7 +254,7 @@ def _waiting_for(job: Job, redis: Redis) -> dict[str, Any] | None:
 def _position(job: Job, redis: Redis) -> int | None:
     if not job.origin:
         return None
-    return Queue(job.origin, connection=redis, serializer=JSONSerializer).get_job_position(job.id)
+    return Queue(job.origin, connection=redis, serializer=JobSerializer).get_job_position(job.id)
 
 
 def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
@@ -284,7 +284,7 @@ def cancel(job: Job, redis: Redis, stream_ttl_s: int) -> None:
             logger.info("job canceled before it started", extra={"job_id": job.id, "queue": job.origin})
         return
     try:
-        send_stop_job_command(redis, job.id, serializer=JSONSerializer)
+        send_stop_job_command(redis, job.id, serializer=JobSerializer)
     except InvalidJobOperation:
         pass  # it ended in the meantime; the flag is harmless
 

@@ -73,9 +73,10 @@ def adapt(describe_prompts: bool = False) -> None:
     from redis import Redis
     from rq import Queue, Worker
     from rq.job import Job
-    from rq.serializers import JSONSerializer
     from rq.worker.base import BaseWorker
     from rq_dashboard import web
+
+    from shared.json_bytes import JobSerializer
 
     class JsonWorker(Worker):
         @classmethod
@@ -87,7 +88,7 @@ def adapt(describe_prompts: bool = False) -> None:
             queue: Queue | None = None,
             serializer: Any = None,
         ) -> list[BaseWorker]:
-            return Worker.all(connection, DashboardJob, queue_class, queue, serializer=JSONSerializer)
+            return Worker.all(connection, DashboardJob, queue_class, queue, serializer=JobSerializer)
 
     class DashboardJob(Job):
         @property

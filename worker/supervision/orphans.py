@@ -23,10 +23,10 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job_lifecycle import record_job_failure
-from rq.serializers import JSONSerializer
 
 from shared import batch_progress, events, job_stream, keys, stats
 from shared.errors import WorkerCrashed
+from shared.json_bytes import JobSerializer
 from shared.text import text
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def reclaim_jobs(
         for member in [text(m) for m in redis.zrange(registry.key, 0, -1)]:
             job_id = member.split(":", 1)[0]
             try:
-                job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+                job = Job.fetch(job_id, connection=redis, serializer=JobSerializer)
             except NoSuchJobError:
                 redis.zrem(registry.key, member)
                 continue
@@ -108,10 +108,10 @@ def reclaim_claimed(redis: Redis, worker_name: str, stream_ttl_s: int) -> list[R
         if redis.lrem(claimed, 1, job_id) != 1:
             continue
         try:
-            job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+            job = Job.fetch(job_id, connection=redis, serializer=JobSerializer)
         except NoSuchJobError:
             continue
-        queue = Queue(job.origin, connection=redis, serializer=JSONSerializer)
+        queue = Queue(job.origin, connection=redis, serializer=JobSerializer)
         if job.get_status() != "queued" or redis.lpos(queue.key, job.id) is not None:
             continue  # started (the started registry's), ended, or already back in its queue
         queue.enqueue_job(job, at_front=True)
@@ -143,7 +143,7 @@ def prune_canceled(redis: Redis, queue_names: list[str], keep_s: int) -> int:
     `keep_s` (as a failed one is), and its registry entry goes with it. Returns the entries dropped."""
     dropped = 0
     for name in queue_names:
-        registry = Queue(name, connection=redis, serializer=JSONSerializer).canceled_job_registry.key
+        registry = Queue(name, connection=redis, serializer=JobSerializer).canceled_job_registry.key
         job_ids = [text(member) for member in redis.zrange(registry, 0, 999)]
         if not job_ids:
             continue

@@ -28,10 +28,10 @@ from typing import Any
 import psutil
 from redis import Redis
 from rq import Queue
-from rq.serializers import JSONSerializer
 
 from shared import batch_progress, circuit, events, keys, stats
 from shared.circuit import CircuitRecord, CircuitState
+from shared.json_bytes import JobSerializer
 from shared.logs import configure_logging
 from shared.outage import REDIS, UNREACHABLE, quietly
 from shared.settings import Settings
@@ -71,7 +71,7 @@ class Watchdog:
         self.redis = redis
         self.command = command or [sys.executable, "-m", "worker"]
         self.policy = RestartPolicy(settings)
-        self.queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in settings.queue_names]
+        self.queues = [Queue(name, connection=redis, serializer=JobSerializer) for name in settings.queue_names]
         self.slots = [Slot(i) for i in range(settings.workers)]
         self.stopping = False
         self.host = socket.gethostname()
