@@ -184,3 +184,26 @@ def test_log_lines_carry_job_fields_in_text_and_json_but_never_job_arguments() -
     theirs = record("rq.worker", job_id="j1", args=["secret prompt"], kwargs={})
     assert "secret" not in TextFormatter().format(theirs)
     assert "secret" not in JsonFormatter().format(theirs)
+
+
+def test_the_jobs_listing_names_each_running_jobs_owner_and_model(ops: Service) -> None:
+    # A client of its own (the gateway trusts this proxy): the window's rate limit is the other tests'.
+    headers = {"X-Forwarded-For": "203.0.113.7"}
+    body = {"model": "tiny", "prompt": "Long", "max_tokens": 20_000, "ignore_eos": True}
+    job_id = ops.http.post("/v1/jobs", json=body, headers=headers).json()["id"]
+    try:
+        ops.wait_for(job_id, {"started"})
+        deadline = time.monotonic() + 30
+        while True:  # listed once the worker's heartbeat names it
+            listing = ops.http.get("/v1/admin/jobs").json()
+            rows = [row for row in listing["jobs"] if row["id"] == job_id]
+            if rows:
+                break
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.1)
+        [row] = rows
+        assert row["state"] == "running" and row["model"] == "tiny", row
+        assert isinstance(row["owner"], str) and row["owner"], row  # the client's tag (its address is not shown)
+        assert listing["by_owner"][row["owner"]]["running"] == 1, listing
+    finally:
+        ops.http.delete(f"/v1/jobs/{job_id}")

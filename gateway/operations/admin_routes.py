@@ -21,6 +21,7 @@ from gateway.models import management
 from gateway.operations.workers import live_workers
 from shared import pulls, stats
 from shared.errors import ModelNotFound
+from shared.json_bytes import JobSerializer
 from shared.keys import STATS_COUNTERS
 from shared.models import NAME, ModelRegistry
 
@@ -192,7 +193,10 @@ def list_jobs(redis: RedisDep, gw: GatewayDep, _admin: AdminDep, limit: int = 20
         queued += [(priority, job_id) for job_id in queue.get_job_ids(0, limit - 1)]
     running = [(w["name"], job_id) for w in live_workers(redis) for job_id in (w.get("jobs") or [])]
     ids = [job_id for _, job_id in queued + running]
-    found = {job.id: job for job in Job.fetch_many(ids, connection=redis) if job is not None} if ids else {}
+    # With the serializer the jobs were written with: RQ's default (pickle) reads their meta as unreadable, and
+    # every owner and model was listed as None.
+    fetched = Job.fetch_many(ids, connection=redis, serializer=JobSerializer) if ids else []
+    found = {job.id: job for job in fetched if job is not None}
 
     def row(job_id: str, state: str, place: dict[str, str]) -> dict[str, Any]:
         job = found.get(job_id)
