@@ -294,16 +294,18 @@ def prefix_hits(svc: Service, pid: int) -> dict[str, int]:
 
 
 def disk_written(svc: Service, pid: int) -> None:
-    """Wait until the worker `pid` has written to disk what it was given to keep. Its heartbeat before each
-    answer is taken after the answer's prefix went to the writer, so any beat read now counts it."""
+    """Wait until the worker `pid` has written to disk what it was given to keep, for the answers already
+    received: a heartbeat taken since (each job's end pokes one) that counts nothing on its way. An answer's
+    prefix goes to the writer before the answer does."""
+    since = time.time()
     names = [w["name"] for w in svc.http.get("/health").json()["workers"] if w["pid"] == pid]
     deadline = time.monotonic() + 120
     while True:
         workers = svc.http.get("/v1/admin/status").json()["workers"]
-        [queued] = [w["prefix_disk_queued"] for w in workers if w.get("name") in names]
-        if queued == 0:
+        [beat] = [w for w in workers if w.get("name") in names]
+        if beat["at"] >= since and beat["prefix_disk_queued"] == 0:
             return
-        assert time.monotonic() < deadline, queued
+        assert time.monotonic() < deadline, beat
         time.sleep(0.1)
 
 
