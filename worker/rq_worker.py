@@ -7,7 +7,8 @@ while the batch has room, starts its execution and hands it to a thread of its
 own (kept between jobs) that submits it to the engine, runs RQ's per-job steps and ends it; each is
 a proper RQ job with its execution, heartbeats and registries), a heartbeat key
 of our own refreshed by a thread, cancel flags honoured between tokens, and
-RQ's stop-job command routed to the engine.
+RQ's stop-job command routed to the engine. How each job's end is recorded in RQ is
+its base's (worker/rq_endings.py).
 """
 
 from __future__ import annotations
@@ -25,24 +26,21 @@ from redis.client import Pipeline
 from rq import Queue
 from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
-from rq.job_lifecycle import call_exception_handlers
-from rq.registry import CanceledJobRegistry
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
 from shared import keys
-from shared.errors import GenerationCanceled
 from shared.json_bytes import JobSerializer
 from shared.outage import quietly, until_redis
 from shared.settings import Settings
 from shared.text import text
 from worker.affinity import ModelAffinity
 from worker.claiming import IDLE_POLL_S, TurnTakingQueue
-from worker.endings import JobEndings, job_fields, once
+from worker.endings import JobEndings
 from worker.engine import Engine
 from worker.monitor import Monitor
 from worker.reports import Reports
-from worker.rq_outages import OutageTolerantWorker
+from worker.rq_endings import EndRecordingWorker
 from worker.stream_starts import StreamStarts
 from worker.streaming import StreamPublisher
 from worker.supervision.crash_suspect import CrashSuspect
@@ -65,7 +63,7 @@ class NoDeathPenalty(BaseDeathPenalty):
         pass
 
 
-class MlxqWorker(OutageTolerantWorker):
+class MlxqWorker(EndRecordingWorker):
     """An RQ worker whose jobs are generations on this process's engine, run in batches."""
 
     death_penalty_class = NoDeathPenalty
@@ -91,11 +89,7 @@ class MlxqWorker(OutageTolerantWorker):
         self.publisher = publisher
         self.endings = JobEndings(self.connection, self.name, publisher, settings.stream_ttl_s)
         self.reports = Reports(self.connection, self.name, settings.drain_window_s)
-        self._handed_back: set[str] = set()
-        self._began: dict[str, float] = {}
-        """Job id -> when its thread took it (monotonic), while it runs: a finished job's time."""
-        self._reported: set[str] = set()
-        """Jobs whose end the drain rate counts already (a finished one's, in its end's transaction)."""
+        self._handed_back = set()
         self.stream_starts = StreamStarts(settings.stream_ttl_s)
         self._running: dict[str, Any] = {}
         """Job id -> its RQ execution (None until its thread has started it), while a thread of `_threads`
@@ -108,8 +102,7 @@ class MlxqWorker(OutageTolerantWorker):
         self._room = threading.Event()
         """Set when a job ends: the main thread may claim another."""
         self.suspect = CrashSuspect(self.connection, self.name, engine.generated)
-        self._canceled: set[str] = set()
-        """Jobs asked to stop: they end in RQ's canceled registry, not the failed one."""
+        self._canceled = set()
         self.monitor = Monitor(
             self.connection,
             self.name,
@@ -176,7 +169,6 @@ class MlxqWorker(OutageTolerantWorker):
         self.monitor.poke()  # /health lists the job now, not a beat later
 
     def _perform(self, job: Job, queue: Queue) -> None:
-        self._began[job.id] = time.monotonic()
         tries = 0
 
         def prepare() -> Any:
@@ -209,10 +201,7 @@ class MlxqWorker(OutageTolerantWorker):
             self.suspect.clear(job.id)
             if not self._running:
                 quietly("going idle", lambda: self.set_state(WorkerStatus.IDLE))
-            self._began.pop(job.id, None)
-            if job.id in self._reported:
-                self._reported.discard(job.id)
-            else:
+            if job.get_status(refresh=False) != JobStatus.FINISHED:  # a finished one's end counted it
                 # A cancel, a failure or a hand-back: over at once, its time says nothing of what a job takes.
                 batch = self.engine.batch_limit
                 quietly("recording a job's end", lambda: self.reports.job_ended(job.id, None, batch))
@@ -318,89 +307,6 @@ class MlxqWorker(OutageTolerantWorker):
         for job_id in self.engine.active_job_ids():
             self._handed_back.add(job_id)
             self.engine.cancel(job_id)
-
-    def handle_job_failure(
-        self,
-        job: Job,
-        queue: Queue,
-        started_job_registry: Any = None,
-        exc_string: str = "",
-        execution: Any = None,
-    ) -> None:
-        if job.id not in self._handed_back:
-            error = job.meta.get("error") or {"message": exc_string.strip().splitlines()[-1] if exc_string else ""}
-            canceled = job.id in self._canceled or error.get("code") == GenerationCanceled.code
-            if canceled:
-                until_redis("recording a canceled job", lambda: self._record_canceled(job, execution))
-            else:
-                record = super().handle_job_failure
-                registry = started_job_registry
-                failed = once(job, JobStatus.FAILED, lambda: record(job, queue, registry, exc_string, execution))
-                until_redis("recording a failed job", failed)
-            self._canceled.discard(job.id)
-            self.endings.failed(job, error, canceled)
-            return
-        self._handed_back.discard(job.id)
-        job.meta.pop("error", None)  # the task recorded the interruption as a cancel
-
-        def hand_back() -> None:
-            with self.connection.pipeline() as pipe:
-                self.cleanup_execution(job, pipeline=pipe, execution=execution)
-                pipe.execute()
-            queue.enqueue_job(job, at_front=True)  # status and push in one transaction
-
-        # Its pieces first: the next attempt carries on from what its stream holds, and one still on
-        # its way from here would be written beside that attempt's own.
-        self.publisher.drain()
-        until_redis("handing a job back", once(job, JobStatus.QUEUED, hand_back))
-        self.endings.handed_back(job)
-
-    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: Any, execution: Any) -> None:
-        # Before the result, not only once the job has left (_perform): a client that has its answer
-        # and then lists the loaded models (ollama ps) sees the model this job loaded, idle, its
-        # keep-alive counting from now; written after the result, it raced the client's next request.
-        # While another job still uses the model nothing listed for it changes but a count: the last
-        # of them writes it (worker/monitor.py POKE_GATHER_S: what beats cost a burst).
-        model = job.meta.get("model")
-        if not (isinstance(model, str) and self.engine.cache.serving(model)):
-            try:
-                quietly("writing the heartbeat", self.monitor.beat)
-            except Exception:
-                logger.exception("writing the heartbeat failed")  # the job's result is recorded all the same
-        result = job._result
-        took_s = time.monotonic() - self._began.get(job.id, time.monotonic())
-        report = self.reports.ending(job.id, took_s, self.engine.batch_limit)
-
-        def record(pipe: Pipeline) -> None:
-            self.success_writes(job, execution, pipe)
-            report(pipe)  # the drain rate counts it with its end, not a round trip after
-
-        write = self.endings.finished(job, result, record)
-        until_redis("recording a finished job", once(job, JobStatus.FINISHED, write))
-        self._reported.add(job.id)
-        self.endings.child_finished(job, result)
-
-    def _record_canceled(self, job: Job, execution: Any) -> None:
-        """A canceled job goes to RQ's canceled registry, not the failed one: nothing to requeue."""
-        ttl = self.settings.failure_ttl_s
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.CANCELED, pipeline=pipe)
-            self.cleanup_execution(job, pipeline=pipe, execution=execution)
-            registry = CanceledJobRegistry(job.origin, connection=self.connection, serializer=JobSerializer)
-            registry.add(job, pipeline=pipe)
-            pipe.expire(job.key, ttl)  # readable as long as a failed job would be (orphans.prune_canceled)
-            pipe.execute()
-
-    def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """RQ's own logs the job's arguments (the prompt) with the traceback, at ERROR even for a cancel
-        or a hand-back: those are logged at INFO where they are recorded, a real failure here without
-        its arguments."""
-        if isinstance(exc_info[1] if len(exc_info) > 1 else None, GenerationCanceled):
-            return
-        call_exception_handlers(self._exc_handlers, job, *exc_info)
-        logger.error(
-            "job raised %s", getattr(exc_info[0], "__name__", "an error"), exc_info=exc_info, extra=job_fields(job)
-        )
 
     def kill_horse(self, sig: Any = None) -> None:
         """RQ's stop-job command ends here; with no horse to kill, stop the generation instead."""
